@@ -1,0 +1,46 @@
+# flagsim: `make embed-all` runs the whole job on the bundled flags; `make test` runs the tests.
+# Both create .venv and install the project when it is missing or pyproject.toml changed.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/default.yaml
+RUN_DIR ?= runs/default
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-slow lint embed-all embed index neighbours report bench gpu-check clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check flagsim jobs tests bench scripts
+
+embed-all: $(STAMP)
+	$(BIN)/flagsim pipeline --config $(CONFIG) --out $(RUN_DIR)
+
+embed: $(STAMP)
+	$(BIN)/flagsim embed --config $(CONFIG) --out $(RUN_DIR)
+
+index: $(STAMP)
+	$(BIN)/flagsim index --config $(CONFIG) --run $(RUN_DIR)
+
+neighbours: $(STAMP)
+	$(BIN)/flagsim neighbours --config $(CONFIG) --run $(RUN_DIR)
+
+report: $(STAMP)
+	$(BIN)/flagsim report --config $(CONFIG) --run $(RUN_DIR)
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,6 @@
+"""Allow `python -m flagsim`."""
+
+from flagsim.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

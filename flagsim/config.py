@@ -1,0 +1,219 @@
+"""Typed, frozen run configuration loaded from YAML and validated before any work starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from flagsim.errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelRunConfig(_Frozen):
+    """How one model runs: weights location, batch size and its actor pool."""
+
+    weights: str | None = None  # hub id or local directory/file; None = the registry default
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    batch_size: int | None = Field(default=None, gt=0, le=65536)
+    num_actors: int = Field(default=1, gt=0, le=4096)
+    max_actors: int | None = Field(default=None, gt=0, le=4096)  # autoscale up to this
+    num_gpus: float = Field(default=0.0, ge=0, le=64)
+    num_cpus: float | None = Field(default=None, gt=0, le=1024)
+    torch_threads: int | None = Field(default=None, gt=0, le=1024)
+    dtype: DType = "auto"
+
+    @model_validator(mode="after")
+    def _actors(self) -> ModelRunConfig:
+        if self.max_actors is not None and self.max_actors < self.num_actors:
+            raise ValueError("max_actors must be >= num_actors")
+        return self
+
+
+class ImagesConfig(_Frozen):
+    """Where the images come from when the run directory has no images table yet."""
+
+    source: Literal["bundled", "folder", "csv", "table"] = "bundled"
+    path: str | None = None  # folder, CSV or images.parquet
+    image_dir: str | None = None  # for source: csv
+
+
+class RayConfig(_Frozen):
+    address: str | None = None  # None: start an embedded local Ray; "auto" or ray://host:port
+    num_cpus: int | None = Field(default=None, gt=0)  # local Ray only
+    num_gpus: int | None = Field(default=None, ge=0)  # local Ray only
+    read_cpus: float = Field(default=1.0, gt=0)  # CPUs kept free for reading + decoding
+    object_store_memory_gb: float | None = Field(default=None, gt=0)
+
+
+class EmbedConfig(_Frozen):
+    models: tuple[str, ...] = ("efficientnet-lite0", "pixels")
+    strict: bool = False  # True: a model whose weights are missing fails the job
+    device: Device = "auto"
+    dtype: DType = "auto"  # auto: float16 on CUDA, float32 on CPU
+    shard_size: int = Field(default=1000, gt=0, le=10_000_000)
+    decode_batch_size: int = Field(default=32, gt=0)
+    max_image_pixels: int = Field(default=64_000_000, gt=0)  # decompression-bomb limit
+    defaults: ModelRunConfig = ModelRunConfig()
+    model_settings: dict[str, ModelRunConfig] = Field(default_factory=dict, alias="settings")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from flagsim.models import check_model_names
+
+        if not v:
+            raise ValueError("at least one model is required")
+        check_model_names(v)
+        if len(set(v)) != len(v):
+            raise ValueError("models are listed more than once")
+        return v
+
+    @field_validator("model_settings")
+    @classmethod
+    def _known_settings(cls, v: dict[str, ModelRunConfig]) -> dict[str, ModelRunConfig]:
+        from flagsim.models import check_model_names
+
+        check_model_names(tuple(v))
+        return v
+
+    def for_model(self, name: str) -> ModelRunConfig:
+        """Per-model settings over `defaults`."""
+        base = self.defaults.model_dump()
+        if name in self.model_settings:
+            base.update(self.model_settings[name].model_dump(exclude_unset=True))
+        return ModelRunConfig(**base)
+
+
+class IndexConfig(_Frozen):
+    kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "flat"
+    memory_budget_gb: float = Field(default=8.0, gt=0)
+    exact_max_rows: int = Field(default=1_000_000, gt=0)  # auto: exact up to this many rows
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    recall_sample: int = Field(default=1000, gt=0)
+    nlist: int | None = Field(default=None, gt=0)
+    nprobe: int = Field(default=32, gt=0)
+    hnsw_m: int = Field(default=32, gt=0)
+    pq_m: int | None = Field(default=None, gt=0)
+
+
+class NeighboursConfig(_Frozen):
+    k: int = Field(default=10, gt=0, le=10_000)
+    batch_size: int = Field(default=4096, gt=0)
+
+
+class ReportConfig(_Frozen):
+    queries: tuple[str, ...] = ("Chad", "Australia", "Indonesia", "Ireland", "Denmark", "Japan")
+    k: int = Field(default=5, gt=0, le=100)
+    pairs: str | None = None  # labelled pairs for `eval` (default: the bundled file)
+
+
+class Config(_Frozen):
+    """The whole run configuration (`configs/*.yaml`)."""
+
+    run_dir: str = "runs/default"
+    images: ImagesConfig = ImagesConfig()
+    ray: RayConfig = RayConfig()
+    embed: EmbedConfig = EmbedConfig()
+    index: IndexConfig = IndexConfig()
+    neighbours: NeighboursConfig = NeighboursConfig()
+    report: ReportConfig = ReportConfig()
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    msg = msg.removeprefix("Value error, ")
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}" if loc else f"{source}: {msg}{more}"
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`embed.models=[a,b]` → ("embed.models", ["a", "b"]); values parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: {exc}") from exc
+    return key.strip(), value
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> Config:
+    """Read YAML (or defaults when `path` is None), apply overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"{source}: not valid YAML{where}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping")
+        data = loaded
+    items = overrides.items() if isinstance(overrides, dict) else (
+        parse_override(o) for o in (overrides or [])
+    )
+    for key, value in items:
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+    except ConfigError:
+        raise
+    except Exception as exc:  # UnknownModelError from a validator
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def check_writable(location: str) -> None:
+    """Fail fast when a local output directory cannot be created or written."""
+    from flagsim.storage import is_uri
+
+    if is_uri(location):
+        return
+    p = Path(location).expanduser().resolve()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output directory {location} is not writable")

@@ -1,0 +1,223 @@
+"""Build the images table from the bundled flags, a folder, or a CSV in the seed's format."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from flagsim.errors import DataError
+from flagsim.rundir import RunDir
+from flagsim.schema import ERRORS_SCHEMA, IMAGES_SCHEMA, check_columns, conform
+from flagsim.storage import Location
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+_FOOTNOTE = re.compile(r"\[[^\]]{1,12}\]")
+_FORBIDDEN = set('/\\\x00:*?"<>|')
+
+
+def bundled_flags_dir() -> Path:
+    """The 197 real flag PNGs and CSVs shipped inside the package."""
+    return Path(str(resources.files("flagsim") / "data" / "flags"))
+
+
+def safe_stem(name: str) -> str:
+    """File stem for `name`, following the seed's rule (spaces → `_`, `[`/`]` removed).
+
+    Also NFC-normalises, drops path separators, control and shell-hostile characters, and
+    leading dots, so the result can never escape its folder.
+    """
+    s = unicodedata.normalize("NFC", name).strip()
+    s = s.replace(" ", "_").replace("[", "").replace("]", "")
+    s = "".join(c for c in s if c not in _FORBIDDEN and unicodedata.category(c)[0] != "C")
+    s = s.lstrip(".")
+    while ".." in s:
+        s = s.replace("..", ".")
+    s = s[:150]
+    return s or "image"
+
+
+def strip_footnotes(name: str) -> str:
+    """`Denmark[i]` -> `Denmark`: drop Wikipedia footnote markers from a display name."""
+    return _FOOTNOTE.sub("", name).strip() or name
+
+
+def unique_stems(names: Iterable[str]) -> list[str]:
+    """`safe_stem` of each name, with `_2`, `_3`… added to repeats (case-insensitively)."""
+    seen: set[str] = set()
+    out = []
+    for n in names:
+        base = safe_stem(n)
+        stem, i = base, 2
+        while stem.casefold() in seen:
+            stem, i = f"{base}_{i}", i + 1
+        seen.add(stem.casefold())
+        out.append(stem)
+    return out
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    sha256: str
+    width: int | None
+    height: int | None
+    format: str | None
+
+
+def probe_image(data: bytes) -> ImageInfo:
+    """Hash and read the header of an image (no full decode); width/format None if unreadable."""
+    import io
+
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return ImageInfo(digest, im.width, im.height, im.format)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return ImageInfo(digest, None, None, None)
+
+
+def _row(image_id: str, name: str, path: Location, source_url: str | None) -> dict:
+    info = probe_image(path.read_bytes())
+    return {
+        "image_id": image_id,
+        "name": name,
+        "path": str(path),
+        "source_url": source_url,
+        "sha256": info.sha256,
+        "width": info.width,
+        "height": info.height,
+        "format": info.format,
+    }
+
+
+def table_from_rows(rows: list[dict]) -> pa.Table:
+    ids = [r["image_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise DataError(f"duplicate image_id(s) in images table: {', '.join(dup)}")
+    return pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+
+
+def from_folder(folder: str | os.PathLike) -> pa.Table:
+    """One row per image file under `folder` (recursive); image_id is the relative path stem."""
+    from flagsim.storage import walk_files
+
+    root = Location.parse(folder)
+    if not root.exists():
+        raise DataError(f"image folder not found: {root}")
+    rows = []
+    for f in walk_files(root):
+        if not f.name.lower().endswith(IMAGE_SUFFIXES):
+            continue
+        rel = f.path[len(root.path) :].lstrip("/")
+        image_id = rel.rsplit(".", 1)[0]
+        name = f.name.rsplit(".", 1)[0].replace("_", " ")
+        rows.append(_row(image_id, name, f, None))
+    if not rows:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+    return table_from_rows(rows)
+
+
+def from_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike) -> pa.Table:
+    """Rows of a `Country,Flag Image[,...]` CSV whose files are `<safe_stem(Country)>.png`.
+
+    Rows whose file is missing are logged and left out (see `missing_from_csv`).
+    """
+    table, _ = from_csv_with_missing(csv_path, image_dir)
+    return table
+
+
+def from_csv_with_missing(
+    csv_path: str | os.PathLike, image_dir: str | os.PathLike
+) -> tuple[pa.Table, list[dict]]:
+    src = Location.parse(csv_path)
+    if not src.exists():
+        raise DataError(f"CSV not found: {src}")
+    text = src.read_text()
+    reader = csv.DictReader(text.splitlines())
+    fields = reader.fieldnames or []
+    if "Country" not in fields:
+        raise DataError(f"{src} has no 'Country' column (columns: {', '.join(fields) or 'none'})")
+    folder = Location.parse(image_dir)
+    rows, missing = [], []
+    for rec in reader:
+        name = (rec.get("Country") or "").strip()
+        if not name:
+            continue
+        stem = safe_stem(name)  # the seed's file naming keeps footnote letters: Denmark[i] -> Denmarki
+        name = strip_footnotes(name)
+        f = folder / f"{stem}.png"
+        if not f.exists():
+            missing.append(
+                {"image_id": stem, "name": name, "path": str(f), "stage": "images",
+                 "model": None, "reason": "file not found"}
+            )
+            continue
+        rows.append(_row(stem, name, f, rec.get("Flag Image") or None))
+    if missing:
+        log.warning("%d CSV row(s) have no image file in %s", len(missing), folder)
+    if not rows:
+        raise DataError(f"none of the images named in {src} were found in {folder}")
+    return table_from_rows(rows), missing
+
+
+def bundled_table() -> pa.Table:
+    """The bundled flags: the sovereign states then the de facto states, in the list's order."""
+    d = bundled_flags_dir()
+    main = from_csv(d / "national_flags.csv", d / "images")
+    de_facto = from_csv(d / "national_flags_de_facto.csv", d / "images")
+    return pa.concat_tables([main, de_facto])
+
+
+def write_images_table(table: pa.Table, run: RunDir, errors: list[dict] | None = None) -> Location:
+    """Write `images.parquet` (and `errors/images.csv`-style rows) atomically into the run."""
+    run.images_table.write_parquet(conform(table, IMAGES_SCHEMA))
+    if errors is not None:
+        err = run.errors_dir("images") / "part-00000.parquet"
+        if errors:
+            err.write_parquet(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
+        elif err.exists():
+            err.delete()
+    log.info("wrote %s (%d images)", run.images_table, table.num_rows)
+    return run.images_table
+
+
+def read_images_table(location: str | os.PathLike | Location) -> pa.Table:
+    """Read and validate an images table (a run directory or a .parquet file)."""
+    loc = location if isinstance(location, Location) else Location.parse(location)
+    if not loc.name.endswith(".parquet"):
+        loc = RunDir(loc).images_table
+    if not loc.exists():
+        raise DataError(f"images table not found: {loc} (run `flagsim images` or `flagsim scrape` first)")
+    table = loc.read_parquet()
+    check_columns(table, IMAGES_SCHEMA, f"images table {loc}")
+    table = conform(table, IMAGES_SCHEMA)
+    ids = table.column("image_id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise DataError(f"images table {loc} has duplicate image_id values")
+    return table
+
+
+def images_table_hash(table: pa.Table) -> str:
+    """A hash of the images table's identity columns (ids, paths, content hashes)."""
+    h = hashlib.sha256()
+    for i, p, s in zip(
+        table.column("image_id").to_pylist(),
+        table.column("path").to_pylist(),
+        table.column("sha256").to_pylist(),
+        strict=True,
+    ):
+        h.update(f"{i}\t{p}\t{s}\n".encode())
+    return h.hexdigest()[:16]

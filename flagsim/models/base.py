@@ -1,0 +1,185 @@
+"""The Embedder interface shared by every model family, with device/dtype resolution helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from flagsim.errors import ConfigError, DataError
+from flagsim.models.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_device(device: Any = "cpu") -> torch.device:
+    """`"auto"` -> cuda when available else cpu; anything torch.device accepts otherwise."""
+    if isinstance(device, torch.device):
+        return device
+    text = str(device or "cpu").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"invalid device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
+    """`"auto"` -> float16 on CUDA, float32 elsewhere; float16/bfloat16/float32 by name."""
+    if isinstance(dtype, torch.dtype):
+        out = dtype
+    else:
+        text = str(dtype or "auto").strip().lower().removeprefix("torch.")
+        if text == "auto":
+            return torch.float16 if device.type == "cuda" else torch.float32
+        if text not in _DTYPES:
+            raise ConfigError(f"invalid dtype {dtype!r} (use auto, float32, float16 or bfloat16)")
+        out = _DTYPES[text]
+    if out not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ConfigError(f"invalid dtype {dtype!r} (use auto, float32, float16 or bfloat16)")
+    if device.type == "cpu" and out != torch.float32:
+        log.warning("%s on CPU is much slower than float32", str(out).removeprefix("torch."))
+    return out
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU RNG inside the block without disturbing the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def check_images(images: Sequence[np.ndarray], name: str) -> list[np.ndarray]:
+    """Validate a batch of HxWx3 uint8 RGB arrays (one clear line when one is not)."""
+    out = []
+    for i, im in enumerate(images):
+        a = np.asarray(im)
+        if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or a.shape[0] < 1 or a.shape[1] < 1:
+            raise DataError(
+                f"{name}: image {i} must be an HxWx3 uint8 RGB array, got shape {a.shape} {a.dtype}"
+            )
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+def jsonable(value: Any) -> Any:
+    """Processor settings as plain JSON values (enums by name, tuples as lists)."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): jsonable(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "name") and hasattr(value, "value"):  # enums (PIL resampling modes)
+        return str(value.name).lower()
+    return str(value)
+
+
+class Embedder:
+    """One loaded model: `preprocess` RGB arrays into pixels, `forward` pixels into vectors.
+
+    Subclasses set `self.dim` and implement `_load`, `preprocess`, `_forward` (pixels -> [N, dim]
+    tensor) and `processor_settings`.
+    """
+
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    dim: int
+    weights: str | None  # the source actually used (hub id, local path, ...); None for tiny
+    revision: str | None  # the hub commit, when known
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        weights: str | None,
+        revision: str | None,
+        device: Any = "cpu",
+        dtype: Any = "auto",
+        tiny: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tiny = bool(tiny)
+        self.seed = seed
+        self.weights = None if tiny else weights
+        self.revision = None if tiny else revision
+        if tiny:
+            with seeded(seed):
+                self._build_tiny()
+        else:
+            self._load()
+
+    # --- to implement -------------------------------------------------------------------------
+    def _build_tiny(self) -> None:
+        raise NotImplementedError
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """HxWx3 uint8 RGB arrays (any sizes) -> a pixel batch on self.device in self.dtype."""
+        raise NotImplementedError
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def processor_settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------------
+    def forward(self, pixels: torch.Tensor) -> np.ndarray:
+        """Pixels -> [N, dim] float32 numpy vectors (under torch.inference_mode)."""
+        if pixels.shape[0] == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            out = self._forward(pixels.to(self.device, self.dtype))
+        return out.float().cpu().numpy().reshape(pixels.shape[0], -1)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        if len(images) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.forward(self.preprocess(images))
+
+    def describe(self) -> dict[str, Any]:
+        """What produced the vectors, for the run manifest."""
+        return {
+            "model": self.spec.name,
+            "family": self.spec.family,
+            "architecture": self.spec.architecture,
+            "checkpoint": "tiny-random" if self.tiny else self.weights,
+            "revision": self.revision,
+            "tiny": self.tiny,
+            "seed": self.seed if self.tiny else None,
+            "dim": self.dim,
+            "pooling": self.spec.pooling,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "processor": self.processor_settings(),
+        }
+
+    def __repr__(self) -> str:
+        src = "tiny" if self.tiny else self.weights
+        return f"<{type(self).__name__} {self.spec.name} {src} dim={self.dim} {self.device} {self.dtype}>"

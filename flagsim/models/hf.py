@@ -1,0 +1,135 @@
+"""Hugging Face transformers vision models (ViT, CLIP, DINOv2, EfficientNet) and their processors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from flagsim.models.base import Embedder, check_images, jsonable
+from flagsim.models.weights import HFCheckpoint, resolve_hf_checkpoint
+
+log = logging.getLogger(__name__)
+
+#: Processor settings reported in describe() (the rest of to_dict() is bookkeeping).
+PROCESSOR_KEYS = (
+    "image_processor_type",
+    "do_convert_rgb",
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "rescale_offset",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "include_top",
+    "do_pad",
+)
+
+
+def processor_settings(processor: Any) -> dict[str, Any]:
+    d = processor.to_dict()
+    d.setdefault("image_processor_type", type(processor).__name__)
+    return jsonable({k: d[k] for k in PROCESSOR_KEYS if d.get(k) is not None})
+
+
+def make_processor(spec_class: str | None, settings: dict[str, Any], checkpoint: HFCheckpoint | None,
+                   name: str):
+    """The checkpoint's own image processor when it has one, else `spec_class(**settings)`."""
+    import transformers
+
+    if checkpoint is not None and checkpoint.preprocessor is not None:
+        return transformers.AutoImageProcessor.from_pretrained(
+            str(checkpoint.preprocessor.parent), local_files_only=True
+        )
+    if checkpoint is not None:
+        log.warning(
+            "%s: %s has no preprocessor_config.json; using the registry's processor settings",
+            name, checkpoint.directory,
+        )
+    if not spec_class:
+        raise ValueError(f"{name}: no processor class registered")
+    return getattr(transformers, spec_class)(**dict(settings))
+
+
+class TransformersEmbedder(Embedder):
+    """A transformers model class loaded with from_pretrained, pooled as the spec says.
+
+    Poolings: `cls` = last_hidden_state[:, 0]; `image_features` = get_image_features (the
+    projected pooler output); `stage_mean` = mean over H, W of hidden_states[-1].
+    """
+
+    model: torch.nn.Module
+    processor: Any
+
+    def _model_class(self):
+        import transformers
+
+        return getattr(transformers, self.spec.architecture)
+
+    def _build_tiny(self) -> None:
+        if self.spec.tiny_config is None:
+            raise ValueError(f"{self.spec.name}: no tiny config registered")
+        self.model = self._model_class()(self.spec.tiny_config())
+        self.processor = make_processor(self.spec.processor_class, dict(self.spec.tiny_processor),
+                                        None, self.spec.name)
+        self._finish()
+
+    def _load(self) -> None:
+        ckpt = resolve_hf_checkpoint(self.spec, self.weights, self.revision)
+        self.revision = ckpt.revision
+        log.info("%s: loading %s from %s", self.spec.name, self.spec.architecture, ckpt.directory)
+        self.model = self._model_class().from_pretrained(
+            str(ckpt.directory), dtype=self.dtype, local_files_only=True, weights_only=True
+        )
+        self.processor = make_processor(self.spec.processor_class, dict(self.spec.processor), ckpt,
+                                        self.spec.name)
+        self._finish()
+
+    def _finish(self) -> None:
+        self.model = self.model.to(self.device, self.dtype).eval()
+        self.dim = self._dim()
+
+    def _dim(self) -> int:
+        cfg = self.model.config
+        pooling = self.spec.pooling
+        if pooling == "cls":
+            return int(cfg.hidden_size)
+        if pooling == "image_features":
+            return int(cfg.projection_dim)
+        if pooling == "stage_mean":
+            from transformers.models.efficientnet.modeling_efficientnet import round_filters
+
+            return int(round_filters(cfg, cfg.out_channels[-1]))
+        raise ValueError(f"{self.spec.name}: unknown pooling {pooling!r}")
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        arrays = check_images(images, self.spec.name)
+        out = self.processor(images=arrays, return_tensors="pt", input_data_format="channels_last")
+        return out["pixel_values"].to(self.device, self.dtype)
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pool_outputs(self.model, pixels, self.spec.pooling)
+
+    def processor_settings(self) -> dict[str, Any]:
+        return processor_settings(self.processor)
+
+
+def pool_outputs(model: torch.nn.Module, pixels: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per image from a transformers vision model, as named by `pooling`."""
+    if pooling == "cls":
+        return model(pixel_values=pixels).last_hidden_state[:, 0]
+    if pooling == "image_features":
+        feats = model.get_image_features(pixel_values=pixels)
+        return feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+    if pooling == "stage_mean":
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        return hidden.mean(dim=(2, 3))
+    raise ValueError(f"unknown pooling {pooling!r}")

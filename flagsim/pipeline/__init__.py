@@ -1,0 +1,1 @@
+"""The Ray Data embedding pipeline: reader (decode) -> mapper (model actors) -> writer (shards)."""

@@ -1,0 +1,416 @@
+"""`flagsim embed`: plan shards, skip what is done, stream images through every model, summarise."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from flagsim.config import Config, ModelRunConfig, check_writable
+from flagsim.errors import DataError, WeightsUnavailableError
+from flagsim.images import (
+    bundled_table,
+    from_csv,
+    from_folder,
+    images_table_hash,
+    read_images_table,
+    write_images_table,
+)
+from flagsim.pipeline.reader import ShardPlan, build_dataset, plan_shards
+from flagsim.pipeline.writer import ShardWriter
+from flagsim.rundir import RunDir, shard_name
+from flagsim.shards import Manifest, done_shards, read_manifest, write_manifest
+from flagsim.storage import Location
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelResult:
+    """One row of the end-of-run summary."""
+
+    model: str
+    status: str  # embedded | up to date | skipped | failed
+    images: int = 0
+    dim: int | None = None
+    device: str = ""
+    dtype: str = ""
+    seconds: float | None = None
+    images_per_s: float | None = None
+    errors: int = 0
+    reason: str = ""
+
+
+@dataclass
+class EmbedSummary:
+    run_dir: str
+    images: int
+    results: list[ModelResult] = field(default_factory=list)
+    decode_errors: int = 0
+
+    def result(self, model: str) -> ModelResult:
+        return next(r for r in self.results if r.model == model)
+
+
+# --- images ----------------------------------------------------------------------------------
+
+def resolve_images(cfg: Config, run: RunDir, images: str | None) -> pa.Table:
+    """The images table for this run: --images, the run's own table, or built from cfg.images."""
+    if images:
+        table = read_images_table(images)
+        if Location.parse(images).uri != run.images_table.uri:
+            write_images_table(table, run)
+        return table
+    if run.images_table.exists():
+        return read_images_table(run.images_table)
+    src = cfg.images
+    if src.source == "bundled":
+        table = bundled_table()
+    elif src.source == "folder":
+        table = from_folder(_need(src.path, "images.path"))
+    elif src.source == "csv":
+        table = from_csv(_need(src.path, "images.path"), _need(src.image_dir, "images.image_dir"))
+    else:
+        table = read_images_table(_need(src.path, "images.path"))
+    write_images_table(table, run)
+    return table
+
+
+def _need(value: str | None, key: str) -> str:
+    if not value:
+        raise DataError(f"config key {key} is required for this images.source")
+    return value
+
+
+# --- planning --------------------------------------------------------------------------------
+
+def _run_key(cfg: Config, model: str, images_hash: str, mcfg: ModelRunConfig, tiny: bool) -> dict:
+    return {
+        "images_hash": images_hash,
+        "shard_size": cfg.embed.shard_size,
+        "weights": "tiny" if tiny else mcfg.weights,
+        "revision": mcfg.revision,
+    }
+
+
+def _prepare_model_dir(run: RunDir, model: str, key: dict, force: bool) -> None:
+    """Wipe `model`'s shards when forced or when they were made from other inputs."""
+    marker = run.model_dir(model) / "_run.json"
+    stale = force
+    if not stale and marker.exists():
+        stale = marker.read_json() != key
+    elif not stale and run.model_dir(model).exists() and done_shards(run, model):
+        stale = True  # shards of unknown origin
+    if stale and run.model_dir(model).exists():
+        log.info("%s: discarding previous shards (%s)", model, "--force" if force else "inputs changed")
+        run.model_dir(model).delete()
+    if not marker.exists():
+        marker.write_json(key)
+
+
+def repair(run: RunDir, model: str) -> list[str]:
+    """Delete unreadable, foreign or inconsistent shards of `model` (and its manifest); return names."""
+    removed: list[str] = []
+    manifest_loc = run.manifest(model)
+    manifest = None
+    try:
+        manifest = read_manifest(run, model)
+    except DataError:
+        manifest_loc.delete()
+        removed.append(manifest_loc.name)
+    for idx, loc in sorted(done_shards(run, model).items()):
+        reason = None
+        try:
+            table = loc.read_parquet()
+            if "embedding" not in table.column_names or "model" not in table.column_names:
+                reason = "not an embedding shard"
+            elif set(table.column("model").unique().to_pylist()) - {model}:
+                reason = "holds another model's embeddings"
+            elif manifest is not None:
+                dim = table.schema.field("embedding").type
+                if getattr(dim, "list_size", None) != manifest.dim:
+                    reason = "wrong dimension"
+                elif manifest.shards.get(loc.name) not in (None, table.num_rows):
+                    reason = "row count disagrees with the manifest"
+        except DataError:
+            reason = "unreadable"
+        if reason:
+            log.warning("repair: removing %s (%s)", loc, reason)
+            loc.delete()
+            removed.append(loc.name)
+    if removed and manifest_loc.exists():
+        manifest_loc.delete()
+    elif manifest is not None and set(manifest.shards) - {
+        loc.name for loc in done_shards(run, model).values()
+    }:
+        manifest_loc.delete()
+        removed.append(manifest_loc.name)
+    return removed
+
+
+# --- resources -------------------------------------------------------------------------------
+
+def _device(cfg: Config, resources: dict[str, float]) -> str:
+    if cfg.embed.device != "auto":
+        return cfg.embed.device
+    return "cuda" if resources.get("GPU", 0) > 0 else "cpu"
+
+
+def _dtype(cfg: Config, mcfg: ModelRunConfig, device: str) -> str:
+    dtype = mcfg.dtype if mcfg.dtype != "auto" else cfg.embed.dtype
+    if dtype == "auto":
+        return "float16" if device == "cuda" else "float32"
+    return dtype
+
+
+def _actor_cpus(cfg: Config, mcfgs: dict[str, ModelRunConfig], total_cpus: float) -> dict[str, float]:
+    """Logical CPUs per actor: what the config says, else share what reading leaves free.
+
+    Reading and decoding always keep `ray.read_cpus`; without that, on a small machine actors that
+    claim every CPU starve the read tasks and the job hangs.
+    """
+    free = max(total_cpus - cfg.ray.read_cpus, 0.1)
+    unset = [m for m, c in mcfgs.items() if c.num_cpus is None]
+    claimed = sum(c.num_cpus * c.num_actors for c in mcfgs.values() if c.num_cpus is not None)
+    share = max(free - claimed, 0.1) / max(sum(mcfgs[m].num_actors for m in unset), 1)
+    out = {}
+    for m, c in mcfgs.items():
+        out[m] = c.num_cpus if c.num_cpus is not None else max(min(share, 8.0), 0.05)
+    need = sum(out[m] * mcfgs[m].num_actors for m in mcfgs) + min(cfg.ray.read_cpus, 1.0)
+    if need > total_cpus + 1e-6:
+        raise DataError(
+            f"actor pools need {need:g} CPUs (plus reading) but the Ray cluster has {total_cpus:g}; "
+            "lower embed.settings.<model>.num_cpus or num_actors"
+        )
+    return out
+
+
+# --- the job ---------------------------------------------------------------------------------
+
+def run_embed(
+    cfg: Config,
+    run_dir: str | None = None,
+    images: str | None = None,
+    models: Sequence[str] | None = None,
+    force: bool = False,
+    repair_shards: bool = False,
+    tiny: bool = False,
+    show_progress: bool = True,
+) -> EmbedSummary:
+    """Embed every image of the run with every selected model; resumable and idempotent.
+
+    `tiny=True` uses tiny random-weight models of each family (tests and smoke runs only).
+    """
+    from flagsim.models import check_model_names, check_weights
+
+    run_dir = run_dir or cfg.run_dir
+    check_writable(run_dir)
+    names = list(models) if models else list(cfg.embed.models)
+    check_model_names(names)
+    run = RunDir.at(run_dir)
+    table = resolve_images(cfg, run, images)
+    images_hash = images_table_hash(table)
+    plans = plan_shards(table.num_rows, cfg.embed.shard_size)
+    summary = EmbedSummary(run_dir=run.root.uri, images=table.num_rows)
+    log.info("%d images in %d shard(s) of up to %d", table.num_rows, len(plans), cfg.embed.shard_size)
+
+    todo: dict[str, set[int]] = {}
+    mcfgs: dict[str, ModelRunConfig] = {}
+    for name in names:
+        mcfg = cfg.embed.for_model(name)
+        if not tiny:
+            reason = check_weights(name, mcfg.weights, mcfg.revision)
+            if reason:
+                if cfg.embed.strict:
+                    raise WeightsUnavailableError(reason)
+                log.warning("skipping %s", reason)
+                summary.results.append(ModelResult(name, "skipped", reason=reason))
+                continue
+        key = _run_key(cfg, name, images_hash, mcfg, tiny)
+        if repair_shards:
+            removed = repair(run, name)
+            if removed:
+                log.info("%s: repair removed %s", name, ", ".join(removed))
+        manifest = read_manifest(run, name) if not force else None
+        if manifest is not None and manifest.images_hash == images_hash and _marker_matches(run, name, key):
+            summary.results.append(
+                ModelResult(name, "up to date", images=manifest.rows, dim=manifest.dim,
+                            device=manifest.device, dtype=manifest.dtype, errors=manifest.errors)
+            )
+            continue
+        _prepare_model_dir(run, name, key, force)
+        have = set(done_shards(run, name))
+        missing = {p.index for p in plans} - have
+        todo[name] = missing
+        mcfgs[name] = mcfg
+
+    if todo:
+        _embed(cfg, run, table, plans, todo, mcfgs, images_hash, summary, tiny, show_progress)
+    return summary
+
+
+def _marker_matches(run: RunDir, model: str, key: dict) -> bool:
+    marker = run.model_dir(model) / "_run.json"
+    return not marker.exists() or marker.read_json() == key
+
+
+def _embed(
+    cfg: Config,
+    run: RunDir,
+    table: pa.Table,
+    plans: list[ShardPlan],
+    todo: dict[str, set[int]],
+    mcfgs: dict[str, ModelRunConfig],
+    images_hash: str,
+    summary: EmbedSummary,
+    tiny: bool,
+    show_progress: bool,
+) -> None:
+    import ray
+
+    from flagsim.pipeline.mapper import EmbedActor
+    from flagsim.pipeline.ray_session import ensure_ray
+
+    resources = ensure_ray(cfg)
+    device = _device(cfg, resources)
+    cpus = _actor_cpus(cfg, mcfgs, resources["CPU"])
+    needed = sorted(set().union(*todo.values()))
+    work = [p for p in plans if p.index in needed]
+    n_rows = sum(p.rows for p in work)
+    ds = build_dataset(
+        table, work, decode_batch_size=cfg.embed.decode_batch_size,
+        max_pixels=cfg.embed.max_image_pixels, decode_cpus=min(cfg.ray.read_cpus, 1.0),
+    )
+    dtypes = {}
+    for name, mcfg in mcfgs.items():
+        if not todo[name]:
+            continue
+        dtypes[name] = _dtype(cfg, mcfg, device)
+        num_gpus = mcfg.num_gpus if device != "cuda" or mcfg.num_gpus > 0 else 1.0
+        from flagsim.models import get_spec
+
+        batch_size = mcfg.batch_size or get_spec(name).default_batch_size
+        threads = mcfg.torch_threads or max(1, math.floor(cpus[name]))
+        ds = ds.map_batches(
+            EmbedActor,
+            fn_constructor_args=(name,),
+            fn_constructor_kwargs={
+                "weights": mcfg.weights, "revision": mcfg.revision, "device": device,
+                "dtype": dtypes[name], "torch_threads": threads, "tiny": tiny,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(
+                min_size=mcfg.num_actors, max_size=mcfg.max_actors or mcfg.num_actors
+            ),
+            num_cpus=cpus[name],
+            num_gpus=num_gpus if device == "cuda" else 0,
+        )
+    ds = ds.drop_columns(["pixels"])
+    live = {m: s for m, s in todo.items() if s}
+    for m in todo:
+        if not todo[m]:
+            log.info("%s: all shards present, writing manifest", m)
+
+    start = time.perf_counter()
+    with _progress(show_progress, n_rows) as advance:
+        writer = ShardWriter(run, table, work, live, on_shard=lambda _s, rows: advance(rows))
+        if live:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                writer.add(batch)
+    seconds = time.perf_counter() - start
+    if writer.incomplete:
+        raise DataError(f"pipeline ended with incomplete shard(s) {writer.incomplete[:5]}; rerun to resume")
+
+    for name in todo:
+        shards = {loc.name: loc.parquet_num_rows() for loc in done_shards(run, name).values()}
+        expected = {shard_name(p.index) for p in plans}
+        if set(shards) != expected:
+            missing = sorted(expected - set(shards))
+            raise DataError(f"{name}: shard(s) {', '.join(missing[:3])} missing after the run; rerun")
+        rows = sum(shards.values())
+        first = next(iter(done_shards(run, name).values()))
+        dim = first.read_parquet().schema.field("embedding").type.list_size
+        errors = _count_errors(run)
+        processed = sum(p.rows for p in plans if p.index in todo[name])
+        manifest = Manifest(
+            model=name, dim=dim, rows=rows, images_hash=images_hash, shards=shards,
+            checkpoint="tiny-random" if tiny else _checkpoint(name, mcfgs[name]),
+            revision=mcfgs[name].revision, dtype=dtypes.get(name, _dtype(cfg, mcfgs[name], device)),
+            device=device, processor=_processor(name, mcfgs[name], tiny),
+            seconds=round(seconds, 3),
+            images_per_s=round(processed / seconds, 3) if seconds > 0 and processed else None,
+            errors=errors, shard_size=cfg.embed.shard_size,
+        )
+        write_manifest(run, manifest)
+        summary.results.append(
+            ModelResult(name, "embedded", images=rows, dim=dim, device=device,
+                        dtype=manifest.dtype, seconds=manifest.seconds,
+                        images_per_s=manifest.images_per_s, errors=errors)
+        )
+    summary.decode_errors = _count_errors(run)
+
+
+def _count_errors(run: RunDir) -> int:
+    return sum(loc.parquet_num_rows() for loc in run.errors_dir("embed").list(".parquet"))
+
+
+def _checkpoint(name: str, mcfg: ModelRunConfig) -> str | None:
+    from flagsim.models import get_spec
+
+    return mcfg.weights or get_spec(name).weights
+
+
+def _processor(name: str, mcfg: ModelRunConfig, tiny: bool) -> dict:
+    from flagsim.models import get_spec
+
+    spec = get_spec(name)
+    return {"image_size": getattr(spec, "image_size", None), "pooling": getattr(spec, "pooling", None)}
+
+
+class _progress:
+    """A rich progress bar over images (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.total = total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda _n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        from flagsim.cli import _stderr_console
+
+        self._p = Progress(
+            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TimeRemainingColumn(), console=_stderr_console(), transient=False,
+        )
+        self._p.__enter__()
+        task = self._p.add_task("embedding images", total=self.total)
+        return lambda n: self._p.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._p.__exit__(*exc)
+
+
+def summary_table(summary: EmbedSummary):
+    """A rich Table: model, status, images, dim, device, dtype, seconds, images/s, errors, reason."""
+    from rich.table import Table
+
+    t = Table(title=f"flagsim embed: {summary.images} images -> {summary.run_dir}")
+    for col in ("model", "status", "images", "dim", "device", "dtype", "seconds", "images/s", "errors", "note"):
+        t.add_column(col, justify="right" if col in ("images", "dim", "seconds", "images/s", "errors") else "left")
+    for r in summary.results:
+        t.add_row(
+            r.model, r.status, str(r.images), str(r.dim or ""), r.device, r.dtype,
+            f"{r.seconds:.1f}" if r.seconds is not None else "",
+            f"{r.images_per_s:.1f}" if r.images_per_s is not None else "",
+            str(r.errors), r.reason,
+        )
+    return t

@@ -1,0 +1,62 @@
+"""Mapper: a plain callable class that loads one model once and embeds batches of decoded images."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from flagsim.pipeline.reader import OK, PIXELS
+
+log = logging.getLogger(__name__)
+
+
+def embedding_column(model: str) -> str:
+    return f"emb:{model}"
+
+
+class EmbedActor:
+    """Ray Data actor: `__init__` loads the model, `__call__` adds an `emb:<model>` column.
+
+    Every input column passes through unchanged; rows whose image failed to decode (ok=False)
+    get a zero vector and are never fed to the model.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        weights: str | None = None,
+        revision: str | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        torch_threads: int | None = None,
+        tiny: bool = False,
+        micro_batch: int | None = None,
+    ) -> None:
+        import torch
+
+        from flagsim.models import create_embedder
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.model = model
+        self.column = embedding_column(model)
+        self.micro_batch = micro_batch
+        self.embedder = create_embedder(
+            model, weights=weights, revision=revision, device=device, dtype=dtype, tiny=tiny
+        )
+        self.dim = self.embedder.dim if hasattr(self.embedder, "dim") else self.embedder.spec.dim
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.asarray(batch[OK], dtype=bool)
+        pixels = batch[PIXELS]
+        good = [pixels[i] for i in np.flatnonzero(ok)]
+        out = np.zeros((len(ok), self.dim), dtype=np.float32)
+        if good:
+            step = self.micro_batch or len(good)
+            parts = [self.embedder(good[i : i + step]) for i in range(0, len(good), step)]
+            out[ok] = np.concatenate(parts).astype(np.float32, copy=False)
+        result = dict(batch)
+        result[self.column] = out
+        return result

@@ -1,0 +1,184 @@
+"""Local paths and object-store URIs through one pyarrow-filesystem code path, with atomic writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from flagsim.errors import DataError
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """True for `scheme://...` locations other than plain local paths."""
+    s = str(location)
+    return "://" in s and not s.startswith("file://")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A directory or file on a pyarrow filesystem: local disk or an object store."""
+
+    fs: pafs.FileSystem
+    path: str  # filesystem-relative path (no scheme)
+    uri: str  # what the user wrote, normalised
+
+    @classmethod
+    def parse(cls, location: str | os.PathLike) -> Location:
+        s = str(location)
+        if is_uri(s):
+            try:
+                fs, path = pafs.FileSystem.from_uri(s)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+                raise DataError(f"cannot open {s}: {exc}") from exc
+            return cls(fs, path.rstrip("/"), s.rstrip("/"))
+        if s.startswith("file://"):
+            s = s[len("file://") :]
+        p = os.path.abspath(os.path.expanduser(s))
+        return cls(pafs.LocalFileSystem(), p, p)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def __truediv__(self, part: str) -> Location:
+        part = str(part).strip("/")
+        return Location(self.fs, f"{self.path}/{part}", f"{self.uri}/{part}")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> Location:
+        path = self.path.rsplit("/", 1)[0]
+        uri = self.uri.rsplit("/", 1)[0]
+        return Location(self.fs, path, uri)
+
+    # --- queries -------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self.fs.get_file_info(self.path).type == pafs.FileType.File
+
+    def size(self) -> int:
+        return self.fs.get_file_info(self.path).size or 0
+
+    def list(self, suffix: str = "") -> list[Location]:
+        """Files directly under this directory whose names end with `suffix`, sorted."""
+        if not self.exists():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        out = [
+            self / info.base_name
+            for info in infos
+            if info.type == pafs.FileType.File
+            and info.base_name.endswith(suffix)
+            and not info.base_name.startswith(".")
+        ]
+        return sorted(out, key=lambda loc: loc.name)
+
+    def dirs(self) -> list[Location]:
+        if not self.exists():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted(
+            (self / i.base_name for i in infos if i.type == pafs.FileType.Directory),
+            key=lambda loc: loc.name,
+        )
+
+    # --- reads ---------------------------------------------------------------------------
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_file(self.path) as f:
+            return f.read()
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def read_json(self) -> Any:
+        try:
+            return json.loads(self.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{self.uri} is not valid JSON: {exc}") from exc
+
+    def read_parquet(self, columns: list[str] | None = None) -> pa.Table:
+        try:
+            return pq.read_table(self.path, filesystem=self.fs, columns=columns)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{self.uri} is not a readable Parquet file: {exc}") from exc
+
+    def parquet_num_rows(self) -> int:
+        try:
+            with self.fs.open_input_file(self.path) as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{self.uri} is not a readable Parquet file: {exc}") from exc
+
+    # --- writes (atomic) -----------------------------------------------------------------
+    def mkdirs(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def write_bytes(self, data: bytes) -> None:
+        """Write atomically: temp file + rename locally; one PUT on object stores."""
+        self.parent.mkdirs()
+        if self.is_local:
+            tmp = f"{self.parent.path}/.{self.name}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def write_json(self, obj: Any) -> None:
+        self.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+    def write_parquet(self, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(buf.getvalue())
+
+    def delete(self) -> None:
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+    def local_path(self) -> Path:
+        if not self.is_local:
+            raise DataError(f"{self.uri} is not on the local filesystem")
+        return Path(self.path)
+
+
+def walk_files(root: Location) -> Iterator[Location]:
+    """Every file under `root`, recursively, sorted."""
+    if not root.exists():
+        return
+    infos = root.fs.get_file_info(pafs.FileSelector(root.path, recursive=True))
+    for info in sorted(infos, key=lambda i: i.path):
+        if info.type == pafs.FileType.File:
+            rel = info.path[len(root.path) :].lstrip("/")
+            yield root / rel

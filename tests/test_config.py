@@ -1,0 +1,96 @@
+"""Config validation: bad configs fail before any work with one line naming the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flagsim.config import load_config
+from flagsim.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_validate():
+    cfg = load_config(REPO / "configs" / "default.yaml")
+    assert "efficientnet-lite0" in cfg.embed.models and "pixels" in cfg.embed.models
+    assert cfg.embed.for_model("vit").batch_size == 8
+    assert cfg.embed.for_model("clip").batch_size is None  # falls back to the registry default
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("embed:\n  models: [vit, nosuchmodel]\n", "unknown model 'nosuchmodel'"),
+        ("embed:\n  defaults: {batch_size: -4}\n", "embed.defaults.batch_size"),
+        ("embed:\n  settings: {vit: {batch_size: 0}}\n", "embed.settings.vit.batch_size"),
+        ("embd:\n  models: [vit]\n", "embd: unknown key"),
+        ("embed:\n  modles: [vit]\n", "embed.modles: unknown key"),
+        ("neighbours: {k: 0}\n", "neighbours.k"),
+        ("- a list\n", "top level must be a mapping"),
+        ("embed: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_is_one_line_error(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    msg = str(info.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_unknown_model_lists_valid_names(tmp_path):
+    with pytest.raises(ConfigError, match="valid models: .*efficientnet-lite0"):
+        load_config(_write(tmp_path, "embed:\n  models: [vitt]\n"))
+
+
+def test_overrides_are_parsed_as_yaml_and_validated():
+    cfg = load_config(None, ["embed.models=[pixels]", "embed.shard_size=7"])
+    assert cfg.embed.models == ("pixels",)
+    assert cfg.embed.shard_size == 7
+    with pytest.raises(ConfigError, match="embed.shard_size"):
+        load_config(None, ["embed.shard_size=-1"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["embed.shard_size"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_bad_config_fails_fast_before_ray(tmp_path):
+    cfg = _write(tmp_path, "embed:\n  models: [pixels]\n  defaults: {batch_size: -1}\n")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flagsim", "embed", "--config", str(cfg), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("flagsim: error:")
+    assert "batch_size" in lines[0]
+    assert not (tmp_path / "run").exists()  # nothing was written
+    assert elapsed < 60  # generous: the point is it never reaches Ray
+
+
+def test_unwritable_run_dir(tmp_path):
+    """A run directory that cannot be created (its parent is a file) fails before any work."""
+    from flagsim.config import check_writable
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="not writable"):
+        check_writable(str(blocker / "run"))
+    check_writable(str(tmp_path / "new" / "run"))  # creatable: fine

@@ -1,0 +1,181 @@
+"""The Ray Data embedding pipeline end to end on a real local Ray (bundled flags, offline models)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from flagsim.config import load_config
+from flagsim.decode import decode_image
+from flagsim.images import bundled_table, from_folder, write_images_table
+from flagsim.pipeline.embed import run_embed
+from flagsim.pipeline.mapper import EmbedActor, embedding_column
+from flagsim.pipeline.reader import decode_batch
+from flagsim.rundir import RunDir
+from flagsim.shards import read_embeddings, read_manifest
+
+pytestmark = pytest.mark.ray
+
+FAMILIES = ["vit", "clip", "blip2", "efficientnet", "dinov2", "vgg16", "vgg16-fc7",
+            "efficientnet-lite0", "pixels"]
+
+
+def _cfg(**over):
+    sets = [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, ["ray.read_cpus=1", *sets])
+
+
+def _subset(tmp_path, bundled_dir, names):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for n in names:
+        shutil.copy(bundled_dir / "images" / f"{n}.png", d / f"{n}.png")
+    return d
+
+
+# --- actors directly on a batch, before any Ray -----------------------------------------------
+
+def test_actor_embeds_good_rows_and_passes_ids_through(bundled_dir):
+    paths = [str(bundled_dir / "images" / f"{n}.png") for n in ("Chad", "Romania")]
+    batch = {
+        "image_id": np.array(["Chad", "Romania", "Bad"], dtype=object),
+        "name": np.array(["Chad", "Romania", "Bad"], dtype=object),
+        "path": np.array([*paths, str(bundled_dir / "missing.png")], dtype=object),
+        "shard": np.array([0, 0, 0], dtype=np.int32),
+    }
+    decoded = decode_batch(batch, max_pixels=10**8)
+    assert decoded["ok"].tolist() == [True, True, False]
+    assert "cannot read file" in decoded["error"][2]
+    actor = EmbedActor("pixels")
+    out = actor(decoded)
+    for col in ("image_id", "name", "path", "shard", "ok", "error", "pixels"):
+        assert np.array_equal(np.asarray(out[col]), np.asarray(decoded[col])) or col == "pixels"
+    emb = out[embedding_column("pixels")]
+    assert emb.shape[0] == 3 and emb.dtype == np.float32
+    assert not emb[2].any()  # failed row: zero vector, never fed to the model
+    from flagsim.models import create_embedder
+
+    ref = create_embedder("pixels")([decode_image(open(paths[0], "rb").read())])[0]
+    np.testing.assert_allclose(emb[0], ref, rtol=0, atol=1e-6)
+
+
+# --- Ray pipeline -------------------------------------------------------------------------------
+
+def test_parity_with_per_image_reference_for_every_family(tmp_path, bundled_dir, ray_local):
+    """Each family's tiny random-weight model through Ray == the same model per image (cos >= 0.9999)."""
+    from flagsim.models import create_embedder
+
+    names = ["Chad", "Romania", "Nepal", "Japan", "Australia"]
+    d = _subset(tmp_path, bundled_dir, names)
+    run = tmp_path / "run"
+    write_images_table(from_folder(d), RunDir.at(run))
+    summary = run_embed(_cfg(**{"embed.shard_size": 2}), run_dir=str(run), models=FAMILIES,
+                        tiny=True, show_progress=False)
+    assert {r.model: r.status for r in summary.results} == dict.fromkeys(FAMILIES, "embedded")
+    for model in FAMILIES:
+        emb = read_embeddings(RunDir.at(run), model)
+        assert emb.ids == names or sorted(emb.ids) == sorted(names)
+        ref_model = create_embedder(model, tiny=True)
+        for i, image_id in enumerate(emb.ids):
+            img = decode_image((d / f"{image_id}.png").read_bytes())
+            ref = ref_model([img])[0]
+            got = emb.vectors[i]
+            cos = float(got @ ref / (np.linalg.norm(got) * np.linalg.norm(ref)))
+            assert cos >= 0.9999, (model, image_id, cos)
+
+
+def test_bundled_flags_end_to_end_and_resume(tmp_path, ray_local):
+    run = tmp_path / "run"
+    cfg = _cfg(**{"embed.shard_size": 50, "embed.models": "[efficientnet-lite0,pixels]"})
+    summary = run_embed(cfg, run_dir=str(run), show_progress=False)
+    status = {r.model: r.status for r in summary.results}
+    assert status == {"efficientnet-lite0": "embedded", "pixels": "embedded"}
+    rd = RunDir.at(run)
+    for model, dim in (("efficientnet-lite0", 1280), ("pixels", None)):
+        files = sorted((run / "embeddings" / f"model={model}").glob("part-*.parquet"))
+        assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(4)]
+        # readable by plain pandas/pyarrow without Ray or flagsim
+        df = pd.concat(pd.read_parquet(f) for f in files)
+        assert len(df) == 197 and df["image_id"].is_unique
+        assert set(df["model"]) == {model}
+        if dim:
+            assert len(df["embedding"].iloc[0]) == dim
+        m = read_manifest(rd, model)
+        assert m.rows == 197 and m.images_hash and m.device == "cpu" and m.dtype == "float32"
+    lite = read_embeddings(rd, "efficientnet-lite0")
+    v = lite.vectors / np.linalg.norm(lite.vectors, axis=1, keepdims=True)
+    chad = lite.ids.index("Chad")
+    sims = v @ v[chad]
+    sims[chad] = -1
+    assert lite.ids[int(np.argmax(sims))] == "Romania"
+
+    # rerun: nothing to do
+    again = run_embed(cfg, run_dir=str(run), show_progress=False)
+    assert {r.model: r.status for r in again.results} == dict.fromkeys(status, "up to date")
+
+    # an interrupted run: one shard and the manifest never got written
+    before = pq.read_table(rd.shard("pixels", 2).path)
+    rd.shard("pixels", 2).delete()
+    rd.manifest("pixels").delete()
+    mtime_other = (run / "embeddings" / "model=pixels" / "part-00000.parquet").stat().st_mtime_ns
+    resumed = run_embed(cfg, run_dir=str(run), show_progress=False)
+    st = {r.model: r.status for r in resumed.results}
+    assert st == {"efficientnet-lite0": "up to date", "pixels": "embedded"}
+    after = pq.read_table(rd.shard("pixels", 2).path)
+    assert after.equals(before)  # same ids, bit-identical vectors
+    assert (run / "embeddings" / "model=pixels" / "part-00000.parquet").stat().st_mtime_ns == mtime_other
+    ids = read_embeddings(rd, "pixels").ids
+    assert len(ids) == len(set(ids)) == 197
+
+
+def test_bad_images_go_to_errors_table_and_good_ones_are_unaffected(tmp_path, bundled_dir, ray_local):
+    good = ["Chad", "Romania", "Japan"]
+    d = _subset(tmp_path, bundled_dir, good)
+    (d / "zero.png").write_bytes(b"")
+    data = (bundled_dir / "images" / "Peru.png").read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 3])
+    (d / "page.png").write_bytes(b"<!DOCTYPE html><html><body>404</body></html>")
+    run = tmp_path / "run"
+    write_images_table(from_folder(d), RunDir.at(run))
+    cfg = _cfg(**{"embed.models": "[pixels]"})
+    summary = run_embed(cfg, run_dir=str(run), show_progress=False)
+    assert summary.result("pixels").images == 3 and summary.decode_errors == 3
+    errs = pd.concat(pd.read_parquet(f) for f in (run / "errors" / "embed").glob("*.parquet"))
+    reasons = dict(zip(errs["image_id"], errs["reason"], strict=True))
+    assert set(reasons) == {"zero", "truncated", "page"}
+    assert "empty" in reasons["zero"] and "truncated" in reasons["truncated"]
+    assert "HTML" in reasons["page"]
+
+    clean = tmp_path / "clean"
+    (tmp_path / "c").mkdir()
+    write_images_table(from_folder(_subset(tmp_path / "c", bundled_dir, good)), RunDir.at(clean))
+    run_embed(cfg, run_dir=str(clean), show_progress=False)
+    a = read_embeddings(RunDir.at(run), "pixels")
+    b = read_embeddings(RunDir.at(clean), "pixels")
+    assert sorted(a.ids) == sorted(b.ids) == sorted(good)
+    for i, image_id in enumerate(a.ids):
+        np.testing.assert_array_equal(a.vectors[i], b.vectors[b.ids.index(image_id)])
+
+
+def test_unavailable_weights_are_skipped_with_reason(tmp_path, ray_local):
+    run = tmp_path / "run"
+    write_images_table(bundled_table().slice(0, 3), RunDir.at(run))
+    cfg = _cfg(**{"embed.models": "[vit,pixels]"})
+    summary = run_embed(cfg, run_dir=str(run), show_progress=False)
+    vit = summary.result("vit")
+    assert vit.status == "skipped" and "vit" in vit.reason and "\n" not in vit.reason
+    assert summary.result("pixels").status == "embedded"
+
+
+def test_strict_config_fails_on_missing_weights(tmp_path):
+    from flagsim.errors import WeightsUnavailableError
+
+    run = tmp_path / "run"
+    write_images_table(bundled_table().slice(0, 3), RunDir.at(run))
+    cfg = _cfg(**{"embed.models": "[clip,pixels]", "embed.strict": "true"})
+    with pytest.raises(WeightsUnavailableError, match="clip"):
+        run_embed(cfg, run_dir=str(run), show_progress=False)
