@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from flagsim.commands.common import add_config_args, config_from_args, run_dir_from, split_csv
 
@@ -40,6 +41,6 @@ def run(args: argparse.Namespace) -> int:
         cfg, run_dir=run_dir, images=args.images, models=args.models, force=args.force,
         repair_shards=args.repair, show_progress=not args.no_progress,
     )
-    Console().print(summary_table(summary))
+    Console(width=None if sys.stdout.isatty() else 140).print(summary_table(summary))
     failed = [r for r in summary.results if r.status == "failed"]
     return 1 if failed else 0

@@ -273,9 +273,10 @@ def _embed(
     import ray
 
     from flagsim.pipeline.mapper import EmbedActor
-    from flagsim.pipeline.ray_session import ensure_ray
+    from flagsim.pipeline.ray_session import ensure_ray, quiet_ray_data
 
     resources = ensure_ray(cfg)
+    quiet_ray_data()
     device = _device(cfg, resources)
     cpus = _actor_cpus(cfg, mcfgs, resources["CPU"])
     needed = sorted(set().union(*todo.values()))

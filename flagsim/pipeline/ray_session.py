@@ -37,3 +37,19 @@ def ensure_ray(cfg: Config) -> dict[str, float]:
         ray.init(**kwargs)
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
+
+
+def quiet_ray_data(show_ray_progress: bool = False) -> None:
+    """Keep Ray Data's console chatter (per-operator progress logs) out of the user's terminal.
+
+    Its full logs still go to the Ray session's `ray-data.log`; `-vv` keeps the console output.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = show_ray_progress
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
