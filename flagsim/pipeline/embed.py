@@ -302,6 +302,7 @@ def _embed(
             fn_constructor_kwargs={
                 "weights": mcfg.weights, "revision": mcfg.revision, "device": device,
                 "dtype": dtypes[name], "torch_threads": threads, "tiny": tiny,
+                "micro_batch": batch_size,
             },
             batch_size=batch_size,
             batch_format="numpy",

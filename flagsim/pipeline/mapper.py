@@ -20,6 +20,10 @@ class EmbedActor:
 
     Every input column passes through unchanged; rows whose image failed to decode (ok=False)
     get a zero vector and are never fed to the model.
+
+    With `micro_batch` set, every forward pass has exactly that batch shape (the last chunk is
+    padded with copies of its last image): a row's embedding then does not depend on which other
+    images shared its batch, so reruns and resumed runs are bit-identical on CPU.
     """
 
     def __init__(
@@ -55,7 +59,13 @@ class EmbedActor:
         out = np.zeros((len(ok), self.dim), dtype=np.float32)
         if good:
             step = self.micro_batch or len(good)
-            parts = [self.embedder(good[i : i + step]) for i in range(0, len(good), step)]
+            parts = []
+            for i in range(0, len(good), step):
+                chunk = good[i : i + step]
+                n = len(chunk)
+                if self.micro_batch and n < step:
+                    chunk = chunk + [chunk[-1]] * (step - n)
+                parts.append(np.asarray(self.embedder(chunk))[:n])
             out[ok] = np.concatenate(parts).astype(np.float32, copy=False)
         result = dict(batch)
         result[self.column] = out

@@ -1,0 +1,917 @@
+"""Scrape Wikipedia's list of national flags into image files, an images table and errors.csv."""
+
+from __future__ import annotations
+
+import csv
+import email.utils
+import hashlib
+import io
+import ipaddress
+import logging
+import random
+import re
+import socket
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
+
+import pyarrow as pa
+import requests
+from bs4 import BeautifulSoup
+from bs4.element import Tag
+from PIL import Image, UnidentifiedImageError
+
+from flagsim import __version__
+from flagsim.errors import ConfigError, DataError
+from flagsim.images import ImageInfo, probe_image, table_from_rows, unique_stems, write_images_table
+from flagsim.rundir import RunDir
+from flagsim.storage import Location
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "https://en.wikipedia.org/wiki/List_of_national_flags_of_sovereign_states"
+DEFAULT_WIDTH = 512
+DEFAULT_USER_AGENT = (
+    f"flagsim/{__version__} (national-flag image scraper; no contact given, see --user-agent) "
+    f"python-requests/{requests.__version__}"
+)
+#: Widths upload.wikimedia.org renders; other widths are refused (HTTP 429) since 2025/26.
+WIKIMEDIA_THUMB_STEPS = (20, 40, 60, 120, 250, 330, 500, 960, 1280, 1920, 3840)
+#: Columns of `errors.csv`.
+ERRORS_CSV_COLUMNS = ("image_id", "name", "table", "url", "status", "reason", "detail", "attempts")
+#: Query parameters dropped from image URLs (plus every `utm_*`).
+TRACKING_PARAMS = frozenset({"wprov", "fbclid", "gclid", "mc_cid", "mc_eid", "_hsenc", "_hsmi"})
+
+SOVEREIGN = "sovereign"
+DE_FACTO = "de facto"
+
+_FOOTNOTE_RE = re.compile(r"\[[^\[\]]{1,24}\]")
+_DE_FACTO_RE = re.compile(
+    r"de[\s_-]*facto|limited[\s_-]+recognition|unrecogni[sz]ed|partially[\s_-]+recogni[sz]ed",
+    re.IGNORECASE,
+)
+_THUMB_SEGMENT_RE = re.compile(r"^((?:[a-z0-9]+-)*?)(\d+)px-(.+)$")
+_REDIRECTS = (301, 302, 303, 307, 308)
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+)
+_PAGE_MAX_BYTES = 64 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Options and results
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScrapeOptions:
+    """Everything `scrape` needs besides the output location; validated on creation."""
+
+    url: str = DEFAULT_URL
+    width: int = DEFAULT_WIDTH
+    exact_width: bool = False  # False: snap to WIKIMEDIA_THUMB_STEPS on Wikimedia hosts
+    de_facto: bool = False  # also the de facto states table(s)
+    extra_flags: bool = False  # also a state's second and later flags
+    concurrency: int = 4
+    timeout: float = 30.0  # seconds: connect, each read, and the whole body of one attempt
+    max_bytes: int = 10 * 1024 * 1024  # per image body
+    retries: int = 3  # further attempts after a 429, 5xx, timeout or connection error
+    backoff: float = 1.0  # first wait before a retry (doubles each time, with jitter)
+    max_wait: float = 60.0  # cap on any single wait, Retry-After included
+    max_redirects: int = 5
+    user_agent: str = DEFAULT_USER_AGENT
+    allow_private: bool = False  # allow loopback/private/link-local addresses (tests only)
+    allow_hosts: tuple[str, ...] = ()  # hosts allowed even when their address is private
+    max_pixels: int = 50_000_000  # decompression-bomb limit per image
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[bool, str]] = [
+            (self.width < 1 or self.width > 10_000, f"--width must be 1..10000, got {self.width}"),
+            (self.concurrency < 1 or self.concurrency > 64, "--concurrency must be 1..64"),
+            (not self.timeout > 0, f"--timeout must be positive, got {self.timeout}"),
+            (self.max_bytes < 1, f"--max-bytes must be positive, got {self.max_bytes}"),
+            (self.retries < 0 or self.retries > 20, "--retries must be 0..20"),
+            (self.backoff < 0, "--backoff must not be negative"),
+            (self.max_wait < 0, "--max-wait must not be negative"),
+            (self.max_redirects < 0, "max_redirects must not be negative"),
+            (not self.user_agent.strip(), "--user-agent must not be empty"),
+            (any(c in self.user_agent for c in "\r\n"), "--user-agent must be one line"),
+        ]
+        for bad, message in checks:
+            if bad:
+                raise ConfigError(message)
+        if urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname:
+            raise ConfigError(f"--url must be an http(s) URL, got {self.url!r}")
+
+
+@dataclass(frozen=True)
+class FlagEntry:
+    """One flag image listed on the page."""
+
+    state: str  # the state's name, footnote markers removed, NFC
+    image_url: str  # absolute http(s) URL of the page's thumbnail, tracking parameters removed
+    table: str  # SOVEREIGN or DE_FACTO
+    flag_number: int  # 1 for the state's first (main) flag, 2, 3... for further flags
+
+    @property
+    def name(self) -> str:
+        """Display name: the state for its main flag, `State (2)` for its second flag..."""
+        return self.state if self.flag_number == 1 else f"{self.state} ({self.flag_number})"
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    entry: FlagEntry
+    image_id: str  # safe, unique file stem
+    fetch_url: str | None  # None when the page's URL is unusable
+
+
+@dataclass
+class ScrapeResult:
+    table: pa.Table
+    errors: list[dict]
+    listed: int
+    downloaded: int = 0  # fetched and written
+    unchanged: int = 0  # fetched, same bytes as the file already there
+    reused: int = 0  # not fetched: file and table already matched
+    images_table: Location | None = None
+    errors_csv: Location | None = None
+    skipped_extra: list[str] = field(default_factory=list)
+
+
+class FetchError(Exception):
+    """One failed download: `reason` is a short category, `detail` the specifics."""
+
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.attempts = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+def clean_name(cell: Tag) -> str:
+    """The visible text of a name cell: footnote markers, hidden sort keys and spacing removed."""
+    for sup in cell.find_all("sup"):
+        classes = sup.get("class") or []
+        if "reference" in classes or _FOOTNOTE_RE.fullmatch(sup.get_text().strip()):
+            sup.decompose()
+    for hidden in cell.find_all(style=re.compile(r"display\s*:\s*none", re.I)):
+        hidden.decompose()
+    for hidden in cell.find_all(class_="sortkey"):
+        hidden.decompose()
+    for br in cell.find_all("br"):
+        br.replace_with(" ")
+    text = _FOOTNOTE_RE.sub("", cell.get_text())
+    return unicodedata.normalize("NFC", " ".join(text.split()))
+
+
+def clean_image_url(src: str, base_url: str) -> str | None:
+    """`src` made absolute against the page, without fragment or tracking parameters.
+
+    None for anything but http(s) (data: URIs, javascript:, ...).
+    """
+    url = urljoin(base_url, src.strip())
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    query = [
+        (k, v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if not k.lower().startswith("utm_") and k.lower() not in TRACKING_PARAMS
+    ]
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+
+
+def _span(cell: Tag, attr: str) -> int:
+    m = re.match(r"\s*(\d+)", str(cell.get(attr) or ""))
+    return min(max(int(m.group(1)), 1), 1000) if m else 1
+
+
+def table_grid(table: Tag) -> list[list[Tag | None]]:
+    """The table's rows with `rowspan`/`colspan` cells repeated into every slot they cover."""
+    rows = [tr for tr in table.find_all("tr") if tr.find_parent("table") is table]
+    pending: dict[int, tuple[Tag, int]] = {}  # column -> (cell, rows still covered)
+    grid: list[list[Tag | None]] = []
+    for tr in rows:
+        cells = iter(tr.find_all(["td", "th"], recursive=False))
+        row: list[Tag | None] = []
+        col = 0
+        while True:
+            if col in pending:
+                cell, left = pending[col]
+                row.append(cell)
+                if left > 1:
+                    pending[col] = (cell, left - 1)
+                else:
+                    del pending[col]
+                col += 1
+                continue
+            new = next(cells, None)
+            if new is None:
+                if any(c > col for c in pending):  # a spanned cell further right
+                    row.append(None)
+                    col += 1
+                    continue
+                break
+            rowspan, colspan = _span(new, "rowspan"), _span(new, "colspan")
+            for _ in range(colspan):
+                row.append(new)
+                if rowspan > 1:
+                    pending[col] = (new, rowspan - 1)
+                col += 1
+        grid.append(row)
+    return grid
+
+
+def _is_header_row(row: list[Tag | None]) -> bool:
+    cells = [c for c in row if c is not None]
+    return bool(cells) and all(c.name == "th" and c.get("scope") != "row" for c in cells)
+
+
+def _columns(grid: list[list[Tag | None]]) -> tuple[int, int, int] | None:
+    """(flag column, state column, index of the first body row), or None if not a flag table."""
+    for i, row in enumerate(grid):
+        if not _is_header_row(row):
+            continue
+        flag_col = state_col = None
+        for j, cell in enumerate(row):
+            text = " ".join(cell.get_text().split()).lower() if cell is not None else ""
+            if flag_col is None and text.startswith("flag"):
+                flag_col = j
+            elif state_col is None and (
+                text.startswith("state") or text.startswith("country") or text == "name"
+            ):
+                state_col = j
+        if flag_col is not None and state_col is not None:
+            body = i + 1
+            while body < len(grid) and _is_header_row(grid[body]):
+                body += 1
+            return flag_col, state_col, body
+    return None
+
+
+def _table_kind(table: Tag) -> str:
+    caption = table.find("caption")
+    heading = table.find_previous(["h2", "h3", "h4"])
+    text = " ".join(t.get_text() for t in (caption, heading) if t is not None)
+    return DE_FACTO if _DE_FACTO_RE.search(text) else SOVEREIGN
+
+
+def parse_flag_tables(html: str, base_url: str) -> list[FlagEntry]:
+    """Every flag in every flag table of the page, in page order.
+
+    A flag table is a `wikitable` whose header row has a `Flag...` and a `State`/`Country`
+    column. It holds de facto states when its caption or the heading above it says so.
+    Rowspans are expanded; a state's flags are numbered in order (1 = its main flag).
+    """
+    soup = BeautifulSoup(html, "html.parser")
+    entries: list[FlagEntry] = []
+    numbers: dict[str, int] = {}
+    names: dict[int, str] = {}
+    for table in soup.find_all("table"):
+        if "wikitable" not in (table.get("class") or []):
+            continue
+        grid = table_grid(table)
+        cols = _columns(grid)
+        if cols is None:
+            log.debug("skipping a wikitable without Flag and State columns")
+            continue
+        flag_col, state_col, body = cols
+        kind = _table_kind(table)
+        seen_flag_cells: set[int] = set()
+        for row in grid[body:]:
+            if _is_header_row(row) or max(flag_col, state_col) >= len(row):
+                continue
+            state_cell, flag_cell = row[state_col], row[flag_col]
+            if state_cell is None or flag_cell is None or id(flag_cell) in seen_flag_cells:
+                continue  # a flag cell spanning several rows counts once
+            seen_flag_cells.add(id(flag_cell))
+            if id(state_cell) not in names:
+                names[id(state_cell)] = clean_name(state_cell)
+            state = names[id(state_cell)]
+            if not state:
+                continue
+            for img in flag_cell.find_all("img"):
+                src = img.get("src") or img.get("data-src") or ""
+                url = clean_image_url(str(src), base_url) if src else None
+                numbers[state] = numbers.get(state, 0) + 1
+                entries.append(FlagEntry(state, url or str(src), kind, numbers[state]))
+    return entries
+
+
+def select_entries(
+    entries: Iterable[FlagEntry], de_facto: bool = False, extra_flags: bool = False
+) -> list[FlagEntry]:
+    """Sovereign states first, then (optionally) de facto states; main flags unless extra_flags."""
+    kept = [e for e in entries if extra_flags or e.flag_number == 1]
+    out = [e for e in kept if e.table == SOVEREIGN]
+    if de_facto:
+        out += [e for e in kept if e.table == DE_FACTO]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# URLs and hosts
+# --------------------------------------------------------------------------------------------
+def nearest_step(width: int, steps: Iterable[int] = WIKIMEDIA_THUMB_STEPS) -> int:
+    """The step closest to `width` (the larger one on a tie)."""
+    return min(steps, key=lambda s: (abs(s - width), -s))
+
+
+def is_wikimedia_upload(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return host == "upload.wikimedia.org"
+
+
+def thumbnail_url(url: str, width: int, exact: bool = False) -> str:
+    """`url` asking for a `width`-px thumbnail (`.../thumb/a/ab/F.svg/250px-F.svg.png`).
+
+    URLs that are not MediaWiki thumbnails are returned unchanged. On upload.wikimedia.org the
+    width is snapped to the nearest of WIKIMEDIA_THUMB_STEPS unless `exact`.
+    """
+    parts = urlsplit(url)
+    if "/thumb/" not in parts.path:
+        return url
+    head, _, last = parts.path.rpartition("/")
+    m = _THUMB_SEGMENT_RE.match(last)
+    if not m:
+        return url
+    if not exact and is_wikimedia_upload(url):
+        width = nearest_step(width)
+    path = f"{head}/{m.group(1)}{width}px-{m.group(3)}"
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+class HostPolicy:
+    """Refuses non-http(s) URLs and hosts whose addresses are not public, unless allowed."""
+
+    def __init__(self, allow_private: bool = False, allow_hosts: Iterable[str] = ()) -> None:
+        self.allow_private = allow_private
+        self.allow_hosts = {h.strip().lower().strip("[]") for h in allow_hosts if h.strip()}
+        self._cache: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+
+    def _addresses(self, host: str) -> list[str]:
+        with self._lock:
+            if host in self._cache:
+                return self._cache[host]
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError) as exc:
+            raise FetchError("dns error", f"cannot resolve {host}: {exc}", retryable=True) from None
+        addrs = sorted({str(info[4][0]).split("%", 1)[0] for info in infos})
+        with self._lock:
+            self._cache[host] = addrs
+        return addrs
+
+    def check(self, url: str, what: str = "URL") -> None:
+        """Raise FetchError unless `url` is http(s) on an allowed host."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise FetchError("scheme refused", f"{what} {url} is not http(s)")
+        host = (parts.hostname or "").lower()
+        if not host:
+            raise FetchError("bad url", f"{what} {url} has no host")
+        if host in self.allow_hosts or self.allow_private:
+            return
+        for addr in self._addresses(host):
+            ip = ipaddress.ip_address(addr)
+            mapped = getattr(ip, "ipv4_mapped", None)
+            ip = mapped or ip
+            if not ip.is_global or ip.is_multicast:
+                raise FetchError(
+                    "host refused",
+                    f"{what} {url}: {host} is a non-public address ({addr}); "
+                    "use --allow-host/--allow-private to allow it",
+                )
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def retry_delay(attempt: int, retry_after: float | None, backoff: float, cap: float) -> float:
+    """Wait before retry number `attempt + 1`: Retry-After if given, else jittered backoff."""
+    if retry_after is not None:
+        return min(retry_after, cap)
+    return min(backoff * (2**attempt) * (1 + 0.25 * random.random()), cap)
+
+
+# --------------------------------------------------------------------------------------------
+# Fetching
+# --------------------------------------------------------------------------------------------
+class _HostGate:
+    """Shared per-host pause: after a 429 with Retry-After, every worker waits it out."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, host: str, seconds: float) -> None:
+        with self._lock:
+            self._until[host] = max(self._until.get(host, 0.0), time.monotonic() + seconds)
+
+    def wait(self, host: str) -> None:
+        while True:
+            with self._lock:
+                left = self._until.get(host, 0.0) - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 1.0))
+
+
+@dataclass
+class Fetched:
+    body: bytes
+    content_type: str
+    final_url: str
+    attempts: int
+
+
+class Fetcher:
+    """HTTP GETs with safety checks, size cap, timeouts and retries; one Session per thread."""
+
+    def __init__(self, opts: ScrapeOptions, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.opts = opts
+        self.policy = HostPolicy(opts.allow_private, opts.allow_hosts)
+        self.gate = _HostGate()
+        self._sleep = sleep
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+
+    def session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            s.headers["User-Agent"] = self.opts.user_agent
+            s.headers["Accept"] = "image/png,image/*;q=0.9,*/*;q=0.5"
+            self._local.session = s
+            with self._lock:
+                self._sessions.append(s)
+        return s
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._sessions:
+                s.close()
+            self._sessions.clear()
+
+    def get(self, url: str, max_bytes: int, accept: str | None = None) -> Fetched:
+        """GET `url`, retrying 429/5xx/timeouts/connection errors; raises FetchError."""
+        host = (urlsplit(url).hostname or "").lower()
+        for attempt in range(self.opts.retries + 1):
+            self.gate.wait(host)
+            try:
+                fetched = self._once(url, max_bytes, accept)
+                fetched.attempts = attempt + 1
+                return fetched
+            except FetchError as exc:
+                exc.attempts = attempt + 1
+                if not exc.retryable or attempt >= self.opts.retries:
+                    raise
+                delay = retry_delay(attempt, exc.retry_after, self.opts.backoff, self.opts.max_wait)
+                if exc.status == 429 and exc.retry_after is not None:
+                    self.gate.hold(host, delay)
+                log.debug("retrying %s in %.2f s after %s", url, delay, exc)
+                self._sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _once(self, url: str, max_bytes: int, accept: str | None) -> Fetched:
+        opts = self.opts
+        current = url
+        headers = {"Accept": accept} if accept else None
+        for hop in range(opts.max_redirects + 1):
+            self.policy.check(current, "redirect to" if hop else "URL")
+            start = time.monotonic()
+            try:
+                resp = self.session().get(
+                    current,
+                    headers=headers,
+                    allow_redirects=False,
+                    stream=True,
+                    timeout=(opts.timeout, opts.timeout),
+                )
+            except requests.Timeout as exc:
+                raise FetchError("timeout", _short(exc), retryable=True) from None
+            except requests.ConnectionError as exc:
+                raise FetchError("connection error", _short(exc), retryable=True) from None
+            except requests.RequestException as exc:
+                raise FetchError("request error", _short(exc)) from None
+            with resp:
+                status = resp.status_code
+                if status in _REDIRECTS and resp.headers.get("Location"):
+                    target = urljoin(current, resp.headers["Location"])
+                    if urlsplit(target).scheme not in ("http", "https"):
+                        raise FetchError(
+                            "redirect refused", f"{status} to non-http(s) {target}", status=status
+                        )
+                    try:
+                        self.policy.check(target, "redirect to")
+                    except FetchError as exc:
+                        exc.status = status
+                        raise
+                    current = target
+                    continue
+                if status == 429 or 500 <= status <= 599:
+                    raise FetchError(
+                        f"http {status}",
+                        _http_detail(resp, current, url),
+                        status=status,
+                        retryable=True,
+                        retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+                    )
+                if status != 200:
+                    raise FetchError(
+                        f"http {status}", _http_detail(resp, current, url), status=status
+                    )
+                declared = resp.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise FetchError(
+                        "too large",
+                        f"Content-Length {declared} > limit {max_bytes} bytes",
+                        status=status,
+                    )
+                body = self._read(resp, max_bytes, start, status)
+                return Fetched(body, resp.headers.get("Content-Type", ""), current, 1)
+        raise FetchError("too many redirects", f"more than {opts.max_redirects} from {url}")
+
+    def _read(self, resp: requests.Response, max_bytes: int, start: float, status: int) -> bytes:
+        buf = bytearray()
+        try:
+            for chunk in resp.iter_content(chunk_size=64 * 1024):
+                buf += chunk
+                if len(buf) > max_bytes:
+                    raise FetchError(
+                        "too large", f"body exceeds limit {max_bytes} bytes", status=status
+                    )
+                if time.monotonic() - start > self.opts.timeout:
+                    raise FetchError(
+                        "timeout",
+                        f"body took over {self.opts.timeout:g} s",
+                        status=status,
+                        retryable=True,
+                    )
+        except requests.RequestException as exc:
+            text = _short(exc)
+            reason = "timeout" if "timed out" in text.lower() else "connection error"
+            raise FetchError(reason, text, status=status, retryable=True) from None
+        return bytes(buf)
+
+
+def _http_detail(resp: requests.Response, current: str, requested: str) -> str:
+    where = f" (after redirects, at {current})" if current != requested else ""
+    return f"{resp.reason or 'no reason given'}{where}"
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:300]
+
+
+def check_image(body: bytes, content_type: str = "", max_pixels: int = 50_000_000) -> bytes:
+    """PNG bytes for `body` if it is a complete PNG/JPEG/GIF/WebP image; raise FetchError if not.
+
+    Checks the magic number, then PIL `verify()` and a full decode. Non-PNG images are
+    re-encoded losslessly as PNG (the files are always `.png`).
+    """
+    kind = next((fmt for magic, fmt in _MAGIC if body.startswith(magic)), None)
+    if kind is None and body[:4] == b"RIFF" and body[8:12] == b"WEBP":
+        kind = "WEBP"
+    if kind is None:
+        ctype = content_type.split(";")[0].strip() or "no Content-Type"
+        raise FetchError("not an image", f"{ctype}, {len(body)} bytes starting {body[:16]!r}")
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            im.verify()
+        with Image.open(io.BytesIO(body)) as im:
+            if im.width * im.height > max_pixels:
+                raise FetchError("bad image", f"{im.width}x{im.height} exceeds {max_pixels} pixels")
+            im.load()
+            if im.format == "PNG":
+                return body
+            out = io.BytesIO()
+            im.save(out, format="PNG")
+            return out.getvalue()
+    except FetchError:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        EOFError,
+    ) as exc:
+        raise FetchError("bad image", f"{kind}: {_short(exc)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The scrape
+# --------------------------------------------------------------------------------------------
+def plan_images(entries: list[FlagEntry], width: int, exact: bool = False) -> list[PlannedImage]:
+    """Unique safe file stems (`unique_stems` of the display names) and the URLs to fetch."""
+    stems = unique_stems(e.name for e in entries)
+    out = []
+    for entry, stem in zip(entries, stems, strict=True):
+        parts = urlsplit(entry.image_url)
+        url = (
+            thumbnail_url(entry.image_url, width, exact)
+            if parts.scheme in ("http", "https")
+            else None
+        )
+        out.append(PlannedImage(entry, stem, url))
+    return out
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _previous_rows(run: RunDir) -> dict[str, dict]:
+    loc = run.images_table
+    if not loc.exists():
+        return {}
+    try:
+        rows = loc.read_parquet().to_pylist()
+    except DataError as exc:
+        log.warning("ignoring unreadable previous images table: %s", exc)
+        return {}
+    return {r["image_id"]: r for r in rows if r.get("image_id")}
+
+
+def _row(item: PlannedImage, path: Location, data: bytes, info: ImageInfo | None = None) -> dict:
+    info = info or probe_image(data)
+    return {
+        "image_id": item.image_id,
+        "name": item.entry.name,
+        "path": str(path),
+        "source_url": item.fetch_url,
+        "sha256": info.sha256,
+        "width": info.width,
+        "height": info.height,
+        "format": info.format,
+    }
+
+
+def _still_valid(prev: dict | None, path: Location, fetch_url: str | None = None) -> bytes | None:
+    """The file's bytes when `prev` (a previous table row) still describes the file on disk."""
+    if prev is None or not path.exists():
+        return None
+    if fetch_url is not None and prev.get("source_url") != fetch_url:
+        return None
+    data = path.read_bytes()
+    return data if _sha256(data) == prev.get("sha256") else None
+
+
+def _error(item: PlannedImage, exc: FetchError, kept: bool = False) -> dict:
+    detail = exc.detail + ("; kept the previously downloaded image" if kept else "")
+    return {
+        "image_id": item.image_id,
+        "name": item.entry.name,
+        "table": item.entry.table,
+        "url": item.fetch_url or item.entry.image_url,
+        "status": exc.status,
+        "reason": exc.reason,
+        "detail": detail,
+        "attempts": exc.attempts,
+    }
+
+
+def errors_csv_text(errors: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(ERRORS_CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for e in errors:
+        writer.writerow({k: ("" if e.get(k) is None else e[k]) for k in ERRORS_CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def read_errors_csv(path: str | Location) -> list[dict]:
+    loc = path if isinstance(path, Location) else Location.parse(path)
+    return list(csv.DictReader(io.StringIO(loc.read_text())))
+
+
+def fetch_page(fetcher: Fetcher, url: str) -> str:
+    """The page's HTML; DataError with the reason when it cannot be fetched."""
+    try:
+        page = fetcher.get(url, _PAGE_MAX_BYTES, accept="text/html,application/xhtml+xml")
+    except FetchError as exc:
+        raise DataError(f"cannot fetch {url}: {exc}") from None
+    return page.body.decode("utf-8", errors="replace")
+
+
+def scrape(out: str | Location, opts: ScrapeOptions, html: str | None = None) -> ScrapeResult:
+    """Download every listed flag into `out/images/`, write `out/images.parquet` and `errors.csv`.
+
+    Resumes: an image whose file still has the sha256 and source_url recorded in the previous
+    table is not fetched again. `html` (for tests/offline use) skips fetching the page.
+    """
+    run = RunDir.at(out if isinstance(out, Location) else Location.parse(out))
+    fetcher = Fetcher(opts)
+    try:
+        if html is None:
+            log.info("fetching %s", opts.url)
+            html = fetch_page(fetcher, opts.url)
+        all_entries = parse_flag_tables(html, opts.url)
+        if not all_entries:
+            raise DataError(
+                f"no flag table found at {opts.url} (expected a wikitable with Flag and State "
+                "columns)"
+            )
+        entries = select_entries(all_entries, opts.de_facto, opts.extra_flags)
+        if not entries:
+            raise DataError(f"no sovereign-state flags found at {opts.url}")
+        skipped_extra = sorted({e.name for e in all_entries if e.flag_number > 1})
+        if skipped_extra and not opts.extra_flags:
+            log.info(
+                "%d further flag(s) of states with several flags not downloaded (use "
+                "--extra-flags): %s",
+                len(skipped_extra),
+                ", ".join(skipped_extra[:10]),
+            )
+        items = plan_images(entries, opts.width, opts.exact_width)
+        if (
+            not opts.exact_width
+            and any(i.fetch_url and is_wikimedia_upload(i.fetch_url) for i in items)
+            and nearest_step(opts.width) != opts.width
+        ):
+            log.info(
+                "upload.wikimedia.org only serves standard thumbnail widths: requesting %d px "
+                "for --width %d (--exact-width to override)",
+                nearest_step(opts.width),
+                opts.width,
+            )
+        result = _download_all(run, items, fetcher, opts)
+        result.skipped_extra = [] if opts.extra_flags else skipped_extra
+        return result
+    finally:
+        fetcher.close()
+
+
+def _download_all(
+    run: RunDir, items: list[PlannedImage], fetcher: Fetcher, opts: ScrapeOptions
+) -> ScrapeResult:
+    previous = _previous_rows(run)
+    images_dir = run.images_dir
+    rows: dict[str, dict] = {}
+    errors: dict[str, dict] = {}
+    counts = {"downloaded": 0, "unchanged": 0, "reused": 0}
+    lock = threading.Lock()
+    todo: list[PlannedImage] = []
+
+    for item in items:
+        path = images_dir / f"{item.image_id}.png"
+        if item.fetch_url is None:
+            errors[item.image_id] = _error(
+                item, FetchError("bad url", f"unusable image URL {item.entry.image_url!r}")
+            )
+            continue
+        data = _still_valid(previous.get(item.image_id), path, item.fetch_url)
+        if data is not None:
+            rows[item.image_id] = _row(item, path, data)
+            counts["reused"] += 1
+        else:
+            todo.append(item)
+    log.info(
+        "%d flag(s) listed: %d already downloaded, %d to fetch",
+        len(items),
+        counts["reused"],
+        len(todo),
+    )
+
+    def work(item: PlannedImage) -> None:
+        path = images_dir / f"{item.image_id}.png"
+        assert item.fetch_url is not None
+        try:
+            fetched = fetcher.get(item.fetch_url, opts.max_bytes)
+            try:
+                data = check_image(fetched.body, fetched.content_type, opts.max_pixels)
+            except FetchError as exc:
+                exc.attempts = fetched.attempts
+                exc.status = 200
+                raise
+        except FetchError as exc:
+            kept = _still_valid(previous.get(item.image_id), path) is not None
+            with lock:
+                errors[item.image_id] = _error(item, exc, kept)
+            log.warning("%s: %s (%s)", item.entry.name, exc, item.fetch_url)
+            return
+        existing = path.read_bytes() if path.exists() else None
+        unchanged = existing is not None and _sha256(existing) == _sha256(data)
+        if not unchanged:
+            path.write_bytes(data)  # atomic: temp file + rename
+        with lock:
+            rows[item.image_id] = _row(item, path, data)
+            counts["unchanged" if unchanged else "downloaded"] += 1
+
+    interrupted: BaseException | None = None
+    pool = ThreadPoolExecutor(max_workers=opts.concurrency, thread_name_prefix="scrape")
+    try:
+        futures: set[Future] = {pool.submit(work, item) for item in todo}
+        while futures:
+            done, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for f in done:
+                f.result()
+    except BaseException as exc:  # KeyboardInterrupt: keep what finished, then re-raise
+        interrupted = exc
+        pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        pool.shutdown(wait=True)
+
+    ordered: list[dict] = []
+    for item in items:
+        if item.image_id in rows:
+            ordered.append(rows[item.image_id])
+            continue
+        path = images_dir / f"{item.image_id}.png"
+        prev = previous.get(item.image_id)
+        data = _still_valid(prev, path)
+        if data is not None and prev is not None:  # refresh failed or was interrupted: keep
+            ordered.append({**prev, "path": str(path), "name": item.entry.name})
+    gone = sorted(set(previous) - {i.image_id for i in items})
+    if gone:
+        log.info(
+            "%d image(s) of the previous table are no longer selected (files kept): %s",
+            len(gone),
+            ", ".join(gone[:10]),
+        )
+    error_rows = [errors[i.image_id] for i in items if i.image_id in errors]
+    result = ScrapeResult(
+        table=table_from_rows(ordered),
+        errors=error_rows,
+        listed=len(items),
+        **counts,
+    )
+    if ordered:
+        result.images_table = write_images_table(result.table, run)
+    result.errors_csv = run.root / "errors.csv"
+    result.errors_csv.write_text(errors_csv_text(error_rows))
+    if interrupted is not None:
+        raise interrupted
+    if not ordered:
+        raise DataError(
+            f"none of the {len(items)} flags could be downloaded; reasons in {result.errors_csv}"
+        )
+    return result
+
+
+__all__ = [
+    "DEFAULT_URL",
+    "DEFAULT_USER_AGENT",
+    "DEFAULT_WIDTH",
+    "DE_FACTO",
+    "ERRORS_CSV_COLUMNS",
+    "SOVEREIGN",
+    "WIKIMEDIA_THUMB_STEPS",
+    "FetchError",
+    "Fetcher",
+    "FlagEntry",
+    "HostPolicy",
+    "PlannedImage",
+    "ScrapeOptions",
+    "ScrapeResult",
+    "check_image",
+    "clean_image_url",
+    "clean_name",
+    "nearest_step",
+    "parse_flag_tables",
+    "parse_retry_after",
+    "plan_images",
+    "read_errors_csv",
+    "retry_delay",
+    "scrape",
+    "select_entries",
+    "thumbnail_url",
+]

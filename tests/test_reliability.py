@@ -1,0 +1,206 @@
+"""Reliability: odd images, a killed actor, a SIGKILLed job, corrupt outputs (real local Ray)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+from imagegen import DECODABLE, bad_corpus
+
+from flagsim.cli import main
+from flagsim.config import load_config
+from flagsim.images import bundled_table, from_folder, write_images_table
+from flagsim.pipeline.embed import run_embed
+from flagsim.rundir import RunDir
+from flagsim.shards import read_embeddings, read_manifest
+
+pytestmark = pytest.mark.ray
+
+GOOD = ["Chad", "Romania", "Japan", "Nepal", "Australia", "New_Zealand", "Indonesia", "Monaco"]
+
+
+def _cfg(*sets: str):
+    return load_config(None, ["ray.read_cpus=1", *sets])
+
+
+def _folder(root: Path, bundled_dir: Path, names=GOOD) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        shutil.copy(bundled_dir / "images" / f"{n}.png", root / f"{n}.png")
+    return root
+
+
+def _vectors(run: Path, model: str) -> dict[str, np.ndarray]:
+    s = read_embeddings(RunDir.at(run), model)
+    return {i: s.vectors[k] for k, i in enumerate(s.ids)}
+
+
+def test_bad_images_mixed_in_embed_or_report_and_good_ones_are_unchanged(tmp_path, bundled_dir, ray_local):
+    mixed = _folder(tmp_path / "mixed", bundled_dir)
+    for name, data in bad_corpus(bundled_dir / "images" / "Peru.png").items():
+        (mixed / name).write_bytes(data)
+    clean = _folder(tmp_path / "clean", bundled_dir)
+    cfg = _cfg("embed.models=[efficientnet-lite0,pixels]", "embed.shard_size=8")
+    runs = {}
+    for label, folder in (("mixed", mixed), ("clean", clean)):
+        run = tmp_path / f"run_{label}"
+        write_images_table(from_folder(folder), RunDir.at(run))
+        run_embed(cfg, run_dir=str(run), show_progress=False)
+        runs[label] = run
+
+    errs = pd.concat(pd.read_parquet(f) for f in (runs["mixed"] / "errors" / "embed").glob("*.parquet"))
+    failed = set(errs["image_id"])
+    stems = {n.rsplit(".", 1)[0] for n in bad_corpus(bundled_dir / "images" / "Peru.png")}
+    decodable = {n.rsplit(".", 1)[0] for n in DECODABLE}
+    assert failed == stems - decodable
+    assert all(r and "\n" not in r for r in errs["reason"])
+    for model in ("efficientnet-lite0", "pixels"):
+        got = _vectors(runs["mixed"], model)
+        ref = _vectors(runs["clean"], model)
+        assert set(got) == set(GOOD) | decodable
+        for image_id in GOOD:  # bit-identical to the run without the bad files
+            np.testing.assert_array_equal(got[image_id], ref[image_id])
+
+
+def _embed_actor_pids() -> list[int]:
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info.get("cmdline") or [])
+        if cmd.startswith("ray::MapWorker") and "EmbedActor" in cmd:
+            pids.append(p.pid)
+    return pids
+
+
+def test_killed_actor_still_gives_exactly_one_row_per_image(tmp_path, ray_local):
+    run = tmp_path / "run"
+    table = bundled_table().slice(0, 120)
+    write_images_table(table, RunDir.at(run))
+    cfg = _cfg("embed.models=[efficientnet-lite0]", "embed.shard_size=10",
+               "embed.settings.efficientnet-lite0.batch_size=4")
+    killed: list[int] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 240
+        model_dir = run / "embeddings" / "model=efficientnet-lite0"
+        while time.monotonic() < deadline:
+            if len(list(model_dir.glob("part-*.parquet"))) >= 2:
+                pids = _embed_actor_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    summary = run_embed(cfg, run_dir=str(run), show_progress=False)
+    t.join(timeout=5)
+    assert killed, "the test never found an embedding actor to kill"
+    assert summary.result("efficientnet-lite0").status == "embedded"
+    done = len(list((run / "embeddings" / "model=efficientnet-lite0").glob("part-*.parquet")))
+    assert done == 12
+    ids = read_embeddings(RunDir.at(run), "efficientnet-lite0").ids
+    assert sorted(ids) == sorted(table.column("image_id").to_pylist())  # none missing, none twice
+
+
+def _embed_cmd(run: Path, cfg_path: Path) -> list[str]:
+    return [sys.executable, "-m", "flagsim", "embed", "--config", str(cfg_path), "--out", str(run),
+            "--no-progress"]
+
+
+def test_sigkilled_job_resumes_to_identical_shards(tmp_path):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(
+        "ray: {num_cpus: 2, read_cpus: 1}\n"
+        "embed:\n  models: [efficientnet-lite0]\n  shard_size: 10\n"
+        "  settings: {efficientnet-lite0: {batch_size: 4}}\n"
+    )
+    table = bundled_table().slice(0, 80)
+    runs = {}
+    for label in ("killed", "straight"):
+        run = tmp_path / label
+        write_images_table(table, RunDir.at(run))
+        runs[label] = run
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen(_embed_cmd(runs["killed"], cfg_path), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    model_dir = runs["killed"] / "embeddings" / "model=efficientnet-lite0"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(model_dir.glob("part-*.parquet"))) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    partial = sorted(p.name for p in model_dir.glob("part-*.parquet"))
+    assert 2 <= len(partial) < 8
+    assert not (model_dir / "_manifest.json").exists()
+
+    for label in ("killed", "straight"):
+        done = subprocess.run(_embed_cmd(runs[label], cfg_path), env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    a = read_embeddings(RunDir.at(runs["killed"]), "efficientnet-lite0")
+    b = read_embeddings(RunDir.at(runs["straight"]), "efficientnet-lite0")
+    assert a.ids == b.ids == table.column("image_id").to_pylist()
+    np.testing.assert_array_equal(a.vectors, b.vectors)  # bit-identical on CPU
+    # the shards written before the kill were kept, not redone
+    m = read_manifest(RunDir.at(runs["killed"]), "efficientnet-lite0")
+    assert m.rows == 80 and set(partial) <= set(m.shards)
+
+
+def test_corrupt_shards_stop_the_index_with_one_line_and_repair_redoes_only_them(
+    tmp_path, ray_local, capsys
+):
+    run = tmp_path / "run"
+    write_images_table(bundled_table().slice(0, 30), RunDir.at(run))
+    cfg = _cfg("embed.models=[pixels,efficientnet-lite0]", "embed.shard_size=10")
+    run_embed(cfg, run_dir=str(run), show_progress=False)
+    rd = RunDir.at(run)
+    pixels_dir = run / "embeddings" / "model=pixels"
+    shard1 = pixels_dir / "part-00001.parquet"
+    untouched = pixels_dir / "part-00000.parquet"
+    mtime0 = untouched.stat().st_mtime_ns
+    original = read_embeddings(rd, "pixels")
+
+    cases = {
+        "truncated": lambda: shard1.write_bytes(shard1.read_bytes()[:200]),
+        "foreign": lambda: shutil.copy(run / "embeddings" / "model=efficientnet-lite0" / "part-00001.parquet", shard1),
+    }
+    for label, corrupt in cases.items():
+        corrupt()
+        rc = main(["index", "--run", str(run), "--models", "pixels"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc != 0, label
+        assert len(err) == 1 and "part-00001.parquet" in err[0], (label, err)
+        assert main(["embed", "--run", str(run), "--models", "pixels", "--repair", "--no-progress",
+                     "--set", "ray.read_cpus=1", "--set", "embed.shard_size=10"]) == 0
+        capsys.readouterr()
+        assert untouched.stat().st_mtime_ns == mtime0, label  # only the affected shard was redone
+        fixed = read_embeddings(rd, "pixels")
+        assert fixed.ids == original.ids
+        np.testing.assert_array_equal(fixed.vectors, original.vectors)
+        assert main(["index", "--run", str(run), "--models", "pixels"]) == 0
+        capsys.readouterr()
+
+    # a manifest that disagrees with its shards
+    m = (pixels_dir / "_manifest.json")
+    m.write_text(m.read_text().replace('"part-00002.parquet": 10', '"part-00002.parquet": 11'))
+    rc = main(["index", "--run", str(run), "--models", "pixels"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "part-00002.parquet" in err[0]
+    assert main(["embed", "--run", str(run), "--models", "pixels", "--repair", "--no-progress",
+                 "--set", "ray.read_cpus=1", "--set", "embed.shard_size=10"]) == 0
+    assert main(["index", "--run", str(run), "--models", "pixels"]) == 0
