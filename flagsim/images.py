@@ -111,18 +111,23 @@ def table_from_rows(rows: list[dict]) -> pa.Table:
 
 
 def from_folder(folder: str | os.PathLike) -> pa.Table:
-    """One row per image file under `folder` (recursive); image_id is the relative path stem."""
+    """One row per image file under `folder` (recursive).
+
+    image_id is the relative path without its extension (`sub/Chad`), or with it when two files
+    differ only by extension (`a.png`, `a.jpg`).
+    """
     from flagsim.storage import walk_files
 
     root = Location.parse(folder)
     if not root.exists():
         raise DataError(f"image folder not found: {root}")
+    files = [f for f in walk_files(root) if f.name.lower().endswith(IMAGE_SUFFIXES)]
+    rels = [f.path[len(root.path) :].lstrip("/") for f in files]
+    stems = [r.rsplit(".", 1)[0] for r in rels]
+    clash = {s for s in stems if stems.count(s) > 1}  # a.png + a.jpg: keep the extension
     rows = []
-    for f in walk_files(root):
-        if not f.name.lower().endswith(IMAGE_SUFFIXES):
-            continue
-        rel = f.path[len(root.path) :].lstrip("/")
-        image_id = rel.rsplit(".", 1)[0]
+    for f, rel, stem in zip(files, rels, stems, strict=True):
+        image_id = rel if stem in clash else stem
         name = f.name.rsplit(".", 1)[0].replace("_", " ")
         rows.append(_row(image_id, name, f, None))
     if not rows:

@@ -89,3 +89,12 @@ def test_csv_without_country_column(tmp_path, bundled_dir, capsys):
                str(tmp_path / "r")])
     assert rc == 2
     assert "no 'Country' column" in capsys.readouterr().err
+
+
+def test_folder_ids_keep_the_extension_only_when_stems_clash(tmp_path, bundled_dir):
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("a.png", "a.jpg", "b.png"):
+        shutil.copy(bundled_dir / "images" / "Chad.png", d / name)
+    ids = sorted(from_folder(d).column("image_id").to_pylist())
+    assert ids == ["a.jpg", "a.png", "b"]

@@ -1,0 +1,61 @@
+"""`flagsim report`: a self-contained HTML page and a PNG contact sheet of a run's neighbours."""
+
+from __future__ import annotations
+
+import argparse
+
+from flagsim.commands.common import (
+    add_config_args,
+    add_models_arg,
+    add_run_arg,
+    config_from_args,
+    run_dir_from,
+    split_csv,
+)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "report",
+        help="write an HTML report (query flags, top-k per model, agreement, evaluation) and a PNG",
+        description="Write one self-contained HTML page (images inlined, no scripts, no network) "
+        "showing each query image with its top-k neighbours per model and for the ensemble, the "
+        "model-agreement matrix and the evaluation table, plus a PNG contact sheet of the same "
+        "grid. Queries default to the config's report.queries; those not in the run are skipped "
+        "with a note.",
+    )
+    add_config_args(p)
+    add_run_arg(p)
+    p.add_argument("--out", metavar="HTML", help="output page (default: RUN_DIR/report.html)")
+    p.add_argument("--png", metavar="PNG",
+                   help="contact sheet (default: next to the page, e.g. RUN_DIR/report.png)")
+    p.add_argument("--queries", type=split_csv, default=None, metavar="A,B",
+                   help="query names or image ids (default: the config's report.queries)")
+    p.add_argument("-k", type=int, default=None, metavar="K",
+                   help="neighbours per model (default: the config's report.k)")
+    p.add_argument("--pairs", metavar="FILE",
+                   help="labelled pairs for the evaluation table (default: the config's or bundled)")
+    add_models_arg(p, "models to show (default: every embedded model)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from flagsim.report import build_report
+
+    cfg = config_from_args(args, {"report.k": args.k})
+    run_dir = run_dir_from(args, cfg)
+    paths = build_report(
+        run_dir,
+        queries=args.queries,
+        k=cfg.report.k,
+        pairs=args.pairs or cfg.report.pairs,
+        out=args.out,
+        png=args.png,
+        models=args.models,
+        default_queries=cfg.report.queries,
+    )
+    print(f"report -> {paths.html}")
+    print(f"contact sheet -> {paths.png}")
+    if paths.skipped:
+        print(f"skipped (not in the run): {', '.join(paths.skipped)}")
+    return 0

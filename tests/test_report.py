@@ -1,0 +1,417 @@
+"""The HTML report and PNG contact sheet: real Chromium rendering, escaping, self-containment, CLI."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+import shutil
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from bs4 import BeautifulSoup
+from PIL import Image
+
+from flagsim.images import (
+    bundled_table,
+    images_table_hash,
+    probe_image,
+    safe_stem,
+    write_images_table,
+)
+from flagsim.report import (
+    SHEET_HEADER,
+    Thumbnails,
+    build_report,
+    image_ids,
+    render_contact_sheet,
+    render_html,
+)
+from flagsim.rundir import RunDir
+from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
+
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
+SCRIPT_NAME = "<script>alert(1)</script>"
+IMG_NAME = '"><img src=x onerror=alert(1)>'
+HOSTILE = {"hostile-script": (SCRIPT_NAME, "Chad"), "hostile-img": (IMG_NAME, "Japan")}
+QUERIES = ["Chad", "Australia", "Indonesia", "Ireland", "Denmark", "Japan"]
+
+
+# --- a small real run, built without Ray ---------------------------------------------------------
+
+
+def _pixels(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        small = im.convert("RGB").resize((12, 8), Image.Resampling.BILINEAR)
+    v = np.asarray(small, np.float32).reshape(-1) / 255.0
+    return v - 0.5
+
+
+def _reference_vectors(model_file: str) -> dict[str, np.ndarray]:
+    df = pd.read_csv(REFERENCE / model_file)
+    out = {}
+    for country, feats in zip(df["Country"], df["features"], strict=True):
+        out[safe_stem(country)] = np.array(feats.replace("[", " ").replace("]", " ").split(), np.float32)
+    return out
+
+
+def _write_model(run: RunDir, model: str, ids, names, vectors, images_hash: str, shard_size: int = 120):
+    shards = {}
+    for i, start in enumerate(range(0, len(ids), shard_size)):
+        sl = slice(start, start + shard_size)
+        loc = write_shard(run, model, i, embeddings_table(ids[sl], names[sl], model, vectors[sl]))
+        shards[loc.name] = len(ids[sl])
+    write_manifest(run, Manifest(model=model, dim=int(vectors.shape[1]), rows=len(ids),
+                                 images_hash=images_hash, shards=shards, source="test"))
+
+
+def make_run(root: Path, with_images: bool = True) -> Path:
+    """The bundled flags plus two hostile-named copies and one image whose file is missing.
+
+    Embeddings: `pixels` (12x8 downsampled RGB), `clip` and `dinov2` (the original experiment's
+    vectors); the hostile copies reuse their source flag's vector plus a little noise.
+    """
+    run_dir = root / "run"
+    run = RunDir.at(run_dir)
+    base = bundled_table()
+    by_id = dict(zip(base.column("image_id").to_pylist(), base.column("path").to_pylist(), strict=True))
+    extra_dir = root / "extra"
+    extra_dir.mkdir(parents=True)
+    rows = []
+    for iid, (name, src) in HOSTILE.items():
+        dst = extra_dir / f"{iid}.png"
+        shutil.copyfile(by_id[src], dst)
+        info = probe_image(dst.read_bytes())
+        rows.append({"image_id": iid, "name": name, "path": str(dst), "source_url": None,
+                     "sha256": info.sha256, "width": info.width, "height": info.height,
+                     "format": info.format})
+    rows.append({"image_id": "ghost", "name": "Ghostland", "path": str(extra_dir / "ghost.png"),
+                 "source_url": None, "sha256": None, "width": None, "height": None, "format": None})
+    table = pa.concat_tables([base, pa.Table.from_pylist(rows, schema=base.schema)])
+    if with_images:
+        write_images_table(table, run)
+    ihash = images_table_hash(table)
+    ids = table.column("image_id").to_pylist()
+    names = table.column("name").to_pylist()
+    paths = table.column("path").to_pylist()
+    rng = np.random.default_rng(0)
+    src_of = {iid: src for iid, (_, src) in HOSTILE.items()}
+    src_of["ghost"] = "Ireland"
+    pix = {i: _pixels(p) for i, p in zip(ids, paths, strict=True) if i in by_id}
+    models = {"pixels": pix, "clip": _reference_vectors("national_flag_embeddings_clip.csv.gz"),
+              "dinov2": _reference_vectors("national_flag_embeddings_DINO-v2.csv.gz")}
+    for model, vecs in models.items():
+        keep_ids, keep_names, mats = [], [], []
+        for iid, name in zip(ids, names, strict=True):
+            v = vecs.get(src_of.get(iid, iid))
+            if v is None:
+                continue
+            if iid in src_of:
+                v = v + rng.normal(0, 1e-3 * float(np.abs(v).mean()), v.shape).astype(np.float32)
+            keep_ids.append(iid)
+            keep_names.append(name)
+            mats.append(v)
+        _write_model(run, model, keep_ids, keep_names, np.stack(mats), ihash)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("report"))
+
+
+# --- fake comparison objects for the pure renderers ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeHit:
+    rank: int
+    image_id: str
+    name: str
+    score: float
+
+
+@dataclass
+class FakeComparison:
+    models: list[str]
+    queries: list[str]
+    query_ids: dict[str, str]
+    results: dict[str, dict[str, list[FakeHit]]]
+    agreement: pd.DataFrame
+    k: int
+
+
+def fake_comparison(queries=("Chad", "Japan", "Ireland"), k=4) -> FakeComparison:
+    """Constructed results over the bundled flags, with the hostile names among the hits."""
+    table = bundled_table()
+    ids = table.column("image_id").to_pylist()
+    names = dict(zip(ids, table.column("name").to_pylist(), strict=True))
+    names.update({iid: n for iid, (n, _) in HOSTILE.items()})
+    models = ["pixels", "clip", "dinov2"]
+    results = {}
+    for qi, q in enumerate(queries):
+        per = {}
+        pool = [i for i in ids if i != q]
+        for mi, m in enumerate(models + ["all"]):
+            chosen = ["hostile-script", "hostile-img"] + pool[(qi * 7 + mi * 3) % 50:][: k - 2]
+            per[m] = [FakeHit(r + 1, iid, names[iid], 0.95 - 0.05 * r - 0.01 * mi)
+                      for r, iid in enumerate(chosen)]
+        results[q] = per
+    agreement = pd.DataFrame([[1.0, 0.4, 0.3], [0.4, 1.0, 0.8], [0.3, 0.8, 1.0]],
+                             index=models, columns=models)
+    return FakeComparison(models, list(queries), {q: q for q in queries}, results, agreement, k)
+
+
+def fake_eval() -> pd.DataFrame:
+    return pd.DataFrame({"model": ["pixels", "clip", "dinov2", "all"], "pairs": [12, 12, 12, 12],
+                         "hit@1": [0.25, 0.5, 0.75, 0.58], "hit@5": [0.5, 0.83, 0.92, 0.9]})
+
+
+# --- headless Chromium ---------------------------------------------------------------------------
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        exe = shutil.which(name)
+        if exe:
+            return exe
+    pytest.skip("chromium is not installed (apt-get install -y chromium)")
+
+
+def _chromium_run(page: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp / 'profile'}",
+        *extra, page.resolve().as_uri(),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def dump_dom(page: Path, tmp: Path) -> str:
+    proc = _chromium_run(page, tmp, "--dump-dom")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "<html" in proc.stdout, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def screenshot(page: Path, tmp: Path, out: Path) -> Image.Image:
+    proc = _chromium_run(page, tmp, f"--screenshot={out}", "--window-size=1400,3000",
+                         "--hide-scrollbars")
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-2000:]
+    return Image.open(out)
+
+
+_URL_ATTRS = ("src", "href", "srcset", "action", "formaction", "poster", "data", "background",
+              "xlink:href", "ping", "cite", "manifest")
+
+
+def check_safe_dom(dom: str) -> BeautifulSoup:
+    """The dumped DOM has no script, no event handler, and references nothing outside itself."""
+    soup = BeautifulSoup(dom, "html.parser")
+    assert soup.find_all("script") == []
+    assert soup.find_all(["iframe", "object", "embed", "link", "base", "form"]) == []
+    for el in soup.find_all(True):
+        for attr, value in el.attrs.items():
+            assert not attr.lower().startswith("on"), f"event handler {attr} on <{el.name}>"
+            if attr.lower() in _URL_ATTRS:
+                v = value if isinstance(value, str) else " ".join(value)
+                assert v.startswith(("data:image/", "#")), f"<{el.name} {attr}={v[:60]!r}>"
+    for img in soup.find_all("img"):
+        assert img["src"].startswith("data:image/png;base64,")
+    for style in [s.get_text() for s in soup.find_all("style")] + [
+        el["style"] for el in soup.find_all(style=True)
+    ]:
+        assert "url(" not in style and "@import" not in style
+    return soup
+
+
+# --- renderers -----------------------------------------------------------------------------------
+
+
+def test_render_html_escapes_hostile_names_and_references_nothing_external():
+    comp = fake_comparison()
+    thumbs = Thumbnails(dict(zip(bundled_table().column("image_id").to_pylist(),
+                                 bundled_table().column("path").to_pylist(), strict=True)))
+    page = render_html(comp, fake_eval(), {i: thumbs.data_uri(i) for i in image_ids(comp)}, "t <b>")
+    assert SCRIPT_NAME not in page and IMG_NAME not in page
+    assert html.escape(SCRIPT_NAME) in page and html.escape(IMG_NAME) in page
+    assert "<b>" not in page.split("<body>", 1)[1]
+    no_data = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    assert re.findall(r"https?:|//[a-z]", no_data, flags=re.I) == []
+    assert "<script" not in page.lower()
+    check_safe_dom(page)
+
+
+def test_thumbnails_decode_and_encode_each_image_once(monkeypatch, bundled_dir):
+    import flagsim.decode
+
+    calls = []
+    real = flagsim.decode.decode_image
+    monkeypatch.setattr(flagsim.decode, "decode_image", lambda data, *a, **kw: calls.append(1) or real(data))
+    paths = {"Chad": str(bundled_dir / "images" / "Chad.png"), "gone": str(bundled_dir / "nope.png")}
+    thumbs = Thumbnails(paths)
+    comp = fake_comparison(queries=("Chad",), k=3)
+    comp.results["Chad"]["pixels"][0] = FakeHit(1, "Chad", "Chad", 1.0)
+    uris = [thumbs.data_uri(i) for i in image_ids(comp) + ["Chad", "Chad", "gone", "gone"]]
+    assert len(calls) == thumbs.decoded == 1 and thumbs.encoded == 1
+    chad = thumbs.image("Chad")
+    assert chad.width == 120 and chad.height == 80  # 3:2 flag scaled to 120 px wide
+    # the missing file and the unknown ids share one labelled placeholder per reason
+    assert uris[-1] == uris[-2] and uris[-1] != uris[-3]
+    assert thumbs.data_uri("not-there") != uris[-1]  # "not in images table" vs "image file missing"
+
+
+def n_colours(im: Image.Image) -> int:
+    arr = np.asarray(im.convert("RGB"), np.uint32)
+    return len(np.unique((arr[..., 0] << 16) | (arr[..., 1] << 8) | arr[..., 2]))
+
+
+def _header_bands(sheet: Image.Image) -> int:
+    """Runs of rows whose left margin pixel is the block header colour."""
+    x = 20
+    col = [sheet.getpixel((x, y)) for y in range(sheet.height)]
+    runs, inside = 0, False
+    for px in col:
+        hit = tuple(px[:3]) == SHEET_HEADER
+        runs += hit and not inside
+        inside = hit
+    return runs
+
+
+def test_contact_sheet_one_block_per_query(bundled_dir):
+    paths = dict(zip(bundled_table().column("image_id").to_pylist(),
+                     bundled_table().column("path").to_pylist(), strict=True))
+    thumbs = Thumbnails(paths)
+    sheets = {}
+    for n in (1, 3):
+        comp = fake_comparison(queries=("Chad", "Japan", "Ireland")[:n], k=4)
+        sheets[n] = render_contact_sheet(comp, {i: thumbs.image(i) for i in image_ids(comp)})
+    for n, sheet in sheets.items():
+        assert _header_bands(sheet) == n
+        assert n_colours(sheet) > 200  # flags, not a blank canvas
+    assert sheets[1].width == sheets[3].width
+    block = (sheets[3].height - sheets[1].height) / 2
+    assert block > 4 * 120  # four model rows (3 models + "all") of thumbnails per block
+
+
+# --- real run: compare + evaluate + Chromium -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    queries = QUERIES + ["Atlantis"]
+    paths = build_report(str(run_dir), queries=queries, k=5, out=str(out / "report.html"))
+    return paths, out
+
+
+def test_report_of_a_real_run_renders_in_chromium(built, run_dir, tmp_path):
+    from flagsim.compare import compare
+
+    paths, out = built
+    page = Path(paths.html)
+    assert paths.skipped == ["Atlantis"]
+    dom = dump_dom(page, tmp_path)
+    soup = check_safe_dom(dom)
+    comp = compare(str(run_dir), QUERIES, k=5)
+    sections = {s["data-query"]: s for s in soup.select("section[data-query]")}
+    assert list(sections) == comp.queries
+    for q in comp.queries:
+        rows = {tr["data-model"]: tr for tr in sections[q].select("tr[data-model]")}
+        assert set(rows) == set(comp.models) | {"all"}
+        for model, tr in rows.items():
+            names = [f.select_one(".name").get_text() for f in tr.select("figure.hit")]
+            assert names == [f"{h.rank}. {h.name}" for h in comp.results[q][model]]
+    ghost = sections["Ireland"].select_one('figure[data-image-id="ghost"] img')  # file missing
+    tile = Image.open(io.BytesIO(base64.b64decode(ghost["src"].split(",", 1)[1]))).convert("RGB")
+    pixels = Counter(map(tuple, np.asarray(tile).reshape(-1, 3).tolist()))
+    assert pixels.most_common(1)[0][0] == (229, 231, 235)  # the grey placeholder
+    text = soup.get_text()
+    assert SCRIPT_NAME in text and IMG_NAME in text  # shown as text, not markup
+    assert "Atlantis" in text  # the skipped-query note
+    assert soup.select("table[data-matrix] td") and soup.select("table[data-table] tr[data-model]")
+
+    shot = screenshot(page, tmp_path, tmp_path / "shot.png")
+    assert shot.format == "PNG" and shot.size == (1400, 3000)
+    assert np.asarray(shot.convert("RGB")).std() > 20 and n_colours(shot) > 500
+
+
+def test_contact_sheet_written_next_to_the_page(built):
+    paths, out = built
+    assert Path(paths.png) == out / "report.png"
+    sheet = Image.open(paths.png)
+    assert sheet.format == "PNG"
+    assert _header_bands(sheet.convert("RGB")) == len(paths.queries) == len(QUERIES)
+
+
+def test_report_without_images_table_shows_placeholders(tmp_path):
+    run_dir = make_run(tmp_path, with_images=False)
+    paths = build_report(str(run_dir), queries=None, k=3)  # config default queries
+    assert Path(paths.html) == run_dir / "report.html" and Path(paths.png) == run_dir / "report.png"
+    assert paths.queries == QUERIES and paths.skipped == []
+    soup = BeautifulSoup(Path(paths.html).read_text(), "html.parser")
+    srcs = {img["src"] for img in soup.find_all("img")}
+    assert len(srcs) == 1  # one shared "no images table" tile
+    assert len(soup.select("figure.hit")) == len(QUERIES) * 4 * 3
+
+
+def test_default_queries_fall_back_to_the_runs_first_images():
+    from flagsim.errors import UnknownNameError
+    from flagsim.query import Catalogue
+    from flagsim.report import resolve_queries
+
+    cat = Catalogue({"a": "Alpha", "b": "Beta", "c": "Gamma", "d": "Delta", "e": "Twin", "f": "Twin"})
+    queries, skipped, notes = resolve_queries(["Chad", "beta", "c", "twin"], cat, explicit=False)
+    assert queries == ["beta", "c"] and skipped == ["Chad", "twin"]
+    assert "Chad" in notes[0] and "'twin' names 2 images" in notes[1]
+    queries, skipped, notes = resolve_queries(["Chad"], cat, explicit=False)
+    assert queries == ["a", "b", "c"] and skipped == ["Chad"] and "Alpha, Beta, Gamma" in notes[-1]
+    with pytest.raises(UnknownNameError, match="Atlantis"):
+        resolve_queries(["Atlantis"], cat, explicit=True)
+
+
+def test_cli_report_writes_both_files(run_dir, tmp_path, capsys):
+    from flagsim.cli import main
+
+    out = tmp_path / "site" / "flags.html"
+    rc = main(["report", "--run", str(run_dir), "--out", str(out), "--queries", "Chad,japan",
+               "-k", "3", "--models", "pixels,clip"])
+    assert rc == 0
+    page = out.read_text()
+    assert Image.open(tmp_path / "site" / "flags.png").format == "PNG"
+    soup = BeautifulSoup(page, "html.parser")
+    assert [s["data-query"] for s in soup.select("section[data-query]")] == ["Chad", "Japan"]
+    first = soup.select_one("section[data-query]")
+    assert [tr["data-model"] for tr in first.select("tr[data-model]")] == ["pixels", "clip", "all"]
+    assert all(len(tr.select("figure.hit")) == 3 for tr in first.select("tr[data-model]"))
+    assert str(out) in capsys.readouterr().out
+
+
+def test_cli_report_unknown_queries_is_one_line_error(run_dir, tmp_path, capsys):
+    from flagsim.cli import main
+
+    rc = main(["report", "--run", str(run_dir), "--out", str(tmp_path / "r.html"),
+               "--queries", "Atlantis,Lemuria"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "Atlantis" in err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_report_is_written_when_evaluation_is_impossible(run_dir, tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("query,similar\nAtlantis,Lemuria\n")
+    paths = build_report(str(run_dir), queries=["Chad"], k=2, pairs=str(pairs),
+                         out=str(tmp_path / "r.html"))
+    soup = BeautifulSoup(Path(paths.html).read_text(), "html.parser")
+    section = soup.select_one('section[data-section="evaluation"]')
+    assert "Evaluation unavailable" in section.get_text()
+    assert soup.select_one("table[data-table]") is None
+    assert len(soup.select('section[data-query="Chad"] figure.hit')) == 4 * 2
