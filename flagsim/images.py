@@ -23,7 +23,7 @@ from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg")
 _FOOTNOTE = re.compile(r"\[[^\]]{1,12}\]")
 _FORBIDDEN = set('/\\\x00:*?"<>|')
 

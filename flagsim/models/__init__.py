@@ -1,18 +1,45 @@
-"""Model registry and embedders (TEMPORARY minimal version: being replaced by the registry work)."""
+"""Model registry and embedders: `get_spec`, `check_weights`, `create_embedder` and friends.
+
+Importing this package does not import torch; the embedder families load on first use.
+"""
 
 from __future__ import annotations
 
-from flagsim.errors import UnknownModelError
+from typing import TYPE_CHECKING, Any
 
-MODEL_NAMES = ("vit", "clip", "blip2", "efficientnet", "dinov2", "vgg16", "vgg16-fc7",
-               "efficientnet-lite0", "pixels")
+from flagsim.models import builtin as _builtin  # noqa: F401  (registers the built-in models)
+from flagsim.models.registry import (
+    FAMILIES,
+    ModelSpec,
+    check_model_names,
+    create_embedder,
+    get_spec,
+    list_models,
+    register_model,
+    unregister_model,
+)
+from flagsim.models.weights import check_weights
+
+if TYPE_CHECKING:
+    from flagsim.models.base import Embedder
+
+__all__ = [
+    "FAMILIES",
+    "Embedder",
+    "ModelSpec",
+    "check_model_names",
+    "check_weights",
+    "create_embedder",
+    "get_spec",
+    "list_models",
+    "register_model",
+    "unregister_model",
+]
 
 
-def list_models() -> list[str]:
-    return list(MODEL_NAMES)
+def __getattr__(name: str) -> Any:
+    if name == "Embedder":  # imports torch, so only on demand
+        from flagsim.models.base import Embedder
 
-
-def check_model_names(names) -> None:
-    for n in names:
-        if n not in MODEL_NAMES:
-            raise UnknownModelError(f"unknown model {n!r}; valid models: {', '.join(MODEL_NAMES)}")
+        return Embedder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

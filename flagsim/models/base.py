@@ -68,6 +68,27 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+def calibrate_batchnorm(model: torch.nn.Module, run, seed: int = 0) -> None:
+    """Give a random-weight model's BatchNorm layers unit scale and the running statistics of one
+    batch of random images (`run(images)` does the forward), so that activations neither vanish
+    nor explode through a deep tiny CNN. No-op for models without BatchNorm."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_parameters()
+        m.momentum = None  # cumulative average: after one batch, exactly its statistics
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8) for _ in range(8)]
+    model.train()
+    with torch.no_grad():
+        run(images)
+    model.eval()
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+
+
 def check_images(images: Sequence[np.ndarray], name: str) -> list[np.ndarray]:
     """Validate a batch of HxWx3 uint8 RGB arrays (one clear line when one is not)."""
     out = []
@@ -77,7 +98,9 @@ def check_images(images: Sequence[np.ndarray], name: str) -> list[np.ndarray]:
             raise DataError(
                 f"{name}: image {i} must be an HxWx3 uint8 RGB array, got shape {a.shape} {a.dtype}"
             )
-        out.append(np.ascontiguousarray(a))
+        if not a.flags.c_contiguous or not a.flags.writeable:
+            a = np.array(a, order="C", copy=True)  # torch.from_numpy needs a writable array
+        out.append(a)
     return out
 
 
@@ -94,6 +117,19 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose code produced the vectors (for the manifest)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("torch", "torchvision", "transformers", "timm"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 class Embedder:
     """One loaded model: `preprocess` RGB arrays into pixels, `forward` pixels into vectors.
 
@@ -107,6 +143,7 @@ class Embedder:
     dim: int
     weights: str | None  # the source actually used (hub id, local path, ...); None for tiny
     revision: str | None  # the hub commit, when known
+    weights_file: str | None = None  # the single weight file read (torchvision/timm families)
 
     def __init__(
         self,
@@ -171,6 +208,7 @@ class Embedder:
             "architecture": self.spec.architecture,
             "checkpoint": "tiny-random" if self.tiny else self.weights,
             "revision": self.revision,
+            "weights_file": self.weights_file,
             "tiny": self.tiny,
             "seed": self.seed if self.tiny else None,
             "dim": self.dim,
@@ -178,6 +216,7 @@ class Embedder:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "processor": self.processor_settings(),
+            "versions": library_versions(),
         }
 
     def __repr__(self) -> str:

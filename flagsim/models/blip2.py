@@ -112,7 +112,8 @@ class Blip2QFormerEmbedder(TransformersEmbedder):
         self._finish()
 
     def _load(self) -> None:
-        ckpt = resolve_hf_checkpoint(self.spec, self.weights, self.revision, prefixes=PREFIXES)
+        prefixes = tuple(self.spec.options.get("weight_prefixes", PREFIXES))
+        ckpt = resolve_hf_checkpoint(self.spec, self.weights, self.revision, prefixes=prefixes)
         self.revision = ckpt.revision
         log.info("%s: loading vision tower + Q-Former from %s", self.spec.name, ckpt.directory)
         self.model = load_qformer_features(ckpt, self.spec.name)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flagsim.models.base import Embedder, check_images, jsonable
+from flagsim.models.base import Embedder, calibrate_batchnorm, check_images, jsonable
 from flagsim.models.weights import HFCheckpoint, resolve_hf_checkpoint
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,9 @@ class TransformersEmbedder(Embedder):
         self.processor = make_processor(self.spec.processor_class, dict(self.spec.tiny_processor),
                                         None, self.spec.name)
         self._finish()
+        # HF initialises BatchNorm scales ~N(0, 0.02): through a deep random CNN the activations
+        # vanish to exactly 0. Calibrate them so tiny outputs carry information.
+        calibrate_batchnorm(self.model, lambda ims: self._forward(self.preprocess(ims)), self.seed)
 
     def _load(self) -> None:
         ckpt = resolve_hf_checkpoint(self.spec, self.weights, self.revision)

@@ -111,7 +111,7 @@ class _HubGetter:
     def __init__(self, spec: ModelSpec, repo: str, revision: str | None, offline: bool) -> None:
         self.spec, self.repo, self.revision, self.offline = spec, repo, revision, offline
 
-    def __call__(self, filename: str, required: bool = True) -> Path | None:
+    def __call__(self, filename: str) -> Path | None:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
         from huggingface_hub.errors import (
             EntryNotFoundError,
@@ -162,16 +162,16 @@ class _HubGetter:
         )
 
 
-def _not_cached_msg(spec: ModelSpec, repo: str, revision: str | None, why: str) -> str:
+def _not_cached_msg(spec: ModelSpec, repo: str, revision: str | None, why: str | None) -> str:
     return (
         f"{spec.name}: weights {repo}{'@' + revision if revision else ''} are not in the local "
-        f"Hugging Face cache and {why}; set {_setting(spec.name)} to a local directory or run "
-        f"{_hf_download_cmd(repo, revision)}"
+        f"Hugging Face cache{' and ' + why if why else ''}; set {_setting(spec.name)} to a local "
+        f"directory or run {_hf_download_cmd(repo, revision)}"
     )
 
 
 def _local_getter(spec: ModelSpec, directory: Path):
-    def get(filename: str, required: bool = True) -> Path | None:
+    def get(filename: str) -> Path | None:
         p = directory / filename
         return p if p.is_file() else None
 
@@ -190,7 +190,7 @@ def _resolve_hf(get, spec: ModelSpec, where: str, prefixes: Sequence[str] | None
     not_cached = False
     for candidate in HF_WEIGHT_FILES:
         try:
-            found = get(candidate, required=False)
+            found = get(candidate)
         except _NotCached:
             not_cached = True
             continue
@@ -226,7 +226,7 @@ def _resolve_hf(get, spec: ModelSpec, where: str, prefixes: Sequence[str] | None
             f"{_setting(spec.name)} to a directory written by save_pretrained or to a hub id"
         )
     try:
-        pre = get("preprocessor_config.json", required=False)
+        pre = get("preprocessor_config.json")
     except _NotCached:
         pre = None
     return config, weight_files, pre
@@ -263,9 +263,8 @@ def resolve_hf_checkpoint(
     try:
         config, files, pre = _resolve_hf(get, spec, f"hub repository {repo}", prefixes)
     except _NotCached:
-        raise WeightsUnavailableError(
-            _not_cached_msg(spec, repo, revision, "the hub is offline")
-        ) from None
+        why = "the hub is offline" if hub_offline() else None
+        raise WeightsUnavailableError(_not_cached_msg(spec, repo, revision, why)) from None
     directory = config.parent
     commit = directory.name if directory.parent.name == "snapshots" else revision
     return HFCheckpoint(directory, config, files, pre, commit)
@@ -327,10 +326,10 @@ def torchvision_cache_file(spec: ModelSpec, enum_name: str) -> tuple[Path, str]:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url), url
 
 
-def _torchvision_msg(spec: ModelSpec, path: Path, url: str, why: str) -> str:
+def _torchvision_msg(spec: ModelSpec, path: Path, url: str, why: str | None) -> str:
     return (
         f"{spec.name}: torchvision weights {path.name} are not in the torch hub cache "
-        f"({path.parent}) and {why}; set {_setting(spec.name)} to a local .pth or .safetensors "
+        f"({path.parent}){' and ' + why if why else ''}; set {_setting(spec.name)} to a local .pth or .safetensors "
         f"file or download {url} into that folder"
     )
 
@@ -384,9 +383,8 @@ def resolve_weight_file(
             return path
         off = hub_offline() if offline is None else offline
         if off or not download:
-            raise WeightsUnavailableError(
-                _torchvision_msg(spec, path, url, "downloads are off (HF_HUB_OFFLINE is set)")
-            )
+            why = "downloads are off (HF_HUB_OFFLINE is set)" if hub_offline() else None
+            raise WeightsUnavailableError(_torchvision_msg(spec, path, url, why))
         import torch
 
         try:

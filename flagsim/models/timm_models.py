@@ -1,0 +1,103 @@
+"""timm models as embedders (EfficientNet-Lite0 with the packaged ImageNet weights)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flagsim.errors import WeightsUnavailableError
+from flagsim.models.base import Embedder, calibrate_batchnorm, check_images
+from flagsim.models.transforms import ImageTransform
+from flagsim.models.tv import load_state_dict_file
+from flagsim.models.weights import resolve_weight_file
+
+log = logging.getLogger(__name__)
+
+
+def map_state_dict(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], name: str
+) -> dict[str, torch.Tensor]:
+    """`source` renamed to `target`'s keys: by name when the keys agree, else by position.
+
+    Positional mapping is for checkpoints in another implementation's key layout (the
+    EfficientNet-PyTorch layout of the packaged Lite0 weights): it requires the same number of
+    tensors with equal shapes, in order, and the same last name part (weight, bias,
+    running_mean, ...) for each pair.
+    """
+    if set(source) == set(target):
+        mapped = dict(source)
+    else:
+        src, tgt = list(source.items()), list(target.items())
+        if len(src) != len(tgt):
+            raise WeightsUnavailableError(
+                f"{name}: the weights hold {len(src)} tensors but the model has {len(tgt)}"
+            )
+        mapped = {}
+        for (sk, sv), (tk, tv) in zip(src, tgt, strict=True):
+            if tuple(sv.shape) != tuple(tv.shape) or sk.rsplit(".", 1)[-1] != tk.rsplit(".", 1)[-1]:
+                raise WeightsUnavailableError(
+                    f"{name}: weight {sk} {tuple(sv.shape)} does not match model tensor {tk} "
+                    f"{tuple(tv.shape)}"
+                )
+            mapped[tk] = sv
+    return mapped
+
+
+class TimmEmbedder(Embedder):
+    """A timm model with its classifier removed (num_classes=0): the pooled pre-logits features.
+
+    `spec.tiny_config()` returns a randomly initialised module of the same architecture.
+    """
+
+    model: nn.Module
+    transform: ImageTransform
+    mapped_tensors: int = 0
+
+    def _build_tiny(self) -> None:
+        if self.spec.tiny_config is None:
+            raise ValueError(f"{self.spec.name}: no tiny config registered")
+        self.model = self.spec.tiny_config()
+        self.model.reset_classifier(0)
+        self.transform = ImageTransform(self.spec.tiny_processor)
+        self._finish()
+        calibrate_batchnorm(self.model, lambda ims: self._forward(self.preprocess(ims)), self.seed)
+
+    def _load(self) -> None:
+        import timm
+
+        path = resolve_weight_file(self.spec, self.weights)
+        sd = load_state_dict_file(path, self.spec.name)
+        self.weights_file = path.name
+        with torch.device("meta"):
+            model = timm.create_model(self.spec.architecture, pretrained=False)
+        target = model.state_dict()
+        if len(sd) < len(target):  # a checkpoint saved without the classifier
+            with torch.device("meta"):
+                model = timm.create_model(self.spec.architecture, pretrained=False, num_classes=0)
+            target = model.state_dict()
+        mapped = map_state_dict(sd, target, self.spec.name)
+        model.load_state_dict(mapped, strict=True, assign=True)
+        self.mapped_tensors = len(mapped)
+        log.info("%s: loaded %d tensors from %s", self.spec.name, len(mapped), path)
+        model.reset_classifier(0)
+        self.model = model
+        self.transform = ImageTransform(self.spec.processor)
+        self._finish()
+
+    def _finish(self) -> None:
+        self.model = self.model.to(self.device, self.dtype).eval()
+        self.dim = int(self.model.num_features)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.transform(check_images(images, self.spec.name)).to(self.device, self.dtype)
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)
+
+    def processor_settings(self) -> dict[str, Any]:
+        return self.transform.describe()
