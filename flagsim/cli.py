@@ -38,12 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"flagsim.commands.{name}")
-        except ModuleNotFoundError as exc:  # TEMPORARY while commands are being written
-            if exc.name != f"flagsim.commands.{name}":
-                raise
-            continue
+        module = importlib.import_module(f"flagsim.commands.{name}")
         p = module.add_parser(sub)
         p.set_defaults(_run=module.run)
     return parser
