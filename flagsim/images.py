@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -124,7 +125,7 @@ def from_folder(folder: str | os.PathLike) -> pa.Table:
     files = [f for f in walk_files(root) if f.name.lower().endswith(IMAGE_SUFFIXES)]
     rels = [f.path[len(root.path) :].lstrip("/") for f in files]
     stems = [r.rsplit(".", 1)[0] for r in rels]
-    clash = {s for s in stems if stems.count(s) > 1}  # a.png + a.jpg: keep the extension
+    clash = {s for s, n in Counter(stems).items() if n > 1}  # a.png + a.jpg: keep the extension
     rows = []
     for f, rel, stem in zip(files, rels, stems, strict=True):
         image_id = rel if stem in clash else stem

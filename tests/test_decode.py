@@ -77,3 +77,10 @@ def test_cmyk_matches_rgb(corpus, bundled_dir):
     ref = decode_image((bundled_dir / "images" / "Chad.png").read_bytes()).astype(int)
     cmyk = decode_image(corpus["cmyk.jpg"]).astype(int)
     assert np.abs(ref - cmyk).mean() < 12  # JPEG + CMYK round trip, same colours
+
+
+def test_pixel_limit_is_configurable_both_ways():
+    big = png_bytes(Image.new("RGB", (400, 300), (1, 2, 3)))
+    with pytest.raises(DecodeError, match="bomb|too large"):
+        decode_image(big, max_pixels=100_000)
+    assert decode_image(big, max_pixels=200_000).shape == (300, 400, 3)

@@ -615,3 +615,20 @@ def test_bad_images_and_empty_batches():
     ro = decoded(["Chad"])[0]
     ro.setflags(write=False)
     assert e([ro]).shape == (1, e.dim)
+
+
+def test_pickled_code_in_a_weights_file_is_refused_not_run(tmp_path):
+    """Weights load with torch.load(weights_only=True): a pickle that runs code is refused."""
+    import os
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    f = tmp_path / "evil.pth"
+    torch.save({"fc.weight": Evil()}, f)
+    with pytest.raises(WeightsUnavailableError, match="cannot read weights file"):
+        create_embedder("vgg16", weights=str(f))
+    assert not marker.exists()

@@ -243,6 +243,8 @@ def test_render_html_escapes_hostile_names_and_references_nothing_external():
     page = render_html(comp, fake_eval(), {i: thumbs.data_uri(i) for i in image_ids(comp)}, "t <b>")
     assert SCRIPT_NAME not in page and IMG_NAME not in page
     assert html.escape(SCRIPT_NAME) in page and html.escape(IMG_NAME) in page
+    assert 'http-equiv="Content-Security-Policy"' in page
+    assert html.escape("default-src 'none'") in page
     assert "<b>" not in page.split("<body>", 1)[1]
     no_data = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     assert re.findall(r"https?:|//[a-z]", no_data, flags=re.I) == []

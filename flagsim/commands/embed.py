@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from flagsim.commands.common import add_config_args, config_from_args, run_dir_from, split_csv
 
@@ -31,9 +30,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
-    from flagsim.pipeline.embed import run_embed, summary_table
+    from flagsim.pipeline.embed import print_summary, run_embed
 
     cfg = config_from_args(args)
     run_dir = run_dir_from(args, cfg, writable=True)
@@ -41,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
         cfg, run_dir=run_dir, images=args.images, models=args.models, force=args.force,
         repair_shards=args.repair, show_progress=not args.no_progress,
     )
-    Console(width=None if sys.stdout.isatty() else 140).print(summary_table(summary))
+    print_summary(summary)
     failed = [r for r in summary.results if r.status == "failed"]
     return 1 if failed else 0

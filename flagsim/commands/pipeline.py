@@ -29,7 +29,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from flagsim.pipeline.embed import summary_table
+    from flagsim.pipeline.embed import print_summary
     from flagsim.pipeline.run import run_pipeline
 
     cfg = config_from_args(args)
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
         cfg, run_dir=run_dir, images=args.images, models=args.models, force=args.force,
         report=not args.no_report, show_progress=not args.no_progress,
     )
+    print_summary(result.embed)
     console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(summary_table(result.embed))
     for n in result.neighbours:
         console.print(f"neighbours {n.model}: top-{n.k} of {n.queries} images -> {n.path}")
     if result.report is not None:

@@ -88,7 +88,7 @@ def _need(value: str | None, key: str) -> str:
 
 # --- planning --------------------------------------------------------------------------------
 
-def _run_key(cfg: Config, model: str, images_hash: str, mcfg: ModelRunConfig, tiny: bool) -> dict:
+def _run_key(cfg: Config, images_hash: str, mcfg: ModelRunConfig, tiny: bool) -> dict:
     return {
         "images_hash": images_hash,
         "shard_size": cfg.embed.shard_size,
@@ -122,7 +122,7 @@ def repair(run: RunDir, model: str) -> list[str]:
     except DataError:
         manifest_loc.delete()
         removed.append(manifest_loc.name)
-    for idx, loc in sorted(done_shards(run, model).items()):
+    for _, loc in sorted(done_shards(run, model).items()):
         reason = None
         try:
             table = loc.read_parquet()
@@ -230,7 +230,7 @@ def run_embed(
                 log.warning("skipping %s", reason)
                 summary.results.append(ModelResult(name, "skipped", reason=reason))
                 continue
-        key = _run_key(cfg, name, images_hash, mcfg, tiny)
+        key = _run_key(cfg, images_hash, mcfg, tiny)
         if repair_shards:
             removed = repair(run, name)
             if removed:
@@ -302,7 +302,7 @@ def _embed(
             fn_constructor_kwargs={
                 "weights": mcfg.weights, "revision": mcfg.revision, "device": device,
                 "dtype": dtypes[name], "torch_threads": threads, "tiny": tiny,
-                "micro_batch": batch_size,
+                "micro_batch": batch_size, "describe_to": _described(run, name).uri,
             },
             batch_size=batch_size,
             batch_format="numpy",
@@ -339,11 +339,14 @@ def _embed(
         dim = first.read_parquet().schema.field("embedding").type.list_size
         errors = _count_errors(run)
         processed = sum(p.rows for p in plans if p.index in todo[name])
+        described = _described(run, name)
+        info = described.read_json() if described.exists() else {}
         manifest = Manifest(
             model=name, dim=dim, rows=rows, images_hash=images_hash, shards=shards,
-            checkpoint="tiny-random" if tiny else _checkpoint(name, mcfgs[name]),
-            revision=mcfgs[name].revision, dtype=dtypes.get(name, _dtype(cfg, mcfgs[name], device)),
-            device=device, processor=_processor(name, mcfgs[name], tiny),
+            checkpoint=info.get("checkpoint") or _checkpoint(name, mcfgs[name]),
+            revision=info.get("revision") or mcfgs[name].revision,
+            dtype=dtypes.get(name, _dtype(cfg, mcfgs[name], device)),
+            device=device, processor=info.get("processor", {}),
             seconds=round(seconds, 3),
             images_per_s=round(processed / seconds, 3) if seconds > 0 and processed else None,
             errors=errors, shard_size=cfg.embed.shard_size,
@@ -367,11 +370,9 @@ def _checkpoint(name: str, mcfg: ModelRunConfig) -> str | None:
     return mcfg.weights or get_spec(name).weights
 
 
-def _processor(name: str, mcfg: ModelRunConfig, tiny: bool) -> dict:
-    from flagsim.models import get_spec
-
-    spec = get_spec(name)
-    return {"image_size": getattr(spec, "image_size", None), "pooling": getattr(spec, "pooling", None)}
+def _described(run: RunDir, model: str) -> Location:
+    """Where the first actor of `model` records what it loaded (Embedder.describe())."""
+    return run.model_dir(model) / "_embedder.json"
 
 
 class _progress:
@@ -413,6 +414,25 @@ def summary_table(summary: EmbedSummary):
             r.model, r.status, str(r.images), str(r.dim or ""), r.device, r.dtype,
             f"{r.seconds:.1f}" if r.seconds is not None else "",
             f"{r.images_per_s:.1f}" if r.images_per_s is not None else "",
-            str(r.errors), r.reason,
+            str(r.errors), _short(r.reason),
         )
     return t
+
+
+def _short(reason: str) -> str:
+    if not reason:
+        return ""
+    return "weights unavailable (see below)" if "weights" in reason else reason[:40]
+
+
+def print_summary(summary: EmbedSummary) -> None:
+    """The summary table, then each skip reason in full on its own line."""
+    import sys
+
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(summary_table(summary))
+    for r in summary.results:
+        if r.reason:
+            console.print(f"  {r.model} {r.status}: {r.reason}", soft_wrap=True, highlight=False)

@@ -37,6 +37,7 @@ class EmbedActor:
         torch_threads: int | None = None,
         tiny: bool = False,
         micro_batch: int | None = None,
+        describe_to: str | None = None,
     ) -> None:
         import torch
 
@@ -50,7 +51,13 @@ class EmbedActor:
         self.embedder = create_embedder(
             model, weights=weights, revision=revision, device=device, dtype=dtype, tiny=tiny
         )
-        self.dim = self.embedder.dim if hasattr(self.embedder, "dim") else self.embedder.spec.dim
+        self.dim = self.embedder.dim
+        if describe_to:  # what was really loaded (checkpoint, revision, processor) for the manifest
+            from flagsim.storage import Location
+
+            loc = Location.parse(describe_to)
+            if not loc.exists():
+                loc.write_json(self.embedder.describe())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch[OK], dtype=bool)

@@ -1,0 +1,54 @@
+"""`flagsim eval`: hit@1 and hit@5 per model and for the ensemble on labelled similar images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from flagsim.commands.common import (
+    add_config_args,
+    add_models_arg,
+    add_run_arg,
+    config_from_args,
+    run_dir_from,
+)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="score each model (and the ensemble) on a labelled file of visually similar images",
+        description="For each labelled query (CSV `query,similar`, similar names separated by ';', "
+        "'#' lines are comments) count a hit@k when one of its similar images is among its top-k "
+        "neighbours. Default labels: the bundled similar_flags.csv, made by hand from the flag "
+        "designs.",
+    )
+    add_run_arg(p)
+    add_config_args(p)
+    add_models_arg(p, "models (default: every model with embeddings)")
+    p.add_argument("--pairs", metavar="FILE",
+                   help="labelled pairs file (default: report.pairs, else the bundled similar_flags.csv)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flagsim.evaluate import evaluate
+
+    cfg = config_from_args(args)
+    run_dir = run_dir_from(args, cfg)
+    df = evaluate(run_dir, args.pairs or cfg.report.pairs, args.models)
+    if args.json:
+        print(json.dumps(json.loads(df.to_json(orient="records")), indent=2))
+        return 0
+    table = Table(title="hit@k on labelled similar images")
+    for col in df.columns:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for rec in df.to_dict(orient="records"):
+        table.add_row(rec["model"], str(rec["pairs"]),
+                      *[f"{rec[c]:.3f}" for c in df.columns if c.startswith("hit@")])
+    Console().print(table)
+    return 0

@@ -1,0 +1,73 @@
+"""`flagsim index`: build (or check) the FAISS index of each model's embeddings."""
+
+from __future__ import annotations
+
+import argparse
+
+from flagsim.commands.common import (
+    add_config_args,
+    add_models_arg,
+    add_run_arg,
+    config_from_args,
+    run_dir_from,
+)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "index",
+        help="build a FAISS cosine index per model (exact by default; IVF/HNSW/IVF-PQ for large runs)",
+        description="Normalise each model's embeddings and save a FAISS inner-product index with "
+        "its id map and a manifest under index/model=<name>/. Up-to-date indexes are kept; one "
+        "whose source shards changed, or that was built with other settings, is rebuilt. "
+        "index.kind=auto picks exact search up to index.exact_max_rows within "
+        "index.memory_budget_gb, else IVF or IVF-PQ, and records the measured recall.",
+    )
+    add_run_arg(p)
+    add_config_args(p)
+    add_models_arg(p, "models to index (default: every model with embeddings)")
+    p.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
+                   help="index kind (overrides index.kind)")
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    p.add_argument("--check", action="store_true",
+                   help="only check that the indexes are up to date (exit 2 naming a stale one)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flagsim.errors import DataError
+    from flagsim.index import build_index, index_state, load_index, resolve_models
+    from flagsim.rundir import RunDir
+
+    cfg = config_from_args(args, {"index.kind": args.kind})
+    run = RunDir.at(run_dir_from(args, cfg))
+    models = resolve_models(run, args.models)
+    if args.check:
+        for m in models:
+            state, reason = index_state(run, m)
+            if state != "fresh":
+                raise DataError(reason)
+            print(f"{m}: {reason}")
+        return 0
+    table = Table(title=f"indexes in {run.root}")
+    for col in ("model", "status", "kind", "vectors", "dim", "recall", "device", "seconds"):
+        table.add_column(col, justify="right" if col in ("vectors", "dim", "recall", "seconds") else "left")
+    for m in models:
+        state, _ = index_state(run, m, cfg.index)
+        if args.force or state != "fresh":
+            idx = build_index(run, m, cfg.index)
+            status = "built" if state == "missing" or args.force else "rebuilt"
+        else:
+            idx = load_index(run, m, cfg.index, build=False)
+            status = "up to date"
+        man = idx.manifest
+        assert man is not None
+        recall = "exact" if man.exact else (
+            f"{man.recall:.4f}@{man.recall_k}" if man.recall is not None else "-")
+        table.add_row(m, status, man.kind, str(man.count), str(man.dim), recall, man.device,
+                      f"{man.build_seconds:.2f}" if man.build_seconds is not None else "-")
+    Console().print(table)
+    return 0

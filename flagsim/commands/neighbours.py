@@ -1,0 +1,49 @@
+"""`flagsim neighbours`: the batch top-k neighbour table of every image for every model."""
+
+from __future__ import annotations
+
+import argparse
+
+from flagsim.commands.common import (
+    add_config_args,
+    add_models_arg,
+    add_run_arg,
+    config_from_args,
+    run_dir_from,
+)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "neighbours",
+        help="write the top-k neighbours of every image for every model (Parquet)",
+        description="For each model, search its index (built or rebuilt when needed) with every "
+        "image's own embedding, in batches of neighbours.batch_size, and write "
+        "neighbours/model=<name>/part-*.parquet with columns model, query_id, query, rank, "
+        "neighbour_id, neighbour, score (cosine); the image itself is excluded.",
+    )
+    add_run_arg(p)
+    add_config_args(p)
+    add_models_arg(p, "models (default: every model with embeddings)")
+    p.add_argument("-k", type=int, default=None, metavar="K",
+                   help="neighbours per image (default: neighbours.k)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flagsim.neighbours import write_neighbours
+
+    cfg = config_from_args(args, {"neighbours.k": args.k})
+    run_dir = run_dir_from(args, cfg)
+    results = write_neighbours(run_dir, cfg.neighbours.k, args.models, cfg)
+    table = Table(title=f"top-{cfg.neighbours.k} neighbours")
+    for col in ("model", "images", "rows", "parts", "index", "seconds", "path"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.model, str(r.queries), str(r.rows), str(r.parts), r.index_kind,
+                      f"{r.seconds:.2f}", r.path)
+    Console().print(table)
+    return 0

@@ -1,0 +1,76 @@
+"""`flagsim query`: the top-k of one image (by name or image file), side by side per model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from flagsim.commands.common import (
+    add_config_args,
+    add_run_arg,
+    config_from_args,
+    run_dir_from,
+    split_csv,
+)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "query",
+        help="show the top-k most similar images of a name or an image file, per model",
+        description="NAME_OR_IMAGE is an image's name or id in the run (case-insensitive; unknown "
+        "names get close matches), or an image file (a path with / or an image suffix, or an "
+        "existing file), which is decoded like the pipeline does and embedded with each "
+        "model's own preprocessing and recorded weights; models whose weights are unavailable "
+        "are skipped with a note. The `all` column ranks by mean cosine over the models.",
+    )
+    p.add_argument("query", metavar="NAME_OR_IMAGE")
+    add_run_arg(p)
+    add_config_args(p)
+    p.add_argument("--model", "--models", dest="models", default="all", metavar="M|all",
+                   help="a model, a comma-separated list, or all (default) to add the ensemble")
+    p.add_argument("-k", type=int, default=5, metavar="K", help="neighbours to show (default 5)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--image", action="store_true", help="treat NAME_OR_IMAGE as an image file")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from flagsim.query import query
+
+    cfg = config_from_args(args)
+    run_dir = run_dir_from(args, cfg)
+    wanted = split_csv(args.models)
+    everything = not wanted or wanted == ["all"]
+    result = query(run_dir, args.query, k=args.k, models=None if everything else wanted,
+                   cfg=cfg, ensemble=everything or "all" in wanted,
+                   as_image=True if args.image else None)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+        return 0
+    for m, reason in result.skipped.items():
+        print(f"note: {m} skipped: {reason}", file=sys.stderr)
+    print_result(result)
+    return 0
+
+
+def print_result(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = result.query_name or result.query
+    if result.kind == "image":
+        title = f"{result.query}" + (f" (= {result.query_name})" if result.query_name else "")
+    table = Table(title=f"top-{result.k} most similar to {title}")
+    table.add_column("rank", justify="right")
+    cols = list(result.results)
+    for m in cols:
+        table.add_column(m)
+    for r in range(result.k):
+        cells = []
+        for m in cols:
+            hits = result.results[m]
+            cells.append(f"{hits[r].name} ({hits[r].score:.3f})" if r < len(hits) else "")
+        table.add_row(str(r + 1), *cells)
+    Console().print(table)
