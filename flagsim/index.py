@@ -261,14 +261,16 @@ def use_gpu(cfg: IndexConfig) -> bool:
     return n > 0
 
 
-def _to_gpu(index: Any) -> Any:
+def _to_gpu(index: Any, kind: str) -> Any:
+    """A copy of `index` on GPU 0 (float16 intermediates for IVF-PQ, which needs them for
+    large codes; IVF-Flat and Flat keep float32 vectors)."""
     import faiss
 
     global _GPU_RESOURCES
     if _GPU_RESOURCES is None:
         _GPU_RESOURCES = faiss.StandardGpuResources()
     opts = faiss.GpuClonerOptions()
-    opts.useFloat16LookupTables = True  # IVF-PQ with many sub-quantisers
+    opts.useFloat16 = kind == "ivfpq"
     return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index, opts)
 
 
@@ -467,21 +469,6 @@ def build_index(run_dir: str | RunDir, model: str, cfg: IndexConfig | None = Non
     log.info("%s: building %s index (%s) of %d x %d on %s", model, kind, factory, n, dim,
              "GPU" if gpu else "CPU")
 
-    cpu_index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    if kind == "hnsw":
-        faiss.downcast_index(cpu_index).hnsw.efConstruction = params["ef_construction"]
-    elif kind == "ivfpq":
-        # polysemous training (on by default) only serves Hamming-filtered search and costs
-        # minutes even on small data
-        faiss.downcast_index(cpu_index).do_polysemous_training = False
-    index = cpu_index
-    if gpu:
-        try:
-            index = _to_gpu(cpu_index)
-        except RuntimeError as exc:
-            log.warning("%s: cannot build on GPU (%s); building on CPU", model, str(exc).splitlines()[0])
-            gpu = False
-
     rng = np.random.default_rng(0)
     exact = kind == "flat"
     sample_pos = np.sort(rng.choice(n, size=min(cfg.recall_sample, n), replace=False)) if not exact else None
@@ -489,28 +476,51 @@ def build_index(run_dir: str | RunDir, model: str, cfg: IndexConfig | None = Non
     if kind in ("ivf", "ivfpq"):
         ntrain = min(n, max(64 * params["nlist"], 256 * 39 if kind == "ivfpq" else 0))
         train_pos = np.sort(rng.choice(n, size=ntrain, replace=False))
+    train: np.ndarray | None = None
     samples: np.ndarray | None = None
     if train_pos is not None or sample_pos is not None:
         train, samples = _gather(run, model, dim, train_pos, sample_pos)
+
+    def fill(on_gpu: bool):
+        """Create, train and fill the index; (index, ids, names, shard hashes, exact top-k heap)."""
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if kind == "hnsw":
+            faiss.downcast_index(index).hnsw.efConstruction = params["ef_construction"]
+        elif kind == "ivfpq":
+            # polysemous training (on by default) only serves Hamming-filtered search and
+            # costs minutes even on small data
+            faiss.downcast_index(index).do_polysemous_training = False
+        if on_gpu:
+            index = _to_gpu(index, kind)
         if train is not None:
             index.train(train)
-            del train
+        ids: list[str] = []
+        names: list[str] = []
+        hashes: dict[str, str] = {}
+        heap = None
+        kk = min(RECALL_K + 1, n)
+        if samples is not None:
+            heap = faiss.ResultHeap(samples.shape[0], kk, keep_max=True)
+        for loc, sid, snames, vec in _iter_vectors(run, model, dim):
+            hashes[loc.name] = hashlib.sha256(loc.read_bytes()).hexdigest()
+            if heap is not None and len(vec):
+                d, i = faiss.knn(samples, vec, min(kk, len(vec)), metric=faiss.METRIC_INNER_PRODUCT)
+                heap.add_result(d, np.where(i >= 0, i + len(ids), -1))
+            index.add(vec)
+            ids.extend(sid)
+            names.extend(snames)
+        return index, ids, names, hashes, heap
 
-    ids: list[str] = []
-    names: list[str] = []
-    hashes: dict[str, str] = {}
-    heap = None
-    kk = min(RECALL_K + 1, n)
-    if samples is not None:
-        heap = faiss.ResultHeap(samples.shape[0], kk, keep_max=True)
-    for loc, sid, snames, vec in _iter_vectors(run, model, dim):
-        hashes[loc.name] = hashlib.sha256(loc.read_bytes()).hexdigest()
-        if heap is not None and len(vec):
-            d, i = faiss.knn(samples, vec, min(kk, len(vec)), metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(d, np.where(i >= 0, i + len(ids), -1))
-        index.add(vec)
-        ids.extend(sid)
-        names.extend(snames)
+    if gpu:
+        try:
+            index, ids, names, hashes, heap = fill(True)
+        except (RuntimeError, AttributeError) as exc:  # e.g. a PQ size the GPU kernels lack
+            log.warning("%s: cannot build on GPU (%s); building on CPU", model,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            gpu = False
+    if not gpu:
+        index, ids, names, hashes, heap = fill(False)
+    train = None  # free the training sample
     if len(ids) != n:
         raise DataError(f"{run.manifest(model)} says {n} rows but the shards hold {len(ids)}")
     if len(set(ids)) != len(ids):
@@ -655,8 +665,8 @@ def _load_files(run: RunDir, model: str, manifest: IndexManifest, cfg: IndexConf
     index = cpu_index
     if gpu:
         try:
-            index = _to_gpu(cpu_index)
-        except RuntimeError as exc:
+            index = _to_gpu(cpu_index, manifest.kind)
+        except (RuntimeError, AttributeError) as exc:
             log.warning("%s: searching on CPU (%s)", model, str(exc).splitlines()[0])
             gpu = False
     if not manifest.exact:

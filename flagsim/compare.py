@@ -1,0 +1,162 @@
+"""Compare models: each query's top-k per model and for the ensemble, and a model-agreement matrix."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from flagsim.errors import DataError
+from flagsim.index import (
+    ENSEMBLE,
+    Hit,
+    ModelIndex,
+    build_ensemble,
+    ensemble_query,
+    load_index,
+    read_sets,
+    resolve_models,
+    stored_vectors,
+)
+from flagsim.query import Catalogue
+from flagsim.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AGREEMENT_SAMPLE", "ORIGINAL_CHECKS", "Comparison", "Hit", "available_queries", "compare",
+           "top1_counts"]
+
+#: The original experiment's two checks: the query and the top match it reported.
+ORIGINAL_CHECKS: dict[str, str] = {"Chad": "Romania", "Australia": "New Zealand"}
+#: The agreement matrix uses at most this many images (a seeded random sample beyond it).
+AGREEMENT_SAMPLE = 10_000
+
+
+@dataclass
+class Comparison:
+    """Top-k of each query per model and for the ensemble ("all"), plus model agreement."""
+
+    models: list[str]  # models present, in a stable order
+    queries: list[str]  # query names as resolved (display names)
+    query_ids: dict[str, str]  # query name -> image_id
+    results: dict[str, dict[str, list[Hit]]]  # query -> model or "all" -> top-k (self excluded)
+    agreement: pd.DataFrame  # models x models, mean top-k overlap in [0, 1], diagonal 1
+    k: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "models": self.models,
+            "queries": self.queries,
+            "query_ids": self.query_ids,
+            "results": {
+                q: {m: [{"rank": h.rank, "image_id": h.image_id, "name": h.name,
+                         "score": round(h.score, 6)} for h in hits] for m, hits in per.items()}
+                for q, per in self.results.items()
+            },
+            "agreement": {a: {b: round(float(self.agreement.loc[a, b]), 6) for b in self.models}
+                          for a in self.models},
+        }
+
+
+def compare(
+    run_dir: str, queries: Sequence[str], k: int = 5, models: Sequence[str] | None = None
+) -> Comparison:
+    """Each query's top-k for every model and the ensemble, and the models' agreement matrix.
+
+    The ensemble ranks the images present in all models by mean cosine over the models.
+    Agreement of models A and B is the mean of |top-k_A(x) ∩ top-k_B(x)| / k over the images x
+    present in all models (a seeded sample of AGREEMENT_SAMPLE when there are more).
+    """
+    if not queries:
+        raise DataError("compare needs at least one query name")
+    run = RunDir.at(run_dir)
+    names = resolve_models(run, models)
+    sets = read_sets(run, names)
+    indexes = {m: load_index(run, m) for m in names}
+    for idx in indexes.values():
+        idx.check_k(k)
+    cat = Catalogue.of(sets.values())
+    resolved: list[str] = []
+    query_ids: dict[str, str] = {}
+    for text in queries:
+        image_id = cat.resolve(text)
+        display = cat.name(image_id)
+        if display in query_ids and query_ids[display] != image_id:
+            display = f"{display} ({image_id})"
+        if display not in query_ids:
+            resolved.append(display)
+            query_ids[display] = image_id
+    ensemble = build_ensemble(sets)
+    ensemble.check_k(k)
+    results: dict[str, dict[str, list[Hit]]] = {}
+    for q in resolved:
+        image_id = query_ids[q]
+        per: dict[str, list[Hit]] = {}
+        for m in names:
+            if image_id in sets[m].ids:
+                per[m] = indexes[m].hits(stored_vectors(sets[m], [image_id]), k, exclude=[image_id])[0]
+            else:
+                log.warning("%s is not among model %s's embeddings", q, m)
+        if image_id in ensemble:
+            per[ENSEMBLE] = ensemble.hits(ensemble_query(sets, [image_id]), k, exclude=[image_id])[0]
+        results[q] = per
+    agreement = agreement_matrix(indexes, sets, [str(i) for i in ensemble.ids], k)
+    return Comparison(names, resolved, query_ids, results, agreement, k)
+
+
+def agreement_matrix(
+    indexes: dict[str, ModelIndex], sets: dict, common_ids: Sequence[str], k: int,
+    sample: int = AGREEMENT_SAMPLE,
+) -> pd.DataFrame:
+    """Mean top-k overlap between each pair of models over `common_ids` (sampled if many)."""
+    ids = list(common_ids)
+    if len(ids) > sample:
+        rng = np.random.default_rng(0)
+        ids = [ids[i] for i in sorted(rng.choice(len(ids), size=sample, replace=False))]
+    names = list(indexes)
+    tops: dict[str, np.ndarray] = {}
+    for m in names:
+        _, pos = indexes[m].search(stored_vectors(sets[m], ids), k, exclude=ids)
+        top = indexes[m].ids[np.where(pos >= 0, pos, 0)]
+        tops[m] = np.where(pos >= 0, top, None)
+    mat = np.eye(len(names))
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            ta, tb = tops[names[a]], tops[names[b]]
+            overlap = [
+                len({x for x in ra if x is not None} & {x for x in rb if x is not None}) / k
+                for ra, rb in zip(ta, tb, strict=True)
+            ]
+            mat[a, b] = mat[b, a] = float(np.mean(overlap)) if overlap else float("nan")
+    return pd.DataFrame(mat, index=pd.Index(names, name="model"), columns=pd.Index(names))
+
+
+def available_queries(
+    run_dir: str, queries: Sequence[str], models: Sequence[str] | None = None
+) -> list[str]:
+    """The subset of `queries` that name an image of the run (unknown ones left out, logged)."""
+    from flagsim.errors import UnknownNameError
+
+    run = RunDir.at(run_dir)
+    cat = Catalogue.of(read_sets(run, resolve_models(run, models)).values())
+    out = []
+    for q in queries:
+        try:
+            cat.resolve(q)
+        except UnknownNameError as exc:
+            log.info("left out: %s", exc)
+            continue
+        out.append(q)
+    return out
+
+
+def top1_counts(comparison: Comparison, query: str) -> Counter:
+    """How many models (not counting the ensemble) put each image first for `query`."""
+    per = comparison.results.get(query, {})
+    return Counter(hits[0].name for m, hits in per.items() if m != ENSEMBLE and hits)

@@ -1,0 +1,239 @@
+"""Import embeddings saved by the original notebook (`Country,Flag Image,features` CSV) as shards."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from flagsim.errors import DataError
+from flagsim.images import (
+    bundled_table,
+    images_table_hash,
+    read_images_table,
+    safe_stem,
+    strip_footnotes,
+    write_images_table,
+)
+from flagsim.rundir import RunDir, shard_name
+from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
+from flagsim.storage import Location
+
+log = logging.getLogger(__name__)
+
+#: Model labels of the original experiment's files and result table -> flagsim model names.
+ORIGINAL_LABELS = {
+    "vit": "vit",
+    "clip": "clip",
+    "blip": "blip2",
+    "blip2": "blip2",
+    "dino-v2": "dinov2",
+    "dinov2": "dinov2",
+    "efficientnet": "efficientnet",
+    "vgg16": "vgg16",
+}
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_NUMBER_SPLIT = re.compile(r"[\s,\[\]]+")
+SOURCE_PREFIX = "flagsim import-csv"
+
+
+def model_from_label(label: str) -> str | None:
+    """`DINO-v2` -> `dinov2`, `blip` -> `blip2`, ...; None for a label the original did not use."""
+    return ORIGINAL_LABELS.get(label.strip().lower())
+
+
+_ORIGINAL_FILE = re.compile(r"^national_flag_embeddings_(.+?)\.csv(\.gz)?$", re.IGNORECASE)
+
+
+def model_from_filename(path: str) -> str | None:
+    """`national_flag_embeddings_DINO-v2.csv.gz` -> `dinov2`: the original files' naming."""
+    m = _ORIGINAL_FILE.match(Location.parse(path).name)
+    return model_from_label(m.group(1)) if m else None
+
+
+def parse_features(text: str, where: str) -> np.ndarray:
+    """numpy's printed text of a 1xD (or D) array -> float64 vector of D values.
+
+    Brackets, commas and line breaks are accepted; numpy's `...` summarisation is refused.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: empty features")
+    if "..." in text:
+        raise DataError(
+            f"{where}: features were summarised by numpy ('...'); re-save them with "
+            "np.set_printoptions(threshold=sys.maxsize)"
+        )
+    if text.count("[") > 2:
+        raise DataError(f"{where}: features hold more than one row; expected a 1xD array")
+    tokens = [t for t in _NUMBER_SPLIT.split(text) if t]
+    try:
+        vec = np.array(tokens, dtype=np.float64)
+    except ValueError as exc:
+        raise DataError(f"{where}: features are not numbers ({exc})") from None
+    if vec.size == 0:
+        raise DataError(f"{where}: no numbers in features")
+    if not np.isfinite(vec).all():
+        raise DataError(f"{where}: features hold NaN or Inf")
+    return vec
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    model: str
+    rows: int
+    dim: int
+    shards: int
+    images_table: str  # "kept" | "written" | "none"
+    not_in_images: int  # imported ids missing from the run's images table
+
+
+def _read_rows(src: Location) -> list[dict[str, str]]:
+    data = src.read_bytes()
+    if src.name.endswith(".gz") or data[:2] == b"\x1f\x8b":
+        import gzip
+
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"{src} is not a readable gzip file: {exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{src} is not UTF-8 text: {exc}") from None
+    csv.field_size_limit(1 << 30)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    fields = reader.fieldnames or []
+    for col in ("Country", "features"):
+        if col not in fields:
+            raise DataError(
+                f"{src} has no '{col}' column (columns: {', '.join(fields) or 'none'}); "
+                "expected the original format Country,Flag Image,features"
+            )
+    try:
+        return list(reader)
+    except csv.Error as exc:
+        raise DataError(f"{src}: not valid CSV: {exc}") from None
+
+
+def import_csv(
+    file: str,
+    model: str,
+    run_dir: str,
+    *,
+    checkpoint: str | None = None,
+    revision: str | None = None,
+    shard_size: int = 1000,
+    force: bool = False,
+    images: bool = True,
+) -> ImportResult:
+    """Write `file`'s embeddings as `embeddings/model=<model>/` shards plus a manifest (last).
+
+    `model` may be any safe name; a registered model's dimension must match. `checkpoint` and
+    `revision` record which weights made the vectors (then `flagsim query` can embed new
+    images with them). With `images`, a run without images.parquet gets one from the bundled
+    flags when every imported id is among them.
+    """
+    from flagsim.index import model_dim
+
+    if not _MODEL_NAME.match(model):
+        raise DataError(
+            f"invalid model name {model!r}: use letters, digits and . _ + - (at most 64 characters)"
+        )
+    src = Location.parse(file)
+    if not src.is_file():
+        raise DataError(f"embedding file not found: {src}")
+    run = RunDir.at(run_dir)
+    existing = run.model_dir(model).exists() and bool(run.model_dir(model).list())
+    if existing and not force:
+        raise DataError(
+            f"{run.model_dir(model)} already holds embeddings of {model}; pass --force to replace them"
+        )
+
+    rows = _read_rows(src)
+    if not rows:
+        raise DataError(f"{src} holds no rows")
+    ids: list[str] = []
+    names: list[str] = []
+    urls: list[str | None] = []
+    vecs: list[np.ndarray] = []
+    seen: dict[str, int] = {}
+    for line, rec in enumerate(rows, start=2):
+        country = (rec.get("Country") or "").strip()
+        where = f"{src}: row {line}" + (f" ({country})" if country else "")
+        if not country:
+            raise DataError(f"{where}: empty Country")
+        image_id = safe_stem(country)
+        if image_id.casefold() in seen:
+            raise DataError(f"{where}: same image id {image_id!r} as row {seen[image_id.casefold()]}")
+        seen[image_id.casefold()] = line
+        vec = parse_features(rec.get("features") or "", where)
+        if vecs and vec.size != vecs[0].size:
+            raise DataError(f"{where}: {vec.size} values, but the first row has {vecs[0].size}")
+        ids.append(image_id)
+        names.append(strip_footnotes(country))
+        urls.append((rec.get("Flag Image") or "").strip() or None)
+        vecs.append(vec)
+    dim = int(vecs[0].size)
+    expected = model_dim(model)
+    if expected is not None and expected != dim:
+        raise DataError(
+            f"{src}: {dim}-d embeddings, but model {model} is {expected}-d; "
+            "pick the matching --model (or a new name for another model)"
+        )
+    if expected is None:
+        log.info("%s is not a registered model: importing as an external model", model)
+    matrix = np.stack(vecs).astype(np.float32)
+
+    if existing:  # only now that the file is known to be good
+        run.model_dir(model).delete()
+    images_state, not_in = _images_table(run, ids, images)
+    table = read_images_table(run.images_table) if run.images_table.exists() else None
+    images_hash = images_table_hash(table) if table is not None else "none"
+
+    shards: dict[str, int] = {}
+    for index, start in enumerate(range(0, len(ids), shard_size)):
+        stop = min(start + shard_size, len(ids))
+        tab = embeddings_table(ids[start:stop], names[start:stop], model, matrix[start:stop])
+        write_shard(run, model, index, tab)
+        shards[shard_name(index)] = tab.num_rows
+    write_manifest(run, Manifest(
+        model=model, dim=dim, rows=len(ids), images_hash=images_hash, shards=shards,
+        checkpoint=checkpoint, revision=revision, dtype="float32", device="unknown",
+        processor={}, shard_size=shard_size, source=f"{SOURCE_PREFIX} {src.name}",
+    ))
+    log.info("imported %d %d-d embeddings of %s from %s into %s", len(ids), dim, model, src,
+             run.model_dir(model))
+    return ImportResult(model, len(ids), dim, len(shards), images_state, not_in)
+
+
+def _images_table(run: RunDir, ids: list[str], write: bool) -> tuple[str, int]:
+    """Keep the run's images table, or write the bundled flags' rows for `ids` when all match."""
+    if run.images_table.exists():
+        table = read_images_table(run.images_table)
+        have = set(table.column("image_id").to_pylist())
+        missing = [i for i in ids if i not in have]
+        if missing:
+            log.warning("%d imported id(s) are not in %s (e.g. %s): no images for them in reports",
+                        len(missing), run.images_table, ", ".join(missing[:3]))
+        return "kept", len(missing)
+    if not write:
+        return "none", len(ids)
+    bundled = bundled_table()
+    pos = {i: p for p, i in enumerate(bundled.column("image_id").to_pylist())}
+    missing = [i for i in ids if i not in pos]
+    if missing:
+        log.info("no images table written: %d imported id(s) are not bundled flags (e.g. %s)",
+                 len(missing), ", ".join(missing[:3]))
+        return "none", len(ids)
+    write_images_table(bundled.take(pa.array([pos[i] for i in ids])), run)
+    return "written", 0
+
+
+def is_imported(manifest: Manifest) -> bool:
+    return manifest.source.startswith(SOURCE_PREFIX)

@@ -1,0 +1,264 @@
+"""Answer one query (an image's name or an image file) with the top-k of each model and the ensemble."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from flagsim.config import Config
+from flagsim.errors import DataError, FlagsimError, UnknownNameError
+from flagsim.images import IMAGE_SUFFIXES, safe_stem
+from flagsim.index import (
+    ENSEMBLE,
+    Hit,
+    build_ensemble,
+    ensemble_query,
+    ensemble_vectors,
+    load_index,
+    read_sets,
+    resolve_models,
+    stored_vectors,
+)
+from flagsim.rundir import RunDir
+from flagsim.shards import EmbeddingSet
+from flagsim.storage import Location
+
+log = logging.getLogger(__name__)
+
+
+# --- names -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Image ids and display names known to a run (over the models searched)."""
+
+    names: dict[str, str]  # image_id -> display name
+
+    @classmethod
+    def of(cls, sets: Iterable[EmbeddingSet]) -> Catalogue:
+        names: dict[str, str] = {}
+        for s in sets:
+            for i, n in zip(s.ids, s.names, strict=True):
+                names.setdefault(i, n)
+        return cls(names)
+
+    def resolve(self, text: str) -> str:
+        """The image id named by `text` (a display name or image id, case-insensitive).
+
+        Unknown names raise UnknownNameError with up to five close matches.
+        """
+        key = text.strip().casefold()
+        if not key:
+            raise UnknownNameError("empty query name")
+        by_name: dict[str, list[str]] = {}
+        for i, n in self.names.items():
+            by_name.setdefault(n.casefold(), []).append(i)
+        if key in by_name:
+            ids = by_name[key]
+            if len(ids) > 1:
+                raise UnknownNameError(
+                    f"{text!r} names {len(ids)} images; use one of the ids {', '.join(sorted(ids)[:5])}"
+                )
+            return ids[0]
+        by_id = {i.casefold(): i for i in self.names}
+        for candidate in (key, safe_stem(text.strip()).casefold()):
+            if candidate in by_id:
+                return by_id[candidate]
+        raise UnknownNameError(self.unknown_message(text))
+
+    def unknown_message(self, text: str) -> str:
+        display = sorted(set(self.names.values()) | set(self.names))
+        folded: dict[str, str] = {}
+        for d in display:
+            folded.setdefault(d.casefold(), d)
+        close = difflib.get_close_matches(text.strip().casefold(), list(folded), n=5, cutoff=0.6)
+        if not close:  # a prefix or substring is a good guess for short or partial names
+            close = [f for f in folded if text.strip().casefold() in f][:5]
+        hint = ("; did you mean: " + ", ".join(folded[c] for c in close) + "?") if close else (
+            f"; no close match among {len(self.names)} images"
+        )
+        return f"unknown name {text!r}{hint}"
+
+    def name(self, image_id: str) -> str:
+        return self.names.get(image_id, image_id)
+
+
+def looks_like_image(text: str) -> bool:
+    """True when `text` should be read as an image file rather than a name."""
+    if "://" in text or text.lower().endswith(IMAGE_SUFFIXES):
+        return True
+    if "/" in text or "\\" in text:
+        return True
+    try:
+        return Location.parse(text).is_file()
+    except DataError:
+        return False
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class QueryResult:
+    """Top-k per model (and the ensemble under "all") for one query."""
+
+    query: str  # what was asked
+    kind: str  # "name" | "image"
+    query_id: str | None  # the image id for name queries (and image queries found in the run)
+    query_name: str | None
+    k: int
+    models: list[str]
+    results: dict[str, list[Hit]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # model -> one-line reason
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "query": self.query, "kind": self.kind, "query_id": self.query_id,
+            "query_name": self.query_name, "k": self.k, "models": self.models,
+            "results": {
+                m: [{"rank": h.rank, "image_id": h.image_id, "name": h.name, "score": round(h.score, 6)}
+                    for h in hits]
+                for m, hits in self.results.items()
+            },
+            "skipped": self.skipped,
+        }
+
+
+def query(
+    run_dir: str, text: str, k: int = 5, models: Sequence[str] | None = None,
+    cfg: Config | None = None, ensemble: bool = True, as_image: bool | None = None,
+) -> QueryResult:
+    """Top-k neighbours of `text` (a name in the run, or an image file) for each model.
+
+    Name queries exclude the image itself. Image files are decoded with the pipeline's
+    decoder and embedded with each model's own preprocessing and recorded weights; an image
+    whose bytes equal one of the run's images is excluded from its own results, like a name.
+    The ensemble ("all") ranks by mean cosine over the models answered, when there are two or more.
+    """
+    cfg = cfg or Config()
+    run = RunDir.at(run_dir)
+    names = resolve_models(run, models)
+    sets = read_sets(run, names)
+    image = looks_like_image(text) if as_image is None else as_image
+    if image:
+        return _image_query(run, text, k, names, sets, cfg, ensemble)
+    cat = Catalogue.of(sets.values())
+    image_id = cat.resolve(text)
+    result = QueryResult(text, "name", image_id, cat.name(image_id), k, names)
+    answered: dict[str, EmbeddingSet] = {}
+    for m in names:
+        s = sets[m]
+        if image_id not in s.ids:
+            result.skipped[m] = f"{cat.name(image_id)} is not among its embeddings"
+            continue
+        idx = load_index(run, m, cfg.index)
+        idx.check_k(k)
+        result.results[m] = idx.hits(stored_vectors(s, [image_id]), k, exclude=[image_id])[0]
+        answered[m] = s
+    if ensemble and len(answered) > 1:
+        ens = build_ensemble(answered)
+        if image_id in ens:
+            ens.check_k(k)
+            vec = ensemble_query(answered, [image_id])
+            result.results[ENSEMBLE] = ens.hits(vec, k, exclude=[image_id])[0]
+    if not result.results:
+        raise DataError(f"no model could answer {text!r}: " + _grouped(result.skipped))
+    return result
+
+
+def _image_query(
+    run: RunDir, path: str, k: int, names: list[str], sets: dict[str, EmbeddingSet], cfg: Config,
+    ensemble: bool,
+) -> QueryResult:
+    from flagsim.decode import decode_image
+
+    loc = Location.parse(path)
+    if not loc.is_file():
+        raise DataError(f"image file not found: {path}")
+    data = loc.read_bytes()
+    pixels = decode_image(data, max_pixels=cfg.embed.max_image_pixels)
+    self_id = _same_image(run, data)
+    cat = Catalogue.of(sets.values())
+    result = QueryResult(path, "image", self_id, cat.name(self_id) if self_id else None, k, names)
+    vectors: dict[str, np.ndarray] = {}
+    for m in names:
+        try:
+            vec = embed_like(run, m, sets[m], pixels)
+        except (FlagsimError, OSError) as exc:
+            result.skipped[m] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.debug("skipping %s: %s", m, exc)
+            continue
+        idx = load_index(run, m, cfg.index)
+        idx.check_k(k, exclude_self=self_id is not None)
+        exclude = [self_id] if self_id else None
+        result.results[m] = idx.hits(vec, k, exclude=exclude)[0]
+        vectors[m] = vec
+    if ensemble and len(vectors) > 1:
+        ens = build_ensemble({m: sets[m] for m in vectors})
+        ens.check_k(k, exclude_self=self_id is not None)
+        result.results[ENSEMBLE] = ens.hits(
+            ensemble_vectors(vectors), k, exclude=[self_id] if self_id else None
+        )[0]
+    if not result.results:
+        raise DataError(f"no model could embed {path}: " + _grouped(result.skipped))
+    return result
+
+
+def _grouped(skipped: dict[str, str]) -> str:
+    """`a, b: reason; c: other reason` (models with the same reason listed together)."""
+    by_reason: dict[str, list[str]] = {}
+    for m, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(m)
+    return "; ".join(f"{', '.join(ms)}: {reason}" for reason, ms in by_reason.items())
+
+
+def _same_image(run: RunDir, data: bytes) -> str | None:
+    """The id of the run's image with exactly these bytes, if the run has an images table."""
+    if not run.images_table.exists():
+        return None
+    from flagsim.images import read_images_table
+
+    table = read_images_table(run.images_table)
+    digest = hashlib.sha256(data).hexdigest()
+    for i, h in zip(table.column("image_id").to_pylist(), table.column("sha256").to_pylist(),
+                    strict=True):
+        if h == digest:
+            return i
+    return None
+
+
+def embed_like(run: RunDir, model: str, s: EmbeddingSet, pixels: np.ndarray) -> np.ndarray:
+    """Embed one decoded image the way `model`'s stored embeddings were made ([1, dim]).
+
+    Uses the weights recorded in the model's manifest; raises a FlagsimError with one line
+    when that is not possible (imported without a checkpoint, weights unavailable, ...).
+    """
+    from flagsim.importcsv import is_imported
+
+    manifest = s.manifest
+    if is_imported(manifest) and not manifest.checkpoint:
+        raise DataError(
+            "embeddings were imported without --checkpoint, so the weights that made them are unknown"
+        )
+    try:
+        from flagsim.models import create_embedder
+    except ImportError as exc:  # pragma: no cover - the registry is part of the package
+        raise DataError(f"{model}: model registry unavailable ({exc})") from None
+    tiny = manifest.checkpoint == "tiny-random"
+    embedder = create_embedder(
+        model, weights=None if tiny else manifest.checkpoint,
+        revision=None if tiny else manifest.revision, device="cpu", tiny=tiny,
+    )
+    vec = np.asarray(embedder([pixels]), dtype=np.float32).reshape(1, -1)
+    if vec.shape[1] != s.dim:
+        raise DataError(
+            f"the model now gives {vec.shape[1]}-d vectors, the stored ones are {s.dim}-d"
+        )
+    return vec

@@ -1,0 +1,310 @@
+"""FAISS indexes: exact search equals NumPy brute force, approximate kinds record measured recall,
+bad or stale inputs give one-line errors, and indexes live on object stores too."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flagsim.cli import main
+from flagsim.config import IndexConfig
+from flagsim.errors import ConfigError, DataError
+from flagsim.index import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    build_index,
+    choose_kind,
+    index_state,
+    load_index,
+    normalise,
+)
+from flagsim.rundir import RunDir
+from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_faiss_thread():
+    """One OpenMP thread: on a small shared CI machine FAISS's spinning threads are far slower."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def make_run(root, model: str, vectors: np.ndarray, shard_size: int = 100, ids=None) -> RunDir:
+    """A run with `vectors` as `model`'s embeddings, split into shards, manifest last."""
+    run = RunDir.at(str(root))
+    n, dim = vectors.shape
+    ids = ids or [f"img{i:05d}" for i in range(n)]
+    shards = {}
+    for s, start in enumerate(range(0, n, shard_size)):
+        stop = min(n, start + shard_size)
+        table = embeddings_table(ids[start:stop], [f"Image {i}" for i in ids[start:stop]], model,
+                                 vectors[start:stop])
+        shards[write_shard(run, model, s, table).name] = table.num_rows
+    write_manifest(run, Manifest(model=model, dim=dim, rows=n, images_hash="test", shards=shards,
+                                 source="test"))
+    return run
+
+
+def brute_force(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k cosine of every row against all others (itself excluded), in float64."""
+    x = vectors.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1), order
+
+
+def test_normalise_gives_unit_rows_and_keeps_zero_rows() -> None:
+    x = np.array([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]], dtype=np.float32)
+    out = normalise(x)
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0], [-1.0, 0.0]], atol=1e-7)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(x[0], [3.0, 4.0])  # input untouched
+
+
+def test_flat_index_equals_numpy_brute_force(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(250, 24)).astype(np.float32) * rng.uniform(0.5, 3, (250, 1)).astype(np.float32)
+    run = make_run(tmp_path, "m", vectors, shard_size=60)
+    idx = load_index(run, "m")
+    assert idx.manifest.kind == "flat" and idx.manifest.exact
+    assert idx.manifest.count == 250 and idx.manifest.dim == 24
+    assert sorted(idx.manifest.shards) == [f"part-{i:05d}.parquet" for i in range(5)]
+    ids = [f"img{i:05d}" for i in range(250)]
+    scores, pos = idx.search(vectors, 7, exclude=ids)
+    want_scores, want_pos = brute_force(vectors, 7)
+    np.testing.assert_array_equal(pos, want_pos)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    # the saved files give the same answers
+    again = load_index(run, "m", build=False)
+    scores2, pos2 = again.search(vectors, 7, exclude=ids)
+    np.testing.assert_array_equal(pos2, pos)
+    np.testing.assert_allclose(scores2, scores, atol=1e-6)
+
+
+def test_search_without_exclusion_returns_the_image_itself_first(tmp_path) -> None:
+    vectors = np.random.default_rng(2).normal(size=(30, 8)).astype(np.float32)
+    idx = load_index(make_run(tmp_path, "m", vectors), "m")
+    scores, pos = idx.search(vectors[:5], 3)
+    np.testing.assert_array_equal(pos[:, 0], np.arange(5))
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_k_larger_than_the_collection_is_one_line_error(tmp_path) -> None:
+    idx = load_index(make_run(tmp_path, "m", np.eye(4, dtype=np.float32)), "m")
+    idx.check_k(3)
+    with pytest.raises(DataError, match=r"k=4 is larger than the collection: model m has 4 images"):
+        idx.check_k(4)
+
+
+def test_choose_kind_rule() -> None:
+    cfg = IndexConfig(kind="auto", exact_max_rows=1000, memory_budget_gb=1.0)
+    assert choose_kind(1000, 64, cfg) == "flat"
+    assert choose_kind(1001, 64, cfg) == "ivf"
+    # 10M x 64 floats (2.4 GiB) do not fit 1 GiB: compressed codes
+    assert choose_kind(10_000_000, 64, cfg) == "ivfpq"
+    # exact is the default kind, whatever the size
+    assert IndexConfig().kind == "flat"
+    assert choose_kind(10_000_000, 64, IndexConfig()) == "flat"
+    assert choose_kind(10, 4, IndexConfig(kind="hnsw")) == "hnsw"
+
+
+@pytest.fixture(scope="module")
+def random_20k(tmp_path_factory) -> tuple[RunDir, np.ndarray]:
+    vectors = np.random.default_rng(3).normal(size=(20_000, 64)).astype(np.float32)
+    return make_run(tmp_path_factory.mktemp("r20k"), "m", vectors, shard_size=5000), vectors
+
+
+def _manifest_json(run: RunDir, model: str) -> dict:
+    return json.loads((run.index_path(model) / MANIFEST_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def random_4k(tmp_path_factory) -> tuple[RunDir, np.ndarray]:
+    vectors = np.random.default_rng(12).normal(size=(4000, 32)).astype(np.float32)
+    return make_run(tmp_path_factory.mktemp("r4k"), "m", vectors, shard_size=1000), vectors
+
+
+APPROXIMATE = {
+    "ivf": ("random_20k", IndexConfig(kind="ivf", recall_sample=300, nprobe=8)),
+    "hnsw": ("random_4k", IndexConfig(kind="hnsw", recall_sample=300, hnsw_m=16)),
+    # PQ training is the slow part: fewer, shorter vectors keep it quick
+    "ivfpq": ("random_4k", IndexConfig(kind="ivfpq", recall_sample=300, nlist=16, nprobe=4, pq_m=8)),
+}
+
+
+@pytest.mark.parametrize("kind", list(APPROXIMATE))
+def test_approximate_indexes_record_measured_recall(request, kind) -> None:
+    fixture, cfg = APPROXIMATE[kind]
+    run, vectors = request.getfixturevalue(fixture)
+    idx = build_index(run, "m", cfg)
+    man = _manifest_json(run, "m")
+    assert man["kind"] == kind and man["exact"] is False
+    assert man["recall_k"] == 10 and man["recall_sample"] == 300
+    assert 0.0 < man["recall"] <= 1.0
+    assert man["recall"] == idx.manifest.recall
+    # the recorded recall is a real measurement: recompute it on 300 other queries and compare
+    rng = np.random.default_rng(9)
+    q = rng.choice(len(vectors), 300, replace=False)
+    ids = [f"img{i:05d}" for i in q]
+    _, approx = idx.search(vectors[q], 10, exclude=ids)
+    x = normalise(vectors)
+    sims = x[q] @ x.T
+    sims[np.arange(300), q] = -np.inf
+    exact = np.argsort(-sims, axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])
+    assert abs(recall - man["recall"]) < 0.1
+
+
+def test_ivf_recall_is_one_when_every_list_is_probed_and_lower_with_one(random_4k) -> None:
+    run, _ = random_4k
+    full = build_index(run, "m", IndexConfig(kind="ivf", nlist=32, nprobe=32, recall_sample=200))
+    assert full.manifest.params == {"nlist": 32, "nprobe": 32}
+    assert full.manifest.recall == 1.0
+    one = build_index(run, "m", IndexConfig(kind="ivf", nlist=32, nprobe=1, recall_sample=200))
+    assert one.manifest.recall < 0.9
+
+
+def test_auto_picks_an_approximate_index_beyond_exact_max_rows(random_4k) -> None:
+    run, _ = random_4k
+    idx = build_index(run, "m", IndexConfig(kind="auto", exact_max_rows=1000, recall_sample=100))
+    assert idx.manifest.kind == "ivf" and idx.manifest.recall is not None
+    idx = build_index(run, "m", IndexConfig(kind="auto", recall_sample=100))
+    assert idx.manifest.kind == "flat" and idx.manifest.exact and idx.manifest.recall == 1.0
+
+
+def test_use_gpu_yes_without_a_gpu_is_a_config_error(tmp_path) -> None:
+    import faiss
+
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU is visible to FAISS")
+    run = make_run(tmp_path, "m", np.eye(5, dtype=np.float32))
+    with pytest.raises(ConfigError, match="use_gpu=yes but FAISS sees no GPU"):
+        build_index(run, "m", IndexConfig(use_gpu="yes"))
+
+
+def test_shard_of_another_model_is_refused_naming_the_file(tmp_path) -> None:
+    vectors = np.random.default_rng(4).normal(size=(20, 8)).astype(np.float32)
+    run = make_run(tmp_path, "m", vectors, shard_size=10)
+    foreign = embeddings_table([f"x{i}" for i in range(10)], ["x"] * 10, "other", vectors[:10])
+    write_shard(run, "m", 1, foreign)
+    with pytest.raises(DataError) as err:
+        load_index(run, "m")
+    msg = str(err.value)
+    assert "part-00001.parquet" in msg and "other" in msg and "\n" not in msg
+
+
+def test_mismatched_dimension_is_refused_naming_the_file(tmp_path) -> None:
+    vectors = np.random.default_rng(5).normal(size=(20, 8)).astype(np.float32)
+    run = make_run(tmp_path, "m", vectors, shard_size=10)
+    wrong = embeddings_table([f"y{i}" for i in range(10)], ["y"] * 10, "m",
+                             np.ones((10, 6), np.float32))
+    write_shard(run, "m", 1, wrong)
+    with pytest.raises(DataError) as err:
+        build_index(run, "m")
+    msg = str(err.value)
+    assert "part-00001.parquet" in msg and "dim 6" in msg and "\n" not in msg
+
+
+def test_index_of_another_model_is_refused_naming_the_file(tmp_path) -> None:
+    vectors = np.random.default_rng(6).normal(size=(20, 8)).astype(np.float32)
+    run = make_run(tmp_path, "a", vectors)
+    make_run(tmp_path, "b", vectors)
+    load_index(run, "a")
+    load_index(run, "b")
+    src = run.index_path("a") / MANIFEST_FILE
+    (run.index_path("b") / MANIFEST_FILE).write_bytes(src.read_bytes())
+    with pytest.raises(DataError, match=r"model=b/_manifest.json describes the index of model a, not b"):
+        load_index(run, "b")
+
+
+def test_stale_index_is_an_error_without_build_and_rebuilt_with_it(tmp_path) -> None:
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    run = make_run(tmp_path, "m", vectors, shard_size=20)
+    first = load_index(run, "m")
+    assert index_state(run, "m")[0] == "fresh"
+    changed = vectors.copy()
+    changed[20:] = rng.normal(size=(20, 8))
+    make_run(tmp_path, "m", changed, shard_size=20)  # part-00001 rewritten, same row count
+    state, reason = index_state(run, "m")
+    assert state == "stale" and "part-00001.parquet changed" in reason
+    with pytest.raises(DataError) as err:
+        load_index(run, "m", build=False)
+    msg = str(err.value)
+    assert "model=m/_manifest.json is stale" in msg and "part-00001.parquet" in msg
+    assert "\n" not in msg
+    rebuilt = load_index(run, "m")
+    assert rebuilt.manifest.shards != first.manifest.shards
+    assert index_state(run, "m")[0] == "fresh"
+    ids = [f"img{i:05d}" for i in range(40)]
+    _, pos = rebuilt.search(changed, 3, exclude=ids)
+    np.testing.assert_array_equal(pos, brute_force(changed, 3)[1])
+
+
+def test_corrupt_index_file_is_a_one_line_error_naming_it(tmp_path) -> None:
+    run = make_run(tmp_path, "m", np.random.default_rng(8).normal(size=(12, 4)).astype(np.float32))
+    load_index(run, "m")
+    (run.index_path("m") / INDEX_FILE).write_bytes(b"not an index")
+    with pytest.raises(DataError, match=r"index\.faiss is not a readable FAISS index"):
+        load_index(run, "m", build=False)
+    assert load_index(run, "m").count == 12  # load-or-build repairs it
+
+
+def test_cli_index_builds_reports_and_checks(tmp_path, capsys) -> None:
+    vectors = np.random.default_rng(10).normal(size=(50, 8)).astype(np.float32)
+    run = make_run(tmp_path, "m", vectors, shard_size=25)
+    assert main(["index", "--run", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "built" in out and "flat" in out
+    assert main(["index", "--run", str(tmp_path)]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert main(["index", "--run", str(tmp_path), "--check"]) == 0
+    make_run(tmp_path, "m", vectors[::-1].copy(), shard_size=25)
+    assert main(["index", "--run", str(tmp_path), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flagsim: error:") and "stale" in err and len(err.splitlines()) == 1
+    assert main(["index", "--run", str(tmp_path), "--kind", "hnsw"]) == 0
+    assert json.loads((run.index_path("m") / MANIFEST_FILE).read_text())["kind"] == "hnsw"
+
+
+def test_index_on_an_object_store_run() -> None:
+    from s3server import patched_environ, running_s3
+
+    with running_s3() as s3, patched_environ(s3.env):
+        _index_round_trip(f"s3://{s3.new_bucket()}/run")
+
+
+def _index_round_trip(root: str) -> None:
+    vectors = np.random.default_rng(11).normal(size=(30, 8)).astype(np.float32)
+    run = make_run(root, "m", vectors, shard_size=10)
+    built = load_index(run, "m")
+    assert (run.index_path("m") / INDEX_FILE).exists()
+    loaded = load_index(RunDir.at(root), "m", build=False)
+    ids = [f"img{i:05d}" for i in range(30)]
+    np.testing.assert_array_equal(loaded.search(vectors, 4, exclude=ids)[1],
+                                  built.search(vectors, 4, exclude=ids)[1])
+
+
+def test_gpu_failure_falls_back_to_cpu(tmp_path, monkeypatch, caplog) -> None:
+    import flagsim.index as index_mod
+
+    def no_kernels(index, kind):
+        raise RuntimeError("no GPU kernel for this index")
+
+    monkeypatch.setattr(index_mod, "gpu_count", lambda: 1)
+    monkeypatch.setattr(index_mod, "_to_gpu", no_kernels)
+    vectors = np.random.default_rng(13).normal(size=(300, 8)).astype(np.float32)
+    run = make_run(tmp_path, "m", vectors)
+    idx = build_index(run, "m", IndexConfig(kind="ivf", nlist=4, nprobe=4, recall_sample=50))
+    assert idx.manifest.device == "cpu" and idx.manifest.recall == 1.0
+    assert "cannot build on GPU (no GPU kernel for this index); building on CPU" in caplog.text
+    loaded = load_index(run, "m", IndexConfig(use_gpu="yes"), build=False)
+    assert loaded.cpu_index is None and loaded.count == 300

@@ -1,0 +1,123 @@
+"""The batch neighbour table: equal to brute force, batched, and the original experiment reproduced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from flagsim.cli import main
+from flagsim.config import load_config
+from flagsim.images import safe_stem
+from flagsim.importcsv import model_from_label
+from flagsim.neighbours import read_neighbours, write_neighbours
+from flagsim.rundir import RunDir
+from flagsim.schema import NEIGHBOURS_SCHEMA
+from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
+
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
+
+
+def make_run(root, model: str, vectors: np.ndarray, shard_size: int = 100) -> RunDir:
+    run = RunDir.at(str(root))
+    n, dim = vectors.shape
+    ids = [f"img{i:04d}" for i in range(n)]
+    shards = {}
+    for s, start in enumerate(range(0, n, shard_size)):
+        stop = min(n, start + shard_size)
+        table = embeddings_table(ids[start:stop], [f"Image {i}" for i in ids[start:stop]], model,
+                                 vectors[start:stop])
+        shards[write_shard(run, model, s, table).name] = table.num_rows
+    write_manifest(run, Manifest(model=model, dim=dim, rows=n, images_hash="test", shards=shards,
+                                 source="test"))
+    return run
+
+
+def test_neighbour_table_equals_brute_force_in_bounded_batches(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(103, 16)).astype(np.float32)
+    b = rng.normal(size=(103, 10)).astype(np.float32)
+    make_run(tmp_path, "a", a, shard_size=40)
+    make_run(tmp_path, "b", b, shard_size=40)
+    cfg = load_config(None, ["neighbours.batch_size=25"])
+    results = write_neighbours(str(tmp_path), k=6, cfg=cfg)
+    assert [r.model for r in results] == ["a", "b"]
+    for model, vectors in (("a", a), ("b", b)):
+        files = RunDir.at(str(tmp_path)).neighbours_dir(model).list(".parquet")
+        assert len(files) == 5  # ceil(103 / 25) batches, one part each
+        for f in files:
+            assert pq.read_table(f.path).num_rows <= 25 * 6
+        table = read_neighbours(str(tmp_path), model)
+        assert table.schema.equals(NEIGHBOURS_SCHEMA)
+        df = table.to_pandas()
+        assert len(df) == 103 * 6
+        assert set(df["model"]) == {model}
+        assert (df["query_id"] != df["neighbour_id"]).all()
+        x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        sims = x.astype(np.float64) @ x.T.astype(np.float64)
+        np.fill_diagonal(sims, -np.inf)
+        order = np.argsort(-sims, axis=1)[:, :6]
+        for qi in range(103):
+            got = df[df["query_id"] == f"img{qi:04d}"].sort_values("rank")
+            assert got["rank"].tolist() == [1, 2, 3, 4, 5, 6]
+            assert got["neighbour_id"].tolist() == [f"img{j:04d}" for j in order[qi]]
+            np.testing.assert_allclose(got["score"], sims[qi, order[qi]], atol=1e-5)
+            assert got["query"].iloc[0] == f"Image img{qi:04d}"
+
+
+def test_rerun_with_bigger_batches_leaves_no_stale_parts(tmp_path) -> None:
+    make_run(tmp_path, "a", np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32))
+    write_neighbours(str(tmp_path), k=3, cfg=load_config(None, ["neighbours.batch_size=7"]))
+    write_neighbours(str(tmp_path), k=2, cfg=load_config(None, ["neighbours.batch_size=100"]))
+    files = RunDir.at(str(tmp_path)).neighbours_dir("a").list(".parquet")
+    assert [f.name for f in files] == ["part-00000.parquet"]
+    assert read_neighbours(str(tmp_path), "a").num_rows == 30 * 2
+
+
+def test_k_larger_than_the_collection_is_a_one_line_error(tmp_path, capsys) -> None:
+    make_run(tmp_path, "a", np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32))
+    assert main(["-q", "neighbours", "--run", str(tmp_path), "-k", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("flagsim: error: k=8 is larger than the collection: model a has 8 images, "
+                   "so at most 7 neighbours each")
+    assert not RunDir.at(str(tmp_path)).neighbours_dir("a").exists()
+    assert not RunDir.at(str(tmp_path)).index_path("a").exists()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """The original experiment's six embedding files imported into one run."""
+    root = tmp_path_factory.mktemp("reference")
+    files = sorted(str(p) for p in REFERENCE.glob("national_flag_embeddings_*.csv.gz"))
+    assert len(files) == 6
+    assert main(["-q", "import-csv", *files, "--run", str(root)]) == 0
+    return root
+
+
+def test_reference_import_and_neighbours_reproduce_the_original_top5(reference_run, capsys) -> None:
+    assert main(["-q", "neighbours", "--run", str(reference_run), "-k", "5"]) == 0
+    capsys.readouterr()
+    original = pd.read_csv(REFERENCE / "original_top5_cosine.csv.gz")
+    original["model"] = original["model"].map(model_from_label)
+    assert sorted(original["model"].unique()) == sorted(
+        ["vit", "clip", "blip2", "dinov2", "efficientnet", "vgg16"]
+    )
+    original["query_id"] = original["Country"].map(safe_stem)
+    original["want_id"] = original["neighbor"].map(safe_stem)
+    checked = 0
+    for model, want in original.groupby("model"):
+        got = read_neighbours(str(reference_run), model).to_pandas()
+        assert len(got) == len(want) == 195 * 5
+        both = want.merge(got, on=["query_id", "rank"], how="left", validate="one_to_one")
+        assert both["neighbour_id"].notna().all()
+        np.testing.assert_allclose(both["score"], both["cosine"], atol=1e-5)
+        for _, row in both[both["neighbour_id"] != both["want_id"]].iterrows():
+            # only an exact tie may swap places: another of the original's top 5 for this
+            # country must have the same cosine
+            same = want[(want["query_id"] == row["query_id"]) & (want["rank"] != row["rank"])]
+            assert (abs(same["cosine"] - row["cosine"]) < 1e-5).any(), (model, row["Country"])
+        checked += len(both)
+    assert checked == 6 * 195 * 5

@@ -1,0 +1,151 @@
+"""`flagsim query`: names (with close matches for unknown ones) and image files, per model and ensemble."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from flagsim.cli import main
+from flagsim.decode import decode_image
+from flagsim.errors import UnknownNameError
+from flagsim.images import bundled_table, write_images_table
+from flagsim.query import query
+from flagsim.rundir import RunDir
+from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
+
+FLAGS = ["Chad", "Romania", "Andorra", "Moldova", "Belgium", "France", "Italy", "Ireland",
+         "Japan", "Bangladesh", "Indonesia", "Monaco", "Poland", "Australia", "New_Zealand"]
+
+
+def _write_model(run: RunDir, model: str, ids, names, vectors, **manifest) -> None:
+    table = embeddings_table(ids, names, model, vectors)
+    write_shard(run, model, 0, table)
+    write_manifest(run, Manifest(model=model, dim=vectors.shape[1], rows=len(ids),
+                                 images_hash="test", shards={"part-00000.parquet": len(ids)},
+                                 **manifest))
+
+
+@pytest.fixture(scope="module")
+def flag_run(tmp_path_factory) -> dict:
+    """15 bundled flags embedded with the weight-free `pixels` model, plus an `ext` model whose
+    embeddings were imported without a checkpoint (so images cannot be embedded for it)."""
+    from flagsim.models import create_embedder
+
+    root = tmp_path_factory.mktemp("flags")
+    run = RunDir.at(str(root))
+    bundled = bundled_table()
+    ids_all = bundled.column("image_id").to_pylist()
+    table = bundled.take(pa.array([ids_all.index(i) for i in FLAGS]))
+    write_images_table(table, run)
+    paths = table.column("path").to_pylist()
+    names = table.column("name").to_pylist()
+    embedder = create_embedder("pixels")
+    pixels = embedder([decode_image(Path(p).read_bytes()) for p in paths])
+    _write_model(run, "pixels", FLAGS, names, pixels, checkpoint=None, source="test")
+    ext = np.random.default_rng(0).normal(size=(len(FLAGS), 12)).astype(np.float32)
+    _write_model(run, "ext", FLAGS, names, ext, source="flagsim import-csv ext.csv")
+    return {"root": str(root), "paths": dict(zip(FLAGS, paths, strict=True)), "names": names,
+            "vectors": {"pixels": pixels, "ext": ext}, "embedder": embedder}
+
+
+def _cosine(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x @ x.T
+
+
+def _top(scores: np.ndarray, k: int, skip: int | None) -> list[int]:
+    s = scores.astype(np.float64).copy()
+    if skip is not None:
+        s[skip] = -np.inf
+    return list(np.argsort(-s, kind="stable")[:k])
+
+
+def test_unknown_name_prints_close_matches_and_exits_non_zero(flag_run, capsys) -> None:
+    code = main(["-q", "query", "Chadd", "--run", flag_run["root"]])
+    assert code != 0
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and captured.out == ""
+    assert err.startswith("flagsim: error: unknown name 'Chadd'; did you mean: ")
+    assert "Chad" in err.split("did you mean: ")[1]
+    with pytest.raises(UnknownNameError, match="did you mean: .*New Zealand"):
+        query(flag_run["root"], "new zeeland")
+
+
+def test_name_query_equals_brute_force_case_insensitively(flag_run) -> None:
+    res = query(flag_run["root"], "cHaD", k=4)
+    assert res.kind == "name" and res.query_id == "Chad" and res.query_name == "Chad"
+    sims = _cosine(flag_run["vectors"]["pixels"])
+    want = _top(sims[0], 4, skip=0)
+    got = res.results["pixels"]
+    assert [h.image_id for h in got] == [FLAGS[j] for j in want]
+    assert [h.rank for h in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose([h.score for h in got], sims[0, want], atol=1e-5)
+    # by image id too (New_Zealand is the id of "New Zealand")
+    assert query(flag_run["root"], "new_zealand", k=2).query_id == "New_Zealand"
+
+
+def test_ensemble_is_the_mean_cosine_over_models(flag_run) -> None:
+    res = query(flag_run["root"], "Japan", k=5)
+    assert set(res.results) == {"pixels", "ext", "all"}
+    q = FLAGS.index("Japan")
+    mean = (_cosine(flag_run["vectors"]["pixels"]) + _cosine(flag_run["vectors"]["ext"])) / 2
+    want = _top(mean[q], 5, skip=q)
+    assert [h.image_id for h in res.results["all"]] == [FLAGS[j] for j in want]
+    np.testing.assert_allclose([h.score for h in res.results["all"]], mean[q, want], atol=1e-5)
+
+
+def test_image_path_returns_the_same_neighbours_as_the_stored_embedding(flag_run) -> None:
+    by_name = query(flag_run["root"], "Chad", k=5, models=["pixels"])
+    by_image = query(flag_run["root"], flag_run["paths"]["Chad"], k=5, models=["pixels"])
+    assert by_image.kind == "image" and by_image.query_id == "Chad"  # same bytes as the run's Chad
+    a, b = by_name.results["pixels"], by_image.results["pixels"]
+    assert [h.image_id for h in b] == [h.image_id for h in a]
+    np.testing.assert_allclose([h.score for h in b], [h.score for h in a], atol=1e-5)
+
+
+def test_new_image_is_embedded_with_the_models_preprocessing(flag_run, tmp_path) -> None:
+    buf = io.BytesIO()
+    Image.open(flag_run["paths"]["Romania"]).convert("RGB").save(buf, "JPEG", quality=70)
+    path = tmp_path / "photo of a flag.jpg"
+    path.write_bytes(buf.getvalue())
+    res = query(flag_run["root"], str(path), k=3, models=["pixels"])
+    assert res.query_id is None  # not one of the run's files: nothing excluded
+    vec = flag_run["embedder"]([decode_image(path.read_bytes())])[0]
+    stored = flag_run["vectors"]["pixels"]
+    sims = _cosine(np.vstack([vec[None, :], stored]))[0, 1:]
+    want = _top(sims, 3, skip=None)
+    assert [h.image_id for h in res.results["pixels"]] == [FLAGS[j] for j in want]
+    assert res.results["pixels"][0].image_id == "Romania"
+    np.testing.assert_allclose([h.score for h in res.results["pixels"]], sims[want], atol=1e-5)
+
+
+def test_image_query_skips_a_model_without_known_weights_with_a_note(flag_run, capsys) -> None:
+    code = main(["-q", "query", flag_run["paths"]["Chad"], "--run", flag_run["root"], "-k", "3"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "note: ext skipped: embeddings were imported without --checkpoint, so the weights that "
+        "made them are unknown"
+    )
+    assert "pixels" in captured.out and "Romania" in captured.out
+
+
+def test_json_output_side_by_side(flag_run, capsys) -> None:
+    assert main(["-q", "query", "Indonesia", "--run", flag_run["root"], "-k", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["query_id"] == "Indonesia" and data["k"] == 2
+    assert set(data["results"]) == {"pixels", "ext", "all"}
+    for hits in data["results"].values():
+        assert [h["rank"] for h in hits] == [1, 2]
+        assert all(h["image_id"] != "Indonesia" for h in hits)
+    assert main(["-q", "query", "Indonesia", "--run", flag_run["root"], "-k", "2", "--json",
+                 "--model", "pixels"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["results"]) == {"pixels"}
