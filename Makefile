@@ -8,7 +8,7 @@ CONFIG ?= configs/default.yaml
 RUN_DIR ?= runs/default
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-slow lint embed-all embed index neighbours report bench gpu-check clean
+.PHONY: install test test-slow lint embed-all embed index neighbours report reference bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ neighbours: $(STAMP)
 
 report: $(STAMP)
 	$(BIN)/flagsim report --config $(CONFIG) --run $(RUN_DIR)
+
+# The original experiment's six pretrained-model embeddings: import, neighbours, comparison.
+reference: $(STAMP)
+	$(BIN)/flagsim import-csv tests/data/reference/national_flag_embeddings_*.csv.gz --run runs/original
+	$(BIN)/flagsim neighbours --run runs/original -k 5
+	$(BIN)/flagsim compare --run runs/original
+	$(BIN)/flagsim report --run runs/original
 
 clean:
 	rm -rf runs .pytest_cache

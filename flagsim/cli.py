@@ -58,7 +58,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
         fmt = "%(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
     if verbose < 2:
-        for noisy in ("ray", "urllib3", "filelock", "httpx", "huggingface_hub", "transformers"):
+        for noisy in ("ray", "urllib3", "filelock", "httpx", "huggingface_hub", "transformers", "faiss"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
