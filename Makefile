@@ -51,3 +51,28 @@ reference: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# --- Ray cluster jobs (docs/cluster.md): `ray job submit` to RAY_ADDRESS, e.g.
+#     make submit-all RAY_ADDRESS=http://head:8265 CLUSTER_RUN_DIR=s3://bucket/runs/flags
+# With token authentication also export RAY_AUTH_MODE=token (the token: ~/.ray/auth_token).
+CLUSTER_CONFIG ?= configs/cluster-gpu.yaml
+RUNTIME_ENV ?= configs/runtime_env.yaml
+CLUSTER_RUN_DIR ?=
+SUBMIT_ARGS ?=
+JOB_ARGS = --config $(CLUSTER_CONFIG) $(if $(CLUSTER_RUN_DIR),--out $(CLUSTER_RUN_DIR))
+SUBMIT = $(if $(RAY_ADDRESS),,$(error set RAY_ADDRESS to the cluster's job API, e.g. http://head:8265)) \
+	RAY_ADDRESS=$(RAY_ADDRESS) $(BIN)/ray job submit --working-dir . --runtime-env $(RUNTIME_ENV) $(SUBMIT_ARGS) --
+
+.PHONY: submit-embed submit-index submit-neighbours submit-all
+
+submit-embed: $(STAMP)
+	$(SUBMIT) python jobs/embed.py $(JOB_ARGS)
+
+submit-index: $(STAMP)
+	$(SUBMIT) python jobs/build_index.py $(JOB_ARGS)
+
+submit-neighbours: $(STAMP)
+	$(SUBMIT) python jobs/neighbours.py $(JOB_ARGS)
+
+submit-all: $(STAMP)
+	$(SUBMIT) python jobs/pipeline.py $(JOB_ARGS)
