@@ -167,6 +167,15 @@ class Location:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path)
 
+    def remove_temp_files(self) -> int:
+        """Delete temporary files that an interrupted atomic write left in this directory."""
+        if not self.is_local or not os.path.isdir(self.path):
+            return 0
+        stale = [n for n in os.listdir(self.path) if n.startswith(".") and n.endswith(".tmp")]
+        for n in stale:
+            os.unlink(os.path.join(self.path, n))
+        return len(stale)
+
     def local_path(self) -> Path:
         if not self.is_local:
             raise DataError(f"{self.uri} is not on the local filesystem")

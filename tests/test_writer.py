@@ -80,3 +80,11 @@ def test_atomic_write_leaves_no_temporary_files_and_replaces_whole(tmp_path):
     loc.write_json({"a": 2})
     assert loc.read_json() == {"a": 2}
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["file.json"]
+
+
+def test_temp_files_of_an_interrupted_write_are_removed(tmp_path):
+    d = Location.parse(tmp_path)
+    (tmp_path / ".part-00001.parquet.0a1b.tmp").write_bytes(b"half a shard")
+    (tmp_path / "part-00000.parquet").write_bytes(b"kept")
+    assert d.remove_temp_files() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.parquet"]

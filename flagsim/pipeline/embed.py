@@ -110,6 +110,8 @@ def _prepare_model_dir(run: RunDir, model: str, key: dict, force: bool) -> None:
         run.model_dir(model).delete()
     if not marker.exists():
         marker.write_json(key)
+    if run.model_dir(model).remove_temp_files():
+        log.info("%s: removed temporary files of an interrupted write", model)
 
 
 def repair(run: RunDir, model: str) -> list[str]:
