@@ -213,3 +213,28 @@ def test_corrupt_shards_stop_the_index_with_one_line_and_repair_redoes_only_them
     assert main(["embed", "--run", str(run), "--models", "pixels", "--repair", "--no-progress",
                  "--set", "ray.read_cpus=1", "--set", "embed.shard_size=10"]) == 0
     assert main(["index", "--run", str(run), "--models", "pixels"]) == 0
+
+
+def test_fixing_one_image_re_embeds_only_its_shard(tmp_path, bundled_dir, ray_local):
+    names = ["Chad", "Romania", "Japan", "Nepal", "Peru", "Italy"]
+    folder = _folder(tmp_path / "imgs", bundled_dir, names)
+    (folder / "Broken.png").write_bytes(b"")  # sorts first: shard 0
+    run = tmp_path / "run"
+    cfg = _cfg("embed.models=[pixels]", "embed.shard_size=3")
+    write_images_table(from_folder(folder), RunDir.at(run))
+    first = run_embed(cfg, run_dir=str(run), show_progress=False)
+    assert first.decode_errors == 1
+    model_dir = run / "embeddings" / "model=pixels"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in model_dir.glob("part-*.parquet")}
+    assert len(mtimes) == 3
+
+    shutil.copy(bundled_dir / "images" / "Chad.png", folder / "Broken.png")  # the user fixes it
+    write_images_table(from_folder(folder), RunDir.at(run))
+    again = run_embed(cfg, run_dir=str(run), show_progress=False)
+    assert again.result("pixels").status == "embedded" and again.decode_errors == 0
+    after = {p.name: p.stat().st_mtime_ns for p in model_dir.glob("part-*.parquet")}
+    assert after["part-00000.parquet"] != mtimes["part-00000.parquet"]
+    assert {k: v for k, v in after.items() if k != "part-00000.parquet"} == {
+        k: v for k, v in mtimes.items() if k != "part-00000.parquet"}
+    ids = read_embeddings(RunDir.at(run), "pixels").ids
+    assert sorted(ids) == sorted(["Broken", *names])

@@ -88,29 +88,45 @@ def _need(value: str | None, key: str) -> str:
 
 # --- planning --------------------------------------------------------------------------------
 
-def _run_key(cfg: Config, images_hash: str, mcfg: ModelRunConfig, tiny: bool) -> dict:
+def _run_key(cfg: Config, mcfg: ModelRunConfig, tiny: bool) -> dict:
+    """What every shard of a model depends on besides its own rows."""
     return {
-        "images_hash": images_hash,
         "shard_size": cfg.embed.shard_size,
         "weights": "tiny" if tiny else mcfg.weights,
         "revision": mcfg.revision,
     }
 
 
-def _prepare_model_dir(run: RunDir, model: str, key: dict, force: bool) -> None:
-    """Wipe `model`'s shards when forced or when they were made from other inputs."""
-    marker = run.model_dir(model) / "_run.json"
-    stale = force
-    if not stale and marker.exists():
-        stale = marker.read_json() != key
-    elif not stale and run.model_dir(model).exists() and done_shards(run, model):
-        stale = True  # shards of unknown origin
-    if stale and run.model_dir(model).exists():
-        log.info("%s: discarding previous shards (%s)", model, "--force" if force else "inputs changed")
-        run.model_dir(model).delete()
-    if not marker.exists():
-        marker.write_json(key)
-    if run.model_dir(model).remove_temp_files():
+def shard_hashes(table: pa.Table, plans: list[ShardPlan]) -> dict[str, str]:
+    """Per shard file, a hash of its rows' ids, paths and content hashes."""
+    return {shard_name(p.index): images_table_hash(table.slice(p.start, p.rows)) for p in plans}
+
+
+def _prepare_model_dir(
+    run: RunDir, model: str, key: dict, shards: dict[str, str], force: bool
+) -> None:
+    """Discard what cannot be reused: everything when forced or made with other settings,
+    else only the shards whose rows changed in the images table (a fixed or added image
+    re-embeds its own shard, not the whole run)."""
+    mdir = run.model_dir(model)
+    marker = mdir / "_run.json"
+    old = marker.read_json() if marker.exists() else None
+    wipe = force or (old is not None and old.get("key") != key)
+    wipe = wipe or (old is None and bool(done_shards(run, model)))  # shards of unknown origin
+    if wipe and mdir.exists():
+        log.info("%s: discarding previous shards (%s)", model, "--force" if force else "settings changed")
+        mdir.delete()
+    elif old is not None:
+        before = old.get("shards", {})
+        stale = [loc for loc in done_shards(run, model).values()
+                 if shards.get(loc.name) is None or before.get(loc.name) != shards[loc.name]]
+        for loc in stale:
+            log.info("%s: %s is out of date with the images table; redoing it", model, loc.name)
+            loc.delete()
+        if stale and run.manifest(model).exists():
+            run.manifest(model).delete()
+    marker.write_json({"key": key, "shards": shards})
+    if mdir.remove_temp_files():
         log.info("%s: removed temporary files of an interrupted write", model)
 
 
@@ -217,6 +233,7 @@ def run_embed(
     table = resolve_images(cfg, run, images)
     images_hash = images_table_hash(table)
     plans = plan_shards(table.num_rows, cfg.embed.shard_size)
+    hashes = shard_hashes(table, plans)
     summary = EmbedSummary(run_dir=run.root.uri, images=table.num_rows)
     log.info("%d images in %d shard(s) of up to %d", table.num_rows, len(plans), cfg.embed.shard_size)
 
@@ -232,7 +249,7 @@ def run_embed(
                 log.warning("skipping %s", reason)
                 summary.results.append(ModelResult(name, "skipped", reason=reason))
                 continue
-        key = _run_key(cfg, images_hash, mcfg, tiny)
+        key = _run_key(cfg, mcfg, tiny)
         if repair_shards:
             removed = repair(run, name)
             if removed:
@@ -244,7 +261,7 @@ def run_embed(
                             device=manifest.device, dtype=manifest.dtype, errors=manifest.errors)
             )
             continue
-        _prepare_model_dir(run, name, key, force)
+        _prepare_model_dir(run, name, key, hashes, force)
         have = set(done_shards(run, name))
         missing = {p.index for p in plans} - have
         todo[name] = missing
@@ -257,7 +274,7 @@ def run_embed(
 
 def _marker_matches(run: RunDir, model: str, key: dict) -> bool:
     marker = run.model_dir(model) / "_run.json"
-    return not marker.exists() or marker.read_json() == key
+    return not marker.exists() or marker.read_json().get("key") == key
 
 
 def _embed(
