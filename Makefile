@@ -49,6 +49,13 @@ reference: $(STAMP)
 	$(BIN)/flagsim compare --run runs/original
 	$(BIN)/flagsim report --run runs/original
 
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+# Runs on a bare GPU machine too (no venv needed): python3 scripts/gpu_check.py --out DIR
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf runs .pytest_cache
 

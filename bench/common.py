@@ -221,3 +221,21 @@ def fmt(x: Any, digits: int = 3) -> str:
             return f"{x:,.0f}"
         return f"{x:.{digits}g}"
     return str(x)
+
+
+def flag_files() -> list:
+    """Paths of the 197 bundled real flag PNGs, sorted."""
+    from flagsim.images import bundled_flags_dir
+
+    return sorted((bundled_flags_dir() / "images").glob("*.png"))
+
+
+def decoded_flags(n: int | None = None) -> list:
+    """The bundled flags decoded with flagsim.decode (cycled to `n` images when n > 197)."""
+    from flagsim.decode import decode_image
+
+    files = flag_files()
+    base = [decode_image(p.read_bytes()) for p in files]
+    if n is None:
+        return base
+    return [base[i % len(base)] for i in range(n)]

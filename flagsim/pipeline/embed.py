@@ -314,7 +314,10 @@ def _embed(
         from flagsim.models import get_spec
 
         batch_size = mcfg.batch_size or get_spec(name).default_batch_size
-        threads = mcfg.torch_threads or max(1, math.floor(cpus[name]))
+        # CPU actors: a lone model uses every core (decoding needs a fraction of one; measured
+        # 0.57 vs ~1.0 of a bare forward in docs/benchmarks.md); several share them.
+        lone = device == "cpu" and len([m for m in todo if todo[m]]) == 1
+        threads = mcfg.torch_threads or max(1, int(resources["CPU"]) if lone else math.floor(cpus[name]))
         ds = ds.map_batches(
             EmbedActor,
             fn_constructor_args=(name,),
