@@ -350,6 +350,7 @@ def _embed(
     if writer.incomplete:
         raise DataError(f"pipeline ended with incomplete shard(s) {writer.incomplete[:5]}; rerun to resume")
 
+    errors = _count_errors(run)
     for name in todo:
         shards = {loc.name: loc.parquet_num_rows() for loc in done_shards(run, name).values()}
         expected = {shard_name(p.index) for p in plans}
@@ -358,8 +359,7 @@ def _embed(
             raise DataError(f"{name}: shard(s) {', '.join(missing[:3])} missing after the run; rerun")
         rows = sum(shards.values())
         first = next(iter(done_shards(run, name).values()))
-        dim = first.read_parquet().schema.field("embedding").type.list_size
-        errors = _count_errors(run)
+        dim = first.read_parquet(columns=["embedding"]).schema.field("embedding").type.list_size
         processed = sum(p.rows for p in plans if p.index in todo[name])
         described = _described(run, name)
         info = described.read_json() if described.exists() else {}
@@ -379,7 +379,7 @@ def _embed(
                         dtype=manifest.dtype, seconds=manifest.seconds,
                         images_per_s=manifest.images_per_s, errors=errors)
         )
-    summary.decode_errors = _count_errors(run)
+    summary.decode_errors = errors
 
 
 def _count_errors(run: RunDir) -> int:
