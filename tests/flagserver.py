@@ -75,6 +75,12 @@ def bundled_png(stem: str) -> Path:
     return bundled_flags_dir() / "images" / f"{stem}.png"
 
 
+class _Server(ThreadingHTTPServer):
+    # http.server's default listen backlog is 5: with 8 concurrent clients on a loaded machine
+    # the kernel drops SYNs and the client's connect times out before the request is seen.
+    request_queue_size = 128
+
+
 class FlagServer:
     """ThreadingHTTPServer on 127.0.0.1:<free port>; see `script()` and `hits`."""
 
@@ -83,7 +89,7 @@ class FlagServer:
         self._scripts: dict[str, list[Reply]] = {}
         self._hits: list[Hit] = []
         self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self.httpd = _Server(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base = f"http://127.0.0.1:{self.port}"

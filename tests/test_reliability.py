@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
+import pyarrow as pa
 import pytest
 from imagegen import DECODABLE, bad_corpus
 
@@ -85,25 +86,58 @@ def _embed_actor_pids() -> list[int]:
     return pids
 
 
+def _image_behind_a_pipe(table: pa.Table, row: int, where: Path) -> tuple[pa.Table, Path, Path]:
+    """`table` with row `row`'s image path replaced by a named pipe: (table, pipe, real file).
+
+    Opening that image blocks until someone opens the pipe for writing, so a job over the table
+    cannot finish before the test has done what it must do mid-run, however fast or slow this
+    machine is. Replace the pipe by the real file (`os.replace`) to let a retry read it.
+    """
+    paths = table.column("path").to_pylist()
+    real = Path(paths[row])
+    where.mkdir(parents=True)
+    pipe = where / real.name
+    os.mkfifo(pipe)
+    paths[row] = str(pipe)
+    return table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths)), pipe, real
+
+
 def test_killed_actor_still_gives_exactly_one_row_per_image(tmp_path, ray_local):
+    """SIGKILL the embedding actor mid-run: Ray retries its tasks; one row per image, no more.
+
+    On this 2-CPU config Ray fuses decoding into the actor, so the actor itself is the one stuck
+    on the pipe (shard 6) with later tasks queued behind it when it is killed.
+    """
     run = tmp_path / "run"
     table = bundled_table().slice(0, 120)
-    write_images_table(table, RunDir.at(run))
+    blocked, pipe, real = _image_behind_a_pipe(table, 65, tmp_path / "blocked")
+    fifo = pipe.with_name("fifo")
+    os.link(pipe, fifo)  # a second name for the pipe, kept when the real file replaces it
+    write_images_table(blocked, RunDir.at(run))
     cfg = _cfg("embed.models=[efficientnet-lite0]", "embed.shard_size=10",
-               "embed.settings.efficientnet-lite0.batch_size=4")
+               "embed.decode_batch_size=10", "embed.settings.efficientnet-lite0.batch_size=4")
     killed: list[int] = []
 
     def killer() -> None:
-        deadline = time.monotonic() + 240
-        model_dir = run / "embeddings" / "model=efficientnet-lite0"
-        while time.monotonic() < deadline:
-            if len(list(model_dir.glob("part-*.parquet"))) >= 2:
-                pids = _embed_actor_pids()
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
-                    return
-            time.sleep(0.2)
+        try:
+            deadline = time.monotonic() + 240
+            model_dir = run / "embeddings" / "model=efficientnet-lite0"
+            while time.monotonic() < deadline:
+                if len(list(model_dir.glob("part-*.parquet"))) >= 2:
+                    pids = _embed_actor_pids()
+                    if pids:
+                        shutil.copy(real, tmp_path / "real.png")
+                        os.replace(tmp_path / "real.png", pipe)  # a retry reads the real file
+                        os.kill(pids[0], signal.SIGKILL)
+                        killed.append(pids[0])
+                        return
+                time.sleep(0.2)
+        finally:
+            time.sleep(1)
+            try:  # if anything still waits on the pipe, end its wait (a decode error) not hang
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # ENXIO: no reader left, as expected
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
@@ -111,10 +145,12 @@ def test_killed_actor_still_gives_exactly_one_row_per_image(tmp_path, ray_local)
     t.join(timeout=5)
     assert killed, "the test never found an embedding actor to kill"
     assert summary.result("efficientnet-lite0").status == "embedded"
+    assert summary.decode_errors == 0
     done = len(list((run / "embeddings" / "model=efficientnet-lite0").glob("part-*.parquet")))
     assert done == 12
-    ids = read_embeddings(RunDir.at(run), "efficientnet-lite0").ids
-    assert sorted(ids) == sorted(table.column("image_id").to_pylist())  # none missing, none twice
+    emb = read_embeddings(RunDir.at(run), "efficientnet-lite0")
+    assert sorted(emb.ids) == sorted(table.column("image_id").to_pylist())  # none missing, none twice
+    assert np.isfinite(emb.vectors).all()
 
 
 def _embed_cmd(run: Path, cfg_path: Path) -> list[str]:
@@ -123,17 +159,23 @@ def _embed_cmd(run: Path, cfg_path: Path) -> list[str]:
 
 
 def test_sigkilled_job_resumes_to_identical_shards(tmp_path):
+    """SIGKILL the whole job mid-run, then rerun: kept shards stay, the result equals a clean run.
+
+    The last image of the killed run is a named pipe that nobody writes to (see
+    `_image_behind_a_pipe`), so the job cannot finish before the kill.
+    """
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(
         "ray: {num_cpus: 2, read_cpus: 1}\n"
-        "embed:\n  models: [efficientnet-lite0]\n  shard_size: 10\n"
+        "embed:\n  models: [efficientnet-lite0]\n  shard_size: 10\n  decode_batch_size: 10\n"
         "  settings: {efficientnet-lite0: {batch_size: 4}}\n"
     )
     table = bundled_table().slice(0, 80)
+    blocked, pipe, last = _image_behind_a_pipe(table, 79, tmp_path / "blocked")
     runs = {}
-    for label in ("killed", "straight"):
+    for label, t in (("killed", blocked), ("straight", table)):
         run = tmp_path / label
-        write_images_table(table, RunDir.at(run))
+        write_images_table(t, RunDir.at(run))
         runs[label] = run
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
@@ -145,13 +187,16 @@ def test_sigkilled_job_resumes_to_identical_shards(tmp_path):
         if len(list(model_dir.glob("part-*.parquet"))) >= 2:
             break
         time.sleep(0.2)
-    assert proc.poll() is None, "the job finished before it could be killed"
+    assert proc.poll() is None, "the job ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     partial = sorted(p.name for p in model_dir.glob("part-*.parquet"))
     assert 2 <= len(partial) < 8
+    assert "part-00007.parquet" not in partial  # the shard of the blocked image
     assert not (model_dir / "_manifest.json").exists()
 
+    pipe.unlink()
+    shutil.copy(last, pipe)  # the same bytes at the same path: the rerun can finish
     for label in ("killed", "straight"):
         done = subprocess.run(_embed_cmd(runs[label], cfg_path), env=env, capture_output=True,
                               text=True, timeout=600)

@@ -86,10 +86,10 @@ def sha256(data: bytes) -> str:
 
 
 def scrape_args(server, out: Path, *extra: str) -> list[str]:
-    """Fast, bounded settings: small backoff, 1 s timeout, 127.0.0.1 allowed explicitly."""
+    """Fast, bounded settings: small backoff, 2 s timeout, 127.0.0.1 allowed explicitly."""
     return [
         "scrape", "--out", str(out), "--url", server.page_url, "--allow-host", "127.0.0.1",
-        "--retries", "2", "--backoff", "0.05", "--max-wait", "2", "--timeout", "1",
+        "--retries", "2", "--backoff", "0.05", "--max-wait", "2", "--timeout", "2",
         "--concurrency", "8", "--user-agent", UA, "--width", "300", "--max-bytes", "64K", *extra,
     ]  # fmt: skip
 
@@ -252,7 +252,7 @@ def first_run(tmp_path_factory):
             "Flag_of_Guinea.svg",
             Reply(status=429, headers={"Retry-After": "1"}, body=b"slow down", **text),
         )
-        server.script("Flag_of_Ireland.svg", *[Reply(delay=3.0)] * 3)
+        server.script("Flag_of_Ireland.svg", *[Reply(delay=4.0)] * 3)
         server.script(
             "Flag_of_Italy.svg",
             Reply(body=b"<!DOCTYPE html><html><body>Error</body></html>", content_type="text/html"),
