@@ -31,6 +31,9 @@ class ModelRunConfig(_Frozen):
     num_cpus: float | None = Field(default=None, gt=0, le=1024)
     torch_threads: int | None = Field(default=None, gt=0, le=1024)
     dtype: DType = "auto"
+    # where images are resized and normalised: on the model's device (a GPU when it runs on one),
+    # or always on the actor's CPU (saves GPU memory, costs CPU time)
+    preprocess_on: Literal["device", "cpu"] = "device"
 
     @model_validator(mode="after")
     def _actors(self) -> ModelRunConfig:

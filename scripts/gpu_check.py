@@ -280,9 +280,8 @@ def check_arch(name: str, rec: dict[str, Any], images: list[np.ndarray], device:
         rec.update(extra)
         if rec.get("forward_img_s"):
             rec["actor_share"] = rate / rec["forward_img_s"]
-            if extra.get("actor_processor_on_gpu_img_s"):
-                rec["actor_processor_on_gpu_share"] = (
-                    extra["actor_processor_on_gpu_img_s"] / rec["forward_img_s"])
+            if extra.get("actor_cpu_prep_img_s"):
+                rec["actor_cpu_prep_share"] = extra["actor_cpu_prep_img_s"] / rec["forward_img_s"]
     except Exception as exc:  # noqa: BLE001
         rec["actor_error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         if is_oom(exc):
@@ -316,22 +315,18 @@ def actor_rate(arch, images, bs: int, device: str, smoke: bool, min_s: float,
                  "image_id": np.array([str(i) for i in range(bs)], dtype=object)}
         rate = timed_rate(lambda: actor(batch), bs, device, min_s)
         extra: dict[str, Any] = {}
-        emb = actor.embedder
-        if device == "cuda" and hasattr(emb, "processor"):
-            # the same embedder with its torchvision-backed processor running on the GPU
-            # (transformers' `device=` argument): what a one-line change in flagsim would give
-            arrays = list(pix)
-
-            def on_gpu() -> None:
-                px = emb.processor(images=arrays, return_tensors="pt",
-                                   input_data_format="channels_last", device=device)
-                emb.forward(px["pixel_values"])
-
+        if device == "cuda":
+            # the same actor with preprocessing on its CPU (embed.settings.<m>.preprocess_on: cpu)
             try:
-                extra["actor_processor_on_gpu_img_s"] = timed_rate(on_gpu, bs, device, min_s)
+                with ctx:
+                    cpu_prep = EmbedActor(spec.name, device=device, dtype=dtype, tiny=True,
+                                          preprocess_device="cpu")
+                extra["actor_cpu_prep_img_s"] = timed_rate(lambda: cpu_prep(batch), bs, device,
+                                                           min_s)
+                del cpu_prep
             except Exception as exc:  # noqa: BLE001
-                extra["actor_processor_on_gpu_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        return rate, "flagsim.pipeline.mapper.EmbedActor (flagsim preprocessing + forward)", extra
+                extra["actor_cpu_prep_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        return rate, "flagsim.pipeline.mapper.EmbedActor (preprocessing on the device + forward)", extra
     finally:
         unregister_model(spec.name)
 
@@ -460,7 +455,7 @@ def render_markdown(data: dict[str, Any]) -> str:
               f"{meta.get('images', 'decoded flags')}.", ""]
     lines.append("| model | params (M) | fp16 vs fp32 min cosine | parity | forward img/s (batch) "
                  "| GPU-preprocessed img/s (batch) | share of forward | flagsim actor img/s "
-                 "| actor share of forward | actor, processor on GPU: share | status |")
+                 "| actor share of forward | actor, CPU preprocessing: share | status |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in secs.items():
         if not key.startswith("model:"):
@@ -474,15 +469,15 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"| {_f(r.get('parity_ok'))} | {_f(r.get('forward_img_s'))} ({r.get('forward_best_batch')}) "
             f"| {_f(r.get('gpu_prep_img_s'))} ({r.get('gpu_prep_best_batch')}) "
             f"| {_f(r.get('gpu_prep_share'), 2)} | {_f(r.get('actor_img_s'))} "
-            f"| {_f(r.get('actor_share'), 2)} | {_f(r.get('actor_processor_on_gpu_share'), 2)} "
+            f"| {_f(r.get('actor_share'), 2)} | {_f(r.get('actor_cpu_prep_share'), 2)} "
             f"| ok{'; ' + r['actor_error'] if r.get('actor_error') else ''} |"
         )
     lines += ["", "Columns: *forward* = the model alone on ready tensors (best batch); "
               "*GPU-preprocessed* = uint8 upload + resize/crop/normalise on the device + forward "
               "(bench/archs.py); *flagsim actor* = `EmbedActor.__call__` on a batch of decoded "
-              "images (flagsim's own preprocessing, on the CPU, + forward); *processor on GPU* = "
-              "the same flagsim embedder with its transformers processor called with "
-              "`device='cuda'`. Shares are divided by the forward-only rate."]
+              "images (flagsim's own preprocessing, on the model's device, + forward); *CPU "
+              "preprocessing* = the same actor with `preprocess_on: cpu`. Shares are divided by "
+              "the forward-only rate."]
     k = secs.get("knn")
     if k:
         lines += ["", "## All-pairs exact top-k", ""]

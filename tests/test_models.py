@@ -604,6 +604,49 @@ def test_dtype_and_device_resolution():
             create_embedder("pixels", device="cuda")
 
 
+def test_image_transform_computes_on_the_device_it_is_given():
+    from flagsim.models.transforms import ImageTransform
+
+    t = ImageTransform({"resize": 40, "crop": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3})
+    images = decoded(["Chad", "Japan"])
+    on_cpu = t(images)
+    assert on_cpu.device.type == "cpu" and on_cpu.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(t(images, device="cpu"), on_cpu, rtol=0, atol=0)
+    # the meta device runs no kernels but proves every op ran where it was told to
+    on_meta = t(images, device="meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["vit", "vgg16", "efficientnet-lite0"])
+def test_preprocessing_runs_on_the_preprocess_device(name, monkeypatch):
+    """Processors are told the preprocess device (a GPU's, when the model runs there)."""
+    e = create_embedder(name, tiny=True)
+    assert e.preprocess_device == e.device == torch.device("cpu")
+    assert e.describe()["preprocess_device"] == "cpu"
+    images = decoded(["Chad", "Japan"])
+    expected = e.preprocess(images)
+    seen: list[object] = []
+    if hasattr(e, "processor"):
+        real = e.processor
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs.get("device"))
+            return real(*args, **{**kwargs, "device": "cpu"})
+
+        monkeypatch.setattr(e, "processor", spy)
+    else:
+        real_t = e.transform
+
+        def spy(images, device=None):
+            seen.append(str(device))
+            return real_t(images, device="cpu")
+
+        monkeypatch.setattr(e, "transform", spy)
+    e.preprocess_device = torch.device("cuda")  # pretend: the spy computes on the CPU anyway
+    torch.testing.assert_close(e.preprocess(images), expected, rtol=0, atol=0)
+    assert seen == ["cuda"]
+
+
 def test_bad_images_and_empty_batches():
     e = create_embedder("clip", tiny=True)
     with pytest.raises(DataError, match=r"^clip: image 1 must be an HxWx3 uint8 RGB array"):

@@ -144,6 +144,7 @@ class Embedder:
     weights: str | None  # the source actually used (hub id, local path, ...); None for tiny
     revision: str | None  # the hub commit, when known
     weights_file: str | None = None  # the single weight file read (torchvision/timm families)
+    preprocess_device: torch.device  # where resizing/normalising runs (default: the model's)
 
     def __init__(
         self,
@@ -155,9 +156,13 @@ class Embedder:
         dtype: Any = "auto",
         tiny: bool = False,
         seed: int = 0,
+        preprocess_device: Any = None,
     ) -> None:
         self.spec = spec
         self.device = resolve_device(device)
+        self.preprocess_device = (
+            self.device if preprocess_device is None else resolve_device(preprocess_device)
+        )
         self.dtype = resolve_dtype(dtype, self.device)
         self.tiny = bool(tiny)
         self.seed = seed
@@ -177,7 +182,11 @@ class Embedder:
         raise NotImplementedError
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """HxWx3 uint8 RGB arrays (any sizes) -> a pixel batch on self.device in self.dtype."""
+        """HxWx3 uint8 RGB arrays (any sizes) -> a pixel batch on self.device in self.dtype.
+
+        Resizing and normalising run on `self.preprocess_device` (the model's device unless told
+        otherwise): on a GPU only the uint8 images cross the bus and the CPU stays free to decode.
+        """
         raise NotImplementedError
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -215,6 +224,7 @@ class Embedder:
             "pooling": self.spec.pooling,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
+            "preprocess_device": str(self.preprocess_device),
             "processor": self.processor_settings(),
             "versions": library_versions(),
         }

@@ -115,7 +115,12 @@ class TransformersEmbedder(Embedder):
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         arrays = check_images(images, self.spec.name)
-        out = self.processor(images=arrays, return_tensors="pt", input_data_format="channels_last")
+        kwargs = {}
+        if self.preprocess_device.type != "cpu":  # torchvision-backed processors take `device`
+            kwargs["device"] = str(self.preprocess_device)
+        out = self.processor(
+            images=arrays, return_tensors="pt", input_data_format="channels_last", **kwargs
+        )
         return out["pixel_values"].to(self.device, self.dtype)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ class PixelsEmbedder(Embedder):
         self.dim = 3 * h * w
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        return self.transform(check_images(images, self.spec.name)).to(self.device, self.dtype)
+        arrays = check_images(images, self.spec.name)
+        return self.transform(arrays, device=self.preprocess_device).to(self.device, self.dtype)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels.flatten(1)

@@ -120,13 +120,15 @@ def create_embedder(
     dtype: Any = "auto",
     tiny: bool = False,
     seed: int = 0,
+    preprocess_device: Any = None,
 ) -> Embedder:
     """Build the embedder of model `name`.
 
     `weights`/`revision` override the registry default source (a hub id or a local path);
     `revision` applies to the default hub id only when `weights` is not given. `dtype` "auto"
     means float16 on CUDA and float32 on CPU. `tiny=True` builds a small random-weight model of
-    the same architecture (seeded by `seed`) and loads no files. Missing weights raise
+    the same architecture (seeded by `seed`) and loads no files. `preprocess_device` is where
+    images are resized and normalised (default: `device`). Missing weights raise
     WeightsUnavailableError with one line naming the model and how to supply them.
     """
     spec = get_spec(name)
@@ -135,4 +137,4 @@ def create_embedder(
         revision = revision if revision is not None else spec.revision
     cls = family_class(spec.family)
     return cls(spec, weights=weights, revision=revision, device=device, dtype=dtype, tiny=tiny,
-               seed=seed)
+               seed=seed, preprocess_device=preprocess_device)

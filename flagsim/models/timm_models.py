@@ -94,7 +94,8 @@ class TimmEmbedder(Embedder):
         self.dim = int(self.model.num_features)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        return self.transform(check_images(images, self.spec.name)).to(self.device, self.dtype)
+        arrays = check_images(images, self.spec.name)
+        return self.transform(arrays, device=self.preprocess_device).to(self.device, self.dtype)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixels)

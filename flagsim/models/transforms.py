@@ -37,17 +37,21 @@ class ImageTransform:
         self.mean = torch.tensor(self.settings["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(self.settings["std"], dtype=torch.float32).view(1, 3, 1, 1)
 
-    def one(self, image: np.ndarray) -> torch.Tensor:
-        """One uint8 CxHxW tensor at the model's input size (resized + cropped, not normalised)."""
-        t = torch.from_numpy(image).permute(2, 0, 1)
+    def one(self, image: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+        """One uint8 CxHxW tensor at the model's input size (resized + cropped, not normalised),
+        computed on `device` (default: the CPU)."""
+        t = torch.from_numpy(image).to(device or "cpu").permute(2, 0, 1)
         t = F.resize(t, self.resize, interpolation=self.mode, antialias=self.antialias)
         if self.crop is not None:
             t = F.center_crop(t, self.crop)
         return t
 
-    def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        batch = torch.stack([self.one(im) for im in images]).float().div_(255.0)
-        return (batch - self.mean) / self.std
+    def __call__(
+        self, images: Sequence[np.ndarray], device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """The normalised float32 batch, computed on `device` (default: the CPU)."""
+        batch = torch.stack([self.one(im, device) for im in images]).float().div_(255.0)
+        return (batch - self.mean.to(batch.device)) / self.std.to(batch.device)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -86,7 +86,8 @@ class TorchvisionEmbedder(Embedder):
         self.dim = int(last.in_features if self.spec.pooling == "penultimate" else last.out_features)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        return self.transform(check_images(images, self.spec.name)).to(self.device, self.dtype)
+        arrays = check_images(images, self.spec.name)
+        return self.transform(arrays, device=self.preprocess_device).to(self.device, self.dtype)
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return classifier_features(self.model, pixels, self.spec.pooling)

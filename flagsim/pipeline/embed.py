@@ -323,6 +323,7 @@ def _embed(
             fn_constructor_args=(name,),
             fn_constructor_kwargs={
                 "weights": mcfg.weights, "revision": mcfg.revision, "device": device,
+                "preprocess_device": "cpu" if mcfg.preprocess_on == "cpu" else device,
                 "dtype": dtypes[name], "torch_threads": threads, "tiny": tiny,
                 "micro_batch": batch_size, "describe_to": _described(run, name).uri,
             },

@@ -33,6 +33,7 @@ class EmbedActor:
         weights: str | None = None,
         revision: str | None = None,
         device: str = "cpu",
+        preprocess_device: str | None = None,
         dtype: str = "auto",
         torch_threads: int | None = None,
         tiny: bool = False,
@@ -49,7 +50,8 @@ class EmbedActor:
         self.column = embedding_column(model)
         self.micro_batch = micro_batch
         self.embedder = create_embedder(
-            model, weights=weights, revision=revision, device=device, dtype=dtype, tiny=tiny
+            model, weights=weights, revision=revision, device=device, dtype=dtype, tiny=tiny,
+            preprocess_device=preprocess_device,
         )
         self.dim = self.embedder.dim
         if describe_to:  # what was really loaded (checkpoint, revision, processor) for the manifest
