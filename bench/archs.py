@@ -304,6 +304,7 @@ class Arch:
     flagsim_config: Callable[[bool], Any] | None  # the config/module flagsim's family builds from
     batch_sizes: tuple[int, ...] = (32, 64, 128, 256)
     smoke_prep: Prep | None = None  # smaller inputs for tiny=True (fully convolutional models)
+    channels_last: bool = False  # NHWC model + input, as flagsim's registry entry runs it
 
     def prep_for(self, tiny: bool) -> Prep:
         return self.smoke_prep if tiny and self.smoke_prep else self.prep
@@ -323,11 +324,12 @@ ARCHS: dict[str, Arch] = {
              "dinov2", dinov2_base_config, (64, 128, 256, 512)),
         Arch("vgg16", "torchvision vgg16 (IMAGENET1K_V1 shapes)", 1000,
              Prep(256, 224, True, "bilinear", IMAGENET_MEAN, IMAGENET_STD), _build_vgg16,
-             "vgg16", _vgg16_module, (32, 64, 128, 256)),
+             "vgg16", _vgg16_module, (32, 64, 128, 256), channels_last=True),
         Arch("efficientnet-b7", "google/efficientnet-b7", 640,
              Prep(600, None, False, "bilinear", IMAGENET_MEAN, IMAGENET_STD), _build_efficientnet,
              "efficientnet", efficientnet_b7_config, (16, 32, 64, 128),
-             smoke_prep=Prep(64, None, False, "bilinear", IMAGENET_MEAN, IMAGENET_STD)),
+             smoke_prep=Prep(64, None, False, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+             channels_last=True),
         Arch("blip2", "Salesforce/blip2-opt-2.7b (vision tower + Q-Former)", 768,
              Prep(224, None, False, "bicubic", CLIP_MEAN, CLIP_STD), _build_blip2,
              "blip2", blip2_config, (32, 64, 128, 256)),
@@ -366,6 +368,9 @@ class RandomEmbedder:
         with ctx:  # initialise straight on the GPU: much faster for 1B parameters
             module, self._embed = self.arch.build(tiny)
         self.module = module.eval().to(self.device)
+        self.memory_format = torch.channels_last if self.arch.channels_last else None
+        if self.memory_format is not None:
+            self.module = self.module.to(memory_format=self.memory_format)
         self.dtype = torch.float32
         self.to_dtype(dtype)
         self.dim = self.arch.dim if not tiny else self._probe_dim()
@@ -392,6 +397,8 @@ class RandomEmbedder:
     def forward_tensor(self, x):
         import torch
 
+        if self.memory_format is not None and x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
             return self._embed(self.module, x)
 

@@ -114,6 +114,7 @@ def run(n_images: int = 64, batch: int = 32, repeat: int = 3) -> Figure:
         f"({clip_tv:.0f} img/s per core): on a GPU box, decode + preprocess need about "
         f"{1 / r_dec + 1 / clip_tv:.4f} core-seconds per image, so feeding the 2,500 img/s that "
         f"clip-retrieval reports for B/32 on an A100 takes ~{2500 * (1 / r_dec + 1 / clip_tv):.0f} "
-        "cores unless preprocessing moves to the GPU."
+        "cores if preprocessing stays on the CPU; flagsim therefore preprocesses on the model's "
+        "device (`preprocess_on: device`, the default)."
     )
     return fig

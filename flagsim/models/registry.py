@@ -36,7 +36,9 @@ class ModelSpec:
     torchvision builder, a timm model name). `pooling` names how one vector is taken from the
     model's outputs. `processor` holds the preprocessing settings used when the weights bring
     none (a transformers checkpoint without preprocessor_config.json, torchvision, timm).
-    `tiny_config` returns the family-specific config of a small random-weight model of the same
+    `channels_last` runs a convolutional network in the NHWC memory format (model and input):
+    the same numbers up to float summation order, faster convolutions on CPUs (figure 3b of
+    docs/benchmarks.md) and on GPU tensor cores. `tiny_config` returns the family-specific config of a small random-weight model of the same
     architecture, and `tiny_processor` its preprocessing settings (used by tests, `tiny=True`).
     """
 
@@ -55,6 +57,7 @@ class ModelSpec:
     tiny_config: Callable[[], Any] | None = field(default=None, hash=False, compare=False)
     tiny_processor: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
     options: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    channels_last: bool = False
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
