@@ -136,6 +136,26 @@ def summary_rows(figs: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _same_config_note(cases: list[dict[str, Any]]) -> list[str]:
+    """When the default and the tuned rows of a model ran with the same torch threads, their
+    difference is this machine's run-to-run noise: say so, with its size."""
+    out = []
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for c in cases:
+        by_model.setdefault(c["model"], {})[c["variant"]] = c
+    for model, v in by_model.items():
+        d, t = v.get("default"), v.get("tuned")
+        if not d or not t or d.get("actor_threads") != t.get("actor_threads"):
+            continue
+        if not d.get("steady_img_s") or not t.get("steady_img_s"):
+            continue
+        gap = abs(d["steady_img_s"] - t["steady_img_s"]) / max(d["steady_img_s"], t["steady_img_s"])
+        out.append(f"- {model}: the default and tuned rows ran the same configuration "
+                   f"({d['actor_threads']} torch threads in the actor), so the {gap:.0%} between "
+                   "their steady-state rates is this machine's run-to-run noise.")
+    return out
+
+
 def render(results: dict[str, Any], json_path: Path) -> str:
     m = results["machine"]
     figs = results["figures"]
@@ -195,6 +215,8 @@ def render(results: dict[str, Any], json_path: Path) -> str:
             out += _gpu_section(f)
         for note in f["notes"]:
             out.append(f"- {note}")
+        if key == "efficiency" and f["status"] == "ok":
+            out += _same_config_note(f["raw"].get("cases", []))
         out.append("")
     out += ["## Method notes", "",
             "- Real-size models with random weights: CLIP ViT-B/32 and ViT-L/16 are built from "

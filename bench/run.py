@@ -84,12 +84,12 @@ def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
     from bench import pipeline as P
 
     if quick:
-        eff = [P.EffCase("clip", "CLIP ViT-B/32", 8, 40, 16, 8, False)]
+        eff = [P.EffCase("clip", "CLIP ViT-B/32", 40, 16, 8, False)]
         sizes = {"knn_n": (10_000,), "knn_q": 200, "prep_n": 32, "orig_n": 3, "many_n": 40, "mf_n": 8,
                  "scale": (200, 2_000), "smoke_budget": 120.0}
     else:
-        eff = [P.EffCase("clip", "CLIP ViT-B/32", 32, 352, 96, 32, True),
-               P.EffCase("vit", "ViT-L/16", 8, 56, 16, 8, False)]
+        eff = [P.EffCase("clip", "CLIP ViT-B/32", 352, 96, 32, True),
+               P.EffCase("vit", "ViT-L/16", 56, 16, 8, False)]
         sizes = {"knn_n": (10_000, 100_000), "knn_q": 1000, "prep_n": 64, "orig_n": 16,
                  "many_n": 394, "mf_n": 32, "scale": (2_000, 20_000), "smoke_budget": 150.0}
     state: dict[str, Figure] = {}

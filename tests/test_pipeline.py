@@ -37,6 +37,34 @@ def _subset(tmp_path, bundled_dir, names):
     return d
 
 
+# --- CPU plan: logical CPUs and torch threads per actor -----------------------------------------
+
+@pytest.mark.parametrize(("models", "sets", "cpus", "threads"), [
+    # the default config: the light pixels baseline takes a sliver, the network the rest
+    (["efficientnet-lite0", "pixels"], [], {"efficientnet-lite0": 0.75, "pixels": 0.25},
+     {"efficientnet-lite0": 2, "pixels": 1}),
+    (["efficientnet-lite0"], [], {"efficientnet-lite0": 1.0}, {"efficientnet-lite0": 2}),
+    # two networks share what reading leaves, a thread each
+    (["vit", "clip"], [], {"vit": 0.5, "clip": 0.5}, {"vit": 1, "clip": 1}),
+    # explicit settings win
+    (["vit", "pixels"], ["embed.settings.pixels.num_cpus=0.5"], {"vit": 0.5, "pixels": 0.5},
+     {"vit": 2, "pixels": 1}),
+])
+def test_cpu_plan_gives_networks_the_cores_and_light_models_a_sliver(models, sets, cpus, threads):
+    from flagsim.pipeline.embed import _actor_cpus, _torch_threads
+
+    cfg = _cfg(**{"embed.models": "[" + ",".join(models) + "]"},
+               **dict(s.split("=", 1) for s in sets))
+    mcfgs = {m: cfg.embed.for_model(m) for m in models}
+    got = _actor_cpus(cfg, mcfgs, 2.0)
+    assert got == pytest.approx(cpus)
+    todo = dict.fromkeys(models, {0})
+    assert {m: _torch_threads(m, got[m], todo, "cpu", {"CPU": 2.0}) for m in models} == threads
+    # with a GPU the CPUs feed it: an actor keeps to its own logical CPUs
+    assert _torch_threads(models[0], got[models[0]], todo, "cuda", {"CPU": 2.0}) == max(
+        1, int(got[models[0]]))
+
+
 # --- actors directly on a batch, before any Ray -----------------------------------------------
 
 def test_actor_embeds_good_rows_and_passes_ids_through(bundled_dir):
@@ -107,6 +135,10 @@ def test_bundled_flags_end_to_end_and_resume(tmp_path, ray_local):
             assert len(df["embedding"].iloc[0]) == dim
         m = read_manifest(rd, model)
         assert m.rows == 197 and m.images_hash and m.device == "cpu" and m.dtype == "float32"
+    # the default laptop config: the network uses both cores, the light baseline one thread
+    threads = {m: (rd.model_dir(m) / "_embedder.json").read_json()["torch_threads"]
+               for m in ("efficientnet-lite0", "pixels")}
+    assert threads == {"efficientnet-lite0": 2, "pixels": 1}
     lite = read_embeddings(rd, "efficientnet-lite0")
     v = lite.vectors / np.linalg.norm(lite.vectors, axis=1, keepdims=True)
     chad = lite.ids.index("Chad")

@@ -264,6 +264,7 @@ register_model(ModelSpec(
     pooling="flatten",
     image_size=24,
     default_batch_size=512,
+    light=True,
     description="weight-free colour-layout baseline: 24x16 antialiased resize, scaled to -1..1",
     architecture="pixels",
     processor={"resize": [16, 24], "interpolation": "bilinear",

@@ -38,8 +38,11 @@ class ModelSpec:
     none (a transformers checkpoint without preprocessor_config.json, torchvision, timm).
     `channels_last` runs a convolutional network in the NHWC memory format (model and input):
     the same numbers up to float summation order, faster convolutions on CPUs (figure 3b of
-    docs/benchmarks.md) and on GPU tensor cores. `tiny_config` returns the family-specific config of a small random-weight model of the same
-    architecture, and `tiny_processor` its preprocessing settings (used by tests, `tiny=True`).
+    docs/benchmarks.md) and on GPU tensor cores. `light` marks a model whose compute is
+    negligible next to a network's (the weight-free `pixels` baseline): on CPU its actor gets a
+    quarter of a CPU and one thread, and the other models share the rest. `tiny_config` returns
+    the family-specific config of a small random-weight model of the same architecture, and
+    `tiny_processor` its preprocessing settings (used by tests, `tiny=True`).
     """
 
     name: str
@@ -58,6 +61,7 @@ class ModelSpec:
     tiny_processor: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
     options: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
     channels_last: bool = False
+    light: bool = False  # negligible compute (a weight-free baseline): a sliver of one CPU
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -185,19 +185,33 @@ def _dtype(cfg: Config, mcfg: ModelRunConfig, device: str) -> str:
     return dtype
 
 
+#: Logical CPUs of an actor of a `light` model (ModelSpec.light: the pixels baseline).
+LIGHT_ACTOR_CPUS = 0.25
+
+
 def _actor_cpus(cfg: Config, mcfgs: dict[str, ModelRunConfig], total_cpus: float) -> dict[str, float]:
     """Logical CPUs per actor: what the config says, else share what reading leaves free.
 
     Reading and decoding always keep `ray.read_cpus`; without that, on a small machine actors that
-    claim every CPU starve the read tasks and the job hangs.
+    claim every CPU starve the read tasks and the job hangs. Light models (negligible compute)
+    get `LIGHT_ACTOR_CPUS` and the other models share the rest.
     """
+    from flagsim.models import get_spec
+
     free = max(total_cpus - cfg.ray.read_cpus, 0.1)
-    unset = [m for m, c in mcfgs.items() if c.num_cpus is None]
+    light = {m for m, c in mcfgs.items() if c.num_cpus is None and get_spec(m).light}
+    unset = [m for m, c in mcfgs.items() if c.num_cpus is None and m not in light]
     claimed = sum(c.num_cpus * c.num_actors for c in mcfgs.values() if c.num_cpus is not None)
+    claimed += sum(LIGHT_ACTOR_CPUS * mcfgs[m].num_actors for m in light)
     share = max(free - claimed, 0.1) / max(sum(mcfgs[m].num_actors for m in unset), 1)
     out = {}
     for m, c in mcfgs.items():
-        out[m] = c.num_cpus if c.num_cpus is not None else max(min(share, 8.0), 0.05)
+        if c.num_cpus is not None:
+            out[m] = c.num_cpus
+        elif m in light:
+            out[m] = LIGHT_ACTOR_CPUS
+        else:
+            out[m] = max(min(share, 8.0), 0.05)
     need = sum(out[m] * mcfgs[m].num_actors for m in mcfgs) + min(cfg.ray.read_cpus, 1.0)
     if need > total_cpus + 1e-6:
         raise DataError(
@@ -205,6 +219,24 @@ def _actor_cpus(cfg: Config, mcfgs: dict[str, ModelRunConfig], total_cpus: float
             "lower embed.settings.<model>.num_cpus or num_actors"
         )
     return out
+
+
+def _torch_threads(name: str, cpus: float, todo: dict[str, set[int]], device: str,
+                   resources: dict[str, float]) -> int:
+    """Intra-op threads of `name`'s actors when the config does not set `torch_threads`.
+
+    On CPU a lone model (light models aside) uses every core: decoding needs a fraction of one,
+    and a model held to its logical CPUs ran at 0.57 of a bare forward (docs/benchmarks.md).
+    Light models get one thread; several heavy models get their logical CPUs each.
+    """
+    from flagsim.models import get_spec
+
+    if get_spec(name).light:
+        return 1
+    heavy = [m for m in todo if todo[m] and not get_spec(m).light]
+    if device == "cpu" and len(heavy) == 1:
+        return max(1, int(resources["CPU"]))
+    return max(1, math.floor(cpus))
 
 
 # --- the job ---------------------------------------------------------------------------------
@@ -314,10 +346,7 @@ def _embed(
         from flagsim.models import get_spec
 
         batch_size = mcfg.batch_size or get_spec(name).default_batch_size
-        # CPU actors: a lone model uses every core (decoding needs a fraction of one; measured
-        # 0.57 vs ~1.0 of a bare forward in docs/benchmarks.md); several share them.
-        lone = device == "cpu" and len([m for m in todo if todo[m]]) == 1
-        threads = mcfg.torch_threads or max(1, int(resources["CPU"]) if lone else math.floor(cpus[name]))
+        threads = mcfg.torch_threads or _torch_threads(name, cpus[name], todo, device, resources)
         ds = ds.map_batches(
             EmbedActor,
             fn_constructor_args=(name,),

@@ -59,7 +59,7 @@ class EmbedActor:
 
             loc = Location.parse(describe_to)
             if not loc.exists():
-                loc.write_json(self.embedder.describe())
+                loc.write_json({**self.embedder.describe(), "torch_threads": torch.get_num_threads()})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.asarray(batch[OK], dtype=bool)
