@@ -44,6 +44,8 @@ def _subset(tmp_path, bundled_dir, names):
     (["efficientnet-lite0", "pixels"], [], {"efficientnet-lite0": 0.75, "pixels": 0.25},
      {"efficientnet-lite0": 2, "pixels": 1}),
     (["efficientnet-lite0"], [], {"efficientnet-lite0": 1.0}, {"efficientnet-lite0": 2}),
+    # a light model alone is no sliver: it is the whole job
+    (["pixels"], [], {"pixels": 1.0}, {"pixels": 2}),
     # two networks share what reading leaves, a thread each
     (["vit", "clip"], [], {"vit": 0.5, "clip": 0.5}, {"vit": 1, "clip": 1}),
     # explicit settings win

@@ -193,13 +193,14 @@ def _actor_cpus(cfg: Config, mcfgs: dict[str, ModelRunConfig], total_cpus: float
     """Logical CPUs per actor: what the config says, else share what reading leaves free.
 
     Reading and decoding always keep `ray.read_cpus`; without that, on a small machine actors that
-    claim every CPU starve the read tasks and the job hangs. Light models (negligible compute)
-    get `LIGHT_ACTOR_CPUS` and the other models share the rest.
+    claim every CPU starve the read tasks and the job hangs. Next to a network, light models
+    (negligible compute) get `LIGHT_ACTOR_CPUS` and the networks share the rest.
     """
     from flagsim.models import get_spec
 
     free = max(total_cpus - cfg.ray.read_cpus, 0.1)
-    light = {m for m, c in mcfgs.items() if c.num_cpus is None and get_spec(m).light}
+    networks = any(not get_spec(m).light for m in mcfgs)
+    light = {m for m, c in mcfgs.items() if networks and c.num_cpus is None and get_spec(m).light}
     unset = [m for m, c in mcfgs.items() if c.num_cpus is None and m not in light]
     claimed = sum(c.num_cpus * c.num_actors for c in mcfgs.values() if c.num_cpus is not None)
     claimed += sum(LIGHT_ACTOR_CPUS * mcfgs[m].num_actors for m in light)
@@ -227,14 +228,16 @@ def _torch_threads(name: str, cpus: float, todo: dict[str, set[int]], device: st
 
     On CPU a lone model (light models aside) uses every core: decoding needs a fraction of one,
     and a model held to its logical CPUs ran at 0.57 of a bare forward (docs/benchmarks.md).
-    Light models get one thread; several heavy models get their logical CPUs each.
+    Next to a network, light models get one thread; several networks get their logical CPUs each.
+    Light models alone are treated like networks.
     """
     from flagsim.models import get_spec
 
-    if get_spec(name).light:
+    live = [m for m in todo if todo[m]]
+    heavy = [m for m in live if not get_spec(m).light]
+    if heavy and get_spec(name).light:
         return 1
-    heavy = [m for m in todo if todo[m] and not get_spec(m).light]
-    if device == "cpu" and len(heavy) == 1:
+    if device == "cpu" and len(heavy or live) == 1:
         return max(1, int(resources["CPU"]))
     return max(1, math.floor(cpus))
 
