@@ -627,10 +627,11 @@ def test_dtype_and_device_resolution():
 
 
 def test_image_transform_computes_on_the_device_it_is_given():
+    from flagsim.models.base import check_images
     from flagsim.models.transforms import ImageTransform
 
     t = ImageTransform({"resize": 40, "crop": [32, 32], "mean": [0.5] * 3, "std": [0.25] * 3})
-    images = decoded(["Chad", "Japan"])
+    images = check_images(decoded(["Chad", "Japan"]), "t")  # writable, as embedders pass them
     on_cpu = t(images)
     assert on_cpu.device.type == "cpu" and on_cpu.shape == (2, 3, 32, 32)
     torch.testing.assert_close(t(images, device="cpu"), on_cpu, rtol=0, atol=0)
