@@ -332,7 +332,7 @@ def _embed(
     resources = ensure_ray(cfg)
     quiet_ray_data()
     device = _device(cfg, resources)
-    cpus = _actor_cpus(cfg, mcfgs, resources["CPU"])
+    cpus = _actor_cpus(cfg, {m: c for m, c in mcfgs.items() if todo[m]}, resources["CPU"])
     needed = sorted(set().union(*todo.values()))
     work = [p for p in plans if p.index in needed]
     n_rows = sum(p.rows for p in work)
