@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -313,8 +314,10 @@ def actor_rate(arch, images, bs: int, device: str, smoke: bool, min_s: float,
             pix[i] = images[i % len(images)]
         batch = {OK: np.ones(bs, dtype=bool), PIXELS: pix,
                  "image_id": np.array([str(i) for i in range(bs)], dtype=object)}
-        rate = timed_rate(lambda: actor(batch), bs, device, min_s)
+        rate = timed_rate(functools.partial(actor, batch), bs, device, min_s)
         extra: dict[str, Any] = {}
+        del actor
+        _free()  # one copy of the model on the GPU at a time
         if device == "cuda":
             # the same actor with preprocessing on its CPU (embed.settings.<m>.preprocess_on: cpu)
             try:
@@ -326,6 +329,8 @@ def actor_rate(arch, images, bs: int, device: str, smoke: bool, min_s: float,
                 del cpu_prep
             except Exception as exc:  # noqa: BLE001
                 extra["actor_cpu_prep_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                if is_oom(exc):
+                    _free()
         return rate, "flagsim.pipeline.mapper.EmbedActor (preprocessing on the device + forward)", extra
     finally:
         unregister_model(spec.name)

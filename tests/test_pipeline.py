@@ -67,6 +67,15 @@ def test_cpu_plan_gives_networks_the_cores_and_light_models_a_sliver(models, set
         1, int(got[models[0]]))
 
 
+def test_cpu_plan_light_share_never_exceeds_an_even_split():
+    from flagsim.pipeline.embed import _actor_cpus
+
+    cfg = load_config(None, ["ray.read_cpus=0.75", "embed.models=[efficientnet-lite0,pixels]"])
+    mcfgs = {m: cfg.embed.for_model(m) for m in cfg.embed.models}
+    # one CPU, three quarters kept for reading: the quarter left is split evenly, and it fits
+    assert _actor_cpus(cfg, mcfgs, 1.0) == pytest.approx({"efficientnet-lite0": 0.125, "pixels": 0.125})
+
+
 # --- actors directly on a batch, before any Ray -----------------------------------------------
 
 def test_actor_embeds_good_rows_and_passes_ids_through(bundled_dir):

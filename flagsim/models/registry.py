@@ -39,8 +39,8 @@ class ModelSpec:
     `channels_last` runs a convolutional network in the NHWC memory format (model and input):
     the same numbers up to float summation order, faster convolutions on CPUs (figure 3b of
     docs/benchmarks.md) and on GPU tensor cores. `light` marks a model whose compute is
-    negligible next to a network's (the weight-free `pixels` baseline): on CPU its actor gets a
-    quarter of a CPU and one thread, and the other models share the rest. `tiny_config` returns
+    negligible next to a network's (the weight-free `pixels` baseline): next to a network its
+    actor gets a quarter of a CPU and one thread, and the networks share the rest. `tiny_config` returns
     the family-specific config of a small random-weight model of the same architecture, and
     `tiny_processor` its preprocessing settings (used by tests, `tiny=True`).
     """

@@ -203,14 +203,17 @@ def _actor_cpus(cfg: Config, mcfgs: dict[str, ModelRunConfig], total_cpus: float
     light = {m for m, c in mcfgs.items() if networks and c.num_cpus is None and get_spec(m).light}
     unset = [m for m, c in mcfgs.items() if c.num_cpus is None and m not in light]
     claimed = sum(c.num_cpus * c.num_actors for c in mcfgs.values() if c.num_cpus is not None)
-    claimed += sum(LIGHT_ACTOR_CPUS * mcfgs[m].num_actors for m in light)
+    # a light actor takes a sliver, never more than an even split of what is free
+    n_actors = sum(mcfgs[m].num_actors for m in light) + sum(mcfgs[m].num_actors for m in unset)
+    light_cpus = min(LIGHT_ACTOR_CPUS, max(free - claimed, 0.1) / max(n_actors, 1))
+    claimed += sum(light_cpus * mcfgs[m].num_actors for m in light)
     share = max(free - claimed, 0.1) / max(sum(mcfgs[m].num_actors for m in unset), 1)
     out = {}
     for m, c in mcfgs.items():
         if c.num_cpus is not None:
             out[m] = c.num_cpus
         elif m in light:
-            out[m] = LIGHT_ACTOR_CPUS
+            out[m] = light_cpus
         else:
             out[m] = max(min(share, 8.0), 0.05)
     need = sum(out[m] * mcfgs[m].num_actors for m in mcfgs) + min(cfg.ray.read_cpus, 1.0)

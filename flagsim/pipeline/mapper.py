@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 
 from flagsim.pipeline.reader import OK, PIXELS
 
 log = logging.getLogger(__name__)
+
+
+def _node_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def embedding_column(model: str) -> str:
@@ -44,8 +49,8 @@ class EmbedActor:
 
         from flagsim.models import create_embedder
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+        if torch_threads:  # never more than this node's cores (the plan counts the cluster's)
+            torch.set_num_threads(max(1, min(torch_threads, _node_cores())))
         self.model = model
         self.column = embedding_column(model)
         self.micro_batch = micro_batch
