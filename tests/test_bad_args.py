@@ -47,6 +47,8 @@ def _one_line_error(capsys) -> str:
         (["embed", "--set", "embed.bogus=1", "--out", "{tmp}/r"], "embed.bogus: unknown key"),
         (["embed", "--set", "embed.defaults.batch_size=0", "--out", "{tmp}/r"], "batch_size"),
         (["embed", "--set", "embed.settings.pixels.batch_size=-3", "--out", "{tmp}/r"], "batch_size"),
+        (["embed", "--set", "embed.settings.pixels.preprocess_on=gpu", "--out", "{tmp}/r"],
+         "embed.settings.pixels.preprocess_on"),
         (["embed", "--out", "{tmp}/file/r"], "not writable"),
         (["embed", "--images", "{tmp}/nope.parquet", "--out", "{tmp}/r"], "images table not found"),
     ],
