@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import time
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flagsim import __version__
 from flagsim.config import IndexConfig
@@ -139,6 +141,7 @@ class IndexManifest:
     device: str = "cpu"
     build_seconds: float | None = None
     index_bytes: int | None = None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # index file -> size, sha256
     flagsim_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -546,17 +549,39 @@ def build_index(run_dir: str | RunDir, model: str, cfg: IndexConfig | None = Non
         device="gpu" if gpu else "cpu", build_seconds=round(seconds, 3), index_bytes=len(blob),
     )
     root = run.index_path(model)
-    (root / INDEX_FILE).write_bytes(blob)
-    (root / IDS_FILE).write_parquet(
-        pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(names, pa.string())],
-                             schema=_IDS_SCHEMA)
-    )
-    (root / MANIFEST_FILE).write_json(manifest.to_json())  # last: marks the index complete
+    _commit(run, root, manifest, {INDEX_FILE: blob, IDS_FILE: _ids_parquet(ids, names)})
     log.info("%s: wrote %s (%s, %d vectors, %.2fs)", model, root, kind, n, seconds)
     return ModelIndex(
         model, index, np.array(ids, dtype=object), np.array(names, dtype=object), manifest, root,
         cpu_index=saved if gpu else None,
     )
+
+
+def _ids_parquet(ids: list[str], names: list[str]) -> bytes:
+    buf = io.BytesIO()
+    table = pa.Table.from_arrays([pa.array(ids, pa.string()), pa.array(names, pa.string())],
+                                 schema=_IDS_SCHEMA)
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _commit(run: RunDir, root: Location, manifest: IndexManifest, files: Mapping[str, bytes]) -> None:
+    """Replace the index files under `root` the way shards are committed.
+
+    The old manifest goes first, so a crash while the files are replaced leaves no manifest
+    (the index reads as missing, never as an old manifest over new files); each file is written
+    atomically; the new manifest, recording each file's size and sha256 (of the bytes written),
+    goes last. The run is locked for the writes only (see flagsim.runlock).
+    """
+    from flagsim.runlock import run_lock
+
+    manifest.files = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                      for name, data in files.items()}
+    with run_lock(run.root, f"flagsim index --models {manifest.model}"):
+        (root / MANIFEST_FILE).delete()
+        for name, data in files.items():
+            (root / name).write_bytes(data)
+        (root / MANIFEST_FILE).write_json(manifest.to_json())  # last: marks the index complete
 
 
 def _gather(
@@ -610,16 +635,57 @@ def read_index_manifest(run: RunDir, model: str) -> IndexManifest | None:
     return manifest
 
 
-def index_state(run: RunDir, model: str, cfg: IndexConfig | None = None) -> tuple[str, str]:
+def _sha256_of(loc: Location, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, streamed (memory stays one chunk whatever the size)."""
+    h = hashlib.sha256()
+    with loc.fs.open_input_stream(loc.path) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_problem(root: Location, manifest: IndexManifest, name: str, data: bytes | None = None,
+                  verify: bool = False) -> str | None:
+    """Why index file `name` is not the one `manifest` recorded, or None when it is.
+
+    The size is always compared; the sha256 too when `data` (the file's bytes) is given, or
+    `verify` (then the file is hashed streaming).
+    """
+    loc = root / name
+    where = root / MANIFEST_FILE
+    if data is None and not loc.exists():
+        return f"{loc} is missing"
+    record = manifest.files.get(name)
+    if not isinstance(record, dict) or "size" not in record or "sha256" not in record:
+        return f"{where} records no size and sha256 of {name} (written by an older flagsim)"
+    size = len(data) if data is not None else loc.size()
+    if size != record["size"]:
+        return (f"{loc} is {size} bytes but {where} records {record['size']} "
+                "(an interrupted or concurrent build?)")
+    if data is not None or verify:
+        digest = hashlib.sha256(data).hexdigest() if data is not None else _sha256_of(loc)
+        if digest != record["sha256"]:
+            return f"{loc} does not match the sha256 in {where} (corrupt or replaced)"
+    return None
+
+
+def index_state(
+    run: RunDir, model: str, cfg: IndexConfig | None = None, *, verify: bool = False
+) -> tuple[str, str]:
     """("fresh" | "missing" | "stale", reason) of the saved index of `model`.
 
-    Stale: a source shard was added, removed or changed (sha256), the embedding dim changed,
-    or `cfg` (when given) asks for different index settings.
+    Stale: an index file differs in size from its manifest (in sha256 too with `verify`), a
+    source shard was added, removed or changed (sha256), the embedding dim changed, or `cfg`
+    (when given) asks for different index settings.
     """
     root = run.index_path(model)
     manifest = read_index_manifest(run, model)
     if manifest is None:
         return "missing", f"no index at {root}"
+    for name in (INDEX_FILE, IDS_FILE):
+        problem = _file_problem(root, manifest, name, verify=verify)
+        if problem:
+            return "stale", problem
     emb = read_manifest(run, model)
     hashes = shard_hashes(run, model)
     where = root / MANIFEST_FILE
@@ -636,9 +702,6 @@ def index_state(run: RunDir, model: str, cfg: IndexConfig | None = None) -> tupl
             )
     if cfg is not None and _requested(cfg) != manifest.requested:
         return "stale", f"{where} was built with other index settings"
-    for name in (INDEX_FILE, IDS_FILE):
-        if not (root / name).exists():
-            return "stale", f"{root / name} is missing"
     return "fresh", f"{root} is up to date"
 
 
@@ -647,8 +710,14 @@ def _load_files(run: RunDir, model: str, manifest: IndexManifest, cfg: IndexConf
 
     root = run.index_path(model)
     loc = root / INDEX_FILE
+    blob = loc.read_bytes()
+    ids_data = (root / IDS_FILE).read_bytes()
+    for name, data in ((INDEX_FILE, blob), (IDS_FILE, ids_data)):
+        problem = _file_problem(root, manifest, name, data)
+        if problem:
+            raise DataError(f"{problem}; rerun `flagsim index --models {model}`")
     try:
-        cpu_index = faiss.deserialize_index(np.frombuffer(loc.read_bytes(), dtype=np.uint8))
+        cpu_index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
     except RuntimeError as exc:
         raise DataError(f"{loc} is not a readable FAISS index: {str(exc).splitlines()[0]}") from None
     if cpu_index.d != manifest.dim or cpu_index.ntotal != manifest.count:
@@ -656,7 +725,10 @@ def _load_files(run: RunDir, model: str, manifest: IndexManifest, cfg: IndexConf
             f"{loc} holds {cpu_index.ntotal} x {cpu_index.d} vectors but its manifest says "
             f"{manifest.count} x {manifest.dim}"
         )
-    table = (root / IDS_FILE).read_parquet()
+    try:
+        table = pq.read_table(pa.BufferReader(ids_data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{root / IDS_FILE} is not a readable Parquet file: {exc}") from None
     if table.column_names[:2] != ["image_id", "name"] or table.num_rows != manifest.count:
         raise DataError(f"{root / IDS_FILE} does not match {loc} ({table.num_rows} ids)")
     ids = np.array(table.column("image_id").to_pylist(), dtype=object)

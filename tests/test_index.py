@@ -12,6 +12,7 @@ from flagsim.cli import main
 from flagsim.config import IndexConfig
 from flagsim.errors import ConfigError, DataError
 from flagsim.index import (
+    IDS_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
     build_index,
@@ -253,9 +254,142 @@ def test_corrupt_index_file_is_a_one_line_error_naming_it(tmp_path) -> None:
     run = make_run(tmp_path, "m", np.random.default_rng(8).normal(size=(12, 4)).astype(np.float32))
     load_index(run, "m")
     (run.index_path("m") / INDEX_FILE).write_bytes(b"not an index")
-    with pytest.raises(DataError, match=r"index\.faiss is not a readable FAISS index"):
+    with pytest.raises(DataError, match=r"index\.faiss is 12 bytes but .*_manifest\.json records"):
         load_index(run, "m", build=False)
     assert load_index(run, "m").count == 12  # load-or-build repairs it
+
+
+# --- committing an index: old manifest out first, files, new manifest (sizes, sha256) last ---
+
+
+def _check_line(tmp_path, capsys) -> str:
+    """`flagsim index --check`'s one error line (asserting it failed)."""
+    capsys.readouterr()  # drop what earlier steps logged
+    assert main(["index", "--run", str(tmp_path), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flagsim: error:") and len(err.splitlines()) == 1
+    return err
+
+
+def _assert_exact(run: RunDir, vectors: np.ndarray, kind: str = "flat") -> None:
+    idx = load_index(run, "m", build=False)
+    assert idx.manifest.kind == kind
+    ids = [f"img{i:05d}" for i in range(len(vectors))]
+    np.testing.assert_array_equal(idx.search(vectors, 5, exclude=ids)[1], brute_force(vectors, 5)[1])
+
+
+def test_manifest_records_size_and_sha256_of_each_index_file(tmp_path) -> None:
+    import hashlib
+
+    run = make_run(tmp_path, "m", np.random.default_rng(20).normal(size=(30, 8)).astype(np.float32))
+    build_index(run, "m")
+    files = _manifest_json(run, "m")["files"]
+    assert sorted(files) == [IDS_FILE, INDEX_FILE]
+    for name, record in files.items():
+        data = (run.index_path("m") / name).read_bytes()
+        assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert not (run.root / "_lock.json").exists()  # the run lock is released after the writes
+
+
+@pytest.mark.parametrize("crash_at", [IDS_FILE, MANIFEST_FILE])
+def test_crash_while_replacing_an_index_never_reads_as_up_to_date(
+    tmp_path, monkeypatch, capsys, crash_at
+) -> None:
+    from flagsim.storage import Location
+
+    vectors = np.random.default_rng(21).normal(size=(300, 16)).astype(np.float32)
+    run = make_run(tmp_path, "m", vectors)
+    build_index(run, "m", IndexConfig(kind="flat"))
+    real_write = Location.write_bytes
+
+    def crash(self, data):
+        if self.name == crash_at:
+            raise KeyboardInterrupt  # killed after index.faiss was replaced
+        real_write(self, data)
+
+    monkeypatch.setattr(Location, "write_bytes", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(run, "m", IndexConfig(kind="hnsw", hnsw_m=8, recall_sample=20))
+    monkeypatch.undo()
+    assert not (run.root / "_lock.json").exists()  # released on the interrupt too
+    # index.faiss now holds the HNSW graph: no flat manifest may vouch for it
+    assert index_state(run, "m")[0] == "missing"
+    assert "no index at" in _check_line(tmp_path, capsys)
+    with pytest.raises(DataError, match="run `flagsim index --models m`"):
+        load_index(run, "m", build=False)
+    build_index(run, "m")  # a rerun repairs it
+    assert main(["index", "--run", str(tmp_path), "--check"]) == 0
+    _assert_exact(run, vectors)
+
+
+def test_hnsw_index_file_under_an_old_flat_manifest_is_caught(tmp_path, capsys) -> None:
+    vectors = np.random.default_rng(22).normal(size=(300, 16)).astype(np.float32)
+    run = make_run(tmp_path / "a", "m", vectors)
+    other = make_run(tmp_path / "b", "m", vectors)
+    build_index(run, "m")
+    build_index(other, "m", IndexConfig(kind="hnsw", hnsw_m=8, recall_sample=20))
+    hnsw = (other.index_path("m") / INDEX_FILE).read_bytes()
+    (run.index_path("m") / INDEX_FILE).write_bytes(hnsw)  # what the old commit order could leave
+    state, reason = index_state(run, "m")
+    assert state == "stale" and "index.faiss is" in reason and "bytes but" in reason
+    err = _check_line(tmp_path / "a", capsys)
+    assert "index.faiss" in err and "run `flagsim index --models m`" in err
+    with pytest.raises(DataError) as exc:
+        load_index(run, "m", build=False)
+    assert "index.faiss" in str(exc.value) and "\n" not in str(exc.value)
+    assert main(["index", "--run", str(tmp_path / "a")]) == 0  # rebuilt
+    assert "rebuilt" in capsys.readouterr().out
+    _assert_exact(run, vectors)
+
+
+def test_flipped_byte_in_the_index_file_is_one_line_on_load_and_check(tmp_path, capsys) -> None:
+    vectors = np.random.default_rng(23).normal(size=(40, 8)).astype(np.float32)
+    run = make_run(tmp_path, "m", vectors)
+    build_index(run, "m")
+    loc = run.index_path("m") / INDEX_FILE
+    data = bytearray(loc.read_bytes())
+    data[len(data) - 7] ^= 0x10  # inside the vectors: FAISS itself would read it happily
+    loc.write_bytes(bytes(data))
+    with pytest.raises(DataError) as exc:
+        load_index(run, "m", build=False)
+    msg = str(exc.value)
+    assert "index.faiss does not match the sha256" in msg and "\n" not in msg
+    assert msg.endswith("rerun `flagsim index --models m`")
+    assert "index.faiss does not match the sha256" in _check_line(tmp_path, capsys)
+    assert main(["index", "--run", str(tmp_path)]) == 0  # `flagsim index` repairs it
+    assert "rebuilt" in capsys.readouterr().out
+    assert main(["index", "--run", str(tmp_path), "--check"]) == 0
+    _assert_exact(run, vectors)
+
+
+def test_index_manifest_without_file_records_is_stale_and_rebuilt(tmp_path) -> None:
+    vectors = np.random.default_rng(24).normal(size=(20, 8)).astype(np.float32)
+    run = make_run(tmp_path, "m", vectors)
+    build_index(run, "m")
+    where = run.index_path("m") / MANIFEST_FILE
+    old = where.read_json()
+    del old["files"]  # as written before files were recorded
+    where.write_json(old)
+    state, reason = index_state(run, "m")
+    assert state == "stale" and "records no size and sha256 of index.faiss" in reason
+    assert load_index(run, "m").manifest.files  # load-or-build rebuilds it
+    assert index_state(run, "m")[0] == "fresh"
+
+
+def test_index_build_while_another_process_holds_the_run_is_refused(tmp_path) -> None:
+    from flagsim.runlock import RunLockedError, run_lock
+
+    vectors = np.random.default_rng(25).normal(size=(20, 8)).astype(np.float32)
+    run = make_run(tmp_path, "m", vectors)
+    build_index(run, "m")
+    before = (run.index_path("m") / MANIFEST_FILE).read_bytes()
+    with run_lock(run.root, "flagsim embed"), pytest.raises(RunLockedError) as exc:
+        build_index(run, "m", IndexConfig(kind="hnsw"))
+    assert "'flagsim embed'" in str(exc.value) and "\n" not in str(exc.value)
+    # refused before touching anything: the old index is intact and still up to date
+    assert (run.index_path("m") / MANIFEST_FILE).read_bytes() == before
+    assert index_state(run, "m")[0] == "fresh"
+    assert not (run.root / "_lock.json").exists()
 
 
 def test_cli_index_builds_reports_and_checks(tmp_path, capsys) -> None:
@@ -291,6 +425,18 @@ def _index_round_trip(root: str) -> None:
     ids = [f"img{i:05d}" for i in range(30)]
     np.testing.assert_array_equal(loaded.search(vectors, 4, exclude=ids)[1],
                                   built.search(vectors, 4, exclude=ids)[1])
+    assert not (run.root / "_lock.json").exists()
+    # a flipped byte is caught on the object store too (streamed hash for --check)
+    loc = run.index_path("m") / INDEX_FILE
+    data = bytearray(loc.read_bytes())
+    data[-5] ^= 1
+    loc.write_bytes(bytes(data))
+    assert index_state(run, "m")[0] == "fresh"  # same size: only the hash tells
+    assert "does not match the sha256" in index_state(run, "m", verify=True)[1]
+    with pytest.raises(DataError, match="index.faiss does not match the sha256"):
+        load_index(run, "m", build=False)
+    build_index(run, "m")
+    assert index_state(run, "m", verify=True)[0] == "fresh"
 
 
 def test_gpu_failure_falls_back_to_cpu(tmp_path, monkeypatch, caplog) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from flagsim.commands.common import (
     add_config_args,
@@ -11,6 +12,8 @@ from flagsim.commands.common import (
     config_from_args,
     run_dir_from,
 )
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -30,7 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="index kind (overrides index.kind)")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
     p.add_argument("--check", action="store_true",
-                   help="only check that the indexes are up to date (exit 2 naming a stale one)")
+                   help="only check that the indexes are up to date and their files match their "
+                   "manifests, sha256 included (exit 2 naming a stale one)")
     return p
 
 
@@ -47,22 +51,29 @@ def run(args: argparse.Namespace) -> int:
     models = resolve_models(run, args.models)
     if args.check:
         for m in models:
-            state, reason = index_state(run, m)
+            state, reason = index_state(run, m, verify=True)
             if state != "fresh":
-                raise DataError(reason)
+                raise DataError(f"{reason}; run `flagsim index --models {m}`")
             print(f"{m}: {reason}")
         return 0
     table = Table(title=f"indexes in {run.root}")
     for col in ("model", "status", "kind", "vectors", "dim", "recall", "device", "seconds"):
         table.add_column(col, justify="right" if col in ("vectors", "dim", "recall", "seconds") else "left")
     for m in models:
-        state, _ = index_state(run, m, cfg.index)
-        if args.force or state != "fresh":
+        state, reason = index_state(run, m, cfg.index)
+        idx = None
+        if state == "fresh" and not args.force:
+            try:
+                idx = load_index(run, m, cfg.index, build=False)
+                status = "up to date"
+            except DataError as exc:  # e.g. a file whose sha256 differs from the manifest's
+                log.warning("%s; rebuilding", str(exc).split("; rerun", 1)[0])
+                state = "stale"
+        elif state == "stale":
+            log.info("%s; rebuilding", reason)
+        if idx is None:
             idx = build_index(run, m, cfg.index)
             status = "built" if state == "missing" or args.force else "rebuilt"
-        else:
-            idx = load_index(run, m, cfg.index, build=False)
-            status = "up to date"
         man = idx.manifest
         assert man is not None
         recall = "exact" if man.exact else (
