@@ -7,7 +7,6 @@ set as `embed.settings.<model>.weights`, so the actors run flagsim's own loading
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import Figure, PeakMemory, Table, decoded_flags, flag_files, fmt, torch_threads
+from flagsim.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,9 @@ def run_pipeline(ws: Workspace, images_path: str, models: list[str], *,
     out = {"wall_s": wall, "images": summary.images, "models": rows}
     for model in rows:
         mdir = Path(run_dir) / "embeddings" / f"model={model}"
-        described = mdir / "_embedder.json"  # what the (first) actor really ran with
+        described = RunDir.at(run_dir).embedder_info(model)  # what the (first) actor really ran with
         if described.is_file():
-            info = json.loads(described.read_text(encoding="utf-8"))
+            info = described.read_json()
             rows[model]["torch_threads"] = info.get("torch_threads")
         # when each shard was complete (its atomic rename), in seconds since the run started
         rows[model]["shard_done_s"] = sorted(

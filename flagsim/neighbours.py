@@ -14,13 +14,12 @@ from flagsim.config import Config
 from flagsim.errors import DataError
 from flagsim.index import load_index, resolve_models
 from flagsim.rundir import RunDir, shard_name
-from flagsim.schema import NEIGHBOURS_SCHEMA
+from flagsim.schema import NEIGHBOURS_FILE_SCHEMA, NEIGHBOURS_SCHEMA, PARTITION_KEY
 from flagsim.shards import iter_shards, read_manifest, vectors_of
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "_manifest.json"
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ def neighbour_table(
     model: str, query_ids: Sequence[str], query_names: Sequence[str], scores: np.ndarray,
     pos: np.ndarray, ids: np.ndarray, names: np.ndarray,
 ) -> pa.Table:
-    """Rows of NEIGHBOURS_SCHEMA from search results (missing hits, position -1, left out)."""
+    """One part's rows (NEIGHBOURS_FILE_SCHEMA) from search results (missing hits, -1, left out)."""
     nq, k = pos.shape
     valid = pos >= 0
     qi = np.repeat(np.arange(nq), k).reshape(nq, k)[valid]
@@ -49,7 +48,6 @@ def neighbour_table(
     qnames = np.asarray(query_names, dtype=object)
     return pa.Table.from_arrays(
         [
-            pa.array([model] * len(p), pa.string()),
             pa.array(qids[qi].tolist() if len(p) else [], pa.string()),
             pa.array(qnames[qi].tolist() if len(p) else [], pa.string()),
             pa.array(ranks, pa.int32()),
@@ -57,7 +55,7 @@ def neighbour_table(
             pa.array(names[p].tolist() if len(p) else [], pa.string()),
             pa.array(scores[valid].astype(np.float32), pa.float32()),
         ],
-        schema=NEIGHBOURS_SCHEMA,
+        schema=NEIGHBOURS_FILE_SCHEMA,
     )
 
 
@@ -68,7 +66,7 @@ def write_neighbours(
     """Write `neighbours/model=<name>/part-*.parquet` for each model (the image itself excluded).
 
     Query vectors are streamed from the shards `neighbours.batch_size` at a time, so memory is
-    the index plus one batch. Each model's old parts are replaced; `_manifest.json` is last.
+    the index plus one batch. Each model's old parts are replaced; the manifest (`_meta/neighbours/`) is last.
     """
     cfg = cfg or Config()
     k = k if k is not None else cfg.neighbours.k
@@ -90,9 +88,8 @@ def write_neighbours(
         start = time.perf_counter()
         target = run.neighbours_dir(m)
         old = target.list(".parquet")
-        manifest_loc = target / MANIFEST_FILE
-        if manifest_loc.exists():
-            manifest_loc.delete()
+        manifest_loc = run.neighbours_manifest(m)
+        manifest_loc.delete()  # first: until the new one is written, the table is incomplete
         parts = 0
         rows = 0
         queries = 0
@@ -101,7 +98,7 @@ def write_neighbours(
             scores, pos = idx.search(qvec, k, exclude=qids, normalised=False)
             table = neighbour_table(m, qids, qnames, scores, pos, idx.ids, idx.names)
             loc = target / shard_name(parts)
-            loc.write_parquet(table)
+            loc.write_parquet(table, staging=run.staging)
             written.add(loc.name)
             parts += 1
             rows += table.num_rows
@@ -147,12 +144,14 @@ def _batches(run: RunDir, model: str, batch_size: int):
 
 
 def read_neighbours(run_dir: str, model: str) -> pa.Table:
-    """The neighbour table of `model` (all parts, in order)."""
+    """The neighbour table of `model` (all parts, in order), its model as the first column."""
     run = RunDir.at(run_dir)
     target: Location = run.neighbours_dir(model)
-    if not (target / MANIFEST_FILE).exists():
+    if not run.neighbours_manifest(model).exists():
         raise DataError(f"no neighbour table for model {model} in {run.root} (run `flagsim neighbours`)")
-    parts = [loc.read_parquet() for loc in target.list(".parquet")]
-    if not parts:
-        return NEIGHBOURS_SCHEMA.empty_table()
-    return pa.concat_tables([p.select(NEIGHBOURS_SCHEMA.names).cast(NEIGHBOURS_SCHEMA) for p in parts])
+    parts = [loc.read_parquet().select(NEIGHBOURS_FILE_SCHEMA.names).cast(NEIGHBOURS_FILE_SCHEMA)
+             for loc in target.list(".parquet")]
+    table = pa.concat_tables(parts) if parts else NEIGHBOURS_FILE_SCHEMA.empty_table()
+    column = pa.array([model] * table.num_rows, pa.string())
+    return table.add_column(0, pa.field(PARTITION_KEY, pa.string(), nullable=False), column).cast(
+        NEIGHBOURS_SCHEMA)

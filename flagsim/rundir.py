@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 from flagsim.storage import Location
 
+#: Folder of the run's sidecar files (manifests, markers): outside every table folder.
+META_DIR = "_meta"
+
 _SHARD_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
@@ -44,16 +47,52 @@ class RunDir:
         return self.root / "embeddings"
 
     def model_dir(self, model: str) -> Location:
+        """The model's table folder: Parquet shards only (see `meta_dir` for its sidecars)."""
         return self.embeddings / f"model={model}"
 
+    # Sidecars live under `_meta/`, outside every table folder, so that pandas, pyarrow, polars
+    # and DuckDB read a table folder whole without tripping over JSON files.
+    @property
+    def meta(self) -> Location:
+        return self.root / META_DIR
+
+    def meta_dir(self, model: str) -> Location:
+        """Sidecars of one model's embeddings: run key, manifest, per-shard markers."""
+        return self.meta / "embeddings" / f"model={model}"
+
     def manifest(self, model: str) -> Location:
-        return self.model_dir(model) / "_manifest.json"
+        return self.meta_dir(model) / "manifest.json"
+
+    def run_marker(self, model: str) -> Location:
+        """What the model's shards are being made from (the resume key)."""
+        return self.meta_dir(model) / "run.json"
+
+    def embedder_info(self, model: str) -> Location:
+        """What the first actor of the model loaded (Embedder.describe())."""
+        return self.meta_dir(model) / "embedder.json"
+
+    def shard_marker(self, model: str, index: int) -> Location:
+        """Completion marker of one shard: rows, bytes and sha256 of the file as written."""
+        return self.meta_dir(model) / "shards" / shard_name(index).replace(".parquet", ".json")
 
     def shard(self, model: str, index: int) -> Location:
         return self.model_dir(model) / shard_name(index)
 
+    @property
+    def staging(self) -> Location:
+        """Where atomic writes of table files stage their temporary files (never a table folder)."""
+        return self.root / "_tmp"
+
     def embedded_models(self) -> list[str]:
-        return [d.name.split("=", 1)[1] for d in self.embeddings.dirs() if d.name.startswith("model=")]
+        """Models with an embeddings folder or sidecars in this run."""
+        found = {d.name.split("=", 1)[1] for d in self.embeddings.dirs() if d.name.startswith("model=")}
+        found |= {d.name.split("=", 1)[1] for d in (self.meta / "embeddings").dirs()
+                  if d.name.startswith("model=")}
+        return sorted(found)
+
+    def legacy_manifest(self, model: str) -> Location:
+        """Where layout 1 (flagsim 0.1 before the sidecars moved) kept the manifest."""
+        return self.model_dir(model) / "_manifest.json"
 
     @property
     def index_dir(self) -> Location:
@@ -68,6 +107,9 @@ class RunDir:
 
     def neighbours_dir(self, model: str) -> Location:
         return self.neighbours / f"model={model}"
+
+    def neighbours_manifest(self, model: str) -> Location:
+        return self.meta / "neighbours" / f"model={model}" / "manifest.json"
 
     @property
     def errors(self) -> Location:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+#: 2: the `model` column left the files (it is the `model=<name>` folder, a Hive partition),
+#: embeddings became `list<float32>` (one schema for every model, whatever its dimension), and
+#: the sidecars moved to `_meta/`. See docs/layout.md.
+SCHEMA_VERSION = 2
 
 #: The images table (`images.parquet`): one row per input image.
 IMAGES_SCHEMA = pa.schema(
@@ -22,25 +25,45 @@ IMAGES_SCHEMA = pa.schema(
 
 IMAGE_ID_COLUMNS = ("image_id", "name")
 
+#: The partition key of every per-model table folder (`<table>/model=<name>/part-NNNNN.parquet`).
+#: It is not a column of the files: readers get it from the folder (Hive partitioning).
+PARTITION_KEY = "model"
 
-def embedding_schema(dim: int) -> pa.Schema:
-    """Schema of one embedding shard (`embeddings/model=<name>/part-NNNNN.parquet`)."""
+#: Keys of an embedding shard's Parquet key-value metadata (what the file was written as).
+META_MODEL = b"flagsim.model"
+META_DIM = b"flagsim.dim"
+META_SHARD = b"flagsim.shard"
+META_RUN = b"flagsim.run_id"
+META_SCHEMA = b"flagsim.schema_version"
+
+#: One embedding shard (`embeddings/model=<name>/part-NNNNN.parquet`); the same for every model.
+EMBEDDING_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),  # raw, not normalised
+    ]
+)
+
+
+def embedding_schema(dim: int, model: str | None = None, shard: int | None = None,
+                     run_id: str | None = None) -> pa.Schema:
+    """EMBEDDING_SCHEMA with the shard's key-value metadata (dimension, model, shard, run)."""
     if dim <= 0:
         raise ValueError(f"embedding dim must be positive, got {dim}")
-    return pa.schema(
-        [
-            pa.field("image_id", pa.string(), nullable=False),
-            pa.field("name", pa.string(), nullable=False),
-            pa.field("model", pa.string(), nullable=False),
-            pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
-        ]
-    )
+    meta = {META_DIM: str(dim).encode(), META_SCHEMA: str(SCHEMA_VERSION).encode()}
+    if model is not None:
+        meta[META_MODEL] = model.encode()
+    if shard is not None:
+        meta[META_SHARD] = str(shard).encode()
+    if run_id is not None:
+        meta[META_RUN] = run_id.encode()
+    return EMBEDDING_SCHEMA.with_metadata(meta)
 
 
-#: Batch neighbour table (`neighbours/model=<name>/part-NNNNN.parquet`).
-NEIGHBOURS_SCHEMA = pa.schema(
+#: One part of a batch neighbour table (`neighbours/model=<name>/part-NNNNN.parquet`).
+NEIGHBOURS_FILE_SCHEMA = pa.schema(
     [
-        pa.field("model", pa.string(), nullable=False),
         pa.field("query_id", pa.string(), nullable=False),
         pa.field("query", pa.string(), nullable=False),
         pa.field("rank", pa.int32(), nullable=False),  # 1-based
@@ -48,6 +71,11 @@ NEIGHBOURS_SCHEMA = pa.schema(
         pa.field("neighbour", pa.string(), nullable=False),
         pa.field("score", pa.float32(), nullable=False),  # cosine similarity
     ]
+)
+
+#: A neighbour table as flagsim returns it in memory: the folder's model as the first column.
+NEIGHBOURS_SCHEMA = pa.schema(
+    [pa.field(PARTITION_KEY, pa.string(), nullable=False), *NEIGHBOURS_FILE_SCHEMA]
 )
 
 #: Errors table (`errors/<stage>/part-NNNNN.parquet`): one row per failed item.

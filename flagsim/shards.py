@@ -1,20 +1,31 @@
-"""Embedding shards and their per-model manifest: atomic writes, validated reads."""
+"""Embedding shards, their completion markers and per-model manifest: atomic writes, verified reads."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from flagsim import __version__
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir, shard_index
-from flagsim.schema import SCHEMA_VERSION, embedding_schema
+from flagsim.schema import (
+    META_DIM,
+    META_MODEL,
+    META_RUN,
+    META_SHARD,
+    SCHEMA_VERSION,
+    embedding_schema,
+)
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
@@ -23,7 +34,11 @@ log = logging.getLogger(__name__)
 def embeddings_table(
     image_ids: list[str], names: list[str], model: str, vectors: np.ndarray
 ) -> pa.Table:
-    """An embedding shard table from ids, names and an [N, dim] float32 matrix."""
+    """An embedding shard table from ids, names and an [N, dim] float32 matrix.
+
+    The model and dimension travel as the file's key-value metadata, not as columns: the
+    model is the `model=<name>` folder (a Hive partition) when the table is read whole.
+    """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2:
         raise ValueError(f"vectors must be 2-D, got shape {vectors.shape}")
@@ -32,32 +47,85 @@ def embeddings_table(
         bad = [image_ids[i] for i in np.where(~np.isfinite(vectors).all(axis=1))[0][:5]]
         raise DataError(f"model {model} produced NaN/Inf embeddings for {', '.join(bad)}")
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    emb = pa.FixedSizeListArray.from_arrays(flat, dim)
+    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32), pa.int32())
+    emb = pa.ListArray.from_arrays(offsets, flat, type=pa.list_(pa.float32()))
     return pa.Table.from_arrays(
-        [
-            pa.array(image_ids, pa.string()),
-            pa.array(names, pa.string()),
-            pa.array([model] * n, pa.string()),
-            emb,
-        ],
-        schema=embedding_schema(dim),
+        [pa.array(image_ids, pa.string()), pa.array(names, pa.string()), emb],
+        schema=embedding_schema(dim, model=model),
     )
 
 
+# --- the run's identity ----------------------------------------------------------------------
+
+def run_id(run: RunDir) -> str:
+    """This run directory's id (created on first use): stamped into every shard it writes."""
+    loc = run.meta / "run.json"
+    if loc.exists():
+        data = loc.read_json()
+        if isinstance(data, dict) and isinstance(data.get("run_id"), str):
+            return data["run_id"]
+        raise DataError(f"{loc} is not a valid run file; delete it to give the run a new id")
+    rid = uuid.uuid4().hex
+    loc.write_json({"run_id": rid, "schema_version": SCHEMA_VERSION})
+    return rid
+
+
+# --- shards and their completion markers -----------------------------------------------------
+
 def write_shard(run: RunDir, model: str, index: int, table: pa.Table) -> Location:
-    """Write one shard atomically; its presence is its completion marker."""
+    """Write one shard atomically, then its completion marker (rows, bytes, sha256).
+
+    A shard counts as done only with a marker that matches the file, so a crash between the
+    two writes, a truncated file or a file copied in from elsewhere is redone, never trusted.
+    """
     loc = run.shard(model, index)
-    loc.write_parquet(table)
+    meta = dict(table.schema.metadata or {})
+    meta.setdefault(META_MODEL, model.encode())  # a table made for another model stays so
+    meta.update({META_SHARD: str(index).encode(), META_RUN: run_id(run).encode()})
+    data = loc.write_parquet(table.replace_schema_metadata(meta), staging=run.staging)
+    run.shard_marker(model, index).write_json(
+        {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    )
     return loc
 
 
-def done_shards(run: RunDir, model: str) -> dict[int, Location]:
-    """Shards already written for `model`, by shard index."""
+def shard_files(run: RunDir, model: str) -> dict[int, Location]:
+    """Every shard-named file in the model's folder, by shard index (done or not)."""
     out = {}
     for loc in run.model_dir(model).list(".parquet"):
         idx = shard_index(loc.name)
         if idx is not None:
             out[idx] = loc
+    return out
+
+
+def read_marker(run: RunDir, model: str, index: int) -> dict[str, Any] | None:
+    """The completion marker of shard `index`, or None when absent or unreadable."""
+    loc = run.shard_marker(model, index)
+    if not loc.exists():
+        return None
+    try:
+        data = loc.read_json()
+    except DataError:
+        return None
+    ok = isinstance(data, dict) and all(isinstance(data.get(k), t) for k, t in
+                                        (("rows", int), ("bytes", int), ("sha256", str)))
+    return data if ok else None
+
+
+def done_shards(run: RunDir, model: str, verify: bool = False) -> dict[int, Location]:
+    """Shards already written for `model`: file present with a marker of the same size.
+
+    With `verify`, each file's sha256 is checked against its marker too (reads every shard).
+    """
+    out = {}
+    for idx, loc in shard_files(run, model).items():
+        marker = read_marker(run, model, idx)
+        if marker is None or not loc.is_file() or loc.size() != marker["bytes"]:
+            continue
+        if verify and hashlib.sha256(loc.read_bytes()).hexdigest() != marker["sha256"]:
+            continue
+        out[idx] = loc
     return out
 
 
@@ -69,7 +137,9 @@ class Manifest:
     dim: int
     rows: int
     images_hash: str
-    shards: dict[str, int]
+    shards: dict[str, int]  # shard file -> rows
+    checksums: dict[str, str] = field(default_factory=dict)  # shard file -> sha256 of its bytes
+    run_id: str | None = None
     checkpoint: str | None = None
     revision: str | None = None
     dtype: str = "float32"
@@ -91,12 +161,25 @@ class Manifest:
     def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
         try:
             known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-            return cls(**known)
+            manifest = cls(**known)
         except TypeError as exc:
             raise DataError(f"{where} is not a valid manifest: {exc}") from exc
+        if not isinstance(manifest.shards, dict) or not isinstance(manifest.checksums, dict):
+            raise DataError(f"{where} is not a valid manifest: 'shards' is not a mapping")
+        return manifest
 
 
 def write_manifest(run: RunDir, manifest: Manifest) -> Location:
+    """Write the manifest last; checksums not given are taken from the shards' markers."""
+    for name in manifest.shards:
+        if name not in manifest.checksums:
+            idx = shard_index(name)
+            marker = read_marker(run, manifest.model, idx) if idx is not None else None
+            if marker is None:
+                raise DataError(f"{run.model_dir(manifest.model) / name} has no completion marker; "
+                                "it was not written by flagsim")
+            manifest.checksums[name] = marker["sha256"]
+    manifest.run_id = manifest.run_id or run_id(run)
     loc = run.manifest(manifest.model)
     loc.write_json(manifest.to_json())
     return loc
@@ -112,58 +195,91 @@ def read_manifest(run: RunDir, model: str) -> Manifest | None:
     return Manifest.from_json(data, str(loc))
 
 
+def repair_hint(model: str) -> str:
+    return f"; repair with `flagsim embed --repair --models {model}`"
+
+
+def shard_problem(
+    run: RunDir, model: str, loc: Location, manifest: Manifest | None, dim: int | None = None
+) -> tuple[str | None, pa.Table | None]:
+    """(what is wrong with shard file `loc`, or None; its table when it parsed).
+
+    The one check behind both reads (`iter_shards`, which refuses) and `flagsim embed --repair`
+    (which deletes and redoes), so every error that says "repair" is one that repair fixes.
+    """
+    try:
+        data = loc.read_bytes()
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        return f"is not a readable Parquet file ({str(exc).splitlines()[0]})", None
+    meta = table.schema.metadata or {}
+    if "embedding" not in table.column_names or "image_id" not in table.column_names:
+        return "is not an embedding shard (no 'embedding' or 'image_id' column)", None
+    written_as = meta.get(META_MODEL, b"").decode(errors="replace")
+    if written_as != model:
+        return f"holds embeddings of model {written_as or 'unknown'}, not {model}", table
+    if manifest is not None and manifest.run_id and meta.get(META_RUN, b"").decode() != manifest.run_id:
+        return "was written by another run", table
+    want = dim if dim is not None else (manifest.dim if manifest is not None else None)
+    got = _dim_of(table)
+    if want is not None and got is not None and got != want:
+        return f"has embedding dim {got}, but the manifest's is {want}", table
+    if manifest is not None:
+        expected = manifest.shards.get(loc.name)
+        if expected is not None and expected != table.num_rows:
+            return f"has {table.num_rows} rows but the manifest says {expected}", table
+        checksum = manifest.checksums.get(loc.name)
+        if checksum and hashlib.sha256(data).hexdigest() != checksum:
+            return "does not match the checksum recorded when it was written (changed on disk)", table
+    return None, table
+
+
+def _dim_of(table: pa.Table) -> int | None:
+    meta = table.schema.metadata or {}
+    if META_DIM in meta:
+        return int(meta[META_DIM])
+    typ = table.schema.field("embedding").type
+    return typ.list_size if pa.types.is_fixed_size_list(typ) else None
+
+
 def iter_shards(run: RunDir, model: str, validate: bool = True) -> Iterator[tuple[Location, pa.Table]]:
-    """Yield (location, table) of each shard of `model`, checking model name and dimension."""
+    """Yield (location, table) of each shard of `model`, verified against its manifest.
+
+    Verified: the set of shard files equals the manifest's, and each file's model, dimension,
+    row count and sha256 are the ones recorded when it was written.
+    """
     manifest = read_manifest(run, model)
+    hint = repair_hint(model)
     if manifest is None:
+        if run.legacy_manifest(model).exists():
+            raise DataError(
+                f"{run.model_dir(model)} was written by an older flagsim (layout 1, sidecars inside "
+                f"the table folder); re-embed it with `flagsim embed --force --models {model}`"
+            )
         if not run.model_dir(model).exists():
             raise DataError(f"no embeddings for model {model} in {run.root} (run `flagsim embed` first)")
         raise DataError(
-            f"embeddings of model {model} in {run.model_dir(model)} are incomplete (no _manifest.json); "
+            f"embeddings of model {model} in {run.model_dir(model)} are incomplete (no manifest); "
             "rerun `flagsim embed` to finish them"
         )
-    shards = done_shards(run, model)
+    shards = shard_files(run, model)
     if validate:
-        expected = set(manifest.shards)
         found = {loc.name for loc in shards.values()}
-        if expected - found:
-            missing = sorted(expected - found)[0]
-            raise DataError(
-                f"{run.model_dir(model) / missing} is listed in the manifest but missing; "
-                f"repair with `flagsim embed --repair --models {model}`"
-            )
+        missing = sorted(set(manifest.shards) - found)
+        if missing:
+            raise DataError(f"{run.model_dir(model) / missing[0]} is listed in the manifest but missing{hint}")
+        extra = sorted(found - set(manifest.shards))
+        if extra:
+            raise DataError(f"{run.model_dir(model) / extra[0]} is not listed in {run.manifest(model)}{hint}")
     for _, loc in sorted(shards.items()):
-        if validate and loc.name not in manifest.shards:
-            raise DataError(
-                f"{loc} is not listed in {run.manifest(model)}; "
-                f"repair with `flagsim embed --repair --models {model}`"
-            )
-        table = loc.read_parquet()
         if validate:
-            _check_shard(table, loc, model, manifest)
+            problem, table = shard_problem(run, model, loc, manifest)
+            if problem:
+                raise DataError(f"{loc} {problem}{hint}")
+        else:
+            table = loc.read_parquet()
+        assert table is not None
         yield loc, table
-
-
-def _check_shard(table: pa.Table, loc: Location, model: str, manifest: Manifest) -> None:
-    hint = f"; repair with `flagsim embed --repair --models {model}`"
-    for col in ("image_id", "name", "model", "embedding"):
-        if col not in table.column_names:
-            raise DataError(f"{loc} is not an embedding shard (no '{col}' column){hint}")
-    typ = table.schema.field("embedding").type
-    if not pa.types.is_fixed_size_list(typ):
-        raise DataError(f"{loc}: 'embedding' is not a fixed-size list{hint}")
-    if typ.list_size != manifest.dim:
-        raise DataError(
-            f"{loc}: embedding dim {typ.list_size} disagrees with the manifest's {manifest.dim}{hint}"
-        )
-    models = set(table.column("model").unique().to_pylist())
-    if models - {model}:
-        raise DataError(f"{loc} holds embeddings of model(s) {', '.join(sorted(models))}, not {model}{hint}")
-    expected = manifest.shards.get(loc.name)
-    if expected is not None and expected != table.num_rows:
-        raise DataError(
-            f"{loc} has {table.num_rows} rows but the manifest says {expected}{hint}"
-        )
 
 
 @dataclass(frozen=True)
@@ -182,9 +298,17 @@ class EmbeddingSet:
 
 
 def vectors_of(table: pa.Table) -> np.ndarray:
+    """The [N, dim] float32 matrix of a shard's `embedding` column (list or fixed-size list)."""
     col = table.column("embedding").combine_chunks()
-    dim = col.type.list_size
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    if pa.types.is_fixed_size_list(col.type):
+        dim = col.type.list_size
+    else:
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        dim = _dim_of(table) or (int(lengths[0]) if len(lengths) else 0)
+        if len(lengths) and (lengths != dim).any():
+            raise DataError(f"embeddings of {len(lengths)} rows are not all {dim}-d")
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(-1, dim).astype(np.float32, copy=False) if dim else np.zeros((0, 0), np.float32)
 
 
 def read_embeddings(run: RunDir, model: str) -> EmbeddingSet:

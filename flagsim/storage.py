@@ -116,6 +116,8 @@ class Location:
 
     def read_parquet(self, columns: list[str] | None = None) -> pa.Table:
         try:
+            if self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
+                raise DataError(f"{self.uri} is a directory, not a Parquet file")
             return pq.read_table(self.path, filesystem=self.fs, columns=columns)
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"{self.uri} is not a readable Parquet file: {exc}") from exc
@@ -131,11 +133,20 @@ class Location:
     def mkdirs(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 
-    def write_bytes(self, data: bytes) -> None:
-        """Write atomically: temp file + rename locally; one PUT on object stores."""
+    def write_bytes(self, data: bytes, staging: Location | None = None) -> None:
+        """Write atomically: temp file + rename locally; one PUT on object stores.
+
+        The temporary file goes to `staging` (a directory on the same filesystem) when given,
+        else beside the target; table files stage outside their table folder so that no reader
+        of the folder ever sees a half-written or leftover temporary file.
+        """
         self.parent.mkdirs()
         if self.is_local:
-            tmp = f"{self.parent.path}/.{self.name}.{uuid.uuid4().hex}.tmp"
+            where = self.parent
+            if staging is not None and staging.is_local:
+                staging.mkdirs()
+                where = staging
+            tmp = f"{where.path}/.{self.name}.{uuid.uuid4().hex}.tmp"
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -155,10 +166,13 @@ class Location:
     def write_json(self, obj: Any) -> None:
         self.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
-    def write_parquet(self, table: pa.Table) -> None:
+    def write_parquet(self, table: pa.Table, staging: Location | None = None) -> bytes:
+        """Write `table` atomically as zstd Parquet; return the bytes written (for checksums)."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        self.write_bytes(buf.getvalue())
+        data = buf.getvalue()
+        self.write_bytes(data, staging=staging)
+        return data
 
     def delete(self) -> None:
         info = self.fs.get_file_info(self.path)

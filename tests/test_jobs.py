@@ -482,8 +482,8 @@ def test_pipeline_job_on_object_store_matches_local_run(
             s3_emb = read_embeddings(remote, "pixels")
             s3_nb = read_neighbours(run_uri, "pixels")
     assert all(p.startswith(f"s3://{bucket}/flags/") for p in images.column("path").to_pylist())
-    for key in ("images.parquet", "embeddings/model=pixels/_manifest.json",
-                "index/model=pixels/index.faiss", "neighbours/model=pixels/_manifest.json",
+    for key in ("images.parquet", "_meta/embeddings/model=pixels/manifest.json",
+                "index/model=pixels/index.faiss", "_meta/neighbours/model=pixels/manifest.json",
                 "report.html", "report.png"):
         assert f"runs/flags/{key}" in keys
     local_emb = read_embeddings(RunDir.at(cluster_run["run"]), "pixels")

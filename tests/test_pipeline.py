@@ -138,8 +138,8 @@ def test_bundled_flags_end_to_end_and_resume(tmp_path, ray_local):
     for model, dim in (("efficientnet-lite0", 1280), ("pixels", None)):
         files = sorted((run / "embeddings" / f"model={model}").glob("part-*.parquet"))
         assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(4)]
-        # readable by plain pandas/pyarrow without Ray or flagsim
-        df = pd.concat(pd.read_parquet(f) for f in files)
+        # readable by plain pandas/pyarrow without Ray or flagsim, the model from the folder
+        df = pd.read_parquet(run / "embeddings", filters=[("model", "=", model)])
         assert len(df) == 197 and df["image_id"].is_unique
         assert set(df["model"]) == {model}
         if dim:
@@ -147,7 +147,7 @@ def test_bundled_flags_end_to_end_and_resume(tmp_path, ray_local):
         m = read_manifest(rd, model)
         assert m.rows == 197 and m.images_hash and m.device == "cpu" and m.dtype == "float32"
     # the default laptop config: the network uses both cores, the light baseline one thread
-    threads = {m: (rd.model_dir(m) / "_embedder.json").read_json()["torch_threads"]
+    threads = {m: rd.embedder_info(m).read_json()["torch_threads"]
                for m in ("efficientnet-lite0", "pixels")}
     assert threads == {"efficientnet-lite0": 2, "pixels": 1}
     lite = read_embeddings(rd, "efficientnet-lite0")

@@ -198,7 +198,7 @@ def test_sigkilled_job_resumes_to_identical_shards(tmp_path):
     partial = sorted(p.name for p in model_dir.glob("part-*.parquet"))
     assert 2 <= len(partial) < 8
     assert "part-00007.parquet" not in partial  # the shard of the blocked image
-    assert not (model_dir / "_manifest.json").exists()
+    assert not RunDir.at(run).manifest("pixels").exists()
 
     pipe.unlink()
     shutil.copy(last, pipe)  # the same bytes at the same path: the rerun can finish
@@ -255,7 +255,7 @@ def test_corrupt_shards_stop_the_index_with_one_line_and_repair_redoes_only_them
         capsys.readouterr()
 
     # a manifest that disagrees with its shards
-    m = (pixels_dir / "_manifest.json")
+    m = rd.manifest("pixels").local_path()
     m.write_text(m.read_text().replace('"part-00002.parquet": 10', '"part-00002.parquet": 11'))
     rc = main(["index", "--run", str(run), "--models", "pixels"])
     err = _error_lines(capsys)

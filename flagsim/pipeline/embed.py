@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from flagsim.config import Config, ModelRunConfig, check_writable
 from flagsim.errors import DataError, WeightsUnavailableError
@@ -22,8 +23,17 @@ from flagsim.images import (
 )
 from flagsim.pipeline.reader import ShardPlan, build_dataset, plan_shards
 from flagsim.pipeline.writer import ShardWriter
-from flagsim.rundir import RunDir, shard_name
-from flagsim.shards import Manifest, done_shards, read_manifest, write_manifest
+from flagsim.rundir import RunDir, shard_index, shard_name
+from flagsim.schema import META_DIM
+from flagsim.shards import (
+    Manifest,
+    done_shards,
+    read_manifest,
+    shard_files,
+    shard_problem,
+    vectors_of,
+    write_manifest,
+)
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
@@ -102,6 +112,17 @@ def shard_hashes(table: pa.Table, plans: list[ShardPlan]) -> dict[str, str]:
     return {shard_name(p.index): images_table_hash(table.slice(p.start, p.rows)) for p in plans}
 
 
+def _read_run_marker(run: RunDir, model: str) -> dict | None:
+    """The model's resume key file, or None when absent; DataError when it is not one."""
+    marker = run.run_marker(model)
+    if not marker.exists():
+        return None
+    data = marker.read_json()
+    if not isinstance(data, dict) or not isinstance(data.get("shards", {}), dict):
+        raise DataError(f"{marker} is not a valid run marker; rerun with --force to start {model} afresh")
+    return data
+
+
 def _prepare_model_dir(
     run: RunDir, model: str, key: dict, shards: dict[str, str], force: bool
 ) -> None:
@@ -109,29 +130,42 @@ def _prepare_model_dir(
     else only the shards whose rows changed in the images table (a fixed or added image
     re-embeds its own shard, not the whole run)."""
     mdir = run.model_dir(model)
-    marker = mdir / "_run.json"
-    old = marker.read_json() if marker.exists() else None
+    old = _read_run_marker(run, model)
     wipe = force or (old is not None and old.get("key") != key)
-    wipe = wipe or (old is None and bool(done_shards(run, model)))  # shards of unknown origin
-    if wipe and mdir.exists():
+    wipe = wipe or (old is None and bool(shard_files(run, model)))  # shards of unknown origin
+    if wipe:
         log.info("%s: discarding previous shards (%s)", model, "--force" if force else "settings changed")
-        mdir.delete()
+        _discard(run, model)
     elif old is not None:
         before = old.get("shards", {})
-        stale = [loc for loc in done_shards(run, model).values()
-                 if shards.get(loc.name) is None or before.get(loc.name) != shards[loc.name]]
+        done = done_shards(run, model, verify=not run.manifest(model).exists())
+        stale = [loc for idx, loc in shard_files(run, model).items()
+                 if idx not in done or shards.get(loc.name) is None
+                 or before.get(loc.name) != shards[loc.name]]
         for loc in stale:
-            log.info("%s: %s is out of date with the images table; redoing it", model, loc.name)
+            why = "not complete" if shard_index(loc.name) not in done else "out of date with the images table"
+            log.info("%s: %s is %s; redoing it", model, loc.name, why)
             loc.delete()
         if stale and run.manifest(model).exists():
             run.manifest(model).delete()
-    marker.write_json({"key": key, "shards": shards})
-    if mdir.remove_temp_files():
-        log.info("%s: removed temporary files of an interrupted write", model)
+    mdir.mkdirs()
+    run.run_marker(model).write_json({"key": key, "shards": shards})
 
 
-def repair(run: RunDir, model: str) -> list[str]:
-    """Delete unreadable, foreign or inconsistent shards of `model` (and its manifest); return names."""
+def _discard(run: RunDir, model: str) -> None:
+    """Delete a model's shards and sidecars (the manifest first: the model is then incomplete)."""
+    for loc in (run.manifest(model), run.legacy_manifest(model), run.model_dir(model), run.meta_dir(model)):
+        loc.delete()
+
+
+def repair(run: RunDir, model: str, planned: set[str] | None = None) -> list[str]:
+    """Delete every shard of `model` that a read would refuse, and its manifest; return names.
+
+    Refused (and so removed): unreadable or truncated files, another model's or another run's
+    shards, a wrong dimension or row count, a checksum that differs from the one recorded when
+    the shard was written, shards without a completion marker, and shards outside the plan
+    (`planned`). The embed that follows redoes exactly those.
+    """
     removed: list[str] = []
     manifest_loc = run.manifest(model)
     manifest = None
@@ -140,31 +174,22 @@ def repair(run: RunDir, model: str) -> list[str]:
     except DataError:
         manifest_loc.delete()
         removed.append(manifest_loc.name)
-    for _, loc in sorted(done_shards(run, model).items()):
-        reason = None
-        try:
-            table = loc.read_parquet()
-            if "embedding" not in table.column_names or "model" not in table.column_names:
-                reason = "not an embedding shard"
-            elif set(table.column("model").unique().to_pylist()) - {model}:
-                reason = "holds another model's embeddings"
-            elif manifest is not None:
-                dim = table.schema.field("embedding").type
-                if getattr(dim, "list_size", None) != manifest.dim:
-                    reason = "wrong dimension"
-                elif manifest.shards.get(loc.name) not in (None, table.num_rows):
-                    reason = "row count disagrees with the manifest"
-        except DataError:
-            reason = "unreadable"
+    for idx, loc in sorted(shard_files(run, model).items()):
+        reason, _ = shard_problem(run, model, loc, manifest)
+        if reason is None and planned is not None and loc.name not in planned:
+            reason = "is not part of this run's shard plan"
+        if reason is None and manifest is not None and loc.name not in manifest.shards:
+            reason = "is not listed in the manifest"
+        if reason is None and idx not in done_shards(run, model, verify=True):
+            reason = "has no completion marker matching its bytes"
         if reason:
-            log.warning("repair: removing %s (%s)", loc, reason)
+            log.warning("repair: removing %s (it %s)", loc, reason)
             loc.delete()
+            run.shard_marker(model, idx).delete()
             removed.append(loc.name)
     if removed and manifest_loc.exists():
         manifest_loc.delete()
-    elif manifest is not None and set(manifest.shards) - {
-        loc.name for loc in done_shards(run, model).values()
-    }:
+    elif manifest is not None and set(manifest.shards) - {loc.name for loc in shard_files(run, model).values()}:
         manifest_loc.delete()
         removed.append(manifest_loc.name)
     return removed
@@ -261,14 +286,29 @@ def run_embed(
 
     `tiny=True` uses tiny random-weight models of each family (tests and smoke runs only).
     """
-    from flagsim.models import check_model_names, check_weights
+    from flagsim.models import check_model_names
+    from flagsim.runlock import run_lock
 
     run_dir = run_dir or cfg.run_dir
     check_writable(run_dir)
     names = list(models) if models else list(cfg.embed.models)
     check_model_names(names)
     run = RunDir.at(run_dir)
+    with run_lock(run.root, "flagsim embed"):  # one writer per run: a second embed fails at once
+        return _run_embed(cfg, run, images, names, force, repair_shards, tiny, show_progress)
+
+
+def _run_embed(
+    cfg: Config, run: RunDir, images: str | None, names: list[str], force: bool,
+    repair_shards: bool, tiny: bool, show_progress: bool,
+) -> EmbedSummary:
+    from flagsim.models import check_weights
+
     table = resolve_images(cfg, run, images)
+    if table.num_rows == 0:
+        raise DataError(f"the images table of {run.root} has no rows: nothing to embed")
+    if run.staging.remove_temp_files():
+        log.info("removed temporary files of an interrupted write in %s", run.staging)
     images_hash = images_table_hash(table)
     plans = plan_shards(table.num_rows, cfg.embed.shard_size)
     hashes = shard_hashes(table, plans)
@@ -288,11 +328,18 @@ def run_embed(
                 summary.results.append(ModelResult(name, "skipped", reason=reason))
                 continue
         key = _run_key(cfg, mcfg, tiny)
+        if run.legacy_manifest(name).exists() and not force:
+            raise DataError(
+                f"{run.model_dir(name)} was written by an older flagsim (layout 1); "
+                f"re-embed it with `flagsim embed --force --models {name}`"
+            )
         if repair_shards:
-            removed = repair(run, name)
+            removed = repair(run, name, planned=set(hashes))
             if removed:
                 log.info("%s: repair removed %s", name, ", ".join(removed))
         manifest = read_manifest(run, name) if not force else None
+        if repair_shards and manifest is not None and _refused(run, name, manifest):
+            manifest = None
         if manifest is not None and manifest.images_hash == images_hash and _marker_matches(run, name, key):
             summary.results.append(
                 ModelResult(name, "up to date", images=manifest.rows, dim=manifest.dim,
@@ -310,9 +357,14 @@ def run_embed(
     return summary
 
 
+def _refused(run: RunDir, model: str, manifest: Manifest) -> bool:
+    """True when a read of the model's shards would refuse them (after repair: a shard is gone)."""
+    return set(manifest.shards) != {loc.name for loc in shard_files(run, model).values()}
+
+
 def _marker_matches(run: RunDir, model: str, key: dict) -> bool:
-    marker = run.model_dir(model) / "_run.json"
-    return not marker.exists() or marker.read_json().get("key") == key
+    marker = _read_run_marker(run, model)
+    return marker is None or marker.get("key") == key
 
 
 def _embed(
@@ -394,8 +446,7 @@ def _embed(
             missing = sorted(expected - set(shards))
             raise DataError(f"{name}: shard(s) {', '.join(missing[:3])} missing after the run; rerun")
         rows = sum(shards.values())
-        first = next(iter(done_shards(run, name).values()))
-        dim = first.read_parquet(columns=["embedding"]).schema.field("embedding").type.list_size
+        dim = _dim(run, name)
         processed = sum(p.rows for p in plans if p.index in todo[name])
         described = _described(run, name)
         info = described.read_json() if described.exists() else {}
@@ -418,6 +469,17 @@ def _embed(
     summary.decode_errors = errors
 
 
+def _dim(run: RunDir, model: str) -> int:
+    """The embedding dimension, from the first shard's metadata (or its first row)."""
+    for loc in done_shards(run, model).values():
+        with loc.fs.open_input_file(loc.path) as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+        if META_DIM in meta:
+            return int(meta[META_DIM])
+        return int(vectors_of(loc.read_parquet(columns=["embedding"])).shape[1])
+    raise DataError(f"{model}: no shard written; rerun to resume")
+
+
 def _count_errors(run: RunDir) -> int:
     return sum(loc.parquet_num_rows() for loc in run.errors_dir("embed").list(".parquet"))
 
@@ -430,7 +492,7 @@ def _checkpoint(name: str, mcfg: ModelRunConfig) -> str | None:
 
 def _described(run: RunDir, model: str) -> Location:
     """Where the first actor of `model` records what it loaded (Embedder.describe())."""
-    return run.model_dir(model) / "_embedder.json"
+    return run.embedder_info(model)
 
 
 class _progress:

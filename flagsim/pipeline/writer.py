@@ -104,7 +104,7 @@ class ShardWriter:
             ],
             schema=ERRORS_SCHEMA,
         )
-        loc.write_parquet(table)
+        loc.write_parquet(table, staging=self.run.staging)
         for r in bad:
             log.warning("skipped %s: %s", r["path"], r[ERROR])
 

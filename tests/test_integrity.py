@@ -1,0 +1,186 @@
+"""Run-directory integrity: checksums recorded when a shard is written and verified on every read;
+every "repair with `flagsim embed --repair`" error is one that --repair fixes; one writer per run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flagsim.cli import main
+from flagsim.config import load_config
+from flagsim.images import bundled_table, write_images_table
+from flagsim.pipeline.embed import run_embed
+from flagsim.rundir import RunDir
+from flagsim.shards import read_embeddings, read_manifest
+
+EMBED = ["--models", "pixels", "--no-progress", "--set", "ray.read_cpus=1",
+         "--set", "embed.shard_size=10"]
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["embed.models=[pixels]", "embed.shard_size=10", "ray.read_cpus=1",
+                              *overrides])
+
+
+def _errors(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("flagsim: error")]
+
+
+@pytest.fixture()
+def run30(tmp_path, ray_local) -> Path:
+    run = tmp_path / "run"
+    write_images_table(bundled_table().slice(0, 30), RunDir.at(run))
+    run_embed(_cfg(), run_dir=str(run), show_progress=False)
+    return run
+
+
+def _flip(path: Path, nbytes: int = 64) -> None:
+    """Overwrite `nbytes` in the middle of the file (inside the data pages, not the footer)."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 3
+    data[mid:mid + nbytes] = bytes(b ^ 0x5A for b in data[mid:mid + nbytes])
+    path.write_bytes(bytes(data))
+
+
+def _refused_then_repaired(run: Path, capsys, shard: str, original) -> None:
+    rc = main(["index", "--run", str(run), "--models", "pixels"])
+    err = _errors(capsys)
+    assert rc != 0 and len(err) == 1 and shard in err[0] and "--repair" in err[0], err
+    assert main(["embed", "--run", str(run), "--repair", *EMBED]) == 0
+    capsys.readouterr()
+    fixed = read_embeddings(RunDir.at(run), "pixels")
+    assert fixed.ids == original.ids
+    np.testing.assert_array_equal(fixed.vectors, original.vectors)
+    assert main(["index", "--run", str(run), "--models", "pixels"]) == 0
+    capsys.readouterr()
+
+
+def test_flipped_bytes_in_a_shard_are_detected_and_repair_re_embeds_it(run30, capsys) -> None:
+    rd = RunDir.at(run30)
+    original = read_embeddings(rd, "pixels")
+    shard = run30 / "embeddings" / "model=pixels" / "part-00001.parquet"
+    _flip(shard)
+    assert main(["embed", "--run", str(run30), *EMBED]) == 0  # a plain embed trusts the manifest
+    out = capsys.readouterr()
+    assert "up to date" in out.out
+    _refused_then_repaired(run30, capsys, "part-00001.parquet", original)
+    assert read_manifest(rd, "pixels").checksums["part-00001.parquet"]
+
+
+def test_an_extra_unlisted_shard_is_refused_and_repair_removes_it(run30, capsys) -> None:
+    original = read_embeddings(RunDir.at(run30), "pixels")
+    mdir = run30 / "embeddings" / "model=pixels"
+    shutil.copy(mdir / "part-00000.parquet", mdir / "part-00099.parquet")
+    _refused_then_repaired(run30, capsys, "part-00099.parquet", original)
+    assert not (mdir / "part-00099.parquet").exists()
+
+
+def test_a_shard_copied_over_another_with_the_manifest_deleted_is_redone(run30, capsys) -> None:
+    rd = RunDir.at(run30)
+    original = read_embeddings(rd, "pixels")
+    mdir = run30 / "embeddings" / "model=pixels"
+    shutil.copy(mdir / "part-00000.parquet", mdir / "part-00002.parquet")
+    rd.manifest("pixels").delete()
+    assert main(["embed", "--run", str(run30), *EMBED]) == 0  # resume verifies what it keeps
+    capsys.readouterr()
+    again = read_embeddings(rd, "pixels")
+    assert again.ids == original.ids
+    np.testing.assert_array_equal(again.vectors, original.vectors)
+    # the same with --repair, which must not answer "up to date"
+    shutil.copy(mdir / "part-00000.parquet", mdir / "part-00002.parquet")
+    rd.manifest("pixels").delete()
+    assert main(["embed", "--run", str(run30), "--repair", *EMBED]) == 0
+    assert "up to date" not in capsys.readouterr().out
+    np.testing.assert_array_equal(read_embeddings(rd, "pixels").vectors, original.vectors)
+
+
+def test_a_shard_copied_from_another_run_is_refused(run30, tmp_path, capsys) -> None:
+    other = tmp_path / "other"
+    write_images_table(bundled_table().slice(0, 30), RunDir.at(other))
+    run_embed(_cfg(), run_dir=str(other), show_progress=False)
+    rd = RunDir.at(run30)
+    original = read_embeddings(rd, "pixels")
+    # the same images, so the bytes differ only by the run they were written for
+    for sub in ("embeddings/model=pixels/part-00001.parquet",
+                "_meta/embeddings/model=pixels/shards/part-00001.json"):
+        shutil.copy(other / sub, run30 / sub)
+    with pytest.raises(Exception, match="part-00001.parquet (was written by another run|does not match)"):
+        read_embeddings(rd, "pixels")
+    _refused_then_repaired(run30, capsys, "part-00001.parquet", original)
+
+
+def test_a_shard_path_that_is_a_directory_is_one_line_and_repaired(run30, capsys) -> None:
+    original = read_embeddings(RunDir.at(run30), "pixels")
+    shard = run30 / "embeddings" / "model=pixels" / "part-00001.parquet"
+    shard.unlink()
+    shard.mkdir()
+    _refused_then_repaired(run30, capsys, "part-00001.parquet", original)
+
+
+def test_a_run_marker_that_is_not_an_object_is_one_line(run30, capsys) -> None:
+    marker = RunDir.at(run30).run_marker("pixels").local_path()
+    marker.write_text("[]")
+    RunDir.at(run30).manifest("pixels").delete()
+    rc = main(["embed", "--run", str(run30), *EMBED])
+    err = _errors(capsys)
+    assert rc != 0 and len(err) == 1 and "run.json is not a valid run marker" in err[0]
+    assert main(["embed", "--run", str(run30), "--force", *EMBED]) == 0
+
+
+def test_an_empty_images_table_is_one_line(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    write_images_table(bundled_table().slice(0, 0), RunDir.at(run))
+    rc = main(["embed", "--run", str(run), *EMBED])
+    err = _errors(capsys)
+    assert rc != 0 and len(err) == 1 and "no rows" in err[0], err
+
+
+def test_a_second_embed_into_the_same_run_fails_at_once_naming_the_holder(
+    tmp_path, bundled_dir
+) -> None:
+    run = tmp_path / "run"
+    write_images_table(bundled_table().slice(0, 40), RunDir.at(run))
+    # the first embed's last image is a named pipe nobody writes: it holds the run until killed
+    table = bundled_table().slice(0, 40).to_pylist()
+    pipe = tmp_path / "held.png"
+    os.mkfifo(pipe)
+    table[-1]["path"] = str(pipe)
+    table[-1]["sha256"] = None
+    import pyarrow as pa
+
+    from flagsim.schema import IMAGES_SCHEMA
+    write_images_table(pa.Table.from_pylist(table, schema=IMAGES_SCHEMA), RunDir.at(run))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "-m", "flagsim", "embed", "--run", str(run), "--set", "ray.num_cpus=2"]
+    first = subprocess.Popen([*cmd, *EMBED], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lock = run / "_lock.json"
+        shards = run / "embeddings" / "model=pixels"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None:
+            if len(list(shards.glob("part-*.parquet"))) == 3:  # all but the held last shard
+                break
+            time.sleep(0.2)
+        assert first.poll() is None and lock.exists(), "the first embed is not holding the run"
+        time.sleep(0.5)  # its third marker is written just after the third shard
+        before = sorted(p.name for p in run.rglob("*") if p.is_file())
+        second = subprocess.run([*cmd, *EMBED[:-2], "--set", "embed.shard_size=20"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        err = [line for line in second.stderr.splitlines() if line.strip()]
+        assert second.returncode != 0
+        assert len([e for e in err if e.startswith("flagsim: error")]) == 1, err
+        holder = json.loads(lock.read_text())
+        assert f"pid {holder['pid']}" in second.stderr and "flagsim embed" in second.stderr
+        assert sorted(p.name for p in run.rglob("*") if p.is_file()) == before  # nothing touched
+    finally:
+        os.killpg(first.pid, 9)
+        first.wait(timeout=30)

@@ -1,0 +1,116 @@
+"""Every table folder of a run reads whole, the model as a column, with pandas, pyarrow, polars
+and DuckDB: the recipes of docs/layout.md, run against a real run of two models."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import polars as pl
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from flagsim.config import load_config
+from flagsim.images import bundled_flags_dir, from_folder, write_images_table
+from flagsim.neighbours import write_neighbours
+from flagsim.pipeline.embed import run_embed
+from flagsim.rundir import RunDir
+from flagsim.shards import read_embeddings
+
+MODELS = ("efficientnet-lite0", "pixels")  # 1280-d and 1152-d: the folders differ in dimension
+K = 3
+
+
+@pytest.fixture(scope="module")
+def two_model_run(tmp_path_factory, ray_local) -> Path:
+    root = tmp_path_factory.mktemp("layout")
+    folder = root / "imgs"
+    folder.mkdir()
+    for png in sorted((bundled_flags_dir() / "images").glob("*.png"))[:12]:
+        shutil.copy(png, folder / png.name)
+    (folder / "Broken.png").write_bytes(b"not a png")  # one row for the errors table
+    run = root / "run"
+    write_images_table(from_folder(folder), RunDir.at(run))
+    cfg = load_config(None, [f"embed.models=[{','.join(MODELS)}]", "embed.shard_size=5",
+                             "ray.read_cpus=1"])
+    summary = run_embed(cfg, run_dir=str(run), show_progress=False)
+    assert [summary.result(m).status for m in MODELS] == ["embedded", "embedded"]
+    write_neighbours(str(run), k=K, cfg=cfg)
+    return run
+
+
+def _expected(run: Path) -> dict[str, object]:
+    return {m: read_embeddings(RunDir.at(run), m) for m in MODELS}
+
+
+def test_table_folders_hold_parquet_files_only(two_model_run: Path) -> None:
+    for table in ("embeddings", "neighbours", "errors"):
+        files = [p for p in (two_model_run / table).rglob("*") if p.is_file()]
+        assert files, table
+        assert all(p.suffix == ".parquet" and not p.name.startswith((".", "_")) for p in files), files
+
+
+def test_embeddings_read_whole_with_every_reader(two_model_run: Path) -> None:
+    want = _expected(two_model_run)
+    n = sum(len(e.ids) for e in want.values())
+    where = str(two_model_run / "embeddings")
+    frames = {
+        "pandas": pd.read_parquet(where),
+        "pyarrow read_table": pq.read_table(where).to_pandas(),
+        "pyarrow dataset": pads.dataset(where, partitioning="hive").to_table().to_pandas(),
+        "polars read": pl.read_parquet(where).to_pandas(),
+        "polars scan": pl.scan_parquet(where).collect().to_pandas(),
+        "duckdb": duckdb.sql(
+            f"SELECT * FROM read_parquet('{where}/**/*.parquet', hive_partitioning = true)").df(),
+    }
+    for reader, df in frames.items():
+        assert len(df) == n, reader
+        assert set(df["model"].astype(str)) == set(MODELS), reader
+        for m, emb in want.items():
+            part = df[df["model"].astype(str) == m].set_index("image_id").loc[emb.ids]
+            got = np.stack([np.asarray(v, dtype=np.float32) for v in part["embedding"]])
+            np.testing.assert_array_equal(got, emb.vectors, err_msg=f"{reader} {m}")
+
+
+def test_one_model_folder_and_a_filter_read_alone(two_model_run: Path) -> None:
+    want = _expected(two_model_run)["pixels"]
+    where = two_model_run / "embeddings"
+    assert pl.read_parquet(where / "model=pixels").height == len(want.ids)
+    assert pd.read_parquet(where / "model=pixels").shape[0] == len(want.ids)
+    filtered = pq.read_table(str(where), filters=[("model", "=", "pixels")])
+    assert filtered.num_rows == len(want.ids)
+    assert set(filtered.column("model").to_pylist()) == {"pixels"}
+
+
+def test_neighbours_read_whole_with_every_reader(two_model_run: Path) -> None:
+    want = {m: _expected(two_model_run)[m] for m in MODELS}
+    n = sum(len(e.ids) * K for e in want.values())
+    where = str(two_model_run / "neighbours")
+    frames = {
+        "pandas": pd.read_parquet(where),
+        "pandas filter": pd.read_parquet(where, filters=[("model", "=", "pixels")]),
+        "pyarrow read_table": pq.read_table(where).to_pandas(),
+        "pyarrow dataset": pads.dataset(where, partitioning="hive").to_table().to_pandas(),
+        "polars read": pl.read_parquet(where).to_pandas(),
+        "polars scan": pl.scan_parquet(where).filter(pl.col("rank") <= K).collect().to_pandas(),
+        "duckdb": duckdb.sql(
+            f"SELECT * FROM read_parquet('{where}/**/*.parquet', hive_partitioning = true)").df(),
+    }
+    for reader, df in frames.items():
+        models = {"pixels"} if reader == "pandas filter" else set(MODELS)
+        assert set(df["model"].astype(str)) == models, reader
+        assert len(df) == (len(want["pixels"].ids) * K if reader == "pandas filter" else n), reader
+        assert (df["query_id"] != df["neighbour_id"]).all(), reader
+        assert sorted(set(df["rank"])) == list(range(1, K + 1)), reader
+
+
+def test_errors_table_reads_whole(two_model_run: Path) -> None:
+    where = str(two_model_run / "errors")
+    for df in (pd.read_parquet(where), pl.read_parquet(f"{where}/**/*.parquet").to_pandas(),
+               duckdb.sql(f"SELECT * FROM read_parquet('{where}/**/*.parquet')").df()):
+        assert list(df["image_id"]) == ["Broken"]
+        assert df["stage"].iloc[0] == "decode"
