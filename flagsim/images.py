@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg")
 _FOOTNOTE = re.compile(r"\[[^\]]{1,12}\]")
 _FORBIDDEN = set('/\\\x00:*?"<>|')
+#: Longest file stem in UTF-8 bytes: with `_N` and an extension a name stays within 200 bytes
+#: (filesystems allow 255 bytes; 150 Cyrillic letters are 300).
+MAX_STEM_BYTES = 180
 
 
 def bundled_flags_dir() -> Path:
@@ -38,7 +41,8 @@ def safe_stem(name: str) -> str:
     """File stem for `name`, following the seed's rule (spaces → `_`, `[`/`]` removed).
 
     Also NFC-normalises, drops path separators, control and shell-hostile characters, and
-    leading dots, so the result can never escape its folder.
+    leading dots, so the result can never escape its folder; a stem over MAX_STEM_BYTES is
+    cut and ends in 8 hex digits of the full name's hash, so cut names stay distinct.
     """
     s = unicodedata.normalize("NFC", name).strip()
     s = s.replace(" ", "_").replace("[", "").replace("]", "")
@@ -46,8 +50,17 @@ def safe_stem(name: str) -> str:
     s = s.lstrip(".")
     while ".." in s:
         s = s.replace("..", ".")
-    s = s[:150]
-    return s or "image"
+    return _fit_bytes(s) or "image"
+
+
+def _fit_bytes(stem: str) -> str:
+    """`stem` cut to MAX_STEM_BYTES of UTF-8, ending in a hash of the whole when cut."""
+    data = stem.encode("utf-8")
+    if len(data) <= MAX_STEM_BYTES:
+        return stem
+    digest = hashlib.sha256(data).hexdigest()[:8]
+    head = data[: MAX_STEM_BYTES - len(digest) - 1].decode("utf-8", errors="ignore")
+    return f"{head}_{digest}"
 
 
 def strip_footnotes(name: str) -> str:
