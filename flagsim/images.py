@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
 import re
+import stat
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable
@@ -18,15 +18,36 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from flagsim.errors import DataError
+from flagsim.inputfiles import file_problem, open_csv
 from flagsim.rundir import RunDir
 from flagsim.schema import ERRORS_SCHEMA, IMAGES_SCHEMA, check_columns, conform
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg")
+#: Pillow formats that it lists but cannot decode to pixels here (stubs, header-only, or a
+#: helper program/OS needed).
+_NOT_DECODABLE = frozenset({"BUFR", "GRIB", "HDF5", "MPEG", "EPS", "WMF"})
+
+
+def _image_suffixes() -> tuple[str, ...]:
+    """The extensions of every format this Pillow can open (AVIF, WebP, ...), plus `.svg`.
+
+    SVG is listed so that a vector flag gets an error row ("rasterise it first") rather
+    than being skipped unseen.
+    """
+    registered = Image.registered_extensions()  # loads every plugin first
+    openable = set(Image.OPEN) - _NOT_DECODABLE
+    exts = {ext.lower() for ext, fmt in registered.items() if fmt in openable}
+    return tuple(sorted(exts | {".svg"}))
+
+
+IMAGE_SUFFIXES = _image_suffixes()
 _FOOTNOTE = re.compile(r"\[[^\]]{1,12}\]")
 _FORBIDDEN = set('/\\\x00:*?"<>|')
+#: Longest file stem in UTF-8 bytes: with `_N` and an extension a name stays within 200 bytes
+#: (filesystems allow 255 bytes; 150 Cyrillic letters are 300).
+MAX_STEM_BYTES = 180
 
 
 def bundled_flags_dir() -> Path:
@@ -38,7 +59,8 @@ def safe_stem(name: str) -> str:
     """File stem for `name`, following the seed's rule (spaces → `_`, `[`/`]` removed).
 
     Also NFC-normalises, drops path separators, control and shell-hostile characters, and
-    leading dots, so the result can never escape its folder.
+    leading dots, so the result can never escape its folder; a stem over MAX_STEM_BYTES is
+    cut and ends in 8 hex digits of the full name's hash, so cut names stay distinct.
     """
     s = unicodedata.normalize("NFC", name).strip()
     s = s.replace(" ", "_").replace("[", "").replace("]", "")
@@ -46,8 +68,17 @@ def safe_stem(name: str) -> str:
     s = s.lstrip(".")
     while ".." in s:
         s = s.replace("..", ".")
-    s = s[:150]
-    return s or "image"
+    return _fit_bytes(s) or "image"
+
+
+def _fit_bytes(stem: str) -> str:
+    """`stem` cut to MAX_STEM_BYTES of UTF-8, ending in a hash of the whole when cut."""
+    data = stem.encode("utf-8")
+    if len(data) <= MAX_STEM_BYTES:
+        return stem
+    digest = hashlib.sha256(data).hexdigest()[:8]
+    head = data[: MAX_STEM_BYTES - len(digest) - 1].decode("utf-8", errors="ignore")
+    return f"{head}_{digest}"
 
 
 def strip_footnotes(name: str) -> str:
@@ -120,10 +151,17 @@ def from_folder(folder: str | os.PathLike) -> pa.Table:
     from flagsim.storage import walk_files
 
     root = Location.parse(folder)
-    if not root.exists():
+    problem = file_problem(root)
+    if problem == "file not found":
         raise DataError(f"image folder not found: {root}")
-    files = [f for f in walk_files(root) if f.name.lower().endswith(IMAGE_SUFFIXES)]
-    rels = [f.path[len(root.path) :].lstrip("/") for f in files]
+    if problem != "is a directory":
+        raise DataError(f"image folder {root} is not a directory")
+    if root.is_local:
+        rels = _local_image_files(root.path)
+        files = [root / rel for rel in rels]
+    else:  # object stores: no symlinks, no special files
+        files = [f for f in walk_files(root) if f.name.lower().endswith(IMAGE_SUFFIXES)]
+        rels = [f.path[len(root.path) :].lstrip("/") for f in files]
     stems = [r.rsplit(".", 1)[0] for r in rels]
     clash = {s for s, n in Counter(stems).items() if n > 1}  # a.png + a.jpg: keep the extension
     rows = []
@@ -132,8 +170,56 @@ def from_folder(folder: str | os.PathLike) -> pa.Table:
         name = f.name.rsplit(".", 1)[0].replace("_", " ")
         rows.append(_row(image_id, name, f, None))
     if not rows:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {root}")
+        raise DataError(
+            f"no image files (.png, .jpg, .webp, .avif, ... any format Pillow opens) under {root}"
+        )
     return table_from_rows(rows)
+
+
+def _local_image_files(root: str) -> list[str]:
+    """Relative paths of the regular image files under `root`, sorted; symlinks followed.
+
+    Each directory is entered once (by st_dev/st_ino), so symlink loops end; a file reached
+    by several paths (symlinks, hard links) is listed once, preferably by a path without
+    symlinks: real folders are walked before any symlinked one.
+    """
+    seen_dirs: set[tuple[int, int]] = set()
+    found: dict[tuple[int, int], tuple[bool, str]] = {}  # file -> (via a symlink, path)
+    paths = revisits = 0
+    real: list[tuple[str, bool]] = [("", False)]
+    linked: list[tuple[str, bool]] = []
+    while real or linked:
+        rel, via_link = real.pop() if real else linked.pop()
+        path = os.path.join(root, rel) if rel else root
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                revisits += 1
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            with os.scandir(path) as it:
+                entries = sorted(((e.name, e.is_symlink()) for e in it), reverse=True)
+        except OSError as exc:
+            log.warning("skipping folder %s: %s", path, exc)
+            continue
+        for name, is_link in entries:
+            child = f"{rel}/{name}" if rel else name
+            try:
+                cst = os.stat(os.path.join(root, child))  # follows symlinks
+            except OSError:
+                continue  # a broken symlink, or gone meanwhile
+            if stat.S_ISDIR(cst.st_mode):
+                (linked if via_link or is_link else real).append((child, via_link or is_link))
+            elif stat.S_ISREG(cst.st_mode) and name.lower().endswith(IMAGE_SUFFIXES):
+                paths += 1
+                key, pick = (cst.st_dev, cst.st_ino), (via_link or is_link, child)
+                found[key] = min(found.get(key, pick), pick)
+    if revisits or paths > len(found):
+        log.info(
+            "%s: %d folder(s) reached again through symlinks and %d duplicate path(s) skipped",
+            root, revisits, paths - len(found),
+        )
+    return sorted(rel for _, rel in found.values())
 
 
 def from_csv(csv_path: str | os.PathLike, image_dir: str | os.PathLike) -> pa.Table:
@@ -149,31 +235,31 @@ def from_csv_with_missing(
     csv_path: str | os.PathLike, image_dir: str | os.PathLike
 ) -> tuple[pa.Table, list[dict]]:
     src = Location.parse(csv_path)
-    if not src.exists():
-        raise DataError(f"CSV not found: {src}")
-    text = src.read_text()
-    reader = csv.DictReader(text.splitlines())
-    fields = reader.fieldnames or []
-    if "Country" not in fields:
-        raise DataError(f"{src} has no 'Country' column (columns: {', '.join(fields) or 'none'})")
     folder = Location.parse(image_dir)
     rows, missing = [], []
-    for rec in reader:
-        name = (rec.get("Country") or "").strip()
-        if not name:
-            continue
-        stem = safe_stem(name)  # the seed's file naming keeps footnote letters: Denmark[i] -> Denmarki
-        name = strip_footnotes(name)
-        f = folder / f"{stem}.png"
-        if not f.exists():
-            missing.append(
-                {"image_id": stem, "name": name, "path": str(f), "stage": "images",
-                 "model": None, "reason": "file not found"}
+    with open_csv(src, "CSV") as reader:
+        fields = reader.fieldnames
+        if "Country" not in fields:
+            raise DataError(
+                f"{src} has no 'Country' column (columns: {', '.join(fields) or 'none'})"
             )
-            continue
-        rows.append(_row(stem, name, f, rec.get("Flag Image") or None))
+        for rec in reader:
+            name = (rec.get("Country") or "").strip()
+            if not name:
+                continue
+            stem = safe_stem(name)  # the seed's file naming keeps footnote letters: Denmark[i] -> Denmarki
+            name = strip_footnotes(name)
+            f = folder / f"{stem}.png"
+            problem = file_problem(f)  # stat first: a FIFO or device is never opened
+            if problem is not None:
+                missing.append(
+                    {"image_id": stem, "name": name, "path": str(f), "stage": "images",
+                     "model": None, "reason": problem}
+                )
+                continue
+            rows.append(_row(stem, name, f, rec.get("Flag Image") or None))
     if missing:
-        log.warning("%d CSV row(s) have no image file in %s", len(missing), folder)
+        log.warning("%d CSV row(s) have no readable image file in %s", len(missing), folder)
     if not rows:
         raise DataError(f"none of the images named in {src} were found in {folder}")
     return table_from_rows(rows), missing

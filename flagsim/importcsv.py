@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import io
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -20,8 +19,9 @@ from flagsim.images import (
     strip_footnotes,
     write_images_table,
 )
+from flagsim.inputfiles import check_input_file, open_csv
 from flagsim.rundir import RunDir, shard_name
-from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
+from flagsim.shards import Manifest, embeddings_table, read_manifest, write_manifest, write_shard
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
@@ -91,34 +91,102 @@ class ImportResult:
     shards: int
     images_table: str  # "kept" | "written" | "none"
     not_in_images: int  # imported ids missing from the run's images table
+    up_to_date: bool = False  # the same file was imported already: nothing written
 
 
-def _read_rows(src: Location) -> list[dict[str, str]]:
-    data = src.read_bytes()
-    if src.name.endswith(".gz") or data[:2] == b"\x1f\x8b":
-        import gzip
+@dataclass
+class _Parsed:
+    ids: list[str]
+    names: list[str]
+    matrix: np.ndarray  # [rows, dim] float32
 
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise DataError(f"{src} is not a readable gzip file: {exc}") from None
+
+def _parse(src: Location, model: str, chunk_rows: int) -> _Parsed:
+    """Read `src` record by record (gzip streamed), converting features in float32 blocks.
+
+    Memory holds the float32 vectors and ids, never the file's text: a bad row or a
+    dimension disagreeing with the registry is refused as soon as it is read.
+    """
+    from flagsim.index import model_dim
+
+    expected = model_dim(model)
+    ids: list[str] = []
+    names: list[str] = []
+    blocks: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    seen: dict[str, int] = {}
+    dim = 0
+    with open_csv(src, "embedding file") as reader:
+        fields = reader.fieldnames
+        for col in ("Country", "features"):
+            if col not in fields:
+                raise DataError(
+                    f"{src} has no '{col}' column (columns: {', '.join(fields) or 'none'}); "
+                    "expected the original format Country,Flag Image,features"
+                )
+        for line, rec in enumerate(reader, start=2):
+            country = (rec.get("Country") or "").strip()
+            where = f"{src}: row {line}" + (f" ({country})" if country else "")
+            if not country:
+                raise DataError(f"{where}: empty Country")
+            image_id = safe_stem(country)
+            if image_id.casefold() in seen:
+                raise DataError(
+                    f"{where}: same image id {image_id!r} as row {seen[image_id.casefold()]}"
+                )
+            seen[image_id.casefold()] = line
+            vec = parse_features(rec.get("features") or "", where)
+            if not dim:
+                dim = int(vec.size)
+                if expected is not None and expected != dim:
+                    raise DataError(
+                        f"{src}: {dim}-d embeddings, but model {model} is {expected}-d; "
+                        "pick the matching --model (or a new name for another model)"
+                    )
+            elif vec.size != dim:
+                raise DataError(f"{where}: {vec.size} values, but the first row has {dim}")
+            ids.append(image_id)
+            names.append(strip_footnotes(country))
+            pending.append(vec)
+            if len(pending) >= chunk_rows:
+                blocks.append(np.stack(pending).astype(np.float32))
+                pending = []
+    if pending:
+        blocks.append(np.stack(pending).astype(np.float32))
+    if not ids:
+        raise DataError(f"{src} holds no rows")
+    if expected is None:
+        log.info("%s is not a registered model: importing as an external model", model)
+    return _Parsed(ids, names, np.concatenate(blocks))
+
+
+def file_stamp(src: Location) -> dict[str, str | int]:
+    """What identifies an imported file: its name, sha256 and size (recorded in the manifest)."""
+    digest = hashlib.sha256()
+    size = 0
+    with src.fs.open_input_stream(src.path, compression=None) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"source_file": src.name, "source_sha256": digest.hexdigest(), "source_bytes": size}
+
+
+def _up_to_date(
+    run: RunDir, model: str, stamp: dict, checkpoint: str | None, revision: str | None
+) -> Manifest | None:
+    """The manifest when `model` was imported from the same bytes with the same weights."""
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{src} is not UTF-8 text: {exc}") from None
-    csv.field_size_limit(1 << 30)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    fields = reader.fieldnames or []
-    for col in ("Country", "features"):
-        if col not in fields:
-            raise DataError(
-                f"{src} has no '{col}' column (columns: {', '.join(fields) or 'none'}); "
-                "expected the original format Country,Flag Image,features"
-            )
-    try:
-        return list(reader)
-    except csv.Error as exc:
-        raise DataError(f"{src}: not valid CSV: {exc}") from None
+        manifest = read_manifest(run, model)
+    except DataError:
+        return None
+    if manifest is None or not is_imported(manifest):
+        return None
+    same_file = all(
+        manifest.processor.get(k) == stamp[k] for k in ("source_sha256", "source_bytes")
+    )
+    same_weights = (manifest.checkpoint, manifest.revision) == (checkpoint, revision)
+    shards = {loc.name for loc in run.model_dir(model).list(".parquet")}
+    return manifest if same_file and same_weights and shards == set(manifest.shards) else None
 
 
 def import_csv(
@@ -137,58 +205,32 @@ def import_csv(
     `model` may be any safe name; a registered model's dimension must match. `checkpoint` and
     `revision` record which weights made the vectors (then `flagsim query` can embed new
     images with them). With `images`, a run without images.parquet gets one from the bundled
-    flags when every imported id is among them.
+    flags when every imported id is among them. The manifest records the file's sha256 and
+    size: importing the same bytes again is a no-op ("up to date"); other bytes need `force`.
     """
-    from flagsim.index import model_dim
-
     if not _MODEL_NAME.match(model):
         raise DataError(
             f"invalid model name {model!r}: use letters, digits and . _ + - (at most 64 characters)"
         )
     src = Location.parse(file)
-    if not src.is_file():
-        raise DataError(f"embedding file not found: {src}")
+    check_input_file(src, "embedding file")
+    stamp = file_stamp(src)
     run = RunDir.at(run_dir)
     existing = run.model_dir(model).exists() and bool(run.model_dir(model).list())
     if existing and not force:
+        done = _up_to_date(run, model, stamp, checkpoint, revision)
+        if done is not None:
+            log.info("%s is up to date: already imported from %s (sha256 %s)",
+                     run.model_dir(model), src.name, str(stamp["source_sha256"])[:12])
+            state = "kept" if run.images_table.exists() else "none"
+            return ImportResult(model, done.rows, done.dim, len(done.shards), state, 0, True)
         raise DataError(
             f"{run.model_dir(model)} already holds embeddings of {model}; pass --force to replace them"
         )
 
-    rows = _read_rows(src)
-    if not rows:
-        raise DataError(f"{src} holds no rows")
-    ids: list[str] = []
-    names: list[str] = []
-    urls: list[str | None] = []
-    vecs: list[np.ndarray] = []
-    seen: dict[str, int] = {}
-    for line, rec in enumerate(rows, start=2):
-        country = (rec.get("Country") or "").strip()
-        where = f"{src}: row {line}" + (f" ({country})" if country else "")
-        if not country:
-            raise DataError(f"{where}: empty Country")
-        image_id = safe_stem(country)
-        if image_id.casefold() in seen:
-            raise DataError(f"{where}: same image id {image_id!r} as row {seen[image_id.casefold()]}")
-        seen[image_id.casefold()] = line
-        vec = parse_features(rec.get("features") or "", where)
-        if vecs and vec.size != vecs[0].size:
-            raise DataError(f"{where}: {vec.size} values, but the first row has {vecs[0].size}")
-        ids.append(image_id)
-        names.append(strip_footnotes(country))
-        urls.append((rec.get("Flag Image") or "").strip() or None)
-        vecs.append(vec)
-    dim = int(vecs[0].size)
-    expected = model_dim(model)
-    if expected is not None and expected != dim:
-        raise DataError(
-            f"{src}: {dim}-d embeddings, but model {model} is {expected}-d; "
-            "pick the matching --model (or a new name for another model)"
-        )
-    if expected is None:
-        log.info("%s is not a registered model: importing as an external model", model)
-    matrix = np.stack(vecs).astype(np.float32)
+    parsed = _parse(src, model, shard_size)
+    ids, names, matrix = parsed.ids, parsed.names, parsed.matrix
+    dim = int(matrix.shape[1])
 
     if existing:  # only now that the file is known to be good
         run.model_dir(model).delete()
@@ -205,7 +247,7 @@ def import_csv(
     write_manifest(run, Manifest(
         model=model, dim=dim, rows=len(ids), images_hash=images_hash, shards=shards,
         checkpoint=checkpoint, revision=revision, dtype="float32", device="unknown",
-        processor={}, shard_size=shard_size, source=f"{SOURCE_PREFIX} {src.name}",
+        processor=stamp, shard_size=shard_size, source=f"{SOURCE_PREFIX} {src.name}",
     ))
     log.info("imported %d %d-d embeddings of %s from %s into %s", len(ids), dim, model, src,
              run.model_dir(model))

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import pyarrow as pa
 import requests
+import urllib3
 from bs4 import BeautifulSoup
 from bs4.element import Tag
 from PIL import Image, UnidentifiedImageError
@@ -28,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from flagsim import __version__
 from flagsim.errors import ConfigError, DataError
 from flagsim.images import ImageInfo, probe_image, table_from_rows, unique_stems, write_images_table
+from flagsim.inputfiles import read_regular
 from flagsim.rundir import RunDir
 from flagsim.storage import Location
 
@@ -63,6 +65,11 @@ _MAGIC = (
     (b"GIF89a", "GIF"),
 )
 _PAGE_MAX_BYTES = 64 * 1024 * 1024
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+#: Largest colspan honoured (HTML allows 1000); a rowspan is clipped to the rows left.
+MAX_SPAN = 100
+#: Largest table grid (rows x columns after spans) parsed; real flag tables are ~1000.
+MAX_GRID_CELLS = 200_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +85,8 @@ class ScrapeOptions:
     de_facto: bool = False  # also the de facto states table(s)
     extra_flags: bool = False  # also a state's second and later flags
     concurrency: int = 4
-    timeout: float = 30.0  # seconds: connect, each read, and the whole body of one attempt
+    timeout: float = 30.0  # seconds: connecting, and each wait for data
+    deadline: float | None = None  # seconds for one whole attempt (None: `timeout`)
     max_bytes: int = 10 * 1024 * 1024  # per image body
     retries: int = 3  # further attempts after a 429, 5xx, timeout or connection error
     backoff: float = 1.0  # first wait before a retry (doubles each time, with jitter)
@@ -94,6 +102,10 @@ class ScrapeOptions:
             (self.width < 1 or self.width > 10_000, f"--width must be 1..10000, got {self.width}"),
             (self.concurrency < 1 or self.concurrency > 64, "--concurrency must be 1..64"),
             (not self.timeout > 0, f"--timeout must be positive, got {self.timeout}"),
+            (
+                self.deadline is not None and not self.deadline > 0,
+                f"--deadline must be positive, got {self.deadline}",
+            ),
             (self.max_bytes < 1, f"--max-bytes must be positive, got {self.max_bytes}"),
             (self.retries < 0 or self.retries > 20, "--retries must be 0..20"),
             (self.backoff < 0, "--backoff must not be negative"),
@@ -107,6 +119,11 @@ class ScrapeOptions:
                 raise ConfigError(message)
         if urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname:
             raise ConfigError(f"--url must be an http(s) URL, got {self.url!r}")
+
+    @property
+    def attempt_deadline(self) -> float:
+        """Seconds one attempt (redirects, headers and body) may take in all."""
+        return self.timeout if self.deadline is None else self.deadline
 
 
 @dataclass(frozen=True)
@@ -200,45 +217,64 @@ def clean_image_url(src: str, base_url: str) -> str | None:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
 
 
-def _span(cell: Tag, attr: str) -> int:
+class MalformedTable(ValueError):
+    """A table whose rowspan/colspan grid would be unreasonably large."""
+
+
+def _span(cell: Tag, attr: str, limit: int) -> int:
     m = re.match(r"\s*(\d+)", str(cell.get(attr) or ""))
-    return min(max(int(m.group(1)), 1), 1000) if m else 1
+    return min(max(int(m.group(1)), 1), limit) if m else 1
 
 
 def table_grid(table: Tag) -> list[list[Tag | None]]:
-    """The table's rows with `rowspan`/`colspan` cells repeated into every slot they cover."""
+    """The table's rows with `rowspan`/`colspan` cells repeated into every slot they cover.
+
+    A colspan is clipped to MAX_SPAN and a rowspan to the table's remaining rows; a grid of
+    more than MAX_GRID_CELLS slots raises MalformedTable (no real list of flags comes close).
+    """
     rows = [tr for tr in table.find_all("tr") if tr.find_parent("table") is table]
     pending: dict[int, tuple[Tag, int]] = {}  # column -> (cell, rows still covered)
     grid: list[list[Tag | None]] = []
-    for tr in rows:
-        cells = iter(tr.find_all(["td", "th"], recursive=False))
+    size = 0
+
+    def take_pending(row: list[Tag | None]) -> None:
+        col = len(row)
+        cell, left = pending.pop(col)
+        row.append(cell)
+        if left > 1:
+            pending[col] = (cell, left - 1)
+
+    for r, tr in enumerate(rows):
         row: list[Tag | None] = []
-        col = 0
-        while True:
-            if col in pending:
-                cell, left = pending[col]
-                row.append(cell)
-                if left > 1:
-                    pending[col] = (cell, left - 1)
-                else:
-                    del pending[col]
-                col += 1
-                continue
-            new = next(cells, None)
-            if new is None:
-                if any(c > col for c in pending):  # a spanned cell further right
-                    row.append(None)
-                    col += 1
-                    continue
-                break
-            rowspan, colspan = _span(new, "rowspan"), _span(new, "colspan")
+        for new in tr.find_all(["td", "th"], recursive=False):
+            while len(row) in pending:
+                take_pending(row)
+            rowspan = _span(new, "rowspan", len(rows) - r)
+            colspan = _span(new, "colspan", MAX_SPAN)
+            if size + len(row) + colspan > MAX_GRID_CELLS:
+                raise MalformedTable(_too_large(len(rows)))
             for _ in range(colspan):
-                row.append(new)
                 if rowspan > 1:
-                    pending[col] = (new, rowspan - 1)
-                col += 1
+                    pending[len(row)] = (new, rowspan - 1)
+                row.append(new)
+        last = max(pending, default=-1)  # spanned cells further right
+        if size + last + 1 > MAX_GRID_CELLS:
+            raise MalformedTable(_too_large(len(rows)))
+        while len(row) <= last:
+            if len(row) in pending:
+                take_pending(row)
+            else:
+                row.append(None)
+        size += len(row)
         grid.append(row)
     return grid
+
+
+def _too_large(rows: int) -> str:
+    return (
+        f"its rowspan/colspan cells cover more than {MAX_GRID_CELLS} slots in {rows} rows "
+        "(malformed table)"
+    )
 
 
 def _is_header_row(row: list[Tag | None]) -> bool:
@@ -286,10 +322,14 @@ def parse_flag_tables(html: str, base_url: str) -> list[FlagEntry]:
     entries: list[FlagEntry] = []
     numbers: dict[str, int] = {}
     names: dict[int, str] = {}
-    for table in soup.find_all("table"):
+    for number, table in enumerate(soup.find_all("table"), start=1):
         if "wikitable" not in (table.get("class") or []):
             continue
-        grid = table_grid(table)
+        try:
+            grid = table_grid(table)
+        except MalformedTable as exc:
+            log.warning("skipping table %d of the page: %s", number, exc)
+            continue
         cols = _columns(grid)
         if cols is None:
             log.debug("skipping a wikitable without Flag and State columns")
@@ -512,16 +552,20 @@ class Fetcher:
         opts = self.opts
         current = url
         headers = {"Accept": accept} if accept else None
+        deadline = time.monotonic() + opts.attempt_deadline
         for hop in range(opts.max_redirects + 1):
             self.policy.check(current, "redirect to" if hop else "URL")
-            start = time.monotonic()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._deadline_error(None, 0)
+            wait_s = min(opts.timeout, left)
             try:
                 resp = self.session().get(
                     current,
                     headers=headers,
                     allow_redirects=False,
                     stream=True,
-                    timeout=(opts.timeout, opts.timeout),
+                    timeout=(wait_s, wait_s),
                 )
             except requests.Timeout as exc:
                 raise FetchError("timeout", _short(exc), retryable=True) from None
@@ -563,31 +607,51 @@ class Fetcher:
                         f"Content-Length {declared} > limit {max_bytes} bytes",
                         status=status,
                     )
-                body = self._read(resp, max_bytes, start, status)
+                body = self._read(resp, max_bytes, deadline, status)
                 return Fetched(body, resp.headers.get("Content-Type", ""), current, 1)
         raise FetchError("too many redirects", f"more than {opts.max_redirects} from {url}")
 
-    def _read(self, resp: requests.Response, max_bytes: int, start: float, status: int) -> bytes:
+    def _read(
+        self, resp: requests.Response, max_bytes: int, deadline: float, status: int
+    ) -> bytes:
+        """The body, read as it arrives so that `deadline` holds however slowly it comes.
+
+        Each read returns what one receive got (urllib3's `read1`), so a server sending a byte
+        now and then is abandoned at the deadline (at most one `timeout` after it).
+        """
+        raw = resp.raw
+        read1 = getattr(raw, "read1", None)  # urllib3 >= 2.3
         buf = bytearray()
         try:
-            for chunk in resp.iter_content(chunk_size=64 * 1024):
+            while True:
+                if time.monotonic() > deadline:
+                    raise self._deadline_error(status, len(buf))
+                if read1 is not None:
+                    chunk = read1(64 * 1024, decode_content=True)
+                else:  # pragma: no cover - older urllib3: blocks until 4 KiB or the end
+                    chunk = raw.read(4096, decode_content=True)
+                if not chunk:
+                    break
                 buf += chunk
                 if len(buf) > max_bytes:
                     raise FetchError(
                         "too large", f"body exceeds limit {max_bytes} bytes", status=status
                     )
-                if time.monotonic() - start > self.opts.timeout:
-                    raise FetchError(
-                        "timeout",
-                        f"body took over {self.opts.timeout:g} s",
-                        status=status,
-                        retryable=True,
-                    )
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             text = _short(exc)
-            reason = "timeout" if "timed out" in text.lower() else "connection error"
+            timed_out = isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError))
+            reason = "timeout" if timed_out or "timed out" in text.lower() else "connection error"
             raise FetchError(reason, text, status=status, retryable=True) from None
         return bytes(buf)
+
+    def _deadline_error(self, status: int | None, received: int) -> FetchError:
+        return FetchError(
+            "deadline exceeded",
+            f"response not complete within the {self.opts.attempt_deadline:g} s deadline "
+            f"(--deadline); {received} bytes received",
+            status=status,
+            retryable=True,
+        )
 
 
 def _http_detail(resp: requests.Response, current: str, requested: str) -> str:
@@ -687,12 +751,10 @@ def _row(item: PlannedImage, path: Location, data: bytes, info: ImageInfo | None
 
 def _still_valid(prev: dict | None, path: Location, fetch_url: str | None = None) -> bytes | None:
     """The file's bytes when `prev` (a previous table row) still describes the file on disk."""
-    if prev is None or not path.exists():
+    if prev is None or (fetch_url is not None and prev.get("source_url") != fetch_url):
         return None
-    if fetch_url is not None and prev.get("source_url") != fetch_url:
-        return None
-    data = path.read_bytes()
-    return data if _sha256(data) == prev.get("sha256") else None
+    data = read_regular(path)  # a FIFO or an unreadable name is not a kept image
+    return data if data is not None and _sha256(data) == prev.get("sha256") else None
 
 
 def _error(item: PlannedImage, exc: FetchError, kept: bool = False) -> dict:
@@ -709,18 +771,32 @@ def _error(item: PlannedImage, exc: FetchError, kept: bool = False) -> dict:
     }
 
 
+def csv_cell(value: object) -> object:
+    """`value` safe to open in a spreadsheet: text starting with = + - @ tab or CR gets a `'`.
+
+    OWASP's advice against CSV (formula) injection; page text such as a state's name ends up
+    in these cells.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def errors_csv_text(errors: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(ERRORS_CSV_COLUMNS), lineterminator="\n")
+    # CRLF rows (RFC 4180): then a cell holding a CR or LF is quoted, so the rows stay intact
+    writer = csv.DictWriter(buf, fieldnames=list(ERRORS_CSV_COLUMNS), lineterminator="\r\n")
     writer.writeheader()
     for e in errors:
-        writer.writerow({k: ("" if e.get(k) is None else e[k]) for k in ERRORS_CSV_COLUMNS})
+        writer.writerow(
+            {k: ("" if e.get(k) is None else csv_cell(e[k])) for k in ERRORS_CSV_COLUMNS}
+        )
     return buf.getvalue()
 
 
 def read_errors_csv(path: str | Location) -> list[dict]:
     loc = path if isinstance(path, Location) else Location.parse(path)
-    return list(csv.DictReader(io.StringIO(loc.read_text())))
+    return list(csv.DictReader(io.StringIO(loc.read_text(), newline="")))
 
 
 def fetch_page(fetcher: Fetcher, url: str) -> str:
@@ -811,30 +887,38 @@ def _download_all(
         len(todo),
     )
 
+    def fetch_and_store(item: PlannedImage, path: Location) -> None:
+        assert item.fetch_url is not None
+        fetched = fetcher.get(item.fetch_url, opts.max_bytes)
+        try:
+            data = check_image(fetched.body, fetched.content_type, opts.max_pixels)
+            existing = read_regular(path)
+            unchanged = existing is not None and _sha256(existing) == _sha256(data)
+            if not unchanged:
+                try:
+                    path.write_bytes(data)  # atomic: temp file + rename
+                except OSError as exc:
+                    raise FetchError("file error", f"cannot write {path}: {_short(exc)}") from None
+        except FetchError as exc:
+            exc.attempts = fetched.attempts
+            exc.status = 200
+            raise
+        with lock:
+            rows[item.image_id] = _row(item, path, data)
+            counts["unchanged" if unchanged else "downloaded"] += 1
+
     def work(item: PlannedImage) -> None:
         path = images_dir / f"{item.image_id}.png"
-        assert item.fetch_url is not None
         try:
-            fetched = fetcher.get(item.fetch_url, opts.max_bytes)
-            try:
-                data = check_image(fetched.body, fetched.content_type, opts.max_pixels)
-            except FetchError as exc:
-                exc.attempts = fetched.attempts
-                exc.status = 200
-                raise
-        except FetchError as exc:
+            fetch_and_store(item, path)
+        except Exception as exc:  # noqa: BLE001 - one flag's failure never ends the scrape
+            if not isinstance(exc, FetchError):
+                log.debug("unexpected error for %s", item.entry.name, exc_info=True)
+                exc = FetchError("internal error", f"{type(exc).__name__}: {_short(exc)}")
             kept = _still_valid(previous.get(item.image_id), path) is not None
             with lock:
                 errors[item.image_id] = _error(item, exc, kept)
             log.warning("%s: %s (%s)", item.entry.name, exc, item.fetch_url)
-            return
-        existing = path.read_bytes() if path.exists() else None
-        unchanged = existing is not None and _sha256(existing) == _sha256(data)
-        if not unchanged:
-            path.write_bytes(data)  # atomic: temp file + rename
-        with lock:
-            rows[item.image_id] = _row(item, path, data)
-            counts["unchanged" if unchanged else "downloaded"] += 1
 
     interrupted: BaseException | None = None
     pool = ThreadPoolExecutor(max_workers=opts.concurrency, thread_name_prefix="scrape")
@@ -899,12 +983,14 @@ __all__ = [
     "Fetcher",
     "FlagEntry",
     "HostPolicy",
+    "MalformedTable",
     "PlannedImage",
     "ScrapeOptions",
     "ScrapeResult",
     "check_image",
     "clean_image_url",
     "clean_name",
+    "csv_cell",
     "nearest_step",
     "parse_flag_tables",
     "parse_retry_after",

@@ -52,7 +52,10 @@ _THUMB_RE = re.compile(
 
 @dataclass(frozen=True)
 class Reply:
-    """One scripted answer. body=None serves the mapped PNG; `truncate` keeps that many bytes."""
+    """One scripted answer. body=None serves the mapped PNG; `truncate` keeps that many bytes.
+
+    `trickle` > 0 sends the body one byte at a time, that many seconds apart.
+    """
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
@@ -61,6 +64,7 @@ class Reply:
     truncate: int | None = None
     content_length: bool = True
     content_type: str = "image/png"
+    trickle: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,10 @@ def _handler(server: FlagServer) -> type[BaseHTTPRequestHandler]:
                 return
             if reply.truncate is not None:
                 body = body[: reply.truncate]
-            self._send(reply.status, body, reply.content_type, reply.headers, reply.content_length)
+            self._send(
+                reply.status, body, reply.content_type, reply.headers, reply.content_length,
+                reply.trickle,
+            )
 
         def _send(
             self,
@@ -188,6 +195,7 @@ def _handler(server: FlagServer) -> type[BaseHTTPRequestHandler]:
             ctype: str,
             headers: dict[str, str] | None = None,
             content_length: bool = True,
+            trickle: float = 0.0,
         ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", ctype)
@@ -196,7 +204,13 @@ def _handler(server: FlagServer) -> type[BaseHTTPRequestHandler]:
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(body)
+            if not trickle:
+                self.wfile.write(body)
+                return
+            for i in range(len(body)):
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(trickle)
 
     return Handler
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image, features
 
 from flagsim.cli import main
 from flagsim.errors import DataError
-from flagsim.images import bundled_table, from_folder, read_images_table, safe_stem, unique_stems
+from flagsim.images import (
+    IMAGE_SUFFIXES,
+    bundled_table,
+    from_folder,
+    read_images_table,
+    safe_stem,
+    unique_stems,
+)
 from flagsim.schema import IMAGES_SCHEMA
 
 
@@ -98,3 +108,115 @@ def test_folder_ids_keep_the_extension_only_when_stems_clash(tmp_path, bundled_d
         shutil.copy(bundled_dir / "images" / "Chad.png", d / name)
     ids = sorted(from_folder(d).column("image_id").to_pylist())
     assert ids == ["a.jpg", "a.png", "b"]
+
+
+def _one_error_line(capsys) -> str:
+    """The single stderr line of a refused `flagsim -q ...` command."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flagsim: error: "), lines
+    return lines[0]
+
+
+def test_long_names_get_stems_within_180_bytes_that_stay_distinct():
+    a, b = "Республика" * 15 + "А", "Республика" * 15 + "Б"  # 151 letters, 302 bytes each
+    sa, sb = safe_stem(a), safe_stem(b)
+    assert sa != sb and len(sa.encode()) <= 180 and len(sb.encode()) <= 180
+    assert sa.startswith("Республика") and safe_stem(a) == sa  # stable
+    assert safe_stem("x" * 180) == "x" * 180  # short enough: unchanged
+    stems = unique_stems([a, a])
+    assert stems[1] == stems[0] + "_2" and len(f"{stems[1]}.jpeg".encode()) <= 200
+
+
+def test_folder_symlink_loops_end_and_list_each_file_once(tmp_path, bundled_dir):
+    src = tmp_path / "imgs"
+    (src / "sub").mkdir(parents=True)
+    shutil.copy(bundled_dir / "images" / "Chad.png", src / "Chad.png")
+    shutil.copy(bundled_dir / "images" / "Romania.png", src / "sub" / "Romania.png")
+    (src / "sub" / "up").symlink_to("..")  # two loops: walking both is exponential
+    (src / "sub" / "here").symlink_to(".")
+    (src / "alias").symlink_to("sub")  # the same folder under a second name
+    (src / "Chad_too.png").symlink_to("Chad.png")  # the same file under a second name
+    ids = from_folder(src).column("image_id").to_pylist()
+    assert ids == ["Chad", "sub/Romania"]
+    # a folder reached only through a symlink is walked, once
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(bundled_dir / "images" / "Peru.png", outside / "Peru.png")
+    (outside / "back").symlink_to(src)
+    (src / "more").symlink_to(outside)
+    assert from_folder(src).column("image_id").to_pylist() == ["Chad", "more/Peru", "sub/Romania"]
+
+
+def test_fifos_are_never_opened(tmp_path, bundled_dir, capsys):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    shutil.copy(bundled_dir / "images" / "Romania.png", d / "Romania.png")
+    os.mkfifo(d / "Chad.png")  # opening it for reading would block forever
+    csv = tmp_path / "flags.csv"
+    csv.write_text("Country,Flag Image\nChad,\nRomania,\n")
+    out = tmp_path / "run"
+    assert main(["-q", "images", "--from-csv", str(csv), "--image-dir", str(d), "--out", str(out)]) == 0
+    assert read_images_table(out).column("image_id").to_pylist() == ["Romania"]
+    errs = pq.read_table(out / "errors" / "images" / "part-00000.parquet").to_pylist()
+    assert [(e["image_id"], e["reason"]) for e in errs] == [
+        ("Chad", "not a regular file (a FIFO, socket or device)")
+    ]
+    assert from_folder(d).column("image_id").to_pylist() == ["Romania"]
+    os.mkfifo(tmp_path / "fifo.csv")
+    capsys.readouterr()
+    rc = main(["-q", "images", "--from-csv", str(tmp_path / "fifo.csv"), "--image-dir", str(d),
+               "--out", str(out)])
+    assert rc == 2 and "not a regular file" in _one_error_line(capsys)
+
+
+def test_folder_takes_every_format_pillow_opens_avif_included(tmp_path, bundled_dir):
+    if not features.check("avif"):
+        pytest.skip("this Pillow cannot write AVIF")
+    d = tmp_path / "imgs"
+    d.mkdir()
+    with Image.open(bundled_dir / "images" / "Chad.png") as im:
+        im.convert("RGB").save(d / "Chad.avif", format="AVIF")
+        im.convert("RGB").save(d / "Peru.qoi", format="QOI")
+    rows = {r["image_id"]: r for r in from_folder(d).to_pylist()}
+    assert {k: v["format"] for k, v in rows.items()} == {"Chad": "AVIF", "Peru": "QOI"}
+    assert rows["Chad"]["width"] == Image.open(bundled_dir / "images" / "Chad.png").width
+    assert ".avif" in IMAGE_SUFFIXES and ".svg" in IMAGE_SUFFIXES and ".pdf" not in IMAGE_SUFFIXES
+
+
+def test_csv_with_a_byte_order_mark_is_read(tmp_path, bundled_dir):
+    csv = tmp_path / "bom.csv"
+    csv.write_bytes("Country,Flag Image\r\nChad,http://x/Chad.png\r\n".encode("utf-8-sig"))
+    out = tmp_path / "run"
+    rc = main(["-q", "images", "--from-csv", str(csv), "--image-dir", str(bundled_dir / "images"),
+               "--out", str(out)])
+    assert rc == 0
+    assert read_images_table(out).column("source_url").to_pylist() == ["http://x/Chad.png"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("Country\nChad\nC\xf4te d'Ivoire\n".encode("latin-1"),
+         r"bad\.csv: line 3 is not UTF-8 text \(byte 0xf4 at column 2\)"),
+        (b"Country,Flag Image\nChad," + b"x" * (17 * 2**20) + b"\n",
+         r"bad\.csv: line 2 is longer than 16 MiB"),
+        (b'Country,Flag Image\nChad,"' + (b"x" * 1000 + b"\n") * 17_000 + b'"\n',
+         r"bad\.csv: line \d+: not valid CSV \(a field is larger than the limit of 16 MiB\)"),
+    ],
+    ids=["latin-1", "long-line", "big-field"],
+)
+def test_unreadable_csv_is_one_line_naming_file_and_line(tmp_path, bundled_dir, capsys,
+                                                         content, message):
+    (tmp_path / "bad.csv").write_bytes(content)
+    rc = main(["-q", "images", "--from-csv", str(tmp_path / "bad.csv"), "--image-dir",
+               str(bundled_dir / "images"), "--out", str(tmp_path / "run")])
+    assert rc == 2
+    assert re.search(message, _one_error_line(capsys))
+    assert not (tmp_path / "run" / "images.parquet").exists()
+
+
+def test_from_folder_given_a_file_is_one_line(tmp_path, bundled_dir, capsys):
+    rc = main(["-q", "images", "--from-folder", str(bundled_dir / "images" / "Chad.png"),
+               "--out", str(tmp_path / "run")])
+    assert rc == 2
+    assert _one_error_line(capsys).endswith("Chad.png is not a directory")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
+import re
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -110,13 +113,43 @@ def test_unregistered_model_name_is_imported_as_external(tmp_path) -> None:
         import_csv(str(path), "../evil", str(tmp_path / "run"))
 
 
-def test_existing_embeddings_need_force(tmp_path) -> None:
+def test_reimporting_the_same_file_is_up_to_date_and_another_needs_force(tmp_path) -> None:
     rows = [(f"L{i}", np.full(3, i + 1.0, np.float32)) for i in range(3)]
     path = _write_csv(tmp_path / "a.csv", rows)
-    import_csv(str(path), "ext", str(tmp_path / "run"))
+    run = RunDir.at(str(tmp_path / "run"))
+    first = import_csv(str(path), "ext", str(tmp_path / "run"))
+    assert not first.up_to_date
+    manifest = json.loads(run.manifest("ext").read_text())
+    assert manifest["processor"] == {
+        "source_file": "a.csv",
+        "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "source_bytes": path.stat().st_size,
+    }
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run" / "embeddings").rglob("*")}
+    again = import_csv(str(path), "ext", str(tmp_path / "run"))
+    assert again.up_to_date and (again.rows, again.dim, again.shards) == (3, 3, 1)
+    assert {p.name: p.stat().st_mtime_ns
+            for p in (tmp_path / "run" / "embeddings").rglob("*")} == written  # nothing rewritten
+    # other bytes (one value changed), or other weights, still need --force
+    other = _write_csv(tmp_path / "b.csv", [*rows[:2], ("L2", np.full(3, 9.0, np.float32))])
     with pytest.raises(DataError, match="already holds embeddings of ext; pass --force"):
-        import_csv(str(path), "ext", str(tmp_path / "run"))
-    assert import_csv(str(path), "ext", str(tmp_path / "run"), force=True).rows == 3
+        import_csv(str(other), "ext", str(tmp_path / "run"))
+    with pytest.raises(DataError, match="pass --force"):
+        import_csv(str(path), "ext", str(tmp_path / "run"), checkpoint="org/model")
+    res = import_csv(str(other), "ext", str(tmp_path / "run"), force=True)
+    assert res.rows == 3 and not res.up_to_date
+    assert read_embeddings(run, "ext").vectors[2].tolist() == [9.0, 9.0, 9.0]
+
+
+def test_reference_import_twice_through_the_cli_is_up_to_date(tmp_path, capsys) -> None:
+    files = [str(REFERENCE / f"national_flag_embeddings_{x}.csv.gz") for x in ("clip", "vit")]
+    args = ["-q", "import-csv", *files, "--run", str(tmp_path / "r")]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("up to date" in line for line in out)
+    assert out[0].startswith("195 x 512 embeddings of clip")
 
 
 def test_bad_files_give_one_line_errors_naming_the_row(tmp_path) -> None:
@@ -161,3 +194,57 @@ def test_features_column_may_hold_commas(tmp_path) -> None:
     (tmp_path / "c.csv").write_text(buf.getvalue())
     res = import_csv(str(tmp_path / "c.csv"), "ext", str(tmp_path / "run"))
     assert (res.rows, res.dim) == (2, 3)
+
+
+def test_a_gzip_that_expands_a_thousandfold_is_streamed_not_loaded(tmp_path) -> None:
+    pad = "0" * 200_000
+    path = tmp_path / "padded.csv.gz"
+    with gzip.open(path, "wt", compresslevel=1, newline="") as f:
+        f.write("Country,padding,features\n")
+        for i in range(500):
+            f.write(f"L{i},{pad},[{i} 1. 2. 3.]\n")
+    expanded = 500 * len(pad)  # 100 MB of text in a file of about 100 KB
+    assert path.stat().st_size < expanded / 100
+    tracemalloc.start()
+    try:
+        res = import_csv(str(path), "ext", str(tmp_path / "run"), shard_size=200)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (res.rows, res.dim, res.shards) == (500, 4, 3)
+    assert peak < expanded / 10  # a few MB: the file's text is never held whole
+    emb = read_embeddings(RunDir.at(str(tmp_path / "run")), "ext")
+    assert emb.ids[-1] == "L499" and emb.vectors[-1].tolist() == [499.0, 1.0, 2.0, 3.0]
+
+
+def test_csv_with_a_byte_order_mark_imports(tmp_path) -> None:
+    path = tmp_path / "bom.csv"
+    path.write_bytes("Country,features\r\nAland,[1 2]\r\n".encode("utf-8-sig"))
+    assert main(["-q", "import-csv", str(path), "--model", "ext", "--run", str(tmp_path / "r")]) == 0
+    assert read_embeddings(RunDir.at(str(tmp_path / "r")), "ext").ids == ["Aland"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("Country,features\nAland,[1 2]\nÅland,[3 4]\n".encode("latin-1"),
+         r"bad\.csv: line 3 is not UTF-8 text \(byte 0xc5 at column 1\)"),
+        (b'Country,features\nAland,"[' + (b"1 " * 500 + b"\n") * 17_500 + b']"\n',
+         r"bad\.csv: line \d+: not valid CSV \(a field is larger than the limit of 16 MiB\)"),
+        (b"Country,features\nAland,[" + b"1 " * (9 * 2**20) + b"]\n",
+         r"bad\.csv: line 2 is longer than 16 MiB"),
+        (b"\x1f\x8b\x08\x00 not really gzip",
+         r"bad\.csv is not a readable gzip file"),
+    ],
+    ids=["latin-1", "big-field", "long-line", "bad-gzip"],
+)
+def test_unreadable_files_are_one_line_naming_file_and_line(tmp_path, capsys, content,
+                                                            message) -> None:
+    (tmp_path / "bad.csv").write_bytes(content)
+    rc = main(["-q", "import-csv", str(tmp_path / "bad.csv"), "--model", "ext", "--run",
+               str(tmp_path / "r")])
+    assert rc == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flagsim: error: ")
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "r" / "embeddings").exists()

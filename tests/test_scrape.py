@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import email.utils
 import hashlib
 import io
@@ -26,14 +27,17 @@ from flagsim.scrape import (
     SOVEREIGN,
     FetchError,
     HostPolicy,
+    MalformedTable,
     ScrapeOptions,
     check_image,
     clean_image_url,
+    errors_csv_text,
     parse_flag_tables,
     parse_retry_after,
     plan_images,
     read_errors_csv,
     retry_delay,
+    scrape,
     select_entries,
     table_grid,
     thumbnail_url,
@@ -232,9 +236,11 @@ def test_options_are_validated():
     from flagsim.errors import ConfigError
 
     for bad in ({"width": 0}, {"concurrency": 0}, {"timeout": 0}, {"url": "ftp://x/y"},
-                {"user_agent": " "}, {"max_bytes": 0}):  # fmt: skip
+                {"user_agent": " "}, {"max_bytes": 0}, {"deadline": 0}):  # fmt: skip
         with pytest.raises(ConfigError):
             ScrapeOptions(**bad)
+    assert ScrapeOptions(timeout=7).attempt_deadline == 7
+    assert ScrapeOptions(timeout=7, deadline=60).attempt_deadline == 60
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,3 +478,107 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "--width" in capsys.readouterr().err
     assert main(["scrape", "--out", str(tmp_path), "--url", "file:///etc/hosts"]) == 2
     assert "http(s)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile pages and servers
+# --------------------------------------------------------------------------------------------
+def _page_with(*replacements: tuple[str, str]) -> str:
+    html = FIXTURE.read_text(encoding="utf-8")
+    for old, new in replacements:
+        assert old in html
+        html = html.replace(old, new, 1)
+    return html
+
+
+def test_a_trickling_image_is_abandoned_at_the_deadline_and_the_rest_finishes(tmp_path):
+    # 48 bytes, one every 0.25 s: each read returns before --timeout 2, the body takes 12 s
+    trickle = Reply(body=PNG_MAGIC + bytes(40), trickle=0.25)
+    data = tmp_path / "data"
+    with flag_server() as server:
+        server.script("Flag_of_Chad.svg", trickle, trickle)
+        assert main([*scrape_args(server, data), "--retries", "1"]) == 0  # deadline: --timeout
+    (chad,) = read_errors_csv(data / "errors.csv")
+    assert (chad["name"], chad["reason"], chad["attempts"]) == ("Chad", "deadline exceeded", "2")
+    assert "2 s deadline (--deadline)" in chad["detail"]
+    names = [r["name"] for r in read_images_table(data).to_pylist()]
+    assert names == [n for n in SOVEREIGN_NAMES if n != "Chad"]
+
+
+def _malformed_table(rows: int = 1500) -> str:
+    cells = '<tr><td rowspan="1000" colspan="1000">x</td></tr>\n' * rows
+    return f'<table class="wikitable"><tr><th>Flag</th><th>State</th></tr>\n{cells}</table>\n'
+
+
+def test_table_grid_clips_spans_and_refuses_a_huge_grid():
+    html = '<table><tr><th colspan="5000">A</th></tr><tr><td rowspan="65000">1</td></tr></table>'
+    grid = table_grid(BeautifulSoup(html, "html.parser").table)
+    assert [len(row) for row in grid] == [100, 1]  # colspan clipped to 100, rowspan to 1 row
+    with pytest.raises(MalformedTable, match="malformed table"):
+        table_grid(BeautifulSoup(_malformed_table(), "html.parser").table)
+
+
+def test_a_page_with_a_span_bomb_table_is_scraped_with_one_warning(tmp_path, caplog):
+    bomb = _malformed_table()
+    assert 60_000 <= len(bomb) <= 80_000
+    html = _page_with(("<body>", "<body>\n" + bomb))
+    data = tmp_path / "data"
+    with flag_server(html) as server:
+        opts = ScrapeOptions(url=server.page_url, allow_hosts=("127.0.0.1",), timeout=2, width=300)
+        result = scrape(data, opts)
+    assert [r["name"] for r in result.table.to_pylist()] == SOVEREIGN_NAMES
+    warnings = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith("skipping table 1 of the page:")
+
+
+def test_a_very_long_state_name_gets_a_short_unique_file_name(tmp_path):
+    long_name = "Государство" + "о" * 139  # 150 letters, 300 bytes of UTF-8
+    assert len(long_name) == 150
+    html = _page_with(('title="Chad">Chad</a>', f'title="Chad">{long_name}</a>'))
+    data = tmp_path / "data"
+    with flag_server(html) as server:
+        assert main(scrape_args(server, data)) == 0
+    rows = {r["name"]: r for r in read_images_table(data).to_pylist()}
+    assert len(rows) == len(SOVEREIGN_NAMES) and read_errors_csv(data / "errors.csv") == []
+    row = rows[long_name]
+    file = Path(row["path"])
+    assert file.is_file() and len(file.name.encode()) <= 200
+    assert file.read_bytes() == bundled_png("Chad").read_bytes()
+    assert row["image_id"].startswith("Государство") and file.stem == row["image_id"]
+
+
+def test_a_row_that_cannot_be_written_is_an_error_row_not_the_end_of_the_scrape(tmp_path):
+    data = tmp_path / "data"
+    with flag_server() as server:
+        assert main(scrape_args(server, data)) == 0
+        (data / "images" / "Chad.png").unlink()
+        (data / "images" / "Chad.png").mkdir()  # the file cannot be written
+        (data / "images" / "Romania.png").unlink()
+        os.mkfifo(data / "images" / "Romania.png")  # reading it would block forever
+        server.clear()
+        assert main(scrape_args(server, data)) == 0
+        fetched = sorted(file_of(h.path) for h in server.flag_hits())
+    assert fetched == ["Flag_of_Chad.svg", "Flag_of_Romania.svg"]
+    (chad,) = read_errors_csv(data / "errors.csv")
+    assert (chad["name"], chad["reason"], chad["status"]) == ("Chad", "file error", "200")
+    assert "cannot write" in chad["detail"]
+    assert (data / "images" / "Romania.png").read_bytes() == bundled_png("Romania").read_bytes()
+    names = [r["name"] for r in read_images_table(data).to_pylist()]
+    assert names == [n for n in SOVEREIGN_NAMES if n != "Chad"]
+
+
+def test_errors_csv_cells_that_a_spreadsheet_would_run_are_neutralised(tmp_path):
+    formula = '=HYPERLINK("http://evil.example/","click")'
+    html = _page_with(('title="The Bahamas">The Bahamas</a>', f'title="x">{formula}</a>'))
+    data = tmp_path / "data"
+    with flag_server(html) as server:
+        server.script("Flag_of_the_Bahamas.svg", Reply(status=404, body=b"gone"))
+        assert main(scrape_args(server, data)) == 0
+    (row,) = read_errors_csv(data / "errors.csv")
+    assert row["name"] == "'" + formula and row["reason"] == "http 404"
+    text = errors_csv_text([{"name": n, "reason": n, "detail": n, "status": 404}
+                            for n in ("+1", "-1", "@SUM(A1)", "\tx", "\rx", "fine", "a=b")])
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [r["detail"] for r in rows] == ["'+1", "'-1", "'@SUM(A1)", "'\tx", "'\rx", "fine", "a=b"]
+    assert all(r["name"] == r["reason"] == r["detail"] and r["status"] == "404" for r in rows)

@@ -28,7 +28,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="the weights (hub id or path) that made the vectors; lets `flagsim query` "
                    "embed new images the same way")
     p.add_argument("--revision", metavar="REV", help="hub revision of --checkpoint")
-    p.add_argument("--force", action="store_true", help="replace the model's existing embeddings")
+    p.add_argument("--force", action="store_true",
+                   help="replace the model's existing embeddings (without it, a file whose bytes "
+                   "were already imported is skipped as up to date, and any other is refused)")
     p.add_argument("--no-images", action="store_true",
                    help="do not write images.parquet when the run has none")
     return p
@@ -55,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
             f, model, run_dir, checkpoint=args.checkpoint, revision=args.revision,
             shard_size=cfg.embed.shard_size, force=args.force, images=not args.no_images,
         )
+        if res.up_to_date:
+            print(f"{res.rows} x {res.dim} embeddings of {res.model} in "
+                  f"{run_dir}/embeddings/model={res.model}: up to date (same file already imported)")
+            continue
         note = {"written": "; wrote images.parquet from the bundled flags",
                 "kept": "", "none": "; no images table"}[res.images_table]
         if res.images_table == "kept" and res.not_in_images:

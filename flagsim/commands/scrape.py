@@ -77,8 +77,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
         type=float,
         default=_DEFAULTS.timeout,
         metavar="SECONDS",
-        help="limit for connecting, for each wait for data and for a whole response "
+        help="limit for connecting and for each wait for data "
         f"(default: {_DEFAULTS.timeout:g})",
+    )
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="limit for one whole attempt at a download (redirects, headers and body, however "
+        "slowly it arrives); a flag over it is recorded in errors.csv (default: --timeout)",
     )
     p.add_argument(
         "--max-bytes",
@@ -144,6 +152,7 @@ def options_from_args(args: argparse.Namespace) -> ScrapeOptions:
         extra_flags=args.extra_flags,
         concurrency=args.concurrency,
         timeout=args.timeout,
+        deadline=args.deadline,
         max_bytes=args.max_bytes,
         retries=args.retries,
         backoff=args.backoff,

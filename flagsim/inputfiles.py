@@ -1,0 +1,128 @@
+"""Open user input files safely: regular files only; CSVs streamed with one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pyarrow.fs as pafs
+
+from flagsim.errors import DataError
+from flagsim.storage import Location
+
+#: Largest CSV field (and physical line) read, in bytes; the csv module's default is 128 KiB.
+FIELD_LIMIT = 16 * 1024 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def file_problem(loc: Location) -> str | None:
+    """None when `loc` is a regular file (symlinks followed), else why it cannot be read.
+
+    Checked before opening, so that a FIFO or device never blocks a read.
+    """
+    try:
+        kind = loc.fs.get_file_info(loc.path).type
+    except OSError as exc:  # e.g. a name too long for the filesystem
+        return f"cannot be read: {' '.join(str(exc).split())}"
+    if kind == pafs.FileType.File:
+        return None
+    if kind == pafs.FileType.NotFound:
+        return "file not found"
+    if kind == pafs.FileType.Directory:
+        return "is a directory"
+    return "not a regular file (a FIFO, socket or device)"
+
+
+def read_regular(loc: Location) -> bytes | None:
+    """The bytes of `loc` when it is a readable regular file, else None."""
+    if file_problem(loc) is not None:
+        return None
+    try:
+        return loc.read_bytes()
+    except OSError:
+        return None
+
+
+def check_input_file(loc: Location, what: str) -> None:
+    """DataError (one line) unless `loc` is a regular file: `what not found: loc`, ..."""
+    problem = file_problem(loc)
+    if problem == "file not found":
+        raise DataError(f"{what} not found: {loc}")
+    if problem is not None:
+        raise DataError(f"{what} {loc}: {problem}")
+
+
+class CsvStream:
+    """The records of one CSV as dicts, read line by line; errors name the file and line."""
+
+    def __init__(self, src: Location, binary: io.BufferedIOBase, gzipped: bool) -> None:
+        self.src = src
+        self._gzipped = gzipped
+        self._binary = binary
+        csv.field_size_limit(FIELD_LIMIT)
+        self._reader = csv.reader(self._lines())
+        self.fieldnames: list[str] = self._next() or []
+
+    @property
+    def line(self) -> int:
+        """Physical lines read so far (the current record's last line)."""
+        return self._reader.line_num
+
+    def _lines(self) -> Iterator[str]:
+        number = 0
+        while True:
+            try:
+                raw = self._binary.readline(FIELD_LIMIT + 1)
+            except (OSError, EOFError, zlib.error) as exc:
+                what = "is not a readable gzip file" if self._gzipped else "cannot be read"
+                raise DataError(f"{self.src} {what}: {' '.join(str(exc).split())}") from None
+            if not raw:
+                return
+            number += 1
+            if len(raw) > FIELD_LIMIT:
+                raise DataError(
+                    f"{self.src}: line {number} is longer than {FIELD_LIMIT // 2**20} MiB"
+                )
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{self.src}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+                    f"column {exc.start + 1}); save the file as UTF-8"
+                ) from None
+
+    def _next(self) -> list[str] | None:
+        try:
+            return next(self._reader)
+        except StopIteration:
+            return None
+        except csv.Error as exc:
+            text = str(exc)
+            if "field larger than field limit" in text:
+                text = f"a field is larger than the limit of {FIELD_LIMIT // 2**20} MiB"
+            raise DataError(f"{self.src}: line {self.line}: not valid CSV ({text})") from None
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        """Each non-blank record as {column: value} (short rows lack the missing columns)."""
+        while (row := self._next()) is not None:
+            if row:
+                yield dict(zip(self.fieldnames, row, strict=False))
+
+
+@contextmanager
+def open_csv(src: Location, what: str = "CSV") -> Iterator[CsvStream]:
+    """Stream `src` (plain or gzipped, UTF-8 with or without BOM) as a CsvStream."""
+    check_input_file(src, what)
+    try:
+        raw = io.BufferedReader(src.fs.open_input_stream(src.path, compression=None))
+    except OSError as exc:
+        raise DataError(f"cannot open {src}: {' '.join(str(exc).split())}") from None
+    with raw:
+        gzipped = src.name.endswith(".gz") or raw.peek(2)[:2] == GZIP_MAGIC
+        binary: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
+        with binary:
+            yield CsvStream(src, binary, gzipped)
