@@ -86,7 +86,7 @@ def os_error_line(exc: OSError) -> str:
     """One line for an OSError: `cannot write <path>: Read-only file system` and the like."""
     path = exc.filename
     if path is None:  # pyarrow's filesystem names the file in its message only
-        m = re.search(r"file '([^']+)'", str(exc))
+        m = re.search(r"(?:file|directory) '([^']+)'", str(exc))
         path = m.group(1) if m else None
     if path is not None:  # a Location temp file `.<name>.<hex>.tmp` stands for <name>
         head, tail = os.path.split(os.fsdecode(path))
