@@ -154,6 +154,42 @@ def test_embed_summary_labels_the_shared_stream_time(capsys):
     assert "efficientnet_lite0" in out  # not cut to `efficient…`
 
 
+# --- k against a small collection (item 6) -----------------------------------------------------
+
+
+def test_pipeline_on_five_images_clamps_k_and_writes_everything(tmp_path, capsys, bundled_dir,
+                                                                  ray_local):
+    folder = tmp_path / "five"
+    folder.mkdir()
+    for p in sorted((bundled_dir / "images").glob("*.png"))[:5]:
+        shutil.copy(p, folder)
+    run = tmp_path / "run"
+    assert main(["pipeline", "--set", "embed.models=[pixels]", "--set", "images.source=folder",
+                 "--set", f"images.path={folder}", "--out", str(run), "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "neighbours.k=10 clamped to 4 (the collection has 5 images)" in cap.err
+    assert "report.k=5 clamped to 4 (the collection has 5 images)" in cap.err
+    assert "neighbours pixels: top-4 of 5 images" in cap.out and "report -> " in cap.out
+    assert (run / "report.html").is_file() and (run / "report.png").is_file()
+    # the report on its own clamps its default k (5) the same way
+    (run / "report.html").unlink()
+    assert main(["report", "--run", str(run)]) == 0
+    assert "k=5 clamped to 4 (the collection has 5 images)" in capsys.readouterr().err
+    assert (run / "report.html").is_file()
+
+
+def test_pipeline_refuses_a_single_image_before_any_work(tmp_path, capsys, bundled_dir):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    shutil.copy(sorted((bundled_dir / "images").glob("*.png"))[0], folder)
+    run = tmp_path / "run"
+    assert main(["pipeline", "--set", "embed.models=[pixels]", "--set", "images.source=folder",
+                 "--set", f"images.path={folder}", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "flagsim: error: the collection has 1 image(s); neighbours need at least 2"
+    assert not (run / "embeddings").exists()
+
+
 # --- lazy imports (item 4) ----------------------------------------------------------------------
 
 HEAVY = ("bs4", "requests", "torch", "ray", "pyarrow.dataset", "faiss", "pydantic", "transformers",
