@@ -164,9 +164,10 @@ def query(
     """Top-k neighbours of `text` (a name in the run, or an image file) for each model.
 
     `text` is read as in `is_image_query` (an id or name of the run first), unless `as_image`
-    says which it is. Name queries exclude the image itself. Image files are decoded with the pipeline's
-    decoder and embedded with each model's own preprocessing and recorded weights; an image
-    whose bytes equal one of the run's images is excluded from its own results, like a name.
+    says which it is. Name queries exclude the image itself. Image files are decoded with the
+    pipeline's decoder and embedded with each queried model's own preprocessing and recorded
+    weights; an image whose bytes equal one of the run's images takes that image's stored
+    embeddings instead (no model is built) and is excluded from its own results, like a name.
     The ensemble ("all") ranks by mean cosine over the models answered, when there are two or more.
     """
     cfg = cfg or Config()
@@ -217,7 +218,10 @@ def _image_query(
     vectors: dict[str, np.ndarray] = {}
     for m in names:
         try:
-            vec = embed_like(run, m, sets[m], pixels)
+            if self_id is not None and self_id in sets[m].ids:
+                vec = stored_vectors(sets[m], [self_id])  # the same bytes: no model to build
+            else:
+                vec = embed_like(run, m, sets[m], pixels)
         except (FlagsimError, OSError) as exc:
             result.skipped[m] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.debug("skipping %s: %s", m, exc)

@@ -24,7 +24,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "existing file). A name or id of the run wins over a file of the same path (`a/x` is the "
         "image with id a/x); write ./a/x, an absolute path or use --image for the file. A file "
         "is decoded like the pipeline does and embedded with each "
-        "model's own preprocessing and recorded weights; models whose weights are unavailable "
+        "model's own preprocessing and recorded weights (a file with the same bytes as one of "
+        "the run's images uses its stored embeddings); models whose weights are unavailable "
         "are skipped with a note. The `all` column ranks by mean cosine over the models.",
     )
     p.add_argument("query", metavar="NAME_OR_IMAGE")
