@@ -3,31 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
+import re
 import sys
+from collections.abc import Iterable, Sequence
 
 from flagsim import __version__
+from flagsim.console import log_handler, plain
 from flagsim.errors import FlagsimError
 
-#: Subcommand modules, in the order `--help` lists them. Each has `add_parser(sub)` and `run(args)`.
-COMMANDS = (
-    "scrape",
-    "images",
-    "embed",
-    "import_csv",
-    "index",
-    "neighbours",
-    "query",
-    "compare",
-    "eval",
-    "report",
-    "pipeline",
-    "models",
-)
+#: Subcommands in the order `--help` lists them: name -> (module under flagsim.commands, help).
+#: A command's module (and what it imports: Ray, torch, the scraper, pydantic) is imported only
+#: when that command runs or shows its own --help, so `flagsim --help` stays fast. Each module
+#: has `add_parser(sub)` and `run(args)`; its parser's `help` must equal the one here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "scrape": ("scrape", "download the flags of Wikipedia's 'List of national flags of sovereign states'"),
+    "images": ("images", "build the images table (images.parquet) from a folder, a CSV or the bundled flags"),
+    "embed": ("embed", "embed the run's images with each model (Ray Data actor pools) into Parquet shards"),
+    "import-csv": ("import_csv",
+                   "import embeddings saved by the original notebook (Country,Flag Image,features)"),
+    "index": ("index",
+              "build a FAISS cosine index per model (exact by default; IVF/HNSW/IVF-PQ for large runs)"),
+    "neighbours": ("neighbours", "write the top-k neighbours of every image for every model (Parquet)"),
+    "query": ("query", "show the top-k most similar images of a name or an image file, per model"),
+    "compare": ("compare", "compare models: top-k per query per model, the ensemble, and model agreement"),
+    "eval": ("eval", "score each model (and the ensemble) on a labelled file of visually similar images"),
+    "report": ("report",
+               "write an HTML report (query flags, top-k per model, agreement, evaluation) and a PNG"),
+    "pipeline": ("pipeline",
+                 "embed, index, neighbour tables and report in one go (what `make embed-all` runs)"),
+    "models": ("models", "list the registered models and whether their weights are available offline"),
+}
+
+#: errno values that mean "this cannot be written here" rather than a missing or unreadable input.
+_WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI parser. Only the commands in `load` (default: all) get their full parser; the
+    others are listed in `--help` by name and help line without importing their module."""
+    wanted = set(COMMANDS) if load is None else set(load)
     parser = argparse.ArgumentParser(
         prog="flagsim",
         description="Embed images with several vision models on Ray, index them with FAISS, "
@@ -37,46 +55,63 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        module = importlib.import_module(f"flagsim.commands.{name}")
+    for name, (module_name, help_) in COMMANDS.items():
+        if name not in wanted:
+            sub.add_parser(name, help=help_, add_help=False)
+            continue
+        module = importlib.import_module(f"flagsim.commands.{module_name}")
         p = module.add_parser(sub)
         p.set_defaults(_run=module.run)
     return parser
 
 
+def command_in(argv: Sequence[str]) -> str | None:
+    """The subcommand named in `argv`: the first argument that is not an option (the global
+    options take no values)."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    try:
-        from rich.logging import RichHandler
-
-        handler: logging.Handler = RichHandler(
-            show_path=False, rich_tracebacks=False, console=_stderr_console()
-        )
-        fmt = "%(message)s"
-    except ImportError:  # pragma: no cover - rich is a dependency
-        handler = logging.StreamHandler(sys.stderr)
-        fmt = "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[log_handler(verbose)], force=True)
     if verbose < 2:
         for noisy in ("ray", "urllib3", "filelock", "httpx", "huggingface_hub", "transformers", "faiss"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def _stderr_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: `cannot write <path>: Read-only file system` and the like."""
+    path = exc.filename
+    if path is None:  # pyarrow's filesystem names the file in its message only
+        m = re.search(r"(?:file|directory) '([^']+)'", str(exc))
+        path = m.group(1) if m else None
+    if path is not None:  # a Location temp file `.<name>.<hex>.tmp` stands for <name>
+        head, tail = os.path.split(os.fsdecode(path))
+        m = re.fullmatch(r"\.(.+)\.[0-9a-f]{32}\.tmp", tail)
+        path = os.path.join(head, m.group(1)) if m else os.fsdecode(path)
+    reason = os.strerror(exc.errno) if exc.errno else (str(exc).splitlines() or [type(exc).__name__])[0]
+    if exc.errno in _WRITE_ERRNOS:
+        return f"cannot write {path}: {reason}" if path else f"cannot write: {reason}"
+    return f"{path}: {reason}" if path else reason
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_in(argv)
+    parser = build_parser([command] if command in COMMANDS else [])
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
     try:
         result = args._run(args)
     except FlagsimError as exc:
-        print(f"flagsim: error: {exc}", file=sys.stderr)
+        print(f"flagsim: error: {plain(exc)}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        print(f"flagsim: error: {plain(os_error_line(exc))}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("flagsim: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

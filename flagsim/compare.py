@@ -72,6 +72,8 @@ def compare(
     The ensemble ranks the images present in all models by mean cosine over the models.
     Agreement of models A and B is the mean of |top-k_A(x) ∩ top-k_B(x)| / k over the images x
     present in all models (a seeded sample of AGREEMENT_SAMPLE when there are more).
+    A `k` larger than the collection allows is clamped to the most neighbours every model has,
+    with a warning (compare and the report show what they can).
     """
     if not queries:
         raise DataError("compare needs at least one query name")
@@ -79,8 +81,6 @@ def compare(
     names = resolve_models(run, models)
     sets = read_sets(run, names)
     indexes = {m: load_index(run, m) for m in names}
-    for idx in indexes.values():
-        idx.check_k(k)
     cat = Catalogue.of(sets.values())
     resolved: list[str] = []
     query_ids: dict[str, str] = {}
@@ -93,7 +93,7 @@ def compare(
             resolved.append(display)
             query_ids[display] = image_id
     ensemble = build_ensemble(sets)
-    ensemble.check_k(k)
+    k = clamp_k(k, [*indexes.values(), ensemble])
     results: dict[str, dict[str, list[Hit]]] = {}
     for q in resolved:
         image_id = query_ids[q]
@@ -108,6 +108,19 @@ def compare(
         results[q] = per
     agreement = agreement_matrix(indexes, sets, [str(i) for i in ensemble.ids], k)
     return Comparison(names, resolved, query_ids, results, agreement, k)
+
+
+def clamp_k(k: int, indexes: Sequence[ModelIndex]) -> int:
+    """`k`, or the most neighbours (self excluded) that every index in `indexes` can give, with
+    a warning when that is fewer; k < 1 and collections of one image raise a one-line DataError."""
+    smallest = min(indexes, key=lambda idx: idx.count)
+    most = smallest.count - 1
+    if k < 1 or most < 1:
+        smallest.check_k(k)  # the one-line error naming k and the collection
+    if k > most:
+        log.warning("k=%d clamped to %d (the collection has %d images)", k, most, smallest.count)
+        return most
+    return k
 
 
 def agreement_matrix(

@@ -49,6 +49,15 @@ class Catalogue:
                 names.setdefault(i, n)
         return cls(names)
 
+    def knows(self, text: str) -> bool:
+        """True when `text` is one of the run's display names or image ids (case-insensitive,
+        as `resolve` matches them; a name shared by several images counts)."""
+        key = text.strip().casefold()
+        if not key:
+            return False
+        keys = {k.casefold() for k in self.names} | {n.casefold() for n in self.names.values()}
+        return key in keys or safe_stem(text.strip()).casefold() in keys
+
     def resolve(self, text: str) -> str:
         """The image id named by `text` (a display name or image id, case-insensitive).
 
@@ -90,8 +99,25 @@ class Catalogue:
         return self.names.get(image_id, image_id)
 
 
+#: Prefixes that make a query a file path even when the rest is an image id (`./a/x`).
+PATH_PREFIXES = ("./", "../", "/", "~", ".\\")
+
+
+def is_image_query(text: str, catalogue: Catalogue) -> bool:
+    """Whether a query is an image file rather than one of the run's images.
+
+    The rule: an image id or name of the run is that image (so `a/x`, the id of `a/x.png` in a
+    sub-folder, is not read as a path); `./a/x`, an absolute path or a URI is always a file;
+    anything else is a file when it looks like one (see `looks_like_image`).
+    """
+    if not text.startswith(PATH_PREFIXES) and "://" not in text and catalogue.knows(text):
+        return False
+    return looks_like_image(text)
+
+
 def looks_like_image(text: str) -> bool:
-    """True when `text` should be read as an image file rather than a name."""
+    """True when `text` should be read as an image file rather than a name (an image suffix, a
+    path separator, a URI or an existing file)."""
     if "://" in text or text.lower().endswith(IMAGE_SUFFIXES):
         return True
     if "/" in text or "\\" in text:
@@ -137,19 +163,21 @@ def query(
 ) -> QueryResult:
     """Top-k neighbours of `text` (a name in the run, or an image file) for each model.
 
-    Name queries exclude the image itself. Image files are decoded with the pipeline's
-    decoder and embedded with each model's own preprocessing and recorded weights; an image
-    whose bytes equal one of the run's images is excluded from its own results, like a name.
+    `text` is read as in `is_image_query` (an id or name of the run first), unless `as_image`
+    says which it is. Name queries exclude the image itself. Image files are decoded with the
+    pipeline's decoder and embedded with each queried model's own preprocessing and recorded
+    weights; an image whose bytes equal one of the run's images takes that image's stored
+    embeddings instead (no model is built) and is excluded from its own results, like a name.
     The ensemble ("all") ranks by mean cosine over the models answered, when there are two or more.
     """
     cfg = cfg or Config()
     run = RunDir.at(run_dir)
     names = resolve_models(run, models)
     sets = read_sets(run, names)
-    image = looks_like_image(text) if as_image is None else as_image
+    cat = Catalogue.of(sets.values())
+    image = is_image_query(text, cat) if as_image is None else as_image
     if image:
         return _image_query(run, text, k, names, sets, cfg, ensemble)
-    cat = Catalogue.of(sets.values())
     image_id = cat.resolve(text)
     result = QueryResult(text, "name", image_id, cat.name(image_id), k, names)
     answered: dict[str, EmbeddingSet] = {}
@@ -190,7 +218,10 @@ def _image_query(
     vectors: dict[str, np.ndarray] = {}
     for m in names:
         try:
-            vec = embed_like(run, m, sets[m], pixels)
+            if self_id is not None and self_id in sets[m].ids:
+                vec = stored_vectors(sets[m], [self_id])  # the same bytes: no model to build
+            else:
+                vec = embed_like(run, m, sets[m], pixels)
         except (FlagsimError, OSError) as exc:
             result.skipped[m] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.debug("skipping %s: %s", m, exc)

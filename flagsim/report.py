@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from flagsim.console import plain
 from flagsim.errors import FlagsimError, UnknownNameError
 from flagsim.rundir import RunDir
 from flagsim.storage import Location
@@ -34,8 +35,10 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'n
 
 
 def esc(value: Any) -> str:
-    """HTML-escape any value for element text or a double-quoted attribute."""
-    return html.escape(str(value), quote=True)
+    """HTML-escape any value for element text or a double-quoted attribute. Control characters
+    (NUL, ESC, DEL, C1, bidi overrides) are written as visible escapes such as `\\x00`: HTML
+    forbids them and a browser may act on them."""
+    return html.escape(plain(value), quote=True)
 
 
 # --- thumbnails ----------------------------------------------------------------------------------
@@ -542,7 +545,7 @@ def render_contact_sheet(
         per_model = comparison.results.get(q, {})
         counts = support(comparison, q)
         draw.rectangle((lay.margin, y, width - lay.margin, y + lay.header_h), fill=SHEET_HEADER)
-        draw.text((lay.margin + 10, y + 7), _fit(draw, f"query: {q}", f_head, width - 60),
+        draw.text((lay.margin + 10, y + 7), _fit(draw, plain(f"query: {q}"), f_head, width - 60),
                   fill=(255, 255, 255), font=f_head)
         y += lay.header_h + 8
         qtile = thumbs_images.get(comparison.query_ids.get(q, ""), placeholder)
@@ -551,7 +554,7 @@ def render_contact_sheet(
             draw.text((lay.margin + 4, y + lay.tile_h // 2 - 8), _fit(draw, label, f_label, lay.label_w - 12),
                       fill=(124, 45, 18) if model == ENSEMBLE else (31, 41, 55), font=f_label)
             _paste_tile(sheet, qtile, x0, y, lay)
-            draw.text((x0, y + lay.tile_h + 3), _fit(draw, q, f_text, lay.tile_w), fill=(55, 65, 81),
+            draw.text((x0, y + lay.tile_h + 3), _fit(draw, plain(q), f_text, lay.tile_w), fill=(55, 65, 81),
                       font=f_text)
             draw.text((x0, y + lay.tile_h + 18), "query", fill=(107, 114, 128), font=f_small)
             sep_x = x0 + lay.cell_w - 6
@@ -563,7 +566,7 @@ def render_contact_sheet(
                     draw.rectangle((x - 4, y - 3, x + lay.tile_w + 3, y + lay.tile_h + lay.text_h - 2),
                                    outline=SHEET_AGREE, width=2)
                 _paste_tile(sheet, thumbs_images.get(h.image_id, placeholder), x, y, lay)
-                draw.text((x, y + lay.tile_h + 3), _fit(draw, f"{h.rank}. {h.name}", f_text, lay.tile_w),
+                draw.text((x, y + lay.tile_h + 3), _fit(draw, plain(f"{h.rank}. {h.name}"), f_text, lay.tile_w),
                           fill=(17, 24, 39), font=f_text)
                 score = f"{float(h.score):.3f}" + (f"  {c}/{n_models}" if n_models > 1 and c > 1 else "")
                 draw.text((x, y + lay.tile_h + 18), score, fill=(107, 114, 128), font=f_small)

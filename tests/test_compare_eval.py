@@ -197,3 +197,22 @@ def test_labelled_pairs_file_is_bundled_and_names_real_flags() -> None:
     assert len(rows) >= 40
     for r in rows:
         assert r.query in names and set(r.similar) <= names and r.query not in r.similar
+
+
+def test_k_larger_than_a_small_collection_is_clamped_with_a_warning(tmp_path, caplog, capsys) -> None:
+    ids = ["Chad", "Romania", "Andorra", "Japan", "Bangladesh"]
+    rng = np.random.default_rng(3)
+    _write_model(tmp_path, "a", ids, rng.normal(size=(5, 8)).astype(np.float32))
+    _write_model(tmp_path, "b", ids, rng.normal(size=(5, 6)).astype(np.float32))
+    with caplog.at_level("WARNING", logger="flagsim.compare"):
+        c = compare(str(tmp_path), ["Chad"], k=10)
+    assert c.k == 4
+    assert [len(hits) for hits in c.results["Chad"].values()] == [4, 4, 4]  # a, b and the ensemble
+    assert [r.getMessage() for r in caplog.records] == [
+        "k=10 clamped to 4 (the collection has 5 images)"]
+    assert main(["compare", "Chad", "Japan", "-k", "10", "--run", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "top-4 most similar to Chad" in captured.out
+    assert "k=10 clamped to 4 (the collection has 5 images)" in captured.err
+    with pytest.raises(DataError, match="k must be at least 1"):
+        compare(str(tmp_path), ["Chad"], k=0)

@@ -127,8 +127,11 @@ def test_new_image_is_embedded_with_the_models_preprocessing(flag_run, tmp_path)
     np.testing.assert_allclose([h.score for h in res.results["pixels"]], sims[want], atol=1e-5)
 
 
-def test_image_query_skips_a_model_without_known_weights_with_a_note(flag_run, capsys) -> None:
-    code = main(["-q", "query", flag_run["paths"]["Chad"], "--run", flag_run["root"], "-k", "3"])
+def test_image_query_skips_a_model_without_known_weights_with_a_note(flag_run, capsys,
+                                                                    tmp_path) -> None:
+    photo = tmp_path / "chad.jpg"  # not one of the run's files: each model must embed it
+    Image.open(flag_run["paths"]["Chad"]).convert("RGB").save(photo, "JPEG", quality=90)
+    code = main(["-q", "query", str(photo), "--run", flag_run["root"], "-k", "3"])
     assert code == 0
     captured = capsys.readouterr()
     assert captured.err.strip() == (
@@ -149,3 +152,79 @@ def test_json_output_side_by_side(flag_run, capsys) -> None:
     assert main(["-q", "query", "Indonesia", "--run", flag_run["root"], "-k", "2", "--json",
                  "--model", "pixels"]) == 0
     assert set(json.loads(capsys.readouterr().out)["results"]) == {"pixels"}
+
+
+@pytest.fixture()
+def subfolder_run(flag_run, tmp_path) -> str:
+    """Like flag_run (pixels only) but Chad and Romania came from sub-folders a/ and b/ of an
+    images folder, both named `x`: their ids are `a/x` and `b/x`."""
+    root = tmp_path / "run"
+    ids = ["a/x", "b/x", *FLAGS[2:]]
+    names = ["x", "x", *flag_run["names"][2:]]
+    _write_model(RunDir.at(str(root)), "pixels", ids, names, flag_run["vectors"]["pixels"],
+                 checkpoint=None, source="test")
+    return str(root)
+
+
+def test_an_id_with_a_slash_is_the_runs_image_not_a_path(subfolder_run, capsys) -> None:
+    assert main(["-q", "query", "a/x", "--run", subfolder_run, "-k", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["kind"], data["query_id"]) == ("name", "a/x")
+    assert data["results"]["pixels"][0]["image_id"] == "b/x"  # Chad's nearest: Romania
+    # the ambiguous name suggests exactly these ids, and each of them works
+    assert main(["-q", "query", "x", "--run", subfolder_run]) == 2
+    assert "use one of the ids a/x, b/x" in capsys.readouterr().err
+    assert query(subfolder_run, "B/X", k=1).query_id == "b/x"
+
+
+def test_a_file_at_an_ids_path_needs_dot_slash_or_image(flag_run, subfolder_run, tmp_path,
+                                                       monkeypatch) -> None:
+    """The documented rule: an id of the run wins; `./a/x` (or --image) is the file."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_bytes(Path(flag_run["paths"]["Japan"]).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert query(subfolder_run, "a/x", k=1).kind == "name"
+    by_file = query(subfolder_run, "./a/x", k=1)
+    assert by_file.kind == "image" and by_file.query_id is None
+    assert by_file.results["pixels"][0].image_id == "Japan"  # the file's own bytes, embedded
+    assert query(subfolder_run, "a/x", k=1, as_image=True).kind == "image"
+
+
+def _in_subprocess(probe: str) -> list:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_image_query_by_a_runs_own_file_builds_no_model(flag_run) -> None:
+    """A file with the bytes of one of the run's images takes its stored embeddings: no torch,
+    the same neighbours as the name, and even `ext` (imported without weights) answers."""
+    probe = ("import json, sys\nfrom flagsim.query import query\n"
+             f"r = query({flag_run['root']!r}, {flag_run['paths']['Chad']!r}, k=3)\n"
+             "print(json.dumps([{m: [h.image_id for h in hits] for m, hits in r.results.items()}, "
+             "[m for m in ('torch', 'transformers', 'timm', 'ray') if m in sys.modules]]))")
+    hits, heavy = _in_subprocess(probe)
+    assert heavy == []
+    by_name = query(flag_run["root"], "Chad", k=3)
+    assert hits == {m: [h.image_id for h in v] for m, v in by_name.results.items()}
+    assert set(hits) == {"pixels", "ext", "all"} and hits["pixels"][0] == "Romania"
+
+
+def test_image_query_with_only_pixels_builds_no_network_model(flag_run, tmp_path) -> None:
+    """Only the queried models' embedders are built: pixels needs torchvision's resize (the
+    stored vectors were made with it), never transformers or timm."""
+    root = tmp_path / "run"
+    _write_model(RunDir.at(str(root)), "pixels", FLAGS, flag_run["names"],
+                 flag_run["vectors"]["pixels"], checkpoint=None, source="test")
+    probe = ("import json, sys\nfrom flagsim.query import query\n"
+             f"r = query({str(root)!r}, {flag_run['paths']['Chad']!r}, k=1)\n"
+             "print(json.dumps([r.results['pixels'][0].image_id, "
+             "[m for m in ('transformers', 'timm', 'ray') if m in sys.modules]]))")
+    top, heavy = _in_subprocess(probe)
+    assert heavy == []
+    assert top == "Chad"  # itself: this run has no images table to recognise its bytes by

@@ -417,3 +417,37 @@ def test_report_is_written_when_evaluation_is_impossible(run_dir, tmp_path):
     assert "Evaluation unavailable" in section.get_text()
     assert soup.select_one("table[data-table]") is None
     assert len(soup.select('section[data-query="Chad"] figure.hit')) == 4 * 2
+
+
+def _tiny_run(root: Path, names: dict[str, str] | None = None, n: int = 5) -> Path:
+    """`n` bundled flags (names overridden by id -> name) with their `pixels` vectors."""
+    run = RunDir.at(root)
+    table = bundled_table().slice(0, n)
+    ids = table.column("image_id").to_pylist()
+    shown = [(names or {}).get(i, nm) for i, nm in zip(ids, table.column("name").to_pylist(), strict=True)]
+    table = table.set_column(table.schema.get_field_index("name"), "name", pa.array(shown))
+    write_images_table(table, run)
+    vectors = np.stack([_pixels(p) for p in table.column("path").to_pylist()])
+    _write_model(run, "pixels", ids, shown, vectors, images_table_hash(table), shard_size=n)
+    return root
+
+
+def test_report_of_a_five_image_run_clamps_k(tmp_path, capsys):
+    from flagsim.cli import main
+
+    run = _tiny_run(tmp_path / "run")
+    assert main(["report", "--run", str(run), "--queries", "Albania", "-k", "10"]) == 0
+    assert "k=10 clamped to 4 (the collection has 5 images)" in capsys.readouterr().err
+    soup = BeautifulSoup((run / "report.html").read_text(), "html.parser")
+    assert len(soup.select('section[data-query="Albania"] figure.hit')) == 4 * 2  # pixels, all
+
+
+def test_report_html_has_no_control_characters_and_no_live_script(tmp_path):
+    nul_name = "Nul\x00land <script>alert(1)</script>\x1b[31m\x7f"
+    run = _tiny_run(tmp_path / "run", names={"Afghanistan": nul_name})
+    paths = build_report(str(run), queries=["Afghanistan", "Albania"], k=3)
+    page = Path(paths.html).read_text()
+    assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", page)
+    soup = BeautifulSoup(page, "html.parser")
+    assert soup.find("script") is None
+    assert "Nul\\x00land <script>alert(1)</script>\\x1b[31m\\x7f" in soup.get_text()

@@ -42,10 +42,11 @@ def config_from_args(args: argparse.Namespace, extra: dict | None = None) -> Con
     """The config named by --config with --set overrides, then `extra` (dotted keys) applied."""
     overrides: list[str] = list(getattr(args, "overrides", []) or [])
     cfg = load_config(getattr(args, "config", None), overrides)
-    return _apply(cfg, extra) if extra else cfg
+    return with_values(cfg, extra) if extra else cfg
 
 
-def _apply(cfg: Config, extra: dict) -> Config:
+def with_values(cfg: Config, extra: dict) -> Config:
+    """`cfg` with the dotted keys of `extra` set (None values left alone), validated again."""
     data = cfg.model_dump(by_alias=True)
     for dotted, value in extra.items():
         if value is None:

@@ -33,10 +33,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from flagsim.compare import ORIGINAL_CHECKS, compare, top1_counts
+    from flagsim.console import safe, stdout_console
     from flagsim.index import ENSEMBLE
 
     cfg = config_from_args(args)
@@ -46,28 +46,28 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(c.to_json(), indent=2, ensure_ascii=False))
         return 0
-    console = Console()
+    console = stdout_console()
     for q in c.queries:
-        table = Table(title=f"top-{c.k} most similar to {q}")
+        table = Table(title=f"top-{c.k} most similar to {safe(q)}")
         table.add_column("model")
         for r in range(c.k):
             table.add_column(f"#{r + 1}")
         for m, hits in c.results[q].items():
-            label = f"{ENSEMBLE} (mean cosine)" if m == ENSEMBLE else m
-            table.add_row(label, *[f"{h.name} ({h.score:.3f})" for h in hits])
+            label = f"{ENSEMBLE} (mean cosine)" if m == ENSEMBLE else safe(m)
+            table.add_row(label, *[f"{safe(h.name)} ({h.score:.3f})" for h in hits])
         console.print(table)
         counts = top1_counts(c, q)
         n = sum(counts.values())
-        summary = ", ".join(f"{name} for {cnt} of {n}" for name, cnt in counts.most_common())
-        line = f"{q}: top match {summary} model(s)"
+        summary = ", ".join(f"{safe(name)} for {cnt} of {n}" for name, cnt in counts.most_common())
+        line = f"{safe(q)}: top match {summary} model(s)"
         if q in ORIGINAL_CHECKS:
             line += f" (the original experiment reported {ORIGINAL_CHECKS[q]})"
         console.print(line)
     agree = Table(title=f"model agreement (mean top-{c.k} overlap)")
     agree.add_column("")
     for m in c.models:
-        agree.add_column(m, justify="right")
+        agree.add_column(safe(m), justify="right")
     for a in c.models:
-        agree.add_row(a, *[f"{c.agreement.loc[a, b]:.2f}" for b in c.models])
+        agree.add_row(safe(a), *[f"{c.agreement.loc[a, b]:.2f}" for b in c.models])
     console.print(agree)
     return 0

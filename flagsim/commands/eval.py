@@ -33,9 +33,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from flagsim.console import safe, stdout_console
     from flagsim.evaluate import evaluate
 
     cfg = config_from_args(args)
@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     table = Table(title="hit@k on labelled similar images")
     for col in df.columns:
-        table.add_column(col, justify="left" if col == "model" else "right")
+        table.add_column(safe(col), justify="left" if col == "model" else "right")
     for rec in df.to_dict(orient="records"):
-        table.add_row(rec["model"], str(rec["pairs"]),
+        table.add_row(safe(rec["model"]), str(rec["pairs"]),
                       *[f"{rec[c]:.3f}" for c in df.columns if c.startswith("hit@")])
-    Console().print(table)
+    stdout_console().print(table)
     return 0

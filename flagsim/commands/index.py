@@ -39,24 +39,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from flagsim.console import plain, safe, stdout_console
     from flagsim.errors import DataError
     from flagsim.index import build_index, index_state, load_index, resolve_models
     from flagsim.rundir import RunDir
 
     cfg = config_from_args(args, {"index.kind": args.kind})
-    run = RunDir.at(run_dir_from(args, cfg))
+    run = RunDir.at(run_dir_from(args, cfg, writable=not args.check))
     models = resolve_models(run, args.models)
     if args.check:
         for m in models:
             state, reason = index_state(run, m, verify=True)
             if state != "fresh":
                 raise DataError(f"{reason}; run `flagsim index --models {m}`")
-            print(f"{m}: {reason}")
+            print(plain(f"{m}: {reason}"))
         return 0
-    table = Table(title=f"indexes in {run.root}")
+    table = Table(title=f"indexes in {safe(run.root)}")
     for col in ("model", "status", "kind", "vectors", "dim", "recall", "device", "seconds"):
         table.add_column(col, justify="right" if col in ("vectors", "dim", "recall", "seconds") else "left")
     for m in models:
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         assert man is not None
         recall = "exact" if man.exact else (
             f"{man.recall:.4f}@{man.recall_k}" if man.recall is not None else "-")
-        table.add_row(m, status, man.kind, str(man.count), str(man.dim), recall, man.device,
+        table.add_row(safe(m), status, safe(man.kind), str(man.count), str(man.dim), recall,
+                      safe(man.device),
                       f"{man.build_seconds:.2f}" if man.build_seconds is not None else "-")
-    Console().print(table)
+    stdout_console().print(table)
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from flagsim.commands.common import add_config_args, config_from_args
 
@@ -65,8 +64,9 @@ def run(args: argparse.Namespace) -> int:
         for r in table_rows:
             print(json.dumps(r, ensure_ascii=False))
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from flagsim.console import plain, safe, stdout_console
 
     table = Table(title="registered models")
     for col, kw in (
@@ -82,14 +82,14 @@ def run(args: argparse.Namespace) -> int:
         src = r["weights"] or "none (weight-free)"
         if r["revision"]:
             src += f"@{r['revision']}"
-        table.add_row(r["name"], r["family"], src, str(r["dim"]), r["pooling"],
+        table.add_row(safe(r["name"]), safe(r["family"]), safe(src), str(r["dim"]), safe(r["pooling"]),
                       "yes" if r["available_offline"] else "no")
-    console = Console(width=None if sys.stdout.isatty() else 200)
+    console = stdout_console()
     console.print(table)
     missing = [r for r in table_rows if not r["available_offline"]]
     if args.details:
         for r in missing:
-            print(r["reason"])
+            print(plain(r["reason"]))
     elif missing:
         console.print(
             f"{len(missing)} model(s) need weights that are not available offline; "

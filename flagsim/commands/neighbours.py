@@ -31,19 +31,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from flagsim.console import safe, stdout_console
     from flagsim.neighbours import write_neighbours
 
     cfg = config_from_args(args, {"neighbours.k": args.k})
-    run_dir = run_dir_from(args, cfg)
+    run_dir = run_dir_from(args, cfg, writable=True)
     results = write_neighbours(run_dir, cfg.neighbours.k, args.models, cfg)
     table = Table(title=f"top-{cfg.neighbours.k} neighbours")
     for col in ("model", "images", "rows", "parts", "index", "seconds", "path"):
         table.add_column(col)
     for r in results:
-        table.add_row(r.model, str(r.queries), str(r.rows), str(r.parts), r.index_kind,
-                      f"{r.seconds:.2f}", r.path)
-    Console().print(table)
+        table.add_row(safe(r.model), str(r.queries), str(r.rows), str(r.parts), safe(r.index_kind),
+                      f"{r.seconds:.2f}", safe(r.path))
+    stdout_console().print(table)
     return 0

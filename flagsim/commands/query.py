@@ -21,8 +21,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="show the top-k most similar images of a name or an image file, per model",
         description="NAME_OR_IMAGE is an image's name or id in the run (case-insensitive; unknown "
         "names get close matches), or an image file (a path with / or an image suffix, or an "
-        "existing file), which is decoded like the pipeline does and embedded with each "
-        "model's own preprocessing and recorded weights; models whose weights are unavailable "
+        "existing file). A name or id of the run wins over a file of the same path (`a/x` is the "
+        "image with id a/x); write ./a/x, an absolute path or use --image for the file. A file "
+        "is decoded like the pipeline does and embedded with each "
+        "model's own preprocessing and recorded weights (a file with the same bytes as one of "
+        "the run's images uses its stored embeddings); models whose weights are unavailable "
         "are skipped with a note. The `all` column ranks by mean cosine over the models.",
     )
     p.add_argument("query", metavar="NAME_OR_IMAGE")
@@ -37,6 +40,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flagsim.console import plain
     from flagsim.query import query
 
     cfg = config_from_args(args)
@@ -50,27 +54,28 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
         return 0
     for m, reason in result.skipped.items():
-        print(f"note: {m} skipped: {reason}", file=sys.stderr)
+        print(plain(f"note: {m} skipped: {reason}"), file=sys.stderr)
     print_result(result)
     return 0
 
 
 def print_result(result) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    title = result.query_name or result.query
+    from flagsim.console import safe, stdout_console
+
+    title = safe(result.query_name or result.query)
     if result.kind == "image":
-        title = f"{result.query}" + (f" (= {result.query_name})" if result.query_name else "")
+        title = safe(result.query) + (f" (= {safe(result.query_name)})" if result.query_name else "")
     table = Table(title=f"top-{result.k} most similar to {title}")
     table.add_column("rank", justify="right")
     cols = list(result.results)
     for m in cols:
-        table.add_column(m)
+        table.add_column(safe(m))
     for r in range(result.k):
         cells = []
         for m in cols:
             hits = result.results[m]
-            cells.append(f"{hits[r].name} ({hits[r].score:.3f})" if r < len(hits) else "")
+            cells.append(f"{safe(hits[r].name)} ({hits[r].score:.3f})" if r < len(hits) else "")
         table.add_row(str(r + 1), *cells)
-    Console().print(table)
+    stdout_console().print(table)

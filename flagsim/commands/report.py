@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from flagsim.commands.common import (
     add_config_args,
@@ -12,6 +13,7 @@ from flagsim.commands.common import (
     run_dir_from,
     split_csv,
 )
+from flagsim.config import check_writable
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -40,10 +42,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flagsim.console import plain
     from flagsim.report import build_report
 
     cfg = config_from_args(args, {"report.k": args.k})
     run_dir = run_dir_from(args, cfg)
+    html_dir = (os.path.dirname(args.out) or ".") if args.out else run_dir
+    check_writable(html_dir)
+    if args.png:
+        check_writable(os.path.dirname(args.png) or ".")
     paths = build_report(
         run_dir,
         queries=args.queries,
@@ -54,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
         models=args.models,
         default_queries=cfg.report.queries,
     )
-    print(f"report -> {paths.html}")
-    print(f"contact sheet -> {paths.png}")
+    print(plain(f"report -> {paths.html}"))
+    print(plain(f"contact sheet -> {paths.png}"))
     if paths.skipped:
-        print(f"skipped (not in the run): {', '.join(paths.skipped)}")
+        print(plain(f"skipped (not in the run): {', '.join(paths.skipped)}"))
     return 0

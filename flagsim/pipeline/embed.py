@@ -507,11 +507,11 @@ class _progress:
             return lambda _n: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-        from flagsim.cli import _stderr_console
+        from flagsim.console import stderr_console
 
         self._p = Progress(
             "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-            TimeRemainingColumn(), console=_stderr_console(), transient=False,
+            TimeRemainingColumn(), console=stderr_console(), transient=False,
         )
         self._p.__enter__()
         task = self._p.add_task("embedding images", total=self.total)
@@ -522,19 +522,31 @@ class _progress:
             self._p.__exit__(*exc)
 
 
+#: Below the summary table: what its time columns measure.
+STREAM_NOTE = (
+    "stream s, stream images/s: the shared stream's wall time and rate (decode and every model "
+    "together, one pass over the images), not one model's own"
+)
+
+
 def summary_table(summary: EmbedSummary):
-    """A rich Table: model, status, images, dim, device, dtype, seconds, images/s, errors, reason."""
+    """A rich Table: model, status, images, dim, device, dtype, stream s, stream images/s,
+    errors, note. Every cell is escaped (names and reasons are shown literally)."""
     from rich.table import Table
 
-    t = Table(title=f"flagsim embed: {summary.images} images -> {summary.run_dir}")
-    for col in ("model", "status", "images", "dim", "device", "dtype", "seconds", "images/s", "errors", "note"):
-        t.add_column(col, justify="right" if col in ("images", "dim", "seconds", "images/s", "errors") else "left")
+    from flagsim.console import safe
+
+    t = Table(title=f"flagsim embed: {summary.images} images -> {safe(summary.run_dir)}")
+    numeric = ("images", "dim", "stream s", "stream images/s", "errors")
+    for col in ("model", "status", "images", "dim", "device", "dtype", "stream s", "stream images/s",
+                "errors", "note"):
+        t.add_column(col, justify="right" if col in numeric else "left")
     for r in summary.results:
         t.add_row(
-            r.model, r.status, str(r.images), str(r.dim or ""), r.device, r.dtype,
+            safe(r.model), r.status, str(r.images), str(r.dim or ""), safe(r.device), safe(r.dtype),
             f"{r.seconds:.1f}" if r.seconds is not None else "",
             f"{r.images_per_s:.1f}" if r.images_per_s is not None else "",
-            str(r.errors), _short(r.reason),
+            str(r.errors), safe(_short(r.reason)),
         )
     return t
 
@@ -546,13 +558,15 @@ def _short(reason: str) -> str:
 
 
 def print_summary(summary: EmbedSummary) -> None:
-    """The summary table, then each skip reason in full on its own line."""
-    import sys
+    """The summary table, a note on its time columns, then each skip reason in full on its own
+    line (one line each however long: a pipe gets the full width)."""
+    from flagsim.console import safe, stdout_console
 
-    from rich.console import Console
-
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = stdout_console()
     console.print(summary_table(summary))
+    if any(r.seconds is not None for r in summary.results):
+        console.print(STREAM_NOTE, markup=False, highlight=False)
     for r in summary.results:
         if r.reason:
-            console.print(f"  {r.model} {r.status}: {r.reason}", soft_wrap=True, highlight=False)
+            console.print(f"  {safe(r.model)} {r.status}: {safe(r.reason)}", soft_wrap=True,
+                          highlight=False)
