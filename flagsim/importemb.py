@@ -69,7 +69,7 @@ def _short(value: str, limit: int = 80) -> str:
 
 def _open_parquet(loc: Location) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+        return pq.ParquetFile(loc.path, filesystem=loc.fs)  # its own handle: close() closes it
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{loc} is not a readable Parquet file ({str(exc).splitlines()[0]})") from None
 
@@ -125,7 +125,9 @@ def _plan_parquet(src: Location, id_column: str | None, name_column: str | None,
     """Each file's columns, checked from its footer (nothing read yet)."""
     parts = []
     for loc in _parquet_files(src):
-        schema = _open_parquet(loc).schema_arrow
+        pf = _open_parquet(loc)
+        schema = pf.schema_arrow
+        pf.close()
         id_col = id_column or ID_COLUMN
         vec_col = vector_column or VECTOR_COLUMN
         for col, opt in ((id_col, "--id-column"), (vec_col, "--vector-column")):

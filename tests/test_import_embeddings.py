@@ -212,11 +212,19 @@ def _bad_input(kind: str, root: Path) -> tuple[list[str], str]:
     if kind == "not-floats":
         pq.write_table(pa.table({"image_id": ["a"], "embedding": ["1,2,3"]}), root / "t.parquet")
         return [], "t.parquet: column 'embedding' is string, not a list of floats"
+    if kind == "corrupt-parquet":
+        pq.write_table(_list_table(_keys("a", 6), good.tolist()), root / "a.parquet")
+        (root / "b.parquet").write_bytes(b"PAR1 truncated")
+        return [], "b.parquet is not a readable Parquet file"
+    if kind == "int-npy":
+        _clip_folder(root, [(_keys("a", 6), good), (_keys("b", 3), np.ones((3, DIM), np.int64))])
+        return [], "img_emb_1.npy holds int64 values, not floats"
     raise AssertionError(kind)
 
 
 BAD = ["dim", "nan", "inf-in-npy", "ragged", "duplicate", "no-id-column", "row-mismatch",
-       "missing-metadata", "registered-dim", "empty", "null-id", "not-floats"]
+       "missing-metadata", "registered-dim", "empty", "null-id", "not-floats", "corrupt-parquet",
+       "int-npy"]
 
 
 @pytest.mark.parametrize("kind", BAD)
