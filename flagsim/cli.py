@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("embed", "embed the run's images with each model (Ray Data actor pools) into Parquet shards"),
     "import-csv": ("import_csv",
                    "import embeddings saved by the original notebook (Country,Flag Image,features)"),
+    "import-embeddings": ("import_embeddings",
+                          "import embeddings made elsewhere (a Parquet table, or clip-retrieval's output)"),
     "index": ("index",
               "build a FAISS cosine index per model (exact by default; IVF/HNSW/IVF-PQ for large runs)"),
     "neighbours": ("neighbours", "write the top-k neighbours of every image for every model (Parquet)"),

@@ -278,4 +278,4 @@ def _images_table(run: RunDir, ids: list[str], write: bool) -> tuple[str, int]:
 
 
 def is_imported(manifest: Manifest) -> bool:
-    return manifest.source.startswith(SOURCE_PREFIX)
+    return manifest.source.startswith((SOURCE_PREFIX, "flagsim import-embeddings"))
