@@ -33,7 +33,6 @@ PARTITION_KEY = "model"
 META_MODEL = b"flagsim.model"
 META_DIM = b"flagsim.dim"
 META_SHARD = b"flagsim.shard"
-META_RUN = b"flagsim.run_id"
 META_SCHEMA = b"flagsim.schema_version"
 
 #: One embedding shard (`embeddings/model=<name>/part-NNNNN.parquet`); the same for every model.
@@ -46,9 +45,8 @@ EMBEDDING_SCHEMA = pa.schema(
 )
 
 
-def embedding_schema(dim: int, model: str | None = None, shard: int | None = None,
-                     run_id: str | None = None) -> pa.Schema:
-    """EMBEDDING_SCHEMA with the shard's key-value metadata (dimension, model, shard, run)."""
+def embedding_schema(dim: int, model: str | None = None, shard: int | None = None) -> pa.Schema:
+    """EMBEDDING_SCHEMA with the shard's key-value metadata (dimension, model, shard)."""
     if dim <= 0:
         raise ValueError(f"embedding dim must be positive, got {dim}")
     meta = {META_DIM: str(dim).encode(), META_SCHEMA: str(SCHEMA_VERSION).encode()}
@@ -56,8 +54,6 @@ def embedding_schema(dim: int, model: str | None = None, shard: int | None = Non
         meta[META_MODEL] = model.encode()
     if shard is not None:
         meta[META_SHARD] = str(shard).encode()
-    if run_id is not None:
-        meta[META_RUN] = run_id.encode()
     return EMBEDDING_SCHEMA.with_metadata(meta)
 
 

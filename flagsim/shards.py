@@ -21,7 +21,6 @@ from flagsim.rundir import RunDir, shard_index
 from flagsim.schema import (
     META_DIM,
     META_MODEL,
-    META_RUN,
     META_SHARD,
     SCHEMA_VERSION,
     embedding_schema,
@@ -81,10 +80,12 @@ def write_shard(run: RunDir, model: str, index: int, table: pa.Table) -> Locatio
     loc = run.shard(model, index)
     meta = dict(table.schema.metadata or {})
     meta.setdefault(META_MODEL, model.encode())  # a table made for another model stays so
-    meta.update({META_SHARD: str(index).encode(), META_RUN: run_id(run).encode()})
+    meta[META_SHARD] = str(index).encode()
+    # the run id goes in the marker, not the file: the same rows give the same bytes in any run
     data = loc.write_parquet(table.replace_schema_metadata(meta), staging=run.staging)
     run.shard_marker(model, index).write_json(
-        {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+         "run_id": run_id(run)}
     )
     return loc
 
@@ -119,10 +120,13 @@ def done_shards(run: RunDir, model: str, verify: bool = False) -> dict[int, Loca
     With `verify`, each file's sha256 is checked against its marker too (reads every shard).
     """
     out = {}
+    rid = run_id(run) if run.meta.exists() else None
     for idx, loc in shard_files(run, model).items():
         marker = read_marker(run, model, idx)
         if marker is None or not loc.is_file() or loc.size() != marker["bytes"]:
             continue
+        if rid is not None and marker.get("run_id") not in (None, rid):
+            continue  # a marker copied in from another run
         if verify and hashlib.sha256(loc.read_bytes()).hexdigest() != marker["sha256"]:
             continue
         out[idx] = loc
@@ -218,7 +222,10 @@ def shard_problem(
     written_as = meta.get(META_MODEL, b"").decode(errors="replace")
     if written_as != model:
         return f"holds embeddings of model {written_as or 'unknown'}, not {model}", table
-    if manifest is not None and manifest.run_id and meta.get(META_RUN, b"").decode() != manifest.run_id:
+    index = shard_index(loc.name)
+    marker = read_marker(run, model, index) if index is not None else None
+    if manifest is not None and manifest.run_id and marker is not None \
+            and marker.get("run_id") not in (None, manifest.run_id):
         return "was written by another run", table
     want = dim if dim is not None else (manifest.dim if manifest is not None else None)
     got = _dim_of(table)

@@ -130,7 +130,7 @@ def _prepare_model_dir(
     else only the shards whose rows changed in the images table (a fixed or added image
     re-embeds its own shard, not the whole run)."""
     mdir = run.model_dir(model)
-    old = _read_run_marker(run, model)
+    old = None if force else _read_run_marker(run, model)
     wipe = force or (old is not None and old.get("key") != key)
     wipe = wipe or (old is None and bool(shard_files(run, model)))  # shards of unknown origin
     if wipe:
@@ -148,8 +148,20 @@ def _prepare_model_dir(
             loc.delete()
         if stale and run.manifest(model).exists():
             run.manifest(model).delete()
+    _remove_shard_dirs(run, model)
     mdir.mkdirs()
     run.run_marker(model).write_json({"key": key, "shards": shards})
+
+
+def _remove_shard_dirs(run: RunDir, model: str) -> list[str]:
+    """Delete directories where shard files belong (a shard could never be written there)."""
+    removed = []
+    for d in run.model_dir(model).dirs():
+        if shard_index(d.name) is not None:
+            log.warning("%s: removing %s (a directory where a shard belongs)", model, d)
+            d.delete()
+            removed.append(d.name)
+    return removed
 
 
 def _discard(run: RunDir, model: str) -> None:
@@ -166,7 +178,7 @@ def repair(run: RunDir, model: str, planned: set[str] | None = None) -> list[str
     the shard was written, shards without a completion marker, and shards outside the plan
     (`planned`). The embed that follows redoes exactly those.
     """
-    removed: list[str] = []
+    removed: list[str] = _remove_shard_dirs(run, model)
     manifest_loc = run.manifest(model)
     manifest = None
     try:
