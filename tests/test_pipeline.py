@@ -223,3 +223,33 @@ def test_strict_config_fails_on_missing_weights(tmp_path):
     cfg = _cfg(**{"embed.models": "[clip,pixels]", "embed.strict": "true"})
     with pytest.raises(WeightsUnavailableError, match="clip"):
         run_embed(cfg, run_dir=str(run), show_progress=False)
+
+
+def test_unsupported_uri_row_is_an_error_row_and_good_rows_are_embedded(
+    tmp_path, bundled_dir, ray_local
+):
+    """A path no filesystem can open (http://) is recorded like an undecodable image; the good
+    rows of the same shard are embedded exactly as in a run without it."""
+    import pyarrow as pa
+
+    good = ["Chad", "Romania", "Japan"]
+    table = from_folder(_subset(tmp_path, bundled_dir, good))
+    bad = {"image_id": "remote", "name": "remote", "path": "http://127.0.0.1:1/x.png"}
+    table = pa.concat_tables([table, pa.Table.from_pylist([bad], schema=table.schema)])
+    run = tmp_path / "run"
+    write_images_table(table, RunDir.at(run))
+    cfg = _cfg(**{"embed.models": "[pixels]"})
+    summary = run_embed(cfg, run_dir=str(run), show_progress=False)
+    assert summary.result("pixels").images == 3 and summary.decode_errors == 1
+    errs = pd.concat(pd.read_parquet(f) for f in (run / "errors" / "embed").glob("*.parquet"))
+    assert errs["image_id"].tolist() == ["remote"]
+    (reason,) = errs["reason"]
+    assert "http://127.0.0.1:1/x.png" in reason and "\n" not in reason
+    emb = read_embeddings(RunDir.at(run), "pixels")
+    assert sorted(emb.ids) == sorted(good)
+    from flagsim.models import create_embedder
+
+    pixels = create_embedder("pixels")
+    for i, image_id in enumerate(emb.ids):
+        ref = pixels([decode_image((bundled_dir / "images" / f"{image_id}.png").read_bytes())])[0]
+        np.testing.assert_allclose(emb.vectors[i], ref, rtol=0, atol=1e-6)
