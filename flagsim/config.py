@@ -58,6 +58,7 @@ class ImagesConfig(_Frozen):
 
 class RayConfig(_Frozen):
     address: str | None = None  # None: start an embedded local Ray; "auto" or ray://host:port
+    connect_timeout_s: float = Field(default=15.0, gt=0, le=3600)  # wait for ray.address's port
     num_cpus: int | None = Field(default=None, gt=0)  # local Ray only
     num_gpus: int | None = Field(default=None, ge=0)  # local Ray only
     read_cpus: float = Field(default=1.0, gt=0)  # CPUs kept free for reading + decoding
