@@ -67,7 +67,10 @@ RUNTIME_ENV ?= configs/runtime_env.yaml
 CLUSTER_RUN_DIR ?=
 SUBMIT_ARGS ?=
 JOB_ARGS = --config $(CLUSTER_CONFIG) $(if $(CLUSTER_RUN_DIR),--out $(CLUSTER_RUN_DIR))
+RAY_WAIT_TIMEOUT ?= 120
+# first wait (up to RAY_WAIT_TIMEOUT s) until the head's job agent can take the job
 SUBMIT = $(if $(RAY_ADDRESS),,$(error set RAY_ADDRESS to the cluster's job API, e.g. http://head:8265)) \
+	$(BIN)/python scripts/wait_for_ray_jobs.py $(RAY_ADDRESS) --timeout $(RAY_WAIT_TIMEOUT) && \
 	RAY_ADDRESS=$(RAY_ADDRESS) $(BIN)/ray job submit --working-dir . --runtime-env $(RUNTIME_ENV) $(SUBMIT_ARGS) --
 
 .PHONY: submit-embed submit-index submit-neighbours submit-all

@@ -14,6 +14,12 @@ from flagsim.errors import ConfigError
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
+#: Upper bounds on batch sizes: a larger value is a typo (or would not fit in memory), refused
+#: up front in one line naming the key rather than failing inside a worker.
+MAX_BATCH_SIZE = 8192  # images per forward pass
+MAX_DECODE_BATCH_SIZE = 4096  # images decoded per read task batch
+MAX_QUERY_BATCH_SIZE = 65536  # query vectors per index search
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -24,7 +30,7 @@ class ModelRunConfig(_Frozen):
 
     weights: str | None = None  # hub id or local directory/file; None = the registry default
     revision: str | None = None  # hub revision (branch, tag or commit)
-    batch_size: int | None = Field(default=None, gt=0, le=65536)
+    batch_size: int | None = Field(default=None, gt=0, le=MAX_BATCH_SIZE)
     num_actors: int = Field(default=1, gt=0, le=4096)
     max_actors: int | None = Field(default=None, gt=0, le=4096)  # autoscale up to this
     num_gpus: float = Field(default=0.0, ge=0, le=64)
@@ -52,6 +58,7 @@ class ImagesConfig(_Frozen):
 
 class RayConfig(_Frozen):
     address: str | None = None  # None: start an embedded local Ray; "auto" or ray://host:port
+    connect_timeout_s: float = Field(default=15.0, gt=0, le=3600)  # wait for ray.address's port
     num_cpus: int | None = Field(default=None, gt=0)  # local Ray only
     num_gpus: int | None = Field(default=None, ge=0)  # local Ray only
     read_cpus: float = Field(default=1.0, gt=0)  # CPUs kept free for reading + decoding
@@ -64,7 +71,7 @@ class EmbedConfig(_Frozen):
     device: Device = "auto"
     dtype: DType = "auto"  # auto: float16 on CUDA, float32 on CPU
     shard_size: int = Field(default=1000, gt=0, le=10_000_000)
-    decode_batch_size: int = Field(default=32, gt=0)
+    decode_batch_size: int = Field(default=32, gt=0, le=MAX_DECODE_BATCH_SIZE)
     max_image_pixels: int = Field(default=64_000_000, gt=0)  # decompression-bomb limit
     defaults: ModelRunConfig = ModelRunConfig()
     model_settings: dict[str, ModelRunConfig] = Field(default_factory=dict, alias="settings")
@@ -113,7 +120,7 @@ class IndexConfig(_Frozen):
 
 class NeighboursConfig(_Frozen):
     k: int = Field(default=10, gt=0, le=10_000)
-    batch_size: int = Field(default=4096, gt=0)
+    batch_size: int = Field(default=4096, gt=0, le=MAX_QUERY_BATCH_SIZE)
 
 
 class ReportConfig(_Frozen):
@@ -183,6 +190,12 @@ def load_config(
             raise ConfigError(f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{source}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""

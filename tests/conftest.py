@@ -29,11 +29,14 @@ def bundled_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One embedded local Ray (2 CPUs) for the whole session; pipeline tests reuse it."""
+    """One embedded local Ray (2 CPUs) for the whole session; pipeline tests reuse it.
+
+    `address="local"`: always a new Ray of its own, never a head that runs on the machine."""
     import ray
 
     if not ray.is_initialized():
         ray.init(
+            address="local",
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

@@ -94,3 +94,42 @@ def test_unwritable_run_dir(tmp_path):
     with pytest.raises(ConfigError, match="not writable"):
         check_writable(str(blocker / "run"))
     check_writable(str(tmp_path / "new" / "run"))  # creatable: fine
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "limit"),
+    [
+        ("embed.defaults.batch_size=8193", "embed.defaults.batch_size", 8192),
+        ("embed.settings.pixels.batch_size=100000", "embed.settings.pixels.batch_size", 8192),
+        ("embed.decode_batch_size=4097", "embed.decode_batch_size", 4096),
+        ("neighbours.batch_size=65537", "neighbours.batch_size", 65536),
+    ],
+)
+def test_batch_sizes_are_capped(override, key, limit):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    msg = str(info.value)
+    assert msg == f"defaults: {key}: Input should be less than or equal to {limit}"
+    ok = load_config(None, [f"{override.split('=')[0]}={limit}"])  # the cap itself is allowed
+    assert ok is not None
+
+
+def test_config_file_not_utf8_is_one_line_error(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("# réglages\nembed:\n  models: [pixels]\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert str(info.value) == f"{p}: not UTF-8 text (byte 0xe9 at offset 3)"
+
+
+def test_cli_config_file_not_utf8_prints_one_line(tmp_path):
+    p = tmp_path / "utf16.yaml"
+    p.write_bytes("embed:\n  models: [pixels]\n".encode("utf-16"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "flagsim", "embed", "--config", str(p), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"flagsim: error: {p}: not UTF-8 text (byte 0xff at offset 0)"]
+    assert not (tmp_path / "run").exists()

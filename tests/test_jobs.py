@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,21 +321,14 @@ def ray_head() -> Iterator[RayHead]:
                             start_new_session=True)
     head = RayHead(f"http://127.0.0.1:{dash}", env, root)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited: {(root / 'head.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{head.dashboard}/api/gcs_healthz", timeout=2).ok:
-                    ok = subprocess.run([RAY, "job", "list", "--address", head.dashboard],
-                                        env=env, capture_output=True, text=True, timeout=60)
-                    if ok.returncode == 0:
-                        break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"Ray head not ready: {(root / 'head.log').read_text()[-2000:]}")
-            time.sleep(1)
+        # as `make submit-*` does: until the job API can take a submission (the head's job agent
+        # registers seconds after the API answers; submitting before is "No available agent")
+        ready = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "wait_for_ray_jobs.py"), head.dashboard,
+             "--timeout", "180"], env=env, capture_output=True, text=True, timeout=240)
+        if ready.returncode != 0 or proc.poll() is not None:
+            pytest.fail(f"Ray head not ready: {ready.stderr.strip()}\n"
+                        f"{(root / 'head.log').read_text()[-2000:]}")
         yield head
     finally:
         _stop(proc, root)

@@ -103,6 +103,65 @@ def test_actor_embeds_good_rows_and_passes_ids_through(bundled_dir):
     np.testing.assert_allclose(emb[0], ref, rtol=0, atol=1e-6)
 
 
+class _ShapeSpy:
+    """Wraps an embedder: records the batch size of every forward it is called with."""
+
+    def __init__(self, embedder):
+        self.embedder, self.sizes = embedder, []
+
+    def __call__(self, images):
+        self.sizes.append(len(images))
+        return self.embedder(images)
+
+
+def _decoded(bundled_dir, n):
+    paths = sorted(str(p) for p in (bundled_dir / "images").glob("*.png"))[:n]
+    ids = np.array([f"i{k}" for k in range(n)], dtype=object)
+    batch = {"image_id": ids, "name": ids, "path": np.array(paths, dtype=object),
+             "shard": np.zeros(n, dtype=np.int32)}
+    return decode_batch(batch, max_pixels=10**8)
+
+
+def test_padded_size_buckets():
+    from flagsim.pipeline.mapper import padded_size
+
+    assert [padded_size(n, 512) for n in (1, 3, 8, 9, 10, 16, 17, 300, 511, 512)] == [
+        8, 8, 8, 16, 16, 16, 32, 512, 512, 512]
+    assert [padded_size(n, 4) for n in (1, 3, 4)] == [4, 4, 4]  # never above the micro-batch
+    assert padded_size(20, 24) == 24
+
+
+@pytest.mark.parametrize("model", ["pixels", "vgg16"])
+def test_short_batch_is_padded_to_its_bucket_not_the_batch_size(bundled_dir, model):
+    """10 images at batch_size 512: one forward of 16 (was 512); same vectors as without padding
+    (pixels: bit for bit) and as the old full-size padding; a rerun is bit-identical."""
+    decoded = _decoded(bundled_dir, 10)
+    actor = EmbedActor(model, micro_batch=512, tiny=model != "pixels")
+    spy = actor.embedder = _ShapeSpy(actor.embedder)
+    out = actor(decoded)[embedding_column(model)]
+    assert spy.sizes == [16]
+    assert np.array_equal(actor(decoded)[embedding_column(model)], out)  # rerun: same bits
+    images = list(decoded["pixels"])
+    unpadded = np.asarray(spy.embedder(images))
+    full = np.asarray(spy.embedder(images + [images[-1]] * 502))[:10]
+    if model == "pixels":
+        np.testing.assert_array_equal(out, unpadded)
+        np.testing.assert_array_equal(out, full)
+    else:
+        np.testing.assert_allclose(out, unpadded, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(out, full, rtol=0, atol=1e-5)
+
+
+def test_long_batch_runs_full_chunks_then_one_bucket(bundled_dir):
+    decoded = _decoded(bundled_dir, 21)
+    actor = EmbedActor("pixels", micro_batch=8)
+    spy = actor.embedder = _ShapeSpy(actor.embedder)
+    out = actor(decoded)[embedding_column("pixels")]
+    assert spy.sizes == [8, 8, 8]  # 8 + 8 + 5 padded to 8: never above the micro-batch
+    ref = np.asarray(spy.embedder(list(decoded["pixels"])))
+    np.testing.assert_array_equal(out, ref)
+
+
 # --- Ray pipeline -------------------------------------------------------------------------------
 
 def test_parity_with_per_image_reference_for_every_family(tmp_path, bundled_dir, ray_local):
@@ -223,3 +282,33 @@ def test_strict_config_fails_on_missing_weights(tmp_path):
     cfg = _cfg(**{"embed.models": "[clip,pixels]", "embed.strict": "true"})
     with pytest.raises(WeightsUnavailableError, match="clip"):
         run_embed(cfg, run_dir=str(run), show_progress=False)
+
+
+def test_unsupported_uri_row_is_an_error_row_and_good_rows_are_embedded(
+    tmp_path, bundled_dir, ray_local
+):
+    """A path no filesystem can open (http://) is recorded like an undecodable image; the good
+    rows of the same shard are embedded exactly as in a run without it."""
+    import pyarrow as pa
+
+    good = ["Chad", "Romania", "Japan"]
+    table = from_folder(_subset(tmp_path, bundled_dir, good))
+    bad = {"image_id": "remote", "name": "remote", "path": "http://127.0.0.1:1/x.png"}
+    table = pa.concat_tables([table, pa.Table.from_pylist([bad], schema=table.schema)])
+    run = tmp_path / "run"
+    write_images_table(table, RunDir.at(run))
+    cfg = _cfg(**{"embed.models": "[pixels]"})
+    summary = run_embed(cfg, run_dir=str(run), show_progress=False)
+    assert summary.result("pixels").images == 3 and summary.decode_errors == 1
+    errs = pd.concat(pd.read_parquet(f) for f in (run / "errors" / "embed").glob("*.parquet"))
+    assert errs["image_id"].tolist() == ["remote"]
+    (reason,) = errs["reason"]
+    assert "http://127.0.0.1:1/x.png" in reason and "\n" not in reason
+    emb = read_embeddings(RunDir.at(run), "pixels")
+    assert sorted(emb.ids) == sorted(good)
+    from flagsim.models import create_embedder
+
+    pixels = create_embedder("pixels")
+    for i, image_id in enumerate(emb.ids):
+        ref = pixels([decode_image((bundled_dir / "images" / f"{image_id}.png").read_bytes())])[0]
+        np.testing.assert_allclose(emb.vectors[i], ref, rtol=0, atol=1e-6)

@@ -20,15 +20,31 @@ def embedding_column(model: str) -> str:
     return f"emb:{model}"
 
 
+#: The smallest padded forward shape: tiny tails share one shape instead of one each.
+MIN_BUCKET = 8
+
+
+def padded_size(n: int, micro_batch: int) -> int:
+    """The forward batch shape for a chunk of `n` images: the next power of two (at least
+    MIN_BUCKET), never above `micro_batch`. Full chunks are exactly `micro_batch`."""
+    if n >= micro_batch:
+        return micro_batch
+    return min(micro_batch, max(MIN_BUCKET, 1 << (n - 1).bit_length()))
+
+
 class EmbedActor:
     """Ray Data actor: `__init__` loads the model, `__call__` adds an `emb:<model>` column.
 
     Every input column passes through unchanged; rows whose image failed to decode (ok=False)
     get a zero vector and are never fed to the model.
 
-    With `micro_batch` set, every forward pass has exactly that batch shape (the last chunk is
-    padded with copies of its last image): a row's embedding then does not depend on which other
-    images shared its batch, so reruns and resumed runs are bit-identical on CPU.
+    With `micro_batch` set, a call's images go through the model in chunks of exactly that many;
+    the last, shorter chunk is padded (copies of its last image) only up to a fixed bucket, the
+    next power of two of at least MIN_BUCKET (`padded_size`): 10 images at batch 512 run one
+    forward of 16, not 512. Forward shapes come from a small fixed set, so a rerun over the same
+    batches is bit-identical on CPU; a row's vector does not depend on the images it shares a
+    chunk with (on CPU every family gave bit-identical rows at every bucket of 8 and more; an
+    unpadded odd shape such as 10 need not, which is why tails are padded at all).
     """
 
     def __init__(
@@ -77,8 +93,8 @@ class EmbedActor:
             for i in range(0, len(good), step):
                 chunk = good[i : i + step]
                 n = len(chunk)
-                if self.micro_batch and n < step:
-                    chunk = chunk + [chunk[-1]] * (step - n)
+                if self.micro_batch:
+                    chunk = chunk + [chunk[-1]] * (padded_size(n, step) - n)
                 parts.append(np.asarray(self.embedder(chunk))[:n])
             out[ok] = np.concatenate(parts).astype(np.float32, copy=False)
         result = dict(batch)

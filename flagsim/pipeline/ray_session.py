@@ -2,27 +2,192 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import re
+import socket
+import sys
+import threading
+import time
+from urllib.parse import urlsplit
 
 from flagsim.config import Config
+from flagsim.errors import FlagsimError
 
 log = logging.getLogger(__name__)
 
+#: Lines that Ray's C++ core worker writes straight to this process's stderr and that need no
+#: action: an actor whose constructor arguments are in the object store (every Ray Data actor pool)
+#: and may restart (ray-project/ray#53727). They still reach the core worker's log file.
+_NATIVE_NOISE = re.compile(rb"core_worker\.cc:\d+: Actor with class name: .*max_restarts > 0")
+
+
+class RayConnectError(FlagsimError):
+    """The configured Ray cluster cannot be reached."""
+
+
+class _DropMessages(logging.Filter):
+    """Drop records of one logger whose message starts with one of `prefixes`."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+#: Ray's notices on every embed that need no action: (logger, message prefixes).
+_NOTICES = {
+    # a new local Ray turns token authentication on by itself: nothing for the user to do
+    "ray._private.authentication.authentication_token_setup": _DropMessages(
+        "Token authentication is enabled for this Ray cluster"),
+    # flagsim draws its own progress bar
+    "ray.data._internal.progress": _DropMessages("Progress bars disabled", "Progress bars for operators"),
+}
+
+
+def _verbose() -> bool:
+    """True at -vv (the root logger at DEBUG): Ray's own console output is left as it is."""
+    return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+
+
+def quiet_ray_console() -> None:
+    """Keep Ray's routine notices off the console at the default verbosity (not at -vv)."""
+    for name, drop in _NOTICES.items():
+        logger = logging.getLogger(name)
+        if _verbose():
+            logger.removeFilter(drop)
+        else:
+            logger.addFilter(drop)  # idempotent for the same filter object
+
+
+_stderr_pump: threading.Thread | None = None
+
+
+def _pump(read_fd: int, out_fd: int) -> None:
+    """Copy lines from `read_fd` to `out_fd`, dropping Ray's known-noise lines."""
+    pending = b""
+    while True:
+        try:
+            chunk = os.read(read_fd, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            if pending:
+                os.write(out_fd, pending)
+            return
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        kept = b"".join(line + b"\n" for line in lines if not _NATIVE_NOISE.search(line))
+        if kept:
+            os.write(out_fd, kept)
+
+
+def filter_native_stderr() -> None:
+    """At the default verbosity, route file descriptor 2 (where Ray's C++ code logs) through a
+    thread that drops `_NATIVE_NOISE` and forwards every other line; Python's own `sys.stderr`
+    (and the log handlers writing to it) keeps the original stream, so the console, its colours
+    and progress bars are unchanged. No-op at -vv, when stderr is not fd 2 (pytest's capture),
+    or once installed."""
+    global _stderr_pump
+    if _stderr_pump is not None or _verbose():
+        return
+    try:
+        if sys.stderr.fileno() != 2:
+            return
+    except (AttributeError, OSError, ValueError):
+        return
+    old = sys.stderr
+    old.flush()
+    console = os.dup(2)
+    read_fd, write_fd = os.pipe()
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    new = os.fdopen(console, "w", buffering=1, encoding=old.encoding, errors=old.errors)
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+                handler.setStream(new)
+    sys.stderr = new
+    _stderr_pump = threading.Thread(target=_pump, args=(read_fd, console), name="flagsim-stderr",
+                                    daemon=True)
+    _stderr_pump.start()
+    atexit.register(_restore_stderr, console)
+
+
+def _restore_stderr(console: int) -> None:
+    """At exit: fd 2 back to the console, and the lines still in the pipe forwarded."""
+    try:
+        sys.stderr.flush()
+        os.dup2(console, 2)  # closes our end of the pipe: the pump sees end of file
+    except OSError:
+        return
+    if _stderr_pump is not None:
+        _stderr_pump.join(timeout=2)
+
+
+def ray_address(cfg: Config) -> str | None:
+    """The cluster to connect to (RAY_ADDRESS, then ray.address), or None for an embedded Ray."""
+    address = (os.environ.get("RAY_ADDRESS") or cfg.ray.address or "").strip()
+    return None if address in ("", "local") else address
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of `host:port` or `ray://host:port`; None when there is none to probe (auto)."""
+    if address == "auto":
+        return None
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise RayConnectError(f"invalid Ray address {address!r} (use host:port or ray://host:port)") from None
+    if not parts.hostname or port is None:
+        if parts.scheme == "ray" and parts.hostname:
+            return parts.hostname, 10001  # the Ray client's default port
+        raise RayConnectError(f"invalid Ray address {address!r} (use host:port or ray://host:port)")
+    return parts.hostname, port
+
+
+def probe(address: str, timeout_s: float) -> None:
+    """Wait up to `timeout_s` for a TCP connection to the address's port; RayConnectError if none."""
+    target = _host_port(address)
+    if target is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection(target, timeout=max(0.1, min(left, 5.0))):
+                return
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            if time.monotonic() + 0.5 >= deadline:
+                raise RayConnectError(
+                    f"cannot reach Ray at {address}: {reason} (waited {timeout_s:g} s; "
+                    "check ray.address / RAY_ADDRESS, or ray.connect_timeout_s)"
+                ) from None
+            time.sleep(0.5)
+
 
 def ensure_ray(cfg: Config) -> dict[str, float]:
-    """Initialise Ray if needed (RAY_ADDRESS, then cfg.ray.address, else local); return its resources."""
+    """Initialise Ray if needed (RAY_ADDRESS, then cfg.ray.address, else local); return its resources.
+
+    Without an address this always starts a new local Ray (`address="local"`), never joining a
+    head that happens to run on the machine. With one, its port must answer within
+    `ray.connect_timeout_s`, else a one-line RayConnectError.
+    """
     import ray
 
+    quiet_ray_console()
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
-        kwargs: dict = {
-            "log_to_driver": False,
-            "configure_logging": False,
-            "include_dashboard": False if address is None else None,
-        }
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        address = ray_address(cfg)
+        kwargs: dict = {"log_to_driver": False, "configure_logging": False}
         if address is None:
+            kwargs.update(address="local", include_dashboard=False)
             if cfg.ray.num_cpus is not None:
                 kwargs["num_cpus"] = cfg.ray.num_cpus
             if cfg.ray.num_gpus is not None:
@@ -30,11 +195,23 @@ def ensure_ray(cfg: Config) -> dict[str, float]:
             if cfg.ray.object_store_memory_gb is not None:
                 kwargs["object_store_memory"] = int(cfg.ray.object_store_memory_gb * 1024**3)
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            log.info("starting an embedded local Ray")
+            sized = f"{cfg.ray.num_cpus} CPUs" if cfg.ray.num_cpus is not None else "all CPUs"
+            log.info("starting an embedded local Ray (%s)", sized)
         else:
+            local_only = [k for k in ("num_cpus", "num_gpus", "object_store_memory_gb")
+                          if getattr(cfg.ray, k) is not None]
+            if local_only:
+                log.warning("ray.%s only size an embedded local Ray; ignored when connecting to %s",
+                            "/".join(local_only), address)
             log.info("connecting to Ray at %s", address)
+            probe(address, cfg.ray.connect_timeout_s)
             kwargs["address"] = address
-        ray.init(**kwargs)
+        filter_native_stderr()
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, TimeoutError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise RayConnectError(f"cannot reach Ray at {address}: {reason}") from None
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
 
@@ -46,9 +223,10 @@ def quiet_ray_data(show_ray_progress: bool = False) -> None:
     """
     import ray.data
 
+    quiet_ray_console()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = show_ray_progress
-    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+    if _verbose():
         return
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:

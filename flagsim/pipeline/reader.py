@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from flagsim.decode import DecodeError, decode_image
+from flagsim.decode import decode_image
+from flagsim.errors import FlagsimError
 from flagsim.storage import Location
 
 PIXELS = "pixels"
@@ -50,19 +51,17 @@ def decode_batch(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, np.
     """Read and decode a batch of image files; failures become rows with ok=False and a reason."""
     images, ok, errors = [], [], []
     for path in batch["path"]:
+        reason = ""
         try:
-            data = Location.parse(str(path)).read_bytes()
-            images.append(decode_image(data, max_pixels))
-            ok.append(True)
-            errors.append("")
-        except DecodeError as exc:
-            images.append(np.zeros((1, 1, 3), np.uint8))
-            ok.append(False)
-            errors.append(str(exc))
+            images.append(decode_image(Location.parse(str(path)).read_bytes(), max_pixels))
+        except FlagsimError as exc:  # undecodable image, or a location that cannot be opened
+            reason = str(exc) or type(exc).__name__
         except (OSError, ValueError) as exc:  # missing or unreadable file
+            reason = f"cannot read file: {exc}"
+        if reason:
             images.append(np.zeros((1, 1, 3), np.uint8))
-            ok.append(False)
-            errors.append(f"cannot read file: {exc}".splitlines()[0])
+        ok.append(not reason)
+        errors.append(reason.splitlines()[0] if reason else "")
     out = {k: batch[k] for k in PASSTHROUGH}
     out[OK] = np.array(ok, dtype=bool)
     out[ERROR] = np.array(errors, dtype=object)

@@ -1,0 +1,182 @@
+"""Which Ray flagsim uses (its own local one, or the configured cluster), unreachable clusters, and
+Ray's console noise, each in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from rayhead import free_port, stop_head
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return {**env, **extra}
+
+
+# --- a foreign head on the machine -------------------------------------------------------------
+
+
+@dataclass
+class Head:
+    address: str  # 127.0.0.1:PORT (its GCS)
+    tmpdir: Path  # RAY_TMPDIR under which `ray.init()` finds it
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A client of this machine that would find the head (no token: the head has none)."""
+        return _env(RAY_TMPDIR=str(self.tmpdir), RAY_AUTH_MODE="disabled", **extra)
+
+    @property
+    def port(self) -> str:
+        return self.address.rsplit(":", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def foreign_head() -> Iterator[Head]:
+    """A head started with `ray start --head` (1 CPU), found by a plain `ray.init()` in processes
+    whose RAY_TMPDIR is its own: other Ray users on this machine never see it. Stopped by its pids."""
+    root = Path(tempfile.mkdtemp(prefix="fsfh-"))  # short: Ray's socket paths must stay short
+    env = _env(RAY_TMPDIR=str(root), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    port = free_port()
+    cmd = [RAY, "start", "--head", "--block", "--port", str(port), "--num-cpus", "1",
+           "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats",
+           "--ray-client-server-port", str(free_port()), "--metrics-export-port", str(free_port()),
+           "--dashboard-agent-listen-port", str(free_port()),
+           "--object-store-memory", str(100 * 1024 * 1024), "--temp-dir", str(root / "ray")]
+    log = (root / "head.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (root / "ray" / "ray_current_cluster").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start failed: {(root / 'head.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield Head(f"127.0.0.1:{port}", root)
+    finally:
+        stop_head(proc, root)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+ENSURE = """
+import json, logging, os, sys, ray
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from flagsim.config import load_config
+from flagsim.pipeline.ray_session import ensure_ray
+out = {}
+if os.environ.get("PREMISE"):  # what a bare ray.init() does here: it joins the foreign head
+    ray.init(configure_logging=False, log_to_driver=False)
+    out["bare"] = [ray.cluster_resources().get("CPU"), ray.get_runtime_context().gcs_address]
+    ray.shutdown()
+res = ensure_ray(load_config(None, ["ray.num_cpus=3"]))
+out["ensure"] = [res["CPU"], ray.get_runtime_context().gcs_address]
+print("OUT", json.dumps(out))
+"""
+
+
+def _ensure(env: dict[str, str]) -> tuple[dict, str]:
+    proc = subprocess.run([sys.executable, "-c", ENSURE], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("OUT "))
+    return json.loads(line.removeprefix("OUT ")), proc.stderr
+
+
+@pytest.mark.ray
+def test_embedded_ray_never_joins_a_head_running_on_the_machine(foreign_head: Head) -> None:
+    out, err = _ensure(foreign_head.env(PREMISE="1"))
+    cpus, gcs = out["bare"]
+    assert cpus == 1.0 and gcs.endswith(f":{foreign_head.port}")  # premise: ray.init() joins it
+    cpus, gcs = out["ensure"]
+    assert cpus == 3.0 and not gcs.endswith(f":{foreign_head.port}")  # its own, of the size asked
+    assert "starting an embedded local Ray (3 CPUs)" in err
+
+
+@pytest.mark.ray
+def test_ray_address_connects_to_the_cluster(foreign_head: Head) -> None:
+    out, err = _ensure(foreign_head.env(RAY_ADDRESS=foreign_head.address))
+    cpus, gcs = out["ensure"]
+    assert cpus == 1.0 and gcs.endswith(f":{foreign_head.port}")
+    assert f"connecting to Ray at {foreign_head.address}" in err
+    assert "ray.num_cpus only size an embedded local Ray; ignored" in err
+
+
+# --- an unreachable cluster --------------------------------------------------------------------
+
+
+def _folder(tmp_path: Path, n: int = 3) -> Path:
+    from flagsim.images import bundled_flags_dir
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for p in sorted((bundled_flags_dir() / "images").glob("*.png"))[:n]:
+        shutil.copy(p, d / p.name)
+    return d
+
+
+def _embed(tmp_path: Path, *args: str, verbosity: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flagsim", *verbosity, "embed", "--set", "embed.models=[pixels]",
+           "--set", "images.source=folder", "--set", f"images.path={_folder(tmp_path)}",
+           "--out", str(tmp_path / "run"), *args]
+    env = {k: v for k, v in _env().items() if k != "RAY_AUTH_MODE"}
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_unreachable_ray_address_is_one_line_after_the_timeout(tmp_path: Path, address: str) -> None:
+    proc = _embed(tmp_path, "--set", f"ray.address={address}", "--set", "ray.connect_timeout_s=2",
+                  verbosity=("-q",))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"flagsim: error: cannot reach Ray at {address}: Connection refused")
+    assert "waited 2 s" in line
+
+
+def test_invalid_ray_address_is_one_line(tmp_path: Path) -> None:
+    proc = _embed(tmp_path, "--set", "ray.address=ray://head:notaport", verbosity=("-q",))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "flagsim: error: invalid Ray address 'ray://head:notaport' (use host:port or ray://host:port)"]
+
+
+# --- Ray's console noise -----------------------------------------------------------------------
+
+NOISE = {
+    "token notice": "Token authentication is enabled for this Ray cluster",
+    "core worker line": "max_restarts > 0",
+    "progress notice": "Progress bars disabled",
+}
+
+
+@pytest.mark.ray
+def test_ray_notices_stay_off_the_console_at_default_verbosity(tmp_path: Path) -> None:
+    proc = _embed(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "starting an embedded local Ray" in proc.stderr
+    assert "embedded" in proc.stdout
+    for what, text in NOISE.items():
+        assert text not in proc.stderr, f"{what} reached the console:\n{proc.stderr[-3000:]}"
+    assert "core_worker.cc" not in proc.stderr
+
+
+@pytest.mark.ray
+def test_ray_notices_are_kept_at_debug_verbosity(tmp_path: Path) -> None:
+    """-vv leaves Ray's console output alone (and shows the test above checks something real)."""
+    proc = _embed(tmp_path, verbosity=("-vv",))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert NOISE["progress notice"] in proc.stderr
+    assert NOISE["core worker line"] in proc.stderr
