@@ -77,12 +77,16 @@ def test_bad_images_mixed_in_embed_or_report_and_good_ones_are_unchanged(tmp_pat
             np.testing.assert_array_equal(got[image_id], ref[image_id])
 
 
-def _embed_actors() -> list[tuple[int, str]]:
-    """(pid, command line) of the live embedding actor processes."""
+def _embed_actors(since: float = 0.0) -> list[tuple[int, str]]:
+    """(pid, command line) of the live embedding actor processes started after `since`.
+
+    Actors of an earlier test's job can linger in the shared local Ray for a while; `since`
+    keeps them out (they are not the ones this job's rows go through).
+    """
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "create_time"]):
         cmd = " ".join(p.info.get("cmdline") or [])
-        if cmd.startswith("ray::MapWorker") and "EmbedActor" in cmd:
+        if cmd.startswith("ray::MapWorker") and "EmbedActor" in cmd and p.info["create_time"] >= since:
             found.append((p.pid, cmd))
     return found
 
@@ -118,6 +122,7 @@ def test_killed_actor_still_gives_exactly_one_row_per_image(tmp_path, ray_local)
     cfg = _cfg("embed.models=[efficientnet-lite0]", "embed.shard_size=10",
                "embed.decode_batch_size=10", "embed.settings.efficientnet-lite0.batch_size=4")
     killed: list[tuple[int, str]] = []
+    started = time.time()
 
     def killer() -> None:
         try:
@@ -125,7 +130,7 @@ def test_killed_actor_still_gives_exactly_one_row_per_image(tmp_path, ray_local)
             model_dir = run / "embeddings" / "model=efficientnet-lite0"
             while time.monotonic() < deadline:
                 if len(list(model_dir.glob("part-*.parquet"))) >= 2:
-                    actors = _embed_actors()
+                    actors = _embed_actors(since=started)
                     if actors:
                         shutil.copy(real, tmp_path / "real.png")
                         os.replace(tmp_path / "real.png", pipe)  # a retry reads the real file
