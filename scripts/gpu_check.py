@@ -361,33 +361,6 @@ def actor_rate(name: str, weights: str, images: list[np.ndarray], bs: int, devic
 
 # --- kNN -----------------------------------------------------------------------------------------
 
-def _knn_model(d: int) -> str:
-    """A registry model whose vectors are `d`-dimensional (the index is built under its name)."""
-    from flagsim.models import get_spec, list_models
-
-    return next((m for m in list_models() if get_spec(m).dim == d), "knn-random")
-
-
-def write_random_run(run_dir: Path, model: str, n: int, d: int, shard_rows: int = 100_000,
-                     seed: int = 0) -> None:
-    """A run directory holding n random d-dim embeddings of `model`, written with flagsim's own
-    shard and manifest code (as `flagsim embed` leaves them)."""
-    from flagsim.rundir import RunDir, shard_name
-    from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
-
-    run = RunDir.at(str(run_dir))
-    rng = np.random.default_rng(seed)
-    shards: dict[str, int] = {}
-    for i, s in enumerate(range(0, n, shard_rows)):
-        e = min(s + shard_rows, n)
-        ids = [f"img{j:08d}" for j in range(s, e)]
-        vec = rng.standard_normal((e - s, d), dtype=np.float32)
-        write_shard(run, model, i, embeddings_table(ids, ids, model, vec))
-        shards[shard_name(i)] = e - s
-    write_manifest(run, Manifest(model=model, dim=d, rows=n, images_hash="random",
-                                 shards=shards, checkpoint="random", source="gpu_check"))
-
-
 def knn_check(rec: dict[str, Any], n: int, d: int, k: int, device: str, budget: Budget,
               n_check: int, q_tile: int, workdir: Path) -> None:
     """Exact all-pairs top-k (self excluded) of n random vectors through flagsim's index code.
@@ -398,27 +371,23 @@ def knn_check(rec: dict[str, Any], n: int, d: int, k: int, device: str, budget: 
     neighbours` does. A sample of rows is checked against a float64 NumPy brute force. Stops
     early, recording how far it got and the projected total, when the budget runs out.
     """
+    from bench.knn import model_of_dim, write_run
     from flagsim.config import IndexConfig
     from flagsim.index import build_index, normalise
-    from flagsim.shards import read_embeddings
 
-    model = _knn_model(d)
-    run_dir = workdir / "knn-run"
+    model = model_of_dim(d)
+    run_dir = str(workdir / "knn-run")
     t0 = time.perf_counter()
-    write_random_run(run_dir, model, n, d)
+    x = normalise(np.random.default_rng(0).standard_normal((n, d), dtype=np.float32))
+    write_run(run_dir, model, x)
     rec.update(n=n, d=d, k=k, q_tile=q_tile, model=model, data_s=time.perf_counter() - t0)
     t0 = time.perf_counter()
-    index = build_index(str(run_dir), model, IndexConfig(kind="flat", exact_max_rows=max(n, 1),
-                                                         memory_budget_gb=1024.0))
+    index = build_index(run_dir, model, IndexConfig(kind="flat", exact_max_rows=max(n, 1),
+                                                    memory_budget_gb=1024.0))
     rec["build_s"] = time.perf_counter() - t0
     rec["index_device"] = index.manifest.device if index.manifest else "?"
     rec["index_kind"] = index.manifest.kind if index.manifest else "?"
-    from flagsim.rundir import RunDir
-
-    emb = read_embeddings(RunDir.at(str(run_dir)), model)
-    ids = np.asarray(emb.ids, dtype=object)
-    x = normalise(emb.vectors)
-    del emb
+    ids = index.ids
     got = np.empty((n, k), np.int64)
     got_s = np.empty((n, k), np.float32)
     done = 0
