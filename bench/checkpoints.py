@@ -60,7 +60,7 @@ def _transformers(spec: Any, folder: Path, tiny: bool) -> Path:
         with torch.no_grad():
             net.query_tokens.normal_(0.0, 0.02)
         config.save_pretrained(str(folder))
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()},
+        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()},
                   str(folder / "model.safetensors"))
     else:
         net = getattr(transformers, spec.architecture)(config)
@@ -77,13 +77,16 @@ def _torchvision(spec: Any, folder: Path) -> Path:
 
     path = folder / f"{spec.architecture}-random.pth"
     if not path.is_file():  # vgg16 and vgg16-fc7 share one file shape
-        torch.save(tvm.get_model(spec.architecture, weights=None).state_dict(), str(path))
+        net = tvm.get_model(spec.architecture, weights=None)
+        torch.save({k: v.cpu() for k, v in net.state_dict().items()}, str(path))
     return path
 
 
-def save_random_checkpoint(model: str, folder: Path, *, tiny: bool = False, seed: int = 0) -> str:
+def save_random_checkpoint(model: str, folder: Path, *, tiny: bool = False, seed: int = 0,
+                           device: str = "cpu") -> str:
     """Write a random-weight checkpoint of registry model `model` under `folder`; return the
-    weights path to give flagsim (`create_embedder(model, weights=...)`)."""
+    weights path to give flagsim (`create_embedder(model, weights=...)`). `device` is where the
+    weights are initialised (a GPU initialises a billion parameters much faster)."""
     import torch
 
     from flagsim.models import get_spec
@@ -94,10 +97,11 @@ def save_random_checkpoint(model: str, folder: Path, *, tiny: bool = False, seed
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    if model in TORCHVISION:
-        out = _torchvision(spec, folder)
-    else:
-        out = _transformers(spec, folder, tiny)
+    with torch.device(device):
+        if model in TORCHVISION:
+            out = _torchvision(spec, folder)
+        else:
+            out = _transformers(spec, folder, tiny)
     log.info("%s: random %s checkpoint written in %.1fs", model, "tiny" if tiny and
              model not in TORCHVISION else "real-size", time.perf_counter() - t0)
     return str(out)

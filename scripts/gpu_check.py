@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 log = logging.getLogger("gpu_check")
 
 PARITY_MIN_COSINE = 0.999
-KNN_RESERVE_S = 100.0  # budget kept for the kNN section while the model sections run
+KNN_RESERVE_S = 150.0  # budget kept for the kNN section (write shards, build, search, check)
 
 
 class Budget:
@@ -236,7 +236,7 @@ def check_model(name: str, rec: dict[str, Any], images: list[np.ndarray], device
     spec = get_spec(name)
     rec["checkpoint"] = spec.weights
     t0 = time.monotonic()
-    weights = save_random_checkpoint(name, workdir / name, tiny=smoke)
+    weights = save_random_checkpoint(name, workdir / name, tiny=smoke, device=device)
     rec["checkpoint_s"] = round(time.monotonic() - t0, 2)
     t0 = time.monotonic()
     emb = create_embedder(name, weights=weights, device=device, dtype="float32")
