@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
+from bench.checkpoints import save_random_checkpoint
 from bench.common import Figure, Table, best_time, decoded_flags, fmt, torch_threads
 
 log = logging.getLogger(__name__)
@@ -18,16 +21,13 @@ def _cases(quick: bool) -> list[tuple[str, str, bool]]:
     return cases[:1] if quick else cases
 
 
-def _embedder(name: str, real: bool):
+def _embedder(name: str, real: bool, folder: Path):
+    """flagsim's registry entry `name`: its shipped weights, or a real-size random-weight
+    checkpoint written to `folder` and loaded through flagsim's local-weights path."""
     from flagsim.models import create_embedder
 
-    if real:
-        return create_embedder(name, device="cpu", dtype="float32"), None
-    from bench.archs import flagsim_spec
-    from flagsim.models import register_model
-
-    spec = register_model(flagsim_spec(name), replace=True)  # real-size random weights
-    return create_embedder(spec.name, device="cpu", dtype="float32", tiny=True), spec.name
+    weights = None if real else save_random_checkpoint(name, folder / name)
+    return create_embedder(name, weights=weights, device="cpu", dtype="float32")
 
 
 def run(n_images: int = 16, batch: int = 8, repeat: int = 2, threads: int | None = None,
@@ -35,7 +35,6 @@ def run(n_images: int = 16, batch: int = 8, repeat: int = 2, threads: int | None
     import torch
 
     from bench.pipeline import nproc
-    from flagsim.models import unregister_model
 
     threads = threads or nproc()
     fig = Figure("memory_format", "3b. CNN memory format: channels_last vs contiguous, CPU forward")
@@ -46,26 +45,23 @@ def run(n_images: int = 16, batch: int = 8, repeat: int = 2, threads: int | None
                           f"of {repeat}; the same model object measured both ways side by side.")
     fig.raw["rows"] = []
     images = decoded_flags(n_images)
-    with torch_threads(threads):
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="flagsim-bench-") as tmp:
         for name, label, real in _cases(quick):
-            emb, temp = _embedder(name, real)
-            try:
-                xs = [emb.preprocess(images[s : s + batch]) for s in range(0, n_images, batch)]
+            emb = _embedder(name, real, Path(tmp))
+            xs = [emb.preprocess(images[s : s + batch]) for s in range(0, n_images, batch)]
 
-                def rate(emb=emb, xs=xs) -> float:
-                    return n_images / best_time(lambda: [emb.forward(x) for x in xs],
-                                                repeat=repeat, warmup=1)
+            def rate(emb=emb, xs=xs) -> float:
+                return n_images / best_time(lambda: [emb.forward(x) for x in xs],
+                                            repeat=repeat, warmup=1)
 
-                assert emb.memory_format is torch.channels_last, name
-                r_cl = rate()
-                v_cl = np.concatenate([emb.forward(x) for x in xs])
-                emb.model = emb.model.to(memory_format=torch.contiguous_format)
-                emb.memory_format = torch.contiguous_format
-                r_c = rate()
-                v_c = np.concatenate([emb.forward(x) for x in xs])
-            finally:
-                if temp:
-                    unregister_model(temp)
+            assert emb.memory_format is torch.channels_last, name
+            r_cl = rate()
+            v_cl = np.concatenate([emb.forward(x) for x in xs])
+            emb.model = emb.model.to(memory_format=torch.contiguous_format)
+            emb.memory_format = torch.contiguous_format
+            r_c = rate()
+            v_c = np.concatenate([emb.forward(x) for x in xs])
+            del emb
             cos = float(np.min(np.sum(v_cl * v_c, 1) / (np.linalg.norm(v_cl, axis=1)
                                                           * np.linalg.norm(v_c, axis=1))))
             fig.raw["rows"].append({"model": name, "contiguous_img_s": r_c,

@@ -1,8 +1,9 @@
 """Figures 1, 2, 4, 5: the Ray pipeline against bare forwards, the original method, many models, scale.
 
 Real-size models with random weights reach the pipeline the way real weights do: a local
-checkpoint directory (save_pretrained: config.json + model.safetensors + preprocessor_config.json)
-set as `embed.settings.<model>.weights`, so the actors run flagsim's own loading code.
+checkpoint directory (save_pretrained: config.json + model.safetensors + preprocessor_config.json,
+written by bench/checkpoints.py) set as `embed.settings.<model>.weights`, so the actors run
+flagsim's own loading code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from bench import targets
+from bench.checkpoints import save_random_checkpoint
 from bench.common import Figure, PeakMemory, Table, decoded_flags, flag_files, fmt, torch_threads
 from flagsim.rundir import RunDir
 
@@ -26,26 +29,6 @@ log = logging.getLogger(__name__)
 
 
 # --- fixtures: random real-size checkpoints and images tables --------------------------------------
-
-def save_random_checkpoint(model: str, folder: Path) -> Path:
-    """A real-size random-weight checkpoint of flagsim model `model` ("clip" or "vit") in `folder`."""
-    import torch
-    import transformers
-
-    from bench.archs import clip_b32_config, vit_l16_config
-    from flagsim.models import get_spec
-
-    spec = get_spec(model)
-    configs = {"clip": clip_b32_config, "vit": vit_l16_config}
-    if model not in configs:
-        raise ValueError(f"no random checkpoint recipe for {model!r}")
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    net = getattr(transformers, spec.architecture)(configs[model]())
-    net.save_pretrained(str(folder))
-    getattr(transformers, spec.processor_class)(**dict(spec.processor)).save_pretrained(str(folder))
-    return folder
-
 
 def images_table(paths: list[Path], n: int):
     """An images table of n rows cycling over `paths` (unique image ids, repeated files)."""
@@ -117,7 +100,7 @@ class Workspace:
     def checkpoint(self, model: str) -> Path:
         if model not in self.checkpoints:
             t0 = time.perf_counter()
-            self.checkpoints[model] = save_random_checkpoint(model, self.root / "ckpt" / model)
+            self.checkpoints[model] = Path(save_random_checkpoint(model, self.root / "ckpt" / model))
             log.info("saved random %s checkpoint in %.1fs", model, time.perf_counter() - t0)
         return self.checkpoints[model]
 
@@ -263,7 +246,7 @@ def fig_efficiency(ws: Workspace, cases: list[EffCase]) -> Figure:
                 "(Ray Data planning, actor start, model load) is left out; end-to-end = "
                 "N / wall time; fixed cost = wall time - N / steady rate. The bare rate is "
                 "measured before and after the pipeline runs; their mean is the reference. "
-                "Target: steady-state efficiency >= 0.9.")
+                f"Target: {targets.EFFICIENCY.text}.")
     fig.raw["cases"] = []
     for case in cases:
         ckpt = str(ws.checkpoint(case.model))
@@ -316,18 +299,19 @@ def fig_efficiency(ws: Workspace, cases: list[EffCase]) -> Figure:
             fig.notes.append(f"{row['model']} ({row['variant']}): too few shards for a "
                              "steady-state rate.")
             continue
-        verdict = "meets" if eff >= 0.9 else "is BELOW"
+        target = targets.EFFICIENCY
+        verdict = target.verdict(eff)
         noise = ""
         if eff > 1.0:
             noise = (f" Above 1 means the pipeline's steady state outran the bare loop within "
                      f"this run's noise (the bare rate itself moved {row['bare_spread']:.0%} "
                      "between before and after).")
-        elif eff < 0.9 and 0.9 - eff <= row["bare_spread"] + 0.03:
+        elif not target.met(eff) and target.at_least - eff <= row["bare_spread"] + 0.03:
             noise = (f" The shortfall is within this run's timing noise: the bare rate itself "
                      f"moved {row['bare_spread']:.0%} between before and after.")
         fig.notes.append(
-            f"{row['model']} ({row['variant']} threads): steady-state efficiency {eff:.2f} "
-            f"{verdict} the 0.9 target.{noise} End-to-end {row['efficiency_e2e']:.2f} on "
+            f"{row['model']} ({row['variant']} threads): steady-state efficiency {eff:.2f}: "
+            f"target ({target.text}) {verdict}.{noise} End-to-end {row['efficiency_e2e']:.2f} on "
             f"{row['n_large']} images because of {fmt(row['fixed_s'])} s of fixed cost per run "
             "(Ray Data planning, actor process start, model load from the checkpoint), which "
             "a real job pays once.")
@@ -516,10 +500,11 @@ def fig_scale(ws: Workspace, sizes: tuple[int, int], model: str = "pixels") -> F
                "results": {str(k): v for k, v in results.items()}, "marginal_img_s": steady,
                "throughput_ratio": per_image_ratio, "peak_memory_ratio": mem_ratio,
                "growth_ratio": growth_ratio}
-    flat = "flat" if mem_ratio < 1.25 else "NOT flat"
+    mem_t, thr_t = targets.SCALE_MEMORY, targets.SCALE_THROUGHPUT
     fig.notes.append(
         f"10x the images: throughput per image x{per_image_ratio:.2f} (marginal rate "
-        f"{fmt(steady)} img/s), peak memory of driver+Ray x{mem_ratio:.2f} ({flat}; growth over "
+        f"{fmt(steady)} img/s; {thr_t.text}: {thr_t.verdict(per_image_ratio)}), peak memory of "
+        f"driver+Ray x{mem_ratio:.2f} ({mem_t.text}: {mem_t.verdict(mem_ratio)}; growth over "
         f"idle x{growth_ratio:.2f}): rows stream through and each shard is written as soon as it "
         "is complete, nothing is collected.")
     return fig

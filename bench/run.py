@@ -49,8 +49,8 @@ def gpu_figure(smoke_budget_s: float, gpu_json: Path | None) -> Figure:
     else:
         fig.notes.append(
             "No GPU was lent to the session that produced these numbers, so no GPU figures are "
-            "reported. The script is ready for a bare single-GPU machine (python 3.12, torch, "
-            "transformers, pyarrow; no ray, no network): `python scripts/gpu_check.py --out "
+            "reported. The script is ready for a single-GPU machine with flagsim's dependencies "
+            "installed (no ray, no network: it writes its own random-weight checkpoints): `python scripts/gpu_check.py --out "
             "$OUT` (--budget-s, default 420 s); copy its gpu_check.json to bench/gpu_check.json "
             "and rerun `make bench` to include it here.")
     with tempfile.TemporaryDirectory(prefix="flagsim-gpucheck-") as out:
@@ -68,7 +68,8 @@ def gpu_figure(smoke_budget_s: float, gpu_json: Path | None) -> Figure:
             fig.raw["smoke_stderr_tail"] = proc.stderr[-2000:]
     ok = fig.raw["smoke_rc"] == 0 and "smoke_run" in fig.raw
     fig.notes.append(
-        f"CPU smoke run (`--smoke`: tiny models, 5,000-vector kNN, fp32 throughput on the CPU) "
+        f"CPU smoke run (`--smoke`: tiny checkpoints of flagsim's registry models, 5,000-vector "
+        f"kNN through flagsim.index, fp32 throughput on the CPU) "
         f"{'passed' if ok else 'FAILED'} in {fig.raw['smoke_s']:.0f} s: every section ran and "
         "wrote its JSON and markdown. Its numbers only prove the script works; they are not "
         "benchmarks.")

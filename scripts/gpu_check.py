@@ -1,16 +1,21 @@
 #!/usr/bin/env python
-"""GPU check (`make gpu-check`): fp16 parity, throughput and actor share of six models; 1M kNN.
+"""GPU check (`make gpu-check`): fp16 parity, throughput and actor rate of six models; 1M kNN.
 
-Runs on a bare single-GPU machine with no network: needs torch and transformers (torchvision,
-pyarrow, flagsim's own imports and faiss-cpu are used when present, never required; ray is not
-used). Every model has random weights at its real size, built from the transformers config
-classes with the real hyperparameters (bench/archs.py). Each section runs in its own try/except
-and the JSON + markdown results are rewritten after every section, so a crash, a timeout or a
-kill still leaves everything measured so far in --out (default: $OUT, else bench/out/gpu_check).
+Measures the code users run: each model is flagsim's own registry entry (its preprocessing,
+pooling and loading), loaded with `create_embedder(name, weights=<dir>)` and
+`flagsim.pipeline.mapper.EmbedActor` from a random-weight checkpoint of the real size that
+bench/checkpoints.py writes to a temporary folder (configs with the published hyperparameters in
+bench/archs.py; no weights are downloaded). The kNN section writes random vectors as a run's
+embedding shards and searches them with `flagsim.index` (build_index + ModelIndex.search: FAISS
+on the GPU when faiss sees one, on the CPU otherwise). Needs flagsim's dependencies; ray is not
+used. Each section runs in its own try/except and the JSON + markdown results are rewritten
+after every section, so a crash, a timeout or a kill still leaves everything measured so far in
+--out (default: $OUT, else bench/out/gpu_check).
 
-    python scripts/gpu_check.py                 # the full check (about 5-7 minutes on an H100)
-    python scripts/gpu_check.py --smoke         # tiny sizes, runs on a CPU in about a minute
-    python scripts/gpu_check.py --budget-s 300 --archs clip-b32,vit-l16 --knn-n 1000000
+    python scripts/gpu_check.py                 # the full check on a GPU (about 5-7 minutes);
+                                                # without a GPU: the CPU smoke run (--smoke)
+    python scripts/gpu_check.py --smoke         # tiny checkpoints, small sizes, about a minute
+    python scripts/gpu_check.py --budget-s 300 --models clip,vit --knn-n 1000000
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -42,7 +49,7 @@ import numpy as np  # noqa: E402
 log = logging.getLogger("gpu_check")
 
 PARITY_MIN_COSINE = 0.999
-KNN_RESERVE_S = 100.0  # budget kept for the kNN section while the model sections run
+KNN_RESERVE_S = 150.0  # budget kept for the kNN section (write shards, build, search, check)
 
 
 class Budget:
@@ -200,40 +207,68 @@ def test_images(n: int = 256) -> tuple[list[np.ndarray], str]:
     return [out[i % len(out)] for i in range(n)], "synthetic 3-stripe flags"
 
 
-# --- one architecture ----------------------------------------------------------------------------
+# --- one registry model --------------------------------------------------------------------------
 
-def check_arch(name: str, rec: dict[str, Any], images: list[np.ndarray], device: str, smoke: bool,
-               budget: Budget, reserve_s: float) -> None:
-    """Parity, batch-size sweep and actor share of one architecture; keeps `reserve_s` of the
-    budget for the sections after it."""
+#: The registry models checked by default (the original experiment's six) and their batch sweeps.
+MODELS: dict[str, tuple[int, ...]] = {
+    "clip": (64, 128, 256, 512, 1024),
+    "vit": (32, 64, 128, 256),
+    "dinov2": (64, 128, 256, 512),
+    "vgg16": (32, 64, 128, 256),
+    "efficientnet": (16, 32, 64, 128),
+    "blip2": (32, 64, 128, 256),
+}
+#: Left out of the CPU smoke run by default: torchvision's vgg16 has one (real) size, 138M
+#: parameters, minutes on a small CPU in float16 (bench figure 3b loads it on the CPU instead).
+SMOKE_SKIPS = ("vgg16",)
+
+
+def check_model(name: str, rec: dict[str, Any], images: list[np.ndarray], device: str,
+                smoke: bool, budget: Budget, reserve_s: float, workdir: Path) -> None:
+    """Parity, batch-size sweep and actor rate of registry model `name`, loaded by flagsim from a
+    random-weight checkpoint at real size (tiny in smoke mode; bench/checkpoints.py); keeps
+    `reserve_s` of the budget for the sections after it."""
     import torch
 
-    from bench.archs import ARCHS, RandomEmbedder
+    from bench.checkpoints import save_random_checkpoint
+    from flagsim.models import create_embedder, get_spec
 
-    arch = ARCHS[name]
-    rec["checkpoint"] = arch.checkpoint
+    spec = get_spec(name)
+    rec["checkpoint"] = spec.weights
     t0 = time.monotonic()
-    emb = RandomEmbedder(arch, device=device, dtype="float32", tiny=smoke)
+    weights = save_random_checkpoint(name, workdir / name, tiny=smoke, device=device)
+    rec["checkpoint_s"] = round(time.monotonic() - t0, 2)
+    t0 = time.monotonic()
+    emb = create_embedder(name, weights=weights, device=device, dtype="float32")
     rec["build_s"] = round(time.monotonic() - t0, 2)
-    rec["params_m"] = round(sum(p.numel() for p in emb.module.parameters()) / 1e6, 1)
+    rec["params_m"] = round(sum(p.numel() for p in emb.model.parameters()) / 1e6, 1)
     rec["dim"] = emb.dim
+    rec["processor"] = emb.processor_settings()
 
-    # 1. fp16 vs fp32 parity on the same preprocessed pixels
-    x32 = emb.preprocess(images[: 4 if smoke else 16])
+    # 1. fp16 vs fp32 parity on the same preprocessed pixels: flagsim loads the checkpoint in
+    # float16 as the pipeline does (Embedder.forward casts the pixels to its dtype)
+    x32 = emb.preprocess(images[: 4 if smoke else 16]).float().cpu()
     v32 = emb.forward(x32)
-    emb.to_dtype("float16")
-    v16 = emb.forward(x32.half())
+    dtype = throughput_dtype(device)
+    rec["throughput_dtype"] = dtype
+    if dtype != "float16":
+        emb16 = create_embedder(name, weights=weights, device=device, dtype="float16")
+        v16 = emb16.forward(x32)
+        del emb16
+    else:
+        del emb
+        _free()
+        emb = create_embedder(name, weights=weights, device=device, dtype="float16")
+        v16 = emb.forward(x32)
     cos = (v32 * v16).sum(1) / (np.linalg.norm(v32, axis=1) * np.linalg.norm(v16, axis=1) + 1e-30)
     rec["parity_min_cosine"] = float(np.min(cos))
     rec["parity_mean_cosine"] = float(np.mean(cos))
     rec["parity_ok"] = bool(np.all(np.isfinite(v16)) and np.min(cos) >= PARITY_MIN_COSINE)
     del x32
-    dtype = throughput_dtype(device)
-    rec["throughput_dtype"] = dtype
-    emb.to_dtype(dtype)
 
-    # 2. throughput: forward only, and with preprocessing on the device, per batch size
-    sizes = (4, 8) if smoke else arch.batch_sizes
+    # 2. throughput of the embedder: forward only, and Embedder.__call__ (preprocessing on the
+    # model's device + forward), per batch size
+    sizes = (4, 8) if smoke else MODELS.get(name, (32, 64, 128))
     min_s = 0.3 if smoke else 1.0
     sweep = []
     for bs in sizes:
@@ -243,8 +278,8 @@ def check_arch(name: str, rec: dict[str, Any], images: list[np.ndarray], device:
         batch = [images[i % len(images)] for i in range(bs)]
         try:
             x = emb.preprocess(batch)
-            fwd = timed_rate(lambda e=emb, x=x: e.forward_tensor(x), bs, device, min_s)
-            e2e = timed_rate(lambda e=emb, b=batch: e.forward(e.preprocess(b)), bs, device, min_s)
+            fwd = timed_rate(lambda e=emb, x=x: e.forward(x), bs, device, min_s)
+            e2e = timed_rate(lambda e=emb, b=batch: e(b), bs, device, min_s)
             peak = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None
             sweep.append({"batch": bs, "forward_img_s": fwd, "gpu_prep_img_s": e2e,
                           "peak_gib": peak})
@@ -268,13 +303,13 @@ def check_arch(name: str, rec: dict[str, Any], images: list[np.ndarray], device:
     del emb
     _free()
 
-    # 3. flagsim's actor (its own preprocessing + forward), same architecture and size
+    # 3. flagsim's actor (what a pipeline run executes), same checkpoint
     if budget.left() < reserve_s + 20:
         rec["actor_note"] = "skipped: budget"
         return
     bs = rec.get("forward_best_batch", sizes[0])
     try:
-        rate, how, extra = actor_rate(arch, images, bs, device, smoke, min_s, dtype)
+        rate, how, extra = actor_rate(name, weights, images, bs, device, min_s, dtype)
         rec["actor_img_s"] = rate
         rec["actor_path"] = how
         rec["actor_batch"] = bs
@@ -294,144 +329,108 @@ def throughput_dtype(device: str) -> str:
     return "float16" if device == "cuda" else "float32"
 
 
-def actor_rate(arch, images, bs: int, device: str, smoke: bool, min_s: float,
-               dtype: str) -> tuple[float, str, dict[str, Any]]:
-    """Images/s of flagsim.pipeline.mapper.EmbedActor on one batch (registered real-size spec)."""
-    import torch
-
-    from bench.archs import flagsim_spec
-    from flagsim.models import register_model, unregister_model
+def actor_rate(name: str, weights: str, images: list[np.ndarray], bs: int, device: str,
+               min_s: float, dtype: str) -> tuple[float, str, dict[str, Any]]:
+    """Images/s of flagsim.pipeline.mapper.EmbedActor on one batch of decoded images."""
     from flagsim.pipeline.mapper import EmbedActor
     from flagsim.pipeline.reader import OK, PIXELS
 
-    spec = register_model(flagsim_spec(arch, tiny=smoke), replace=True)
-    try:
-        ctx = torch.device(device) if device == "cuda" else contextlib.nullcontext()
-        with ctx:
-            actor = EmbedActor(spec.name, device=device, dtype=dtype, tiny=True)
-        pix = np.empty(bs, dtype=object)
-        for i in range(bs):
-            pix[i] = images[i % len(images)]
-        batch = {OK: np.ones(bs, dtype=bool), PIXELS: pix,
-                 "image_id": np.array([str(i) for i in range(bs)], dtype=object)}
-        rate = timed_rate(functools.partial(actor, batch), bs, device, min_s)
-        extra: dict[str, Any] = {}
-        del actor
-        _free()  # one copy of the model on the GPU at a time
-        if device == "cuda":
-            # the same actor with preprocessing on its CPU (embed.settings.<m>.preprocess_on: cpu)
-            try:
-                with ctx:
-                    cpu_prep = EmbedActor(spec.name, device=device, dtype=dtype, tiny=True,
-                                          preprocess_device="cpu")
-                extra["actor_cpu_prep_img_s"] = timed_rate(lambda: cpu_prep(batch), bs, device,
-                                                           min_s)
-                del cpu_prep
-            except Exception as exc:  # noqa: BLE001
-                extra["actor_cpu_prep_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                if is_oom(exc):
-                    _free()
-        return rate, "flagsim.pipeline.mapper.EmbedActor (preprocessing on the device + forward)", extra
-    finally:
-        unregister_model(spec.name)
+    actor = EmbedActor(name, weights=weights, device=device, dtype=dtype, micro_batch=bs)
+    pix = np.empty(bs, dtype=object)
+    for i in range(bs):
+        pix[i] = images[i % len(images)]
+    batch = {OK: np.ones(bs, dtype=bool), PIXELS: pix,
+             "image_id": np.array([str(i) for i in range(bs)], dtype=object)}
+    rate = timed_rate(functools.partial(actor, batch), bs, device, min_s)
+    extra: dict[str, Any] = {}
+    del actor
+    _free()  # one copy of the model on the GPU at a time
+    if device == "cuda":
+        # the same actor with preprocessing on its CPU (embed.settings.<m>.preprocess_on: cpu)
+        try:
+            cpu_prep = EmbedActor(name, weights=weights, device=device, dtype=dtype,
+                                  micro_batch=bs, preprocess_device="cpu")
+            extra["actor_cpu_prep_img_s"] = timed_rate(lambda: cpu_prep(batch), bs, device, min_s)
+            del cpu_prep
+        except Exception as exc:  # noqa: BLE001
+            extra["actor_cpu_prep_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            if is_oom(exc):
+                _free()
+    return rate, "flagsim.pipeline.mapper.EmbedActor (preprocessing on the device + forward)", extra
 
 
 # --- kNN -----------------------------------------------------------------------------------------
 
 def knn_check(rec: dict[str, Any], n: int, d: int, k: int, device: str, budget: Budget,
-              n_check: int, q_tile: int, n_cand: int) -> None:
-    """Exact all-pairs top-k (self excluded) of n random unit vectors.
+              n_check: int, q_tile: int, workdir: Path) -> None:
+    """Exact all-pairs top-k (self excluded) of n random vectors through flagsim's index code.
 
-    Per tile of queries: an fp16 matmul against the whole database and topk give `n_cand`
-    candidates; rescoring those in fp32 and a second topk give the exact top-k (fp16 alone
-    misorders near-ties: random 768-d unit vectors have neighbour gaps of ~1e-3). Checked on
-    a sample of rows against faiss-cpu IndexFlatIP (or NumPy) on the fp32 vectors. Stops early,
-    recording how far it got and the projected total, when the budget runs out.
+    The vectors are written as a run's embedding shards, `flagsim.index.build_index` builds the
+    exact (flat) cosine index (FAISS on the GPU when faiss sees one, else on the CPU) and
+    `ModelIndex.search` answers every row with itself excluded, tile by tile, as `flagsim
+    neighbours` does. A sample of rows is checked against a float64 NumPy brute force. Stops
+    early, recording how far it got and the projected total, when the budget runs out.
     """
-    import torch
+    from bench.knn import model_of_dim, write_run
+    from flagsim.config import IndexConfig
+    from flagsim.index import build_index, normalise
 
-    gen = torch.Generator(device=device).manual_seed(0)
+    model = model_of_dim(d)
+    run_dir = str(workdir / "knn-run")
     t0 = time.perf_counter()
-    x32 = torch.randn(n, d, device=device, generator=gen, dtype=torch.float32)
-    x32 /= x32.norm(dim=1, keepdim=True)
-    low = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-    x16 = x32.to(low)  # the candidate matmul runs in fp16 on a GPU (fp32 on a CPU smoke run)
-    _sync(device)
-    rec.update(n=n, d=d, k=k, candidates=n_cand, q_tile=q_tile, matmul_dtype=str(low),
-               data_s=time.perf_counter() - t0)
-    ids = torch.empty(n, k, dtype=torch.int64, device=device)
-    scores = torch.empty(n, k, dtype=torch.float32, device=device)
-    fp16_ids = {}  # fp16-only top-k of the checked sample rows (to show why rescoring matters)
-    check_rows = np.unique(np.random.default_rng(1).integers(0, n, n_check))
-    check_set = set(check_rows.tolist())
+    x = normalise(np.random.default_rng(0).standard_normal((n, d), dtype=np.float32))
+    write_run(run_dir, model, x)
+    rec.update(n=n, d=d, k=k, q_tile=q_tile, model=model, data_s=time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    index = build_index(run_dir, model, IndexConfig(kind="flat", exact_max_rows=max(n, 1),
+                                                    memory_budget_gb=1024.0))
+    rec["build_s"] = time.perf_counter() - t0
+    rec["index_device"] = index.manifest.device if index.manifest else "?"
+    rec["index_kind"] = index.manifest.kind if index.manifest else "?"
+    ids = index.ids
+    got = np.empty((n, k), np.int64)
+    got_s = np.empty((n, k), np.float32)
     done = 0
     deadline = budget.left() - 40  # keep time for the reference check and writing
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for s in range(0, n, q_tile):
-            e = min(s + q_tile, n)
-            sims = x16[s:e] @ x16.T  # [tile, n] fp16
-            rows = torch.arange(e - s, device=device)
-            sims[rows, rows + s] = float("-inf")  # no self matches
-            _, cand = torch.topk(sims, n_cand, dim=1)
-            del sims
-            exact = torch.einsum("qd,qcd->qc", x32[s:e], x32[cand])  # fp32 rescoring
-            top_s, pos = torch.topk(exact, k, dim=1)
-            ids[s:e] = torch.gather(cand, 1, pos)
-            scores[s:e] = top_s
-            for r in range(s, e):
-                if r in check_set:
-                    fp16_ids[r] = cand[r - s, :k].cpu().numpy()
-            done = e
-            if time.perf_counter() - t0 > deadline:
-                break
-    _sync(device)
+    for s in range(0, n, q_tile):
+        e = min(s + q_tile, n)
+        scores, pos = index.search(x[s:e], k, exclude=list(ids[s:e]), normalised=True)
+        got[s:e], got_s[s:e] = pos, scores
+        done = e
+        if time.perf_counter() - t0 > deadline:
+            break
     secs = time.perf_counter() - t0
-    rec.update(queries_done=done, knn_s=secs, queries_per_s=done / secs,
-               complete=done == n, projected_total_s=secs * n / max(done, 1),
+    rec.update(queries_done=done, knn_s=secs, queries_per_s=done / secs, complete=done == n,
+               projected_total_s=secs * n / max(done, 1),
                matmul_tflops=2.0 * done * n * d / secs / 1e12)
     if device == "cuda":
+        import torch
+
         rec["peak_gib"] = torch.cuda.max_memory_allocated() / 1024**3
 
-    # reference on a sample of the finished rows: faiss-cpu IndexFlatIP, else NumPy
-    rows = np.array([r for r in check_rows if r < done], dtype=np.int64)
-    xc = x32.cpu().numpy()
-    del x16
-    q = xc[rows]
-    try:
-        import faiss
-
-        index = faiss.IndexFlatIP(d)
-        index.add(xc)
-        ref_s, ref_i = index.search(q, k + 1)
-        rec["reference"] = f"faiss-cpu {faiss.__version__} IndexFlatIP"
-    except ImportError:
-        ref_s = np.empty((len(q), k + 1), np.float32)
-        ref_i = np.empty((len(q), k + 1), np.int64)
-        for a in range(0, len(q), 100):
-            sims = q[a : a + 100] @ xc.T
-            part = np.argpartition(-sims, k, axis=1)[:, : k + 1]
-            ps = np.take_along_axis(sims, part, axis=1)
-            order = np.argsort(-ps, axis=1)
-            ref_i[a : a + 100] = np.take_along_axis(part, order, axis=1)
-            ref_s[a : a + 100] = np.take_along_axis(ps, order, axis=1)
-        rec["reference"] = "numpy brute force (faiss not installed)"
-    ref_i2 = np.array([[j for j in row if j != r][:k] for row, r in zip(ref_i, rows, strict=True)])
-    ref_s2 = np.array([[s for s, j in zip(srow, row, strict=True) if j != r][:k]
-                       for srow, row, r in zip(ref_s, ref_i, rows, strict=True)])
-    got_i = ids[torch.from_numpy(rows).to(device)].cpu().numpy()
-    got_s = scores[torch.from_numpy(rows).to(device)].cpu().numpy()
-    same = np.all(got_i == ref_i2, axis=1)
+    # reference on a sample of the finished rows: float64 NumPy brute force, self excluded
+    rows = np.unique(np.random.default_rng(1).integers(0, max(done, 1), n_check))
+    rows = rows[rows < done]
+    x64 = x.astype(np.float64)
+    ref_i = np.empty((len(rows), k), np.int64)
+    ref_s = np.empty((len(rows), k), np.float64)
+    for a in range(0, len(rows), 100):
+        r = rows[a : a + 100]
+        sims = x64[r] @ x64.T
+        sims[np.arange(len(r)), r] = -np.inf
+        part = np.argpartition(-sims, k, axis=1)[:, :k]
+        ps = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-ps, axis=1, kind="stable")
+        ref_i[a : a + 100] = np.take_along_axis(part, order, axis=1)
+        ref_s[a : a + 100] = np.take_along_axis(ps, order, axis=1)
+    rec["reference"] = "numpy float64 brute force"
+    same = np.all(got[rows] == ref_i, axis=1)
     rec["checked_rows"] = len(rows)
     rec["identical_rows"] = float(same.mean()) if len(rows) else None
-    rec["max_score_gap"] = float(np.max(np.abs(got_s - ref_s2))) if len(rows) else None
+    rec["max_score_gap"] = float(np.max(np.abs(got_s[rows] - ref_s))) if len(rows) else None
     rec["recall_at_k"] = float(np.mean(
-        [len(set(a) & set(b)) / k for a, b in zip(got_i, ref_i2, strict=True)]))
-    f16 = [fp16_ids[r] for r in rows if r in fp16_ids]
-    if f16:
-        ref_map = dict(zip(rows.tolist(), ref_i2, strict=True))
-        rec["fp16_only_identical_rows"] = float(np.mean(
-            [np.array_equal(fp16_ids[r], ref_map[r]) for r in rows if r in fp16_ids]))
+        [len(set(a) & set(b)) / k for a, b in zip(got[rows], ref_i, strict=True)]))
     rec["exact"] = bool(rec["identical_rows"] == 1.0 or (rec["max_score_gap"] or 0) <= 1e-5)
 
 
@@ -451,15 +450,16 @@ def render_markdown(data: dict[str, Any]) -> str:
     meta, secs = data["meta"], data["sections"]
     env = secs.get("environment", {})
     lines = ["# flagsim GPU check", ""]
-    lines.append(f"Mode: {'SMOKE (tiny models, small sizes)' if meta.get('smoke') else 'full'}; "
+    lines.append(f"Mode: {'SMOKE (tiny checkpoints, small sizes)' if meta.get('smoke') else 'full'}; "
                  f"device: {env.get('gpu') or env.get('device', '?')}; torch {env.get('torch', '?')}, "
                  f"transformers {env.get('transformers', '?')}, faiss {env.get('faiss', '?')}; "
                  f"budget {meta.get('budget_s')} s; written {meta.get('written_at')}.")
-    lines += ["", "Random weights at real size (tiny in smoke mode); parity compares fp16 with fp32 "
+    lines += ["", "flagsim's registry models loaded from random-weight checkpoints of the real size "
+              "(tiny in smoke mode; VGG16 is always real size); parity compares fp16 with fp32 "
               "on the same pixels; throughput runs in fp16 on a GPU (fp32 on a CPU); images are "
               f"{meta.get('images', 'decoded flags')}.", ""]
     lines.append("| model | params (M) | fp16 vs fp32 min cosine | parity | forward img/s (batch) "
-                 "| GPU-preprocessed img/s (batch) | share of forward | flagsim actor img/s "
+                 "| embedder img/s (batch) | share of forward | flagsim actor img/s "
                  "| actor share of forward | actor, CPU preprocessing: share | status |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for key, r in secs.items():
@@ -477,28 +477,28 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"| {_f(r.get('actor_share'), 2)} | {_f(r.get('actor_cpu_prep_share'), 2)} "
             f"| ok{'; ' + r['actor_error'] if r.get('actor_error') else ''} |"
         )
-    lines += ["", "Columns: *forward* = the model alone on ready tensors (best batch); "
-              "*GPU-preprocessed* = uint8 upload + resize/crop/normalise on the device + forward "
-              "(bench/archs.py); *flagsim actor* = `EmbedActor.__call__` on a batch of decoded "
-              "images (flagsim's own preprocessing, on the model's device, + forward); *CPU "
-              "preprocessing* = the same actor with `preprocess_on: cpu`. Shares are divided by "
-              "the forward-only rate."]
+    lines += ["", "Columns: *forward* = `Embedder.forward` on ready pixel tensors (best batch); "
+              "*embedder* = `Embedder.__call__` on decoded images (the registry's preprocessing "
+              "on the model's device + forward); *flagsim actor* = `EmbedActor.__call__` on a "
+              "batch of decoded images (what a pipeline run executes); *CPU preprocessing* = the "
+              "same actor with `preprocess_on: cpu`. Shares are divided by the forward-only rate."]
     k = secs.get("knn")
     if k:
-        lines += ["", "## All-pairs exact top-k", ""]
+        lines += ["", "## All-pairs exact top-k (flagsim.index)", ""]
         if k.get("status") != "ok":
             lines.append(f"{k.get('status')}: {k.get('error', '')}")
         else:
-            lines.append("| N x d | k | queries done | seconds | queries/s | matmul TFLOP/s "
-                         "| projected total s | checked rows | identical to reference | recall@k "
-                         "| fp16-only identical | reference |")
-            lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+            lines.append("| N x d | k | index (device) | build s | queries done | search s "
+                         "| queries/s | TFLOP/s | projected total s | checked rows "
+                         "| identical to reference | recall@k | reference |")
+            lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             lines.append(
-                f"| {k['n']:,} x {k['d']} | {k['k']} | {k['queries_done']:,} | {_f(k['knn_s'])} "
-                f"| {_f(k['queries_per_s'], 0)} | {_f(k['matmul_tflops'], 3)} "
+                f"| {k['n']:,} x {k['d']} | {k['k']} | {k.get('index_kind')} "
+                f"({k.get('index_device')}) | {_f(k.get('build_s'))} | {k['queries_done']:,} "
+                f"| {_f(k['knn_s'])} | {_f(k['queries_per_s'], 0)} | {_f(k['matmul_tflops'], 3)} "
                 f"| {_f(k['projected_total_s'])} | {k.get('checked_rows')} "
                 f"| {_f(k.get('identical_rows'), 4)} | {_f(k.get('recall_at_k'), 4)} "
-                f"| {_f(k.get('fp16_only_identical_rows'), 4)} | {k.get('reference')} |")
+                f"| {k.get('reference')} |")
     failed = [f"{key}: {r.get('error')}" for key, r in secs.items() if r.get("status") == "failed"]
     if failed:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failed]
@@ -508,34 +508,43 @@ def render_markdown(data: dict[str, Any]) -> str:
 # --- main ----------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.archs import ARCHS
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "out" / "gpu_check"),
                    help="output folder (default: $OUT, else bench/out/gpu_check)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="total wall-clock budget in seconds (default 420; 240 with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny models and sizes (CPU is fine)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny checkpoints and small sizes (what a machine without a GPU runs)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of: "
-                   + ", ".join(ARCHS))
+    p.add_argument("--models", "--archs", dest="models", default=None,
+                   help="comma-separated registry models (default: " + ", ".join(MODELS)
+                   + "; the smoke run leaves out " + ", ".join(SMOKE_SKIPS) + ")")
     p.add_argument("--knn-n", type=int, default=None, help="database size (default 1,000,000)")
     p.add_argument("--knn-d", type=int, default=768)
     p.add_argument("--knn-k", type=int, default=10)
     p.add_argument("--skip-knn", action="store_true")
+    p.add_argument("--workdir", default=None,
+                   help="where checkpoints and the kNN run are written (default: a temporary folder)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("faiss.loader", "flagsim.models.hf", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     import torch
 
+    from bench.checkpoints import MODELS as WRITABLE
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    budget = Budget(args.budget_s or (240.0 if args.smoke else 420.0))
-    names = [a.strip() for a in args.archs.split(",") if a.strip()]
-    unknown = [a for a in names if a not in ARCHS]
+    # without a GPU this is the CPU smoke run: tiny checkpoints, small sizes, quick
+    smoke = args.smoke or device != "cuda"
+    budget = Budget(args.budget_s or (240.0 if smoke else 420.0))
+    default = [m for m in MODELS if not (smoke and m in SMOKE_SKIPS)]
+    names = [a.strip() for a in args.models.split(",") if a.strip()] if args.models else default
+    unknown = [a for a in names if a not in WRITABLE]
     if unknown:
-        p.error(f"unknown arch(s) {unknown}; choose from {', '.join(ARCHS)}")
+        p.error(f"unknown model(s) {unknown}; choose from {', '.join(WRITABLE)}")
     out = Path(args.out)
-    results = Results(out, {"smoke": args.smoke, "budget_s": budget.seconds, "argv": sys.argv[1:],
+    results = Results(out, {"smoke": smoke, "budget_s": budget.seconds, "argv": sys.argv[1:],
                             "started_at": time.strftime("%Y-%m-%d %H:%M:%S")})
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity reference stays fp32
@@ -543,25 +552,32 @@ def main(argv: list[str] | None = None) -> int:
 
     with section(results, "environment", budget) as rec:
         rec.update(environment(device))
-    images, source = test_images(256 if not args.smoke else 16)
+    images, source = test_images(256 if not smoke else 16)
     results.data["meta"]["images"] = source
 
-    reserve = 0.0 if args.skip_knn else (20.0 if args.smoke else KNN_RESERVE_S)
-    for name in names:
-        with section(results, f"model:{name}", budget, need_s=reserve + 25) as rec:
-            if rec is not None:
-                check_arch(name, rec, images, device, args.smoke, budget, reserve)
-    if not args.skip_knn:
-        n = args.knn_n or (5_000 if args.smoke else 1_000_000)
-        with section(results, "knn", budget, need_s=15) as rec:
-            if rec is not None:
-                knn_check(rec, n, args.knn_d, args.knn_k, device, budget,
-                          n_check=200 if args.smoke else 1000,
-                          q_tile=1024 if args.smoke else 4096, n_cand=32)
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            workdir = Path(args.workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu-check-")))
+        reserve = 0.0 if args.skip_knn else (20.0 if smoke else KNN_RESERVE_S)
+        for name in names:
+            with section(results, f"model:{name}", budget, need_s=reserve + 25) as rec:
+                if rec is not None:
+                    check_model(name, rec, images, device, smoke, budget, reserve, workdir)
+            shutil.rmtree(workdir / name, ignore_errors=True)  # a real-size checkpoint is GBs
+        if not args.skip_knn:
+            n = args.knn_n or (5_000 if smoke else 1_000_000)
+            with section(results, "knn", budget, need_s=15) as rec:
+                if rec is not None:
+                    knn_check(rec, n, args.knn_d, args.knn_k, device, budget,
+                              n_check=200 if smoke else 1000, q_tile=1024 if smoke else 16384,
+                              workdir=workdir)
     results.data["meta"]["total_s"] = round(budget.elapsed(), 1)
     results.write()
-    print(render_markdown(results.data))
-    print(f"results: {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
+    log.info("results: %s and %s\n%s", out / "gpu_check.json", out / "gpu_check.md",
+             render_markdown(results.data))
     bad = [k for k, r in results.data["sections"].items() if r.get("status") == "failed"]
     return 1 if bad else 0
 
