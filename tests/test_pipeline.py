@@ -101,7 +101,7 @@ def test_resource_plan_of_a_cuda_cluster_without_ray():
         # to do, so only its dtype (for its manifest) is planned
         "cuda {'vit': 'float16', 'pixels': 'float16'} {'vit': 1.0} {'vit': 7} ['vit']",
         "{'vit': 1.0, 'pixels': 0.25}",  # the setting wins over the default of one GPU
-        "cpu {'vit': 'float32', 'pixels': 'float32'} {'vit': 0, 'pixels': 0}",
+        "cpu {'vit': 'float32', 'pixels': 'float32'} {'vit': 0.0, 'pixels': 0.0}",
         "[]",
     ]
 

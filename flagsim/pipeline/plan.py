@@ -217,7 +217,7 @@ def dtype_for(cfg: Config, mcfg: ModelRunConfig, device: str) -> str:
 def gpus_per_actor(mcfg: ModelRunConfig, device: str) -> float:
     """GPUs an actor asks Ray for: none off cuda, else the setting, else one whole GPU."""
     if device != "cuda":
-        return 0
+        return 0.0
     return mcfg.num_gpus if mcfg.num_gpus > 0 else 1.0
 
 
