@@ -27,6 +27,7 @@ from flagsim.pipeline.plan import (
     run_key,
     torch_threads,
 )
+from flagsim.pipeline.runner import run_models
 from flagsim.pipeline.summary import (
     STREAM_NOTE,
     EmbedSummary,
@@ -148,8 +149,6 @@ def _run_embed(
         mcfgs[name] = mcfg
 
     if todo:
-        from flagsim.pipeline.runner import run_models
-
         results, summary.decode_errors = run_models(
             cfg, run, table, plans, todo, mcfgs, images_hash, tiny, show_progress
         )
