@@ -397,7 +397,7 @@ class ModelIndex:
 # --- reading the source ----------------------------------------------------------------------
 
 
-def shard_hashes(run: RunDir, model: str) -> dict[str, str]:
+def shard_file_hashes(run: RunDir, model: str) -> dict[str, str]:
     """sha256 of every shard file of `model` listed in its manifest (DataError when one is missing)."""
     manifest = read_manifest(run, model)
     if manifest is None:
@@ -687,7 +687,7 @@ def index_state(
         if problem:
             return "stale", problem
     emb = read_manifest(run, model)
-    hashes = shard_hashes(run, model)
+    hashes = shard_file_hashes(run, model)
     where = root / MANIFEST_FILE
     if emb is not None and emb.dim != manifest.dim:
         return "stale", f"{where} is stale: embeddings are now {emb.dim}-d, the index {manifest.dim}-d"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -53,27 +55,55 @@ def _subset(tmp_path, bundled_dir, names):
      {"vit": 2, "pixels": 1}),
 ])
 def test_cpu_plan_gives_networks_the_cores_and_light_models_a_sliver(models, sets, cpus, threads):
-    from flagsim.pipeline.embed import _actor_cpus, _torch_threads
+    from flagsim.pipeline.plan import actor_cpus, torch_threads
 
     cfg = _cfg(**{"embed.models": "[" + ",".join(models) + "]"},
                **dict(s.split("=", 1) for s in sets))
     mcfgs = {m: cfg.embed.for_model(m) for m in models}
-    got = _actor_cpus(cfg, mcfgs, 2.0)
+    got = actor_cpus(cfg, mcfgs, 2.0)
     assert got == pytest.approx(cpus)
     todo = dict.fromkeys(models, {0})
-    assert {m: _torch_threads(m, got[m], todo, "cpu", {"CPU": 2.0}) for m in models} == threads
+    assert {m: torch_threads(m, got[m], todo, "cpu", {"CPU": 2.0}) for m in models} == threads
     # with a GPU the CPUs feed it: an actor keeps to its own logical CPUs
-    assert _torch_threads(models[0], got[models[0]], todo, "cuda", {"CPU": 2.0}) == max(
+    assert torch_threads(models[0], got[models[0]], todo, "cuda", {"CPU": 2.0}) == max(
         1, int(got[models[0]]))
 
 
 def test_cpu_plan_light_share_never_exceeds_an_even_split():
-    from flagsim.pipeline.embed import _actor_cpus
+    from flagsim.pipeline.plan import actor_cpus
 
     cfg = load_config(None, ["ray.read_cpus=0.75", "embed.models=[efficientnet-lite0,pixels]"])
     mcfgs = {m: cfg.embed.for_model(m) for m in cfg.embed.models}
     # one CPU, three quarters kept for reading: the quarter left is split evenly, and it fits
-    assert _actor_cpus(cfg, mcfgs, 1.0) == pytest.approx({"efficientnet-lite0": 0.125, "pixels": 0.125})
+    assert actor_cpus(cfg, mcfgs, 1.0) == pytest.approx({"efficientnet-lite0": 0.125, "pixels": 0.125})
+
+
+def test_resource_plan_of_a_cuda_cluster_without_ray():
+    """The whole resource plan comes from the config and Ray's totals; planning never imports Ray."""
+    code = (
+        "import sys\n"
+        "from flagsim.config import load_config\n"
+        "from flagsim.pipeline.plan import plan_resources\n"
+        "cfg = load_config(None, ['ray.read_cpus=1', 'embed.models=[vit,pixels]',\n"
+        "                         'embed.settings.pixels.num_gpus=0.25', 'embed.settings.vit.batch_size=7'])\n"
+        "mcfgs = {m: cfg.embed.for_model(m) for m in cfg.embed.models}\n"
+        "p = plan_resources(cfg, mcfgs, {'vit': {0}, 'pixels': set()}, {'CPU': 4.0, 'GPU': 1.0})\n"
+        "print(p.device, p.dtypes, p.gpus, p.batch_sizes, sorted(p.cpus))\n"
+        "p = plan_resources(cfg, mcfgs, {'vit': {0}, 'pixels': {0}}, {'CPU': 4.0, 'GPU': 1.0})\n"
+        "print(p.gpus)\n"
+        "p = plan_resources(cfg, mcfgs, {'vit': {0}, 'pixels': {0}}, {'CPU': 4.0})\n"
+        "print(p.device, p.dtypes, p.gpus)\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [
+        # a GPU on the cluster: cuda in fp16, one whole GPU per network actor; pixels has nothing
+        # to do, so only its dtype (for its manifest) is planned
+        "cuda {'vit': 'float16', 'pixels': 'float16'} {'vit': 1.0} {'vit': 7} ['vit']",
+        "{'vit': 1.0, 'pixels': 0.25}",  # the setting wins over the default of one GPU
+        "cpu {'vit': 'float32', 'pixels': 'float32'} {'vit': 0.0, 'pixels': 0.0}",
+        "[]",
+    ]
 
 
 # --- actors directly on a batch, before any Ray -----------------------------------------------

@@ -252,6 +252,20 @@ def test_render_html_escapes_hostile_names_and_references_nothing_external():
     check_safe_dom(page)
 
 
+def test_page_inlines_the_packaged_stylesheet_whole():
+    """The CSS is package data (pyproject ships it in wheels) and each page carries all of it."""
+    from importlib.resources import files
+
+    css = files("flagsim.report").joinpath("report.css").read_text(encoding="utf-8")
+    assert "figure.hit.agree-all" in css and "url(" not in css
+    page = render_html(fake_comparison(), fake_eval(), {}, "t")
+    styles = BeautifulSoup(page, "html.parser").find_all("style")
+    assert [s.get_text() for s in styles] == ["\n" + css]
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    package_data = pyproject.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    assert '"report/*.css"' in package_data
+
+
 def test_thumbnails_decode_and_encode_each_image_once(monkeypatch, bundled_dir):
     import flagsim.decode
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 
 from flagsim.decode import decode_image
 from flagsim.errors import FlagsimError
+from flagsim.pipeline.plan import ShardPlan, plan_shards  # noqa: F401  (plan_shards: old import path)
 from flagsim.storage import Location
 
 PIXELS = "pixels"
@@ -16,26 +15,6 @@ OK = "ok"
 ERROR = "error"
 SHARD = "shard"
 PASSTHROUGH = ("image_id", "name", "path", SHARD)
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Rows [start, stop) of the images table form shard `index`."""
-
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-
-def plan_shards(num_rows: int, shard_size: int) -> list[ShardPlan]:
-    return [
-        ShardPlan(i, start, min(start + shard_size, num_rows))
-        for i, start in enumerate(range(0, num_rows, shard_size))
-    ]
 
 
 def shard_tables(images: pa.Table, plans: list[ShardPlan]) -> list[pa.Table]:

@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow as pa
 
 from flagsim.pipeline.mapper import embedding_column
-from flagsim.pipeline.reader import ERROR, OK, ShardPlan
+from flagsim.pipeline.plan import ShardPlan
+from flagsim.pipeline.reader import ERROR, OK
 from flagsim.rundir import RunDir
 from flagsim.schema import ERRORS_SCHEMA
 from flagsim.shards import embeddings_table, write_shard

@@ -1,0 +1,166 @@
+"""The report's data: which queries, their neighbours per model, the agreement and the evaluation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from flagsim.errors import FlagsimError, UnknownNameError
+from flagsim.index import ENSEMBLE
+from flagsim.rundir import RunDir
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from flagsim.compare import Comparison
+    from flagsim.query import Catalogue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportData:
+    """Everything the page and the contact sheet show, before any rendering."""
+
+    comparison: Comparison
+    eval_df: pd.DataFrame | None
+    eval_note: str | None  # why there is no evaluation table
+    notes: list[str] = field(default_factory=list)  # shown at the top (e.g. skipped queries)
+    skipped: list[str] = field(default_factory=list)  # queries not in the run
+
+
+def report_data(
+    run_dir: str,
+    queries: Sequence[str] | None,
+    k: int,
+    pairs: str | None = None,
+    models: Sequence[str] | None = None,
+    default_queries: Sequence[str] | None = None,
+) -> ReportData:
+    """Resolve the queries, compare the models on them, and evaluate the models (an evaluation
+    that cannot run becomes a note, never a failure).
+
+    `queries` None means `default_queries` (default: the config's report.queries); see
+    `resolve_queries` for those not in the run.
+    """
+    from flagsim.compare import compare
+    from flagsim.config import ReportConfig
+    from flagsim.evaluate import evaluate
+
+    run = RunDir.at(run_dir)
+    explicit = queries is not None
+    if queries is not None:
+        wanted = list(queries)
+    else:
+        wanted = list(default_queries if default_queries is not None else ReportConfig().queries)
+    present, skipped, notes = resolve_queries(wanted, run_catalogue(run, models), explicit)
+    comparison = compare(run_dir, present, k=k, models=models)
+
+    eval_df, eval_note = None, None
+    try:
+        eval_df = evaluate(run_dir, pairs=pairs, models=models)
+    except FlagsimError as exc:
+        log.warning("report: evaluation skipped: %s", exc)
+        eval_note = f"Evaluation unavailable: {exc}"
+    return ReportData(comparison, eval_df, eval_note, notes, skipped)
+
+
+# --- queries -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Names:
+    """The id and name columns of one model's shards: what `Catalogue.of` reads of a set."""
+
+    ids: list[str]
+    names: list[str]
+
+
+def run_catalogue(run: RunDir, models: Sequence[str] | None = None) -> Catalogue:
+    """Image ids and names of the run's embeddings (only those two columns of each shard are read)."""
+    from flagsim.index import resolve_models
+    from flagsim.query import Catalogue
+    from flagsim.shards import done_shards
+
+    sets = []
+    for model in resolve_models(run, models):
+        ids: list[str] = []
+        names: list[str] = []
+        for _, loc in sorted(done_shards(run, model).items()):
+            table = loc.read_parquet(columns=["image_id", "name"])
+            ids += table.column("image_id").to_pylist()
+            names += table.column("name").to_pylist()
+        sets.append(_Names(ids, names))
+    return Catalogue.of(sets)  # type: ignore[arg-type]  # ids and names are all it reads
+
+
+def resolve_queries(
+    wanted: Sequence[str], catalogue: Catalogue, explicit: bool
+) -> tuple[list[str], list[str], list[str]]:
+    """Split `wanted` into those the run holds and those it does not; returns (present, skipped, notes).
+
+    Names match as in `flagsim query` (display name or image id, case-insensitive). When none is
+    present and the queries were not given explicitly (config defaults), the run's first three
+    images are shown instead; explicit queries none of which is present raise UnknownNameError.
+    """
+    present, skipped, notes, unknown = [], [], [], []
+    first_error: UnknownNameError | None = None
+    for q in wanted:
+        try:
+            catalogue.resolve(q)
+        except UnknownNameError as exc:
+            first_error = first_error or exc
+            skipped.append(q)
+            key = q.strip().casefold()
+            if sum(n.casefold() == key for n in catalogue.names.values()) > 1:
+                notes.append(f"Skipped query: {exc}.")  # ambiguous: several images have this name
+            else:
+                unknown.append(q)
+            continue
+        present.append(q)
+    if unknown:
+        notes.insert(0, f"Skipped queries not in this run: {', '.join(unknown)}.")
+    if not present:
+        if explicit or not catalogue.names:
+            raise UnknownNameError(f"none of the queries is in the run: {first_error}")
+        present = list(catalogue.names)[:3]
+        shown = ", ".join(catalogue.name(i) for i in present)
+        notes.append(f"None of the configured queries is in this run; showing {shown}.")
+    return present, skipped, notes
+
+
+# --- what the grid shows -------------------------------------------------------------------------
+
+
+def image_ids(comparison: Comparison) -> list[str]:
+    """Every image id the report shows: each query and each hit, in first-seen order."""
+    seen: dict[str, None] = {}
+    for q in comparison.queries:
+        qid = comparison.query_ids.get(q)
+        if qid is not None:
+            seen.setdefault(qid)
+        for hits in comparison.results.get(q, {}).values():
+            for h in hits:
+                seen.setdefault(h.image_id)
+    return list(seen)
+
+
+def row_models(comparison: Comparison) -> list[str]:
+    """The grid's rows: each model, then the ensemble when present."""
+    rows = list(comparison.models)
+    if any(ENSEMBLE in comparison.results.get(q, {}) for q in comparison.queries) and ENSEMBLE not in rows:
+        rows.append(ENSEMBLE)
+    return rows
+
+
+def support(comparison: Comparison, query: str) -> dict[str, int]:
+    """For one query: image id -> how many individual models list it in their top-k."""
+    counts: dict[str, int] = {}
+    per_model = comparison.results.get(query, {})
+    for m in comparison.models:
+        for iid in {h.image_id for h in per_model.get(m, [])}:
+            counts[iid] = counts.get(iid, 0) + 1
+    return counts
+
