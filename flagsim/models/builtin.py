@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flagsim.models.registry import ModelSpec, register_model
+from flagsim.models.registry import register_model
+from flagsim.models.spec import ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

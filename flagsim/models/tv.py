@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from flagsim.errors import WeightsUnavailableError
-from flagsim.models.base import Embedder, check_images
+from flagsim.models.base import Embedder, Pooling, check_images
+from flagsim.models.sources import Resolved
 from flagsim.models.transforms import ImageTransform
-from flagsim.models.weights import parse_source, resolve_weight_file, torchvision_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,27 @@ def load_state_dict_file(path: Path, name: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _penultimate(e: Embedder, pixels: torch.Tensor) -> torch.Tensor:
+    """VGG-style `features -> avgpool -> flatten -> classifier` stopped one layer early."""
+    x = torch.flatten(e.model.avgpool(e.model.features(pixels)), 1)
+    return e.model.classifier[:-1](x)
+
+
+#: `logits` = the class scores; `penultimate` = the input of the last classifier layer (VGG16's
+#: 4096-d fc7 after its ReLU).
+POOLINGS: dict[str, Pooling] = {
+    "logits": Pooling(run=lambda e, px: e.model(px), dim=lambda e: e.model.classifier[-1].out_features),
+    "penultimate": Pooling(run=_penultimate, dim=lambda e: e.model.classifier[-1].in_features),
+}
+
+
 class TorchvisionEmbedder(Embedder):
-    """A torchvision classifier; pooling `logits` (the class scores) or `penultimate`
-    (the input of the last classifier layer, e.g. VGG16's 4096-d fc7 after its ReLU).
+    """A torchvision classifier (built by `spec.architecture`), pooled as the spec says.
 
     `spec.tiny_config()` returns a small module of the same class (random weights).
     """
 
+    POOLINGS = POOLINGS
     model: nn.Module
     transform: ImageTransform
 
@@ -57,50 +71,32 @@ class TorchvisionEmbedder(Embedder):
         self.transform = ImageTransform(self.spec.tiny_processor)
         self._finish()
 
-    def _load(self) -> None:
+    def _load(self, resolved: Resolved) -> None:
         import torchvision.models as tvm
 
-        path = resolve_weight_file(self.spec, self.weights)
-        src = parse_source(self.weights)
-        if src.kind == "torchvision":
-            torchvision_weights(self.spec, src.value or "")  # validates the enum name
-        sd = load_state_dict_file(path, self.spec.name)
-        self.weights_file = path.name
+        assert isinstance(resolved, Path)
+        sd = load_state_dict_file(resolved, self.spec.name)
+        self.weights_file = resolved.name
         with torch.device("meta"):
             model = tvm.get_model(self.spec.architecture, weights=None)
         try:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as exc:
             raise WeightsUnavailableError(
-                f"{self.spec.name}: {path} is not a {self.spec.architecture} state dict "
+                f"{self.spec.name}: {resolved} is not a {self.spec.architecture} state dict "
                 f"({str(exc).splitlines()[0]})"
             ) from None
-        log.info("%s: loaded %s from %s", self.spec.name, self.spec.architecture, path)
+        log.info("%s: loaded %s from %s", self.spec.name, self.spec.architecture, resolved)
         self.model = model
         self.transform = ImageTransform(self.spec.processor)
         self._finish()
 
     def _finish(self) -> None:
         self.model = self.model.to(self.device, self.dtype).eval()
-        last = self.model.classifier[-1]
-        self.dim = int(last.in_features if self.spec.pooling == "penultimate" else last.out_features)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         arrays = check_images(images, self.spec.name)
         return self.transform(arrays, device=self.preprocess_device).to(self.device, self.dtype)
 
-    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return classifier_features(self.model, pixels, self.spec.pooling)
-
     def processor_settings(self) -> dict[str, Any]:
         return self.transform.describe()
-
-
-def classifier_features(model: nn.Module, pixels: torch.Tensor, pooling: str) -> torch.Tensor:
-    """VGG-style `features -> avgpool -> flatten -> classifier`; `penultimate` stops one layer early."""
-    if pooling == "logits":
-        return model(pixels)
-    if pooling == "penultimate":
-        x = torch.flatten(model.avgpool(model.features(pixels)), 1)
-        return model.classifier[:-1](x)
-    raise ValueError(f"unknown pooling {pooling!r}")

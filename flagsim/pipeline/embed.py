@@ -393,6 +393,7 @@ def _embed(
 ) -> None:
     import ray
 
+    from flagsim.models.options import EmbedOptions
     from flagsim.pipeline.mapper import EmbedActor
     from flagsim.pipeline.ray_session import ensure_ray, quiet_ray_data
 
@@ -421,10 +422,12 @@ def _embed(
             EmbedActor,
             fn_constructor_args=(name,),
             fn_constructor_kwargs={
-                "weights": mcfg.weights, "revision": mcfg.revision, "device": device,
-                "preprocess_device": "cpu" if mcfg.preprocess_on == "cpu" else device,
-                "dtype": dtypes[name], "torch_threads": threads, "tiny": tiny,
-                "micro_batch": batch_size, "describe_to": _described(run, name).uri,
+                "options": EmbedOptions(
+                    weights=mcfg.weights, revision=mcfg.revision, device=device,
+                    preprocess_device="cpu" if mcfg.preprocess_on == "cpu" else device,
+                    dtype=dtypes[name], torch_threads=threads, micro_batch=batch_size, tiny=tiny,
+                ),
+                "describe_to": _described(run, name).uri,
             },
             batch_size=batch_size,
             batch_format="numpy",
