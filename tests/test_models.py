@@ -1,6 +1,8 @@
-"""Model registry and embedders: tiny random-weight models of every family through the real code
-paths (processor + forward + pooling), loading from local directories and the hub cache, the
-BLIP-2 partial load, the packaged EfficientNet-Lite0 weights and the pixels baseline."""
+"""Model registry and embedders: tiny random-weight checkpoints of every registered model loaded
+through the real code paths (local-directory source, processor + forward + pooling), loading from
+local directories and the hub cache, the BLIP-2 partial load, the packaged EfficientNet-Lite0
+weights and the pixels baseline. Every entry of list_models() is tested; a new model of a known
+architecture and pooling needs no change here."""
 
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ from flagsim.models import (
     register_model,
     unregister_model,
 )
+from flagsim.models.testing import TINY, tiny_checkpoint, tiny_embedder
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 # Flags without transparency (so PIL's convert("RGB") equals the decoder's output), in four
 # aspect ratios: 3:2, 28:11 (Qatar), 1:1 (Switzerland), 7:10 (Brazil is 10:7).
 PARITY_FLAGS = ("Chad", "Qatar", "Switzerland", "Brazil", "Japan")
-HF_MODELS = ("vit", "clip", "dinov2", "efficientnet")
+HF_MODELS = [n for n in list_models() if get_spec(n).family == "transformers"]
 FAMILY_OF_ENTRY = {
     "vit": "transformers", "clip": "transformers", "blip2": "blip2", "efficientnet": "transformers",
     "dinov2": "transformers", "vgg16": "torchvision", "vgg16-fc7": "torchvision",
@@ -115,7 +118,7 @@ def test_spec_dim_equals_the_original_experiments_embedding_width(name, csv):
 
 def test_unknown_model_names_list_the_valid_ones():
     for call in (lambda: get_spec("resnet"), lambda: check_model_names(["vit", "resnet"]),
-                 lambda: create_embedder("resnet", tiny=True), lambda: check_weights("resnet")):
+                 lambda: create_embedder("resnet"), lambda: check_weights("resnet")):
         with pytest.raises(UnknownModelError) as info:
             call()
         assert str(info.value) == (
@@ -130,14 +133,14 @@ def test_adding_a_model_is_one_register_model_entry(empty_caches):
         name="dinov2-small-test", family="transformers", weights="facebook/dinov2-small",
         revision=None, dim=384, pooling="cls", image_size=224, default_batch_size=8,
         description="test entry", architecture="Dinov2Model", processor_class="BitImageProcessor",
-        processor=base.processor, tiny_config=base.tiny_config, tiny_processor=base.tiny_processor,
+        processor=base.processor,
     )
     register_model(spec)
     try:
         check_model_names(["dinov2-small-test"])
         with pytest.raises(ValueError, match="already registered"):
             register_model(spec)
-        e = create_embedder("dinov2-small-test", tiny=True)
+        e = tiny_embedder("dinov2-small-test")
         assert e(decoded(["Chad"])).shape == (1, e.dim)
         assert "dinov2-small-test" in (check_weights("dinov2-small-test") or "")
     finally:
@@ -154,38 +157,39 @@ def test_adding_a_model_is_one_register_model_entry(empty_caches):
 def _expected_pooling(name: str, e, pixels: torch.Tensor) -> torch.Tensor:
     """The entry's pooling written out on the underlying HF/torchvision/timm model's outputs."""
     m = e.model if name != "pixels" else None
+    pooling = get_spec(name).pooling
     with torch.no_grad():
-        if name in ("vit", "dinov2"):
+        if pooling == "cls":
             return m(pixel_values=pixels).last_hidden_state[:, 0]
-        if name == "clip":
+        if pooling == "image_features":
             out = m.get_image_features(pixel_values=pixels)
             return out if isinstance(out, torch.Tensor) else out.pooler_output
-        if name == "efficientnet":
+        if pooling == "stage_mean":
             return m(pixel_values=pixels, output_hidden_states=True).hidden_states[-1].mean(dim=(2, 3))
-        if name == "blip2":
+        if pooling == "qformer_first_query":
             image_embeds = m.vision_model(pixel_values=pixels).last_hidden_state
             q = m.qformer(query_embeds=m.query_tokens.expand(len(pixels), -1, -1),
                           encoder_hidden_states=image_embeds).last_hidden_state
             return q[:, 0]
-        if name == "vgg16":
+        if pooling == "logits":
             return m(pixels)
-        if name == "vgg16-fc7":
+        if pooling == "penultimate":
             seen = {}
             relus = [i for i, layer in enumerate(m.classifier) if isinstance(layer, torch.nn.ReLU)]
             h = m.classifier[relus[-1]].register_forward_hook(lambda mod, i, o: seen.update(o=o))
             m(pixels)
             h.remove()
             return seen["o"]
-        if name == "efficientnet-lite0":
+        if pooling == "pooled":
             return m.forward_head(m.forward_features(pixels), pre_logits=True)
-        if name == "pixels":
+        if pooling == "flatten":
             return pixels.reshape(len(pixels), -1)
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", list(FAMILY_OF_ENTRY))
+@pytest.mark.parametrize("name", list_models())
 def test_every_entry_builds_tiny_and_pools_as_registered(name):
-    e = create_embedder(name, tiny=True, seed=1)
+    e = tiny_embedder(name, seed=1)
     images = decoded(PARITY_FLAGS)
     pixels = e.preprocess(images)
     assert pixels.dtype == torch.float32 and pixels.device.type == "cpu" and len(pixels) == 5
@@ -197,21 +201,22 @@ def test_every_entry_builds_tiny_and_pools_as_registered(name):
     desc = e.describe()
     json.dumps(desc)  # the manifest needs plain JSON
     assert desc["model"] == name and desc["dim"] == e.dim and desc["dtype"] == "float32"
-    assert desc["checkpoint"] == "tiny-random" and desc["tiny"] is True
+    tiny = tiny_checkpoint(name, seed=1)  # loaded through the real local-directory source
+    assert desc["checkpoint"] == (None if tiny is None else str(tiny))
     assert desc["processor"]
     # same seed, same weights; another seed, other weights
-    np.testing.assert_allclose(create_embedder(name, tiny=True, seed=1)(images[:2]), vectors[:2],
+    np.testing.assert_allclose(tiny_embedder(name, seed=1)(images[:2]), vectors[:2],
                                rtol=1e-5, atol=1e-6)
     if name != "pixels":
-        assert not np.allclose(create_embedder(name, tiny=True, seed=2)(images[:2]), vectors[:2])
+        assert not np.allclose(tiny_embedder(name, seed=2)(images[:2]), vectors[:2])
 
 
 CHANNELS_LAST = ("efficientnet", "vgg16", "vgg16-fc7", "efficientnet-lite0")
 
 
-@pytest.mark.parametrize("name", list(FAMILY_OF_ENTRY))
+@pytest.mark.parametrize("name", list_models())
 def test_cnn_entries_run_channels_last_with_the_same_numbers(name):
-    e = create_embedder(name, tiny=True, seed=1)
+    e = tiny_embedder(name, seed=1)
     assert get_spec(name).channels_last == (name in CHANNELS_LAST)
     if name not in CHANNELS_LAST:
         assert e.memory_format == torch.contiguous_format
@@ -234,15 +239,16 @@ def test_cnn_entries_run_channels_last_with_the_same_numbers(name):
 def _hf_reference(name: str, model, processor, image: Image.Image) -> np.ndarray:
     """The original extraction: processor on one PIL image, forward, pooling, .numpy()."""
     inputs = processor(images=image, return_tensors="pt")
+    pooling = get_spec(name).pooling
     with torch.no_grad():
-        if name in ("vit", "dinov2"):
+        if pooling == "cls":
             out = model(**inputs).last_hidden_state[:, 0]
-        elif name == "clip":
+        elif pooling == "image_features":
             out = model.get_image_features(**inputs)
             out = out if isinstance(out, torch.Tensor) else out.pooler_output
-        elif name == "efficientnet":
+        elif pooling == "stage_mean":
             out = model(**inputs, output_hidden_states=True).hidden_states[-1].mean(dim=[2, 3])
-        elif name == "blip2":
+        elif pooling == "qformer_first_query":
             out = model.get_qformer_features(**inputs)
             out = (out if isinstance(out, torch.Tensor) else out.last_hidden_state)[:, 0]
     return out.numpy()[0]
@@ -250,7 +256,7 @@ def _hf_reference(name: str, model, processor, image: Image.Image) -> np.ndarray
 
 @pytest.mark.parametrize("name", HF_MODELS)
 def test_transformers_parity_with_per_image_reference(name):
-    e = create_embedder(name, tiny=True)
+    e = tiny_embedder(name)
     batched = e(decoded(PARITY_FLAGS))
     reference = np.stack([
         _hf_reference(name, e.model, e.processor, Image.open(flag_path(n)).convert("RGB"))
@@ -270,10 +276,9 @@ def test_torchvision_parity_with_the_weights_preset_transform():
     assert tuple(settings["mean"]) == tuple(preset.mean) and tuple(settings["std"]) == tuple(preset.std)
     assert settings["interpolation"] == preset.interpolation.value
 
-    tiny = get_spec("vgg16").tiny_processor
-    transform = ImageClassification(crop_size=tiny["crop"][0], resize_size=tiny["resize"])
+    transform = ImageClassification(crop_size=settings["crop"][0], resize_size=settings["resize"])
     for name in ("vgg16", "vgg16-fc7"):
-        e = create_embedder(name, tiny=True)
+        e = tiny_embedder(name)
         batched = e(decoded(PARITY_FLAGS))
         ref = []
         for n in PARITY_FLAGS:
@@ -288,8 +293,8 @@ def test_torchvision_parity_with_the_weights_preset_transform():
 def test_timm_parity_with_timm_transform():
     import timm.data
 
-    e = create_embedder("efficientnet-lite0", tiny=True)
-    s = get_spec("efficientnet-lite0").tiny_processor
+    e = tiny_embedder("efficientnet-lite0")
+    s = get_spec("efficientnet-lite0").processor
     transform = timm.data.create_transform(
         input_size=(3, *s["resize"]), interpolation=s["interpolation"], crop_pct=1.0,
         crop_mode="squash", mean=tuple(s["mean"]), std=tuple(s["std"]),
@@ -321,7 +326,7 @@ def test_pixels_parity_with_pil_resize():
 
 def _save_tiny(name: str, directory: Path, seed: int = 3):
     """A tiny model + processor written with save_pretrained, the way a local checkpoint looks."""
-    e = create_embedder(name, tiny=True, seed=seed)
+    e = tiny_embedder(name, seed=seed)
     e.model.save_pretrained(directory)
     e.processor.save_pretrained(directory)
     return e
@@ -332,7 +337,7 @@ def test_load_from_local_directory(name, tmp_path):
     src = _save_tiny(name, tmp_path)
     assert check_weights(name, str(tmp_path)) is None
     e = create_embedder(name, weights=str(tmp_path))
-    assert not e.tiny and e.weights == str(tmp_path)
+    assert e.weights == str(tmp_path)
     images = decoded(PARITY_FLAGS[:3])
     np.testing.assert_allclose(e(images), src(images), rtol=1e-5, atol=1e-5)
     desc = e.describe()
@@ -351,7 +356,7 @@ def test_local_directory_loads_in_bfloat16(tmp_path):
 
 
 def test_local_directory_without_preprocessor_config_uses_registry_settings(tmp_path):
-    src = create_embedder("vit", tiny=True)
+    src = tiny_embedder("vit")
     src.model.save_pretrained(tmp_path)
     e = create_embedder("vit", weights=str(tmp_path))
     assert e.describe()["processor"]["size"] == get_spec("vit").processor["size"]
@@ -446,14 +451,14 @@ def test_check_weights_asks_the_hub_only_when_online(monkeypatch):
 def tiny_blip2_dir(tmp_path_factory):
     from transformers import Blip2Model, BlipImageProcessor
 
-    spec = get_spec("blip2")
-    config = spec.tiny_config()
+    tiny = TINY[get_spec("blip2").architecture]
+    config = tiny.config()
     config.text_config.vocab_size = 4096  # a language model big enough to fill shards of its own
     torch.manual_seed(7)
     full = Blip2Model(config).eval()
     d = tmp_path_factory.mktemp("blip2")
     full.save_pretrained(d, max_shard_size="40KB")  # sharded, with an index, like the hub's
-    BlipImageProcessor(**spec.tiny_processor).save_pretrained(d)
+    BlipImageProcessor(**tiny.processor).save_pretrained(d)
     return d, full
 
 
@@ -501,8 +506,8 @@ def test_blip2_partial_load_equals_full_model_qformer_features(tiny_blip2_dir, m
 
 
 def test_blip2_qformer_stays_float32_when_vision_runs_in_bfloat16():
-    e32 = create_embedder("blip2", tiny=True)
-    e16 = create_embedder("blip2", tiny=True, dtype="bfloat16")
+    e32 = tiny_embedder("blip2")
+    e16 = tiny_embedder("blip2", dtype="bfloat16")
     assert e16.dtype == torch.bfloat16
     assert next(e16.model.vision_model.parameters()).dtype == torch.bfloat16
     assert next(e16.model.qformer.parameters()).dtype == torch.float32
@@ -534,7 +539,7 @@ def test_torchvision_rejects_a_file_that_is_not_its_state_dict(tmp_path):
 def test_timm_loads_a_local_safetensors_file_in_timm_layout(tmp_path):
     from safetensors.torch import save_file
 
-    src = create_embedder("efficientnet-lite0", tiny=True, seed=5)
+    src = tiny_embedder("efficientnet-lite0", seed=5)
     f = tmp_path / "lite0.safetensors"
     save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(f))
     e = create_embedder("efficientnet-lite0", weights=str(f))
@@ -615,7 +620,7 @@ def test_dtype_and_device_resolution():
     assert create_embedder("pixels", dtype="auto").dtype == torch.float32
     assert create_embedder("pixels", device="auto").device.type == (
         "cuda" if torch.cuda.is_available() else "cpu")
-    e = create_embedder("vit", tiny=True, dtype="bfloat16")
+    e = tiny_embedder("vit", dtype="bfloat16")
     assert e.dtype == torch.bfloat16 and next(e.model.parameters()).dtype == torch.bfloat16
     assert e.preprocess(decoded(["Chad"])).dtype == torch.bfloat16
     assert e(decoded(["Chad"])).dtype == np.float32
@@ -643,7 +648,7 @@ def test_image_transform_computes_on_the_device_it_is_given():
 @pytest.mark.parametrize("name", ["vit", "vgg16", "efficientnet-lite0"])
 def test_preprocessing_runs_on_the_preprocess_device(name, monkeypatch):
     """Processors are told the preprocess device (a GPU's, when the model runs there)."""
-    e = create_embedder(name, tiny=True)
+    e = tiny_embedder(name)
     assert e.preprocess_device == e.device == torch.device("cpu")
     assert e.describe()["preprocess_device"] == "cpu"
     images = decoded(["Chad", "Japan"])
@@ -671,7 +676,7 @@ def test_preprocessing_runs_on_the_preprocess_device(name, monkeypatch):
 
 
 def test_bad_images_and_empty_batches():
-    e = create_embedder("clip", tiny=True)
+    e = tiny_embedder("clip")
     with pytest.raises(DataError, match=r"^clip: image 1 must be an HxWx3 uint8 RGB array"):
         e.preprocess([decoded(["Chad"])[0], np.zeros((8, 8), dtype=np.uint8)])
     with pytest.raises(DataError):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import abc
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,35 +63,6 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return out
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU RNG inside the block without disturbing the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def calibrate_batchnorm(model: torch.nn.Module, run, seed: int = 0) -> None:
-    """Give a random-weight model's BatchNorm layers unit scale and the running statistics of one
-    batch of random images (`run(images)` does the forward), so that activations neither vanish
-    nor explode through a deep tiny CNN. No-op for models without BatchNorm."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_parameters()
-        m.momentum = None  # cumulative average: after one batch, exactly its statistics
-    rng = np.random.default_rng(seed)
-    images = [rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8) for _ in range(8)]
-    model.train()
-    with torch.no_grad():
-        run(images)
-    model.eval()
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-
-
 def check_images(images: Sequence[np.ndarray], name: str) -> list[np.ndarray]:
     """Validate a batch of HxWx3 uint8 RGB arrays (one clear line when one is not)."""
     out = []
@@ -147,8 +117,8 @@ class Embedder(abc.ABC):
     """One loaded model: `preprocess` RGB arrays into pixels, `forward` pixels into vectors.
 
     A family subclasses this with `POOLINGS` (its pooling table: adding a pooling is one entry)
-    and the methods marked abstract: `_load` (from the resolved weights), `_build_tiny`,
-    `preprocess` and `processor_settings`. Everything else is shared.
+    and the methods marked abstract: `_load` (from the resolved weights), `preprocess` and
+    `processor_settings`. Everything else is shared.
     """
 
     #: The family's poolings, by the name a ModelSpec's `pooling` uses.
@@ -159,7 +129,7 @@ class Embedder(abc.ABC):
     device: torch.device
     dtype: torch.dtype
     dim: int
-    weights: str | None  # the source actually used (hub id, local path, ...); None for tiny
+    weights: str | None  # the source actually used (hub id, local path, ...); None: weight-free
     revision: str | None  # the hub commit, when known
     weights_file: str | None = None  # the single weight file read (torchvision/timm families)
     preprocess_device: torch.device  # where resizing/normalising runs (default: the model's)
@@ -168,8 +138,8 @@ class Embedder(abc.ABC):
 
     def __init__(self, spec: ModelSpec, options: EmbedOptions | None = None, *,
                  source: Source | None = None, resolved: Resolved = None) -> None:
-        """Build from `resolved` weights (what `sources.resolve` found for `source`); a tiny
-        model (`options.tiny`) reads none. `create_embedder` resolves and calls this."""
+        """Build from `resolved` weights (what `sources.resolve` found for `source`);
+        `create_embedder` resolves and calls this."""
         options = options or EmbedOptions()
         if spec.pooling not in self.POOLINGS:
             raise ValueError(
@@ -185,17 +155,10 @@ class Embedder(abc.ABC):
             else resolve_device(options.preprocess_device)
         )
         self.dtype = resolve_dtype(options.dtype, self.device)
-        self.tiny = bool(options.tiny)
-        self.seed = options.seed
-        if self.tiny:
-            self.weights = self.revision = None
-            with seeded(self.seed):
-                self._build_tiny()
-        else:
-            given = options.weights is not None
-            self.weights = str(options.weights) if given else spec.weights
-            self.revision = source.revision if source is not None else None
-            self._load(resolved)
+        given = options.weights is not None
+        self.weights = str(options.weights) if given else spec.weights
+        self.revision = source.revision if source is not None else None
+        self._load(resolved)
         self.dim = int(self.pooling.dim(self))
         self.memory_format = torch.contiguous_format
         if spec.channels_last and isinstance(self.model, torch.nn.Module):
@@ -203,10 +166,6 @@ class Embedder(abc.ABC):
             self.model = self.model.to(memory_format=self.memory_format)
 
     # --- what a family provides -------------------------------------------------------------------
-    @abc.abstractmethod
-    def _build_tiny(self) -> None:
-        """Build a small random-weight model of the same architecture (seeded)."""
-
     @abc.abstractmethod
     def _load(self, resolved: Resolved) -> None:
         """Build `self.model` (and the processor) from the resolved weights."""
@@ -248,11 +207,9 @@ class Embedder(abc.ABC):
             "model": self.spec.name,
             "family": self.spec.family,
             "architecture": self.spec.architecture,
-            "checkpoint": "tiny-random" if self.tiny else self.weights,
+            "checkpoint": self.weights,
             "revision": self.revision,
             "weights_file": self.weights_file,
-            "tiny": self.tiny,
-            "seed": self.seed if self.tiny else None,
             "dim": self.dim,
             "pooling": self.spec.pooling,
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -264,5 +221,4 @@ class Embedder(abc.ABC):
         }
 
     def __repr__(self) -> str:
-        src = "tiny" if self.tiny else self.weights
-        return f"<{type(self).__name__} {self.spec.name} {src} dim={self.dim} {self.device} {self.dtype}>"
+        return f"<{type(self).__name__} {self.spec.name} {self.weights} dim={self.dim} {self.device} {self.dtype}>"

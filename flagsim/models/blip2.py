@@ -111,14 +111,6 @@ class Blip2QFormerEmbedder(TransformersEmbedder):
         ),
     }
 
-    def _build_tiny(self) -> None:
-        if self.spec.tiny_config is None:
-            raise ValueError(f"{self.spec.name}: no tiny config registered")
-        self.model = Blip2QFormerFeatures(self.spec.tiny_config())
-        self.processor = make_processor(self.spec.processor_class, dict(self.spec.tiny_processor),
-                                        None, self.spec.name)
-        self._finish()
-
     def _load(self, resolved: Resolved) -> None:
         assert isinstance(resolved, HFCheckpoint)
         self.revision = resolved.revision

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flagsim.models.base import Embedder, Pooling, calibrate_batchnorm, check_images, jsonable
+from flagsim.models.base import Embedder, Pooling, check_images, jsonable
 from flagsim.models.sources import HFCheckpoint, Resolved
 
 log = logging.getLogger(__name__)
@@ -99,17 +99,6 @@ class TransformersEmbedder(Embedder):
         import transformers
 
         return getattr(transformers, self.spec.architecture)
-
-    def _build_tiny(self) -> None:
-        if self.spec.tiny_config is None:
-            raise ValueError(f"{self.spec.name}: no tiny config registered")
-        self.model = self._model_class()(self.spec.tiny_config())
-        self.processor = make_processor(self.spec.processor_class, dict(self.spec.tiny_processor),
-                                        None, self.spec.name)
-        self._finish()
-        # HF initialises BatchNorm scales ~N(0, 0.02): through a deep random CNN the activations
-        # vanish to exactly 0. Calibrate them so tiny outputs carry information.
-        calibrate_batchnorm(self.model, lambda ims: self._forward(self.preprocess(ims)), self.seed)
 
     def _load(self, resolved: Resolved) -> None:
         assert isinstance(resolved, HFCheckpoint)

@@ -16,8 +16,7 @@ class EmbedOptions:
     `preprocess_device` is where images are resized and normalised (None: the model's device).
     `dtype` "auto" means float16 on CUDA and float32 on CPU. `torch_threads` caps torch's CPU
     threads in an actor (never above the node's cores) and `micro_batch` is the actor's fixed
-    forward batch (see flagsim.pipeline.mapper.EmbedActor). `seed` seeds the random
-    initialisation of `tiny` models (tests and smoke runs only).
+    forward batch (see flagsim.pipeline.mapper.EmbedActor).
     """
 
     weights: str | None = None
@@ -27,8 +26,6 @@ class EmbedOptions:
     dtype: str = "auto"
     torch_threads: int | None = None
     micro_batch: int | None = None
-    seed: int = 0
-    tiny: bool = False
 
     def replace(self, **changes: Any) -> EmbedOptions:
         """A copy with `changes` (TypeError naming an unknown field)."""

@@ -24,9 +24,6 @@ class PixelsEmbedder(Embedder):
     }
     transform: ImageTransform
 
-    def _build_tiny(self) -> None:
-        self._load(None)  # nothing to load: tiny and real are the same
-
     def _load(self, resolved: Resolved) -> None:
         self.weights = None
         self.transform = ImageTransform(self.spec.processor)

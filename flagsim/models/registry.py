@@ -122,8 +122,6 @@ def create_embedder(name: str, options: EmbedOptions | None = None, **changes: A
     spec = get_spec(name)
     options = EmbedOptions.of(options, **changes)
     cls = family_class(spec.family)
-    if options.tiny:
-        return cls(spec, options)
     source = model_source(spec, options.weights, options.revision)
     resolved = resolve(spec, source, FAMILIES[spec.family].layout, download=True)
     return cls(spec, options, source=source, resolved=resolved)

@@ -331,6 +331,15 @@ def _unusable(spec: ModelSpec, source: Source, layout: Layout) -> WeightsUnavail
     )
 
 
+@dataclass(frozen=True)
+class WeightFile:
+    """One state-dict file; `config` is the config.json beside it when the source is a
+    directory that holds one (a torchvision VGG variant's widths, see flagsim.models.tv)."""
+
+    path: Path
+    config: Path | None = None
+
+
 # --- single weight files ------------------------------------------------------------------------
 
 
@@ -383,7 +392,7 @@ def package_weight_file(spec: ModelSpec, package: str) -> Path:
 
 # --- the resolvers: one per kind -----------------------------------------------------------------
 
-Resolved = HFCheckpoint | Path | None
+Resolved = HFCheckpoint | WeightFile | None
 
 
 def _resolve_hub(spec: ModelSpec, src: Source, layout: Layout, download: bool) -> Resolved:
@@ -419,7 +428,8 @@ def _resolve_dir(spec: ModelSpec, src: Source, layout: Layout, download: bool) -
             f"{spec.name}: directory {d} holds {len(files)} weight files, expected 1; set "
             f"{setting(spec.name)} to the file itself"
         )
-    return files[0]
+    config = d / "config.json"
+    return WeightFile(files[0], config if config.is_file() else None)
 
 
 def _resolve_file(spec: ModelSpec, src: Source, layout: Layout, download: bool) -> Resolved:
@@ -428,13 +438,13 @@ def _resolve_file(spec: ModelSpec, src: Source, layout: Layout, download: bool) 
         raise _missing_local(spec, src.value, "directory")
     if not p.is_file():
         raise _missing_local(spec, src.value, "file")
-    return p
+    return WeightFile(p)
 
 
 def _resolve_package(spec: ModelSpec, src: Source, layout: Layout, download: bool) -> Resolved:
     if layout is not Layout.FILE:
         raise _unusable(spec, src, layout)
-    return package_weight_file(spec, src.value or "")
+    return WeightFile(package_weight_file(spec, src.value or ""))
 
 
 def _resolve_torchvision(spec: ModelSpec, src: Source, layout: Layout, download: bool) -> Resolved:
@@ -445,7 +455,7 @@ def _resolve_torchvision(spec: ModelSpec, src: Source, layout: Layout, download:
     url = torchvision_weights(spec, src.value or "").url
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if path.is_file():
-        return path
+        return WeightFile(path)
     msg = _torchvision_msg(spec, path, url)
 
     def probe() -> None:
@@ -462,7 +472,7 @@ def _resolve_torchvision(spec: ModelSpec, src: Source, layout: Layout, download:
         torch.hub.download_url_to_file(url, str(path), progress=False)
     except Exception as exc:
         raise WeightsUnavailableError(msg(f"the download failed ({type(exc).__name__})")) from None
-    return path
+    return WeightFile(path)
 
 
 def _resolve_none(spec: ModelSpec, src: Source, layout: Layout, download: bool) -> Resolved:
@@ -485,7 +495,7 @@ _RESOLVERS: dict[Kind, Callable[[ModelSpec, Source, Layout, bool], Resolved]] = 
 
 
 def resolve(spec: ModelSpec, source: Source, layout: Layout, *, download: bool) -> Resolved:
-    """The local files of `source` in `layout`: an HFCheckpoint, a weight file's Path, or None.
+    """The local files of `source` in `layout`: an HFCheckpoint, a WeightFile, or None.
 
     `download=False` (the pre-flight check) reads only local paths and caches and raises
     NotCached for weights that would have to be downloaded; `download=True` (loading) fetches

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +24,8 @@ class ModelSpec:
     docs/benchmarks.md) and on GPU tensor cores. `light` marks a model whose compute is
     negligible next to a network's (the weight-free `pixels` baseline): next to a network its
     actor gets a quarter of a CPU and one thread, and the networks share the rest.
-    `tiny_config` returns the family-specific config of a small random-weight model of the same
-    architecture, and `tiny_processor` its preprocessing settings (used by tests, `tiny=True`).
+    A spec describes a real model only; tests build small random-weight checkpoints of the same
+    architecture with flagsim.models.testing.
     """
 
     name: str
@@ -40,8 +40,6 @@ class ModelSpec:
     architecture: str = ""
     processor_class: str | None = None
     processor: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
-    tiny_config: Callable[[], Any] | None = field(default=None, hash=False, compare=False)
-    tiny_processor: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
     options: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
     channels_last: bool = False
     light: bool = False  # negligible compute (a weight-free baseline): a sliver of one CPU

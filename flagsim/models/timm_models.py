@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,8 +11,8 @@ import torch
 from torch import nn
 
 from flagsim.errors import WeightsUnavailableError
-from flagsim.models.base import Embedder, Pooling, calibrate_batchnorm, check_images
-from flagsim.models.sources import Resolved
+from flagsim.models.base import Embedder, Pooling, check_images
+from flagsim.models.sources import Resolved, WeightFile
 from flagsim.models.transforms import ImageTransform
 from flagsim.models.tv import load_state_dict_file
 
@@ -51,8 +50,6 @@ def map_state_dict(
 
 class TimmEmbedder(Embedder):
     """A timm model with its classifier removed (num_classes=0): the pooled pre-logits features.
-
-    `spec.tiny_config()` returns a randomly initialised module of the same architecture.
     """
 
     POOLINGS = {"pooled": Pooling(run=lambda e, px: e.model(px), dim=lambda e: e.model.num_features)}
@@ -60,20 +57,11 @@ class TimmEmbedder(Embedder):
     transform: ImageTransform
     mapped_tensors: int = 0
 
-    def _build_tiny(self) -> None:
-        if self.spec.tiny_config is None:
-            raise ValueError(f"{self.spec.name}: no tiny config registered")
-        self.model = self.spec.tiny_config()
-        self.model.reset_classifier(0)
-        self.transform = ImageTransform(self.spec.tiny_processor)
-        self._finish()
-        calibrate_batchnorm(self.model, lambda ims: self._forward(self.preprocess(ims)), self.seed)
-
     def _load(self, resolved: Resolved) -> None:
         import timm
 
-        assert isinstance(resolved, Path)
-        path = resolved
+        assert isinstance(resolved, WeightFile)
+        path = resolved.path
         sd = load_state_dict_file(path, self.spec.name)
         self.weights_file = path.name
         with torch.device("meta"):

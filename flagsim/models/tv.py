@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from flagsim.errors import WeightsUnavailableError
 from flagsim.models.base import Embedder, Pooling, check_images
-from flagsim.models.sources import Resolved
+from flagsim.models.sources import Resolved, WeightFile
 from flagsim.models.transforms import ImageTransform
 
 log = logging.getLogger(__name__)
@@ -54,39 +55,61 @@ POOLINGS: dict[str, Pooling] = {
 }
 
 
-class TorchvisionEmbedder(Embedder):
-    """A torchvision classifier (built by `spec.architecture`), pooled as the spec says.
+def vgg_variant(config: Mapping[str, Any]) -> nn.Module:
+    """A torchvision VGG of other widths, on the meta device: `layers` in torchvision's
+    `make_layers` notation (channel counts and "M" for a max-pool), `hidden` the two classifier
+    widths, `num_classes` the logits (`{"layers": cfgs["D"], "hidden": [4096, 4096],
+    "num_classes": 1000}` is vgg16 itself). Read from the config.json of a weights directory,
+    for pruned or narrowed VGGs (and the small test checkpoints of flagsim.models.testing)."""
+    from torchvision.models.vgg import VGG, make_layers
 
-    `spec.tiny_config()` returns a small module of the same class (random weights).
-    """
+    layers = [v if v == "M" else int(v) for v in config["layers"]]
+    h1, h2 = (int(v) for v in config["hidden"])
+    width = [v for v in layers if v != "M"][-1]
+    with torch.device("meta"):
+        model = VGG(make_layers(layers), num_classes=int(config["num_classes"]), init_weights=False)
+        model.classifier = nn.Sequential(
+            nn.Linear(width * 7 * 7, h1), nn.ReLU(True), nn.Dropout(0.5),
+            nn.Linear(h1, h2), nn.ReLU(True), nn.Dropout(0.5),
+            nn.Linear(h2, int(config["num_classes"])),
+        )
+    return model
+
+
+class TorchvisionEmbedder(Embedder):
+    """A torchvision classifier (built by `spec.architecture`, or a VGG variant described by
+    the weights directory's config.json), pooled as the spec says."""
 
     POOLINGS = POOLINGS
     model: nn.Module
     transform: ImageTransform
 
-    def _build_tiny(self) -> None:
-        if self.spec.tiny_config is None:
-            raise ValueError(f"{self.spec.name}: no tiny config registered")
-        self.model = self.spec.tiny_config()
-        self.transform = ImageTransform(self.spec.tiny_processor)
-        self._finish()
-
     def _load(self, resolved: Resolved) -> None:
         import torchvision.models as tvm
 
-        assert isinstance(resolved, Path)
-        sd = load_state_dict_file(resolved, self.spec.name)
-        self.weights_file = resolved.name
-        with torch.device("meta"):
-            model = tvm.get_model(self.spec.architecture, weights=None)
+        assert isinstance(resolved, WeightFile)
+        path = resolved.path
+        sd = load_state_dict_file(path, self.spec.name)
+        self.weights_file = path.name
+        if resolved.config is not None:
+            try:
+                model = vgg_variant(json.loads(resolved.config.read_text(encoding="utf-8")))
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+                raise WeightsUnavailableError(
+                    f"{self.spec.name}: {resolved.config} does not describe a VGG "
+                    f"({type(exc).__name__}); remove it to load a {self.spec.architecture}"
+                ) from None
+        else:
+            with torch.device("meta"):
+                model = tvm.get_model(self.spec.architecture, weights=None)
         try:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as exc:
             raise WeightsUnavailableError(
-                f"{self.spec.name}: {resolved} is not a {self.spec.architecture} state dict "
+                f"{self.spec.name}: {path} is not a {self.spec.architecture} state dict "
                 f"({str(exc).splitlines()[0]})"
             ) from None
-        log.info("%s: loaded %s from %s", self.spec.name, self.spec.architecture, resolved)
+        log.info("%s: loaded %s from %s", self.spec.name, self.spec.architecture, path)
         self.model = model
         self.transform = ImageTransform(self.spec.processor)
         self._finish()

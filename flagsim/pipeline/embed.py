@@ -98,11 +98,11 @@ def _need(value: str | None, key: str) -> str:
 
 # --- planning --------------------------------------------------------------------------------
 
-def _run_key(cfg: Config, mcfg: ModelRunConfig, tiny: bool) -> dict:
+def _run_key(cfg: Config, mcfg: ModelRunConfig) -> dict:
     """What every shard of a model depends on besides its own rows."""
     return {
         "shard_size": cfg.embed.shard_size,
-        "weights": "tiny" if tiny else mcfg.weights,
+        "weights": mcfg.weights,
         "revision": mcfg.revision,
     }
 
@@ -291,13 +291,9 @@ def run_embed(
     models: Sequence[str] | None = None,
     force: bool = False,
     repair_shards: bool = False,
-    tiny: bool = False,
     show_progress: bool = True,
 ) -> EmbedSummary:
-    """Embed every image of the run with every selected model; resumable and idempotent.
-
-    `tiny=True` uses tiny random-weight models of each family (tests and smoke runs only).
-    """
+    """Embed every image of the run with every selected model; resumable and idempotent."""
     from flagsim.models import check_model_names
     from flagsim.runlock import run_lock
 
@@ -307,12 +303,12 @@ def run_embed(
     check_model_names(names)
     run = RunDir.at(run_dir)
     with run_lock(run.root, "flagsim embed"):  # one writer per run: a second embed fails at once
-        return _run_embed(cfg, run, images, names, force, repair_shards, tiny, show_progress)
+        return _run_embed(cfg, run, images, names, force, repair_shards, show_progress)
 
 
 def _run_embed(
     cfg: Config, run: RunDir, images: str | None, names: list[str], force: bool,
-    repair_shards: bool, tiny: bool, show_progress: bool,
+    repair_shards: bool, show_progress: bool,
 ) -> EmbedSummary:
     from flagsim.models import check_weights
 
@@ -331,15 +327,14 @@ def _run_embed(
     mcfgs: dict[str, ModelRunConfig] = {}
     for name in names:
         mcfg = cfg.embed.for_model(name)
-        if not tiny:
-            reason = check_weights(name, mcfg.weights, mcfg.revision)
-            if reason:
-                if cfg.embed.strict:
-                    raise WeightsUnavailableError(reason)
-                log.warning("skipping %s", reason)
-                summary.results.append(ModelResult(name, "skipped", reason=reason))
-                continue
-        key = _run_key(cfg, mcfg, tiny)
+        reason = check_weights(name, mcfg.weights, mcfg.revision)
+        if reason:
+            if cfg.embed.strict:
+                raise WeightsUnavailableError(reason)
+            log.warning("skipping %s", reason)
+            summary.results.append(ModelResult(name, "skipped", reason=reason))
+            continue
+        key = _run_key(cfg, mcfg)
         if run.legacy_manifest(name).exists() and not force:
             raise DataError(
                 f"{run.model_dir(name)} was written by an older flagsim (layout 1); "
@@ -365,7 +360,7 @@ def _run_embed(
         mcfgs[name] = mcfg
 
     if todo:
-        _embed(cfg, run, table, plans, todo, mcfgs, images_hash, summary, tiny, show_progress)
+        _embed(cfg, run, table, plans, todo, mcfgs, images_hash, summary, show_progress)
     return summary
 
 
@@ -388,7 +383,6 @@ def _embed(
     mcfgs: dict[str, ModelRunConfig],
     images_hash: str,
     summary: EmbedSummary,
-    tiny: bool,
     show_progress: bool,
 ) -> None:
     import ray
@@ -425,7 +419,7 @@ def _embed(
                 "options": EmbedOptions(
                     weights=mcfg.weights, revision=mcfg.revision, device=device,
                     preprocess_device="cpu" if mcfg.preprocess_on == "cpu" else device,
-                    dtype=dtypes[name], torch_threads=threads, micro_batch=batch_size, tiny=tiny,
+                    dtype=dtypes[name], torch_threads=threads, micro_batch=batch_size,
                 ),
                 "describe_to": _described(run, name).uri,
             },
