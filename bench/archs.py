@@ -338,18 +338,28 @@ ARCHS: dict[str, Arch] = {
 
 
 def flagsim_spec(arch: str | Arch, tiny: bool = False):
-    """flagsim's registry spec of the same architecture, renamed `bench-<arch>`, whose `tiny=True`
-    build makes the real-size (or tiny) random model: flagsim's own embedder code, no files."""
+    """flagsim's registry spec of the same architecture, renamed `bench-<arch>`; load it with
+    `weights=flagsim_weights(arch, tiny)` (flagsim's own embedder code)."""
     from flagsim.models import get_spec
 
     a = ARCHS[arch] if isinstance(arch, str) else arch
-    base = get_spec(a.flagsim_model)
+    return dataclasses.replace(get_spec(a.flagsim_model), name=f"bench-{a.name}")
+
+
+def flagsim_weights(arch: str | Arch, tiny: bool = False) -> str:
+    """A random-weight checkpoint of the architecture at real size (or its smoke size), written
+    once per process by flagsim.models.testing and read by flagsim's real local-directory
+    loader."""
+    from flagsim.models import get_spec
+    from flagsim.models.testing import TINY, random_checkpoint, tiny_checkpoint
+
+    a = ARCHS[arch] if isinstance(arch, str) else arch
     if tiny and a.name == "vgg16":  # flagsim's own tiny VGG (its embedder needs .classifier)
-        return dataclasses.replace(base, name=f"bench-{a.name}")
-    return dataclasses.replace(
-        base, name=f"bench-{a.name}", tiny_config=lambda: a.flagsim_config(tiny),
-        tiny_processor=base.tiny_processor if tiny and a.smoke_prep else base.processor,
-    )
+        return str(tiny_checkpoint(a.flagsim_model))
+    base = get_spec(a.flagsim_model)
+    processor = TINY[base.architecture].processor if tiny and a.smoke_prep else base.processor
+    return str(random_checkpoint(a.flagsim_model, f"bench-{'smoke' if tiny else 'real'}",
+                                 config=a.flagsim_config(tiny), processor=processor))
 
 
 class RandomEmbedder:

@@ -23,11 +23,12 @@ def _embedder(name: str, real: bool):
 
     if real:
         return create_embedder(name, device="cpu", dtype="float32"), None
-    from bench.archs import flagsim_spec
+    from bench.archs import flagsim_spec, flagsim_weights
     from flagsim.models import register_model
 
     spec = register_model(flagsim_spec(name), replace=True)  # real-size random weights
-    return create_embedder(spec.name, device="cpu", dtype="float32", tiny=True), spec.name
+    return create_embedder(spec.name, device="cpu", dtype="float32",
+                           weights=flagsim_weights(name)), spec.name
 
 
 def run(n_images: int = 16, batch: int = 8, repeat: int = 2, threads: int | None = None,

@@ -37,9 +37,9 @@ def processors() -> dict[str, tuple[object, object]]:
 def _flagsim_preprocess():
     """flagsim's own embedder preprocessing for CLIP, when the registry can build a tiny model."""
     try:
-        from flagsim.models import create_embedder
+        from flagsim.models.testing import tiny_embedder
 
-        emb = create_embedder("clip", device="cpu", dtype="float32", tiny=True)
+        emb = tiny_embedder("clip", device="cpu", dtype="float32")
         return emb.preprocess
     except Exception as exc:  # noqa: BLE001 - optional row; the reason is recorded
         log.info("flagsim preprocessing not measured: %s", exc)

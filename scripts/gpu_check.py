@@ -299,16 +299,17 @@ def actor_rate(arch, images, bs: int, device: str, smoke: bool, min_s: float,
     """Images/s of flagsim.pipeline.mapper.EmbedActor on one batch (registered real-size spec)."""
     import torch
 
-    from bench.archs import flagsim_spec
+    from bench.archs import flagsim_spec, flagsim_weights
     from flagsim.models import register_model, unregister_model
     from flagsim.pipeline.mapper import EmbedActor
     from flagsim.pipeline.reader import OK, PIXELS
 
     spec = register_model(flagsim_spec(arch, tiny=smoke), replace=True)
+    weights = flagsim_weights(arch, tiny=smoke)
     try:
         ctx = torch.device(device) if device == "cuda" else contextlib.nullcontext()
         with ctx:
-            actor = EmbedActor(spec.name, device=device, dtype=dtype, tiny=True)
+            actor = EmbedActor(spec.name, device=device, dtype=dtype, weights=weights)
         pix = np.empty(bs, dtype=object)
         for i in range(bs):
             pix[i] = images[i % len(images)]
@@ -322,7 +323,7 @@ def actor_rate(arch, images, bs: int, device: str, smoke: bool, min_s: float,
             # the same actor with preprocessing on its CPU (embed.settings.<m>.preprocess_on: cpu)
             try:
                 with ctx:
-                    cpu_prep = EmbedActor(spec.name, device=device, dtype=dtype, tiny=True,
+                    cpu_prep = EmbedActor(spec.name, device=device, dtype=dtype, weights=weights,
                                           preprocess_device="cpu")
                 extra["actor_cpu_prep_img_s"] = timed_rate(lambda: cpu_prep(batch), bs, device,
                                                            min_s)

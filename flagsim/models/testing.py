@@ -8,9 +8,10 @@ user's weights, in this process or in a Ray actor (a local path works in any pro
 machine), and production code holds no branch for tests. A `random` kind would need the
 architecture's real config in every ModelSpec and would still not give tests small models.
 
-`tiny_checkpoint(name)` writes (once per process, in a temporary folder removed at exit) and
-returns the directory, `tiny_weights(name)` the weights setting for it; `tiny_embedder(name)`
-loads it; `tiny_overrides(names)` are the
+`write_random_checkpoint(name, dir)` writes one (tiny, or at real size with a `config`, for
+benchmarks); `tiny_checkpoint(name)` writes it once per process, in a temporary folder removed
+at exit, and returns the directory; `tiny_weights(name)` is the weights setting for it,
+`tiny_embedder(name)` loads it, and `tiny_overrides(names)` are the
 `embed.settings.<model>.weights=<dir>` config overrides that make a run use them. Each
 architecture has one entry in TINY; a model of a registered architecture needs nothing more.
 A weight-free model (pixels) has no checkpoint: `tiny_checkpoint` returns None.
@@ -163,12 +164,13 @@ def _save_state_dict(module: Any, path: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
-def _write_transformers(spec: ModelSpec, tiny: Tiny, directory: Path, config: Any) -> None:
+def _write_transformers(spec: ModelSpec, processor_settings: Mapping[str, Any], directory: Path,
+                        config: Any) -> None:
     import torch
     import transformers
 
     model = getattr(transformers, spec.architecture)(config).eval()
-    processor = getattr(transformers, spec.processor_class or "")(**dict(tiny.processor))
+    processor = getattr(transformers, spec.processor_class or "")(**dict(processor_settings))
 
     def run(images: list[np.ndarray]) -> None:
         pixels = processor(images=images, return_tensors="pt", input_data_format="channels_last")
@@ -181,21 +183,29 @@ def _write_transformers(spec: ModelSpec, tiny: Tiny, directory: Path, config: An
     processor.save_pretrained(directory)
 
 
-def _write_blip2(spec: ModelSpec, tiny: Tiny, directory: Path, config: Any) -> None:
+def _write_blip2(spec: ModelSpec, processor_settings: Mapping[str, Any], directory: Path,
+                 config: Any) -> None:
     import transformers
 
     from flagsim.models.blip2 import Blip2QFormerFeatures
 
     config.save_pretrained(directory)  # the vision tower + Q-Former: what the loader reads
     _save_state_dict(Blip2QFormerFeatures(config), directory / "model.safetensors")
-    getattr(transformers, spec.processor_class or "")(**dict(tiny.processor)).save_pretrained(directory)
+    processor = getattr(transformers, spec.processor_class or "")(**dict(processor_settings))
+    processor.save_pretrained(directory)
 
 
-def _write_torchvision(spec: ModelSpec, tiny: Tiny, directory: Path, config: Any) -> None:
+def _write_torchvision(spec: ModelSpec, processor_settings: Mapping[str, Any], directory: Path,
+                       config: Any) -> None:
+    """`config`: VGG widths (written as config.json, see flagsim.models.tv.vgg_variant) or a
+    built module of `spec.architecture` itself (e.g. torchvision's vgg16(weights=None))."""
     import torch
 
     from flagsim.models.tv import vgg_variant
 
+    if isinstance(config, torch.nn.Module):
+        _save_state_dict(config, directory / "model.safetensors")
+        return
     model = vgg_variant(config).to_empty(device="cpu")
     for m in model.modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
@@ -204,7 +214,8 @@ def _write_torchvision(spec: ModelSpec, tiny: Tiny, directory: Path, config: Any
     _save_state_dict(model, directory / "model.safetensors")
 
 
-def _write_timm(spec: ModelSpec, tiny: Tiny, directory: Path, config: Any) -> None:
+def _write_timm(spec: ModelSpec, processor_settings: Mapping[str, Any], directory: Path,
+               config: Any) -> None:
     import timm
     import torch
 
@@ -216,7 +227,7 @@ def _write_timm(spec: ModelSpec, tiny: Tiny, directory: Path, config: Any) -> No
     _save_state_dict(model, directory / "model.safetensors")
 
 
-_WRITERS: dict[str, Callable[[ModelSpec, Tiny, Path, Any], None]] = {
+_WRITERS: dict[str, Callable[[ModelSpec, Mapping[str, Any], Path, Any], None]] = {
     "transformers": _write_transformers,
     "blip2": _write_blip2,
     "torchvision": _write_torchvision,
@@ -224,25 +235,27 @@ _WRITERS: dict[str, Callable[[ModelSpec, Tiny, Path, Any], None]] = {
 }
 
 
-def write_tiny_checkpoint(name: str, directory: str | Path, *, seed: int = 0,
-                          config: Any = None) -> Path:
+def write_random_checkpoint(name: str, directory: str | Path, *, seed: int = 0, config: Any = None,
+                            processor: Mapping[str, Any] | None = None) -> Path:
     """Write a random-weight checkpoint of model `name` into `directory` (created) and return
-    it; `config` replaces the architecture's tiny config (e.g. a real-size config for a
-    benchmark). Seeded: the same seed writes the same weights."""
+    it. Without `config`, the architecture's tiny model and processor (TINY); with one (e.g.
+    the real hyperparameters, for a benchmark at real size), that model and the spec's
+    processor settings unless `processor` is given. Seeded: the same seed, the same weights."""
     spec = get_spec(name)
-    if spec.architecture not in TINY:
-        raise KeyError(f"{name}: no tiny entry for architecture {spec.architecture!r} in TINY")
-    tiny = TINY[spec.architecture]
     if config is None:
+        if spec.architecture not in TINY:
+            raise KeyError(f"{name}: no tiny entry for architecture {spec.architecture!r} in TINY")
+        tiny = TINY[spec.architecture]
         config = tiny.config() if callable(tiny.config) else tiny.config
+        processor = tiny.processor if processor is None else processor
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     with seeded(seed):
-        _WRITERS[spec.family](spec, tiny, d, config)
+        _WRITERS[spec.family](spec, spec.processor if processor is None else processor, d, config)
     return d
 
 
-_cache: dict[tuple[str, int], Path] = {}
+_cache: dict[tuple[str, str, int], Path] = {}
 _root: Path | None = None
 
 
@@ -259,9 +272,19 @@ def tiny_checkpoint(name: str, seed: int = 0) -> Path | None:
     None for a weight-free model."""
     if FAMILIES[get_spec(name).family].layout is Layout.NONE:
         return None
-    key = (name, seed)
+    return random_checkpoint(name, "tiny", seed=seed)
+
+
+def random_checkpoint(name: str, label: str, *, config: Any = None,
+                      processor: Mapping[str, Any] | None = None, seed: int = 0) -> Path:
+    """`write_random_checkpoint` once per process per (name, label, seed), in a temporary
+    folder removed at exit (`label` names the config: "tiny", "real-size", ...)."""
+    key = (name, label, seed)
     if key not in _cache:
-        _cache[key] = write_tiny_checkpoint(name, _cache_root() / f"{name}-seed{seed}", seed=seed)
+        _cache[key] = write_random_checkpoint(
+            name, _cache_root() / f"{name}-{label}-seed{seed}", seed=seed, config=config,
+            processor=processor,
+        )
     return _cache[key]
 
 

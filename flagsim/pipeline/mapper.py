@@ -22,7 +22,7 @@ def embedding_column(model: str) -> str:
     return f"emb:{model}"
 
 
-#: The smallest padded forward shape: tiny tails share one shape instead of one each.
+#: The smallest padded forward shape: short tails share one shape instead of one each.
 MIN_BUCKET = 8
 
 
