@@ -461,7 +461,7 @@ def build_index(run_dir: str | RunDir, model: str, cfg: IndexConfig | None = Non
     if emb.model != model:
         raise DataError(f"{run.manifest(model)} describes model {emb.model}, not {model}")
     expected_dim = model_dim(model)
-    if expected_dim is not None and emb.dim != expected_dim and emb.checkpoint != "tiny-random":
+    if expected_dim is not None and emb.dim != expected_dim:
         log.warning("%s: %d-d embeddings, the registry's model is %d-d", model, emb.dim, expected_dim)
     n, dim = int(emb.rows), int(emb.dim)
     if n < 1:

@@ -282,10 +282,8 @@ def embed_like(run: RunDir, model: str, s: EmbeddingSet, pixels: np.ndarray) -> 
         from flagsim.models import create_embedder
     except ImportError as exc:  # pragma: no cover - the registry is part of the package
         raise DataError(f"{model}: model registry unavailable ({exc})") from None
-    tiny = manifest.checkpoint == "tiny-random"
     embedder = create_embedder(
-        model, weights=None if tiny else manifest.checkpoint,
-        revision=None if tiny else manifest.revision, device="cpu", tiny=tiny,
+        model, weights=manifest.checkpoint, revision=manifest.revision, device="cpu"
     )
     vec = np.asarray(embedder([pixels]), dtype=np.float32).reshape(1, -1)
     if vec.shape[1] != s.dim:

@@ -50,7 +50,7 @@ def test_random_checkpoint_loads_through_flagsims_local_weights_path(model: str,
     weights = save_random_checkpoint(model, tmp_path / model, tiny=True)
     emb = create_embedder(model, weights=weights, device="cpu", dtype="float32")
     info = emb.describe()
-    assert info["checkpoint"] == weights and info["tiny"] is False
+    assert info["checkpoint"] == weights and "tiny" not in info  # loaded as a real checkpoint
     vecs = emb(_images())
     assert vecs.shape == (4, emb.dim) and np.isfinite(vecs).all()
     assert np.std(vecs) > 0  # random weights, not a degenerate constant

@@ -54,9 +54,9 @@ def test_models_json_reports_offline_availability_and_reasons(capsys):
 
 
 def test_models_checks_configured_weights(capsys, tmp_path):
-    from flagsim.models import create_embedder
+    from flagsim.models.testing import tiny_embedder
 
-    e = create_embedder("vit", tiny=True)
+    e = tiny_embedder("vit")
     e.model.save_pretrained(tmp_path)
     e.processor.save_pretrained(tmp_path)
     rows = _json_rows(capsys, "--set", f"embed.settings.vit.weights={tmp_path}",

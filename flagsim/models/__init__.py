@@ -8,23 +8,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from flagsim.models import builtin as _builtin  # noqa: F401  (registers the built-in models)
+from flagsim.models.options import EmbedOptions
 from flagsim.models.registry import (
     FAMILIES,
-    ModelSpec,
     check_model_names,
+    check_weights,
     create_embedder,
     get_spec,
     list_models,
     register_model,
     unregister_model,
 )
-from flagsim.models.weights import check_weights
+from flagsim.models.spec import ModelSpec
 
 if TYPE_CHECKING:
     from flagsim.models.base import Embedder
 
 __all__ = [
     "FAMILIES",
+    "EmbedOptions",
     "Embedder",
     "ModelSpec",
     "check_model_names",

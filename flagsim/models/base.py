@@ -1,17 +1,20 @@
-"""The Embedder interface shared by every model family, with device/dtype resolution helpers."""
+"""The Embedder contract shared by every model family (an ABC), with device/dtype helpers."""
 
 from __future__ import annotations
 
-import contextlib
+import abc
 import logging
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from flagsim.errors import ConfigError, DataError
-from flagsim.models.registry import ModelSpec
+from flagsim.models.options import EmbedOptions
+from flagsim.models.sources import Resolved, Source
+from flagsim.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,35 +63,6 @@ def resolve_dtype(dtype: Any, device: torch.device) -> torch.dtype:
     return out
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU RNG inside the block without disturbing the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def calibrate_batchnorm(model: torch.nn.Module, run, seed: int = 0) -> None:
-    """Give a random-weight model's BatchNorm layers unit scale and the running statistics of one
-    batch of random images (`run(images)` does the forward), so that activations neither vanish
-    nor explode through a deep tiny CNN. No-op for models without BatchNorm."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_parameters()
-        m.momentum = None  # cumulative average: after one batch, exactly its statistics
-    rng = np.random.default_rng(seed)
-    images = [rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8) for _ in range(8)]
-    model.train()
-    with torch.no_grad():
-        run(images)
-    model.eval()
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-
-
 def check_images(images: Sequence[np.ndarray], name: str) -> list[np.ndarray]:
     """Validate a batch of HxWx3 uint8 RGB arrays (one clear line when one is not)."""
     out = []
@@ -130,77 +104,88 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-class Embedder:
+@dataclass(frozen=True)
+class Pooling:
+    """How one vector per image is taken from a family's model: `run(embedder, pixels)` ->
+    [N, dim] tensor, and `dim(embedder)` -> dim, read from the loaded model."""
+
+    run: Callable[[Any, torch.Tensor], torch.Tensor]
+    dim: Callable[[Any], int]
+
+
+class Embedder(abc.ABC):
     """One loaded model: `preprocess` RGB arrays into pixels, `forward` pixels into vectors.
 
-    Subclasses set `self.dim` and implement `_load`, `preprocess`, `_forward` (pixels -> [N, dim]
-    tensor) and `processor_settings`.
+    A family subclasses this with `POOLINGS` (its pooling table: adding a pooling is one entry)
+    and the methods marked abstract: `_load` (from the resolved weights), `preprocess` and
+    `processor_settings`. Everything else is shared.
     """
 
+    #: The family's poolings, by the name a ModelSpec's `pooling` uses.
+    POOLINGS: ClassVar[Mapping[str, Pooling]] = {}
+
     spec: ModelSpec
+    options: EmbedOptions
     device: torch.device
     dtype: torch.dtype
     dim: int
-    weights: str | None  # the source actually used (hub id, local path, ...); None for tiny
+    weights: str | None  # the source actually used (hub id, local path, ...); None: weight-free
     revision: str | None  # the hub commit, when known
     weights_file: str | None = None  # the single weight file read (torchvision/timm families)
     preprocess_device: torch.device  # where resizing/normalising runs (default: the model's)
     memory_format: torch.memory_format  # channels_last for CNNs whose spec asks for it
+    model: Any = None
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        *,
-        weights: str | None,
-        revision: str | None,
-        device: Any = "cpu",
-        dtype: Any = "auto",
-        tiny: bool = False,
-        seed: int = 0,
-        preprocess_device: Any = None,
-    ) -> None:
+    def __init__(self, spec: ModelSpec, options: EmbedOptions | None = None, *,
+                 source: Source | None = None, resolved: Resolved = None) -> None:
+        """Build from `resolved` weights (what `sources.resolve` found for `source`);
+        `create_embedder` resolves and calls this."""
+        options = options or EmbedOptions()
+        if spec.pooling not in self.POOLINGS:
+            raise ValueError(
+                f"{spec.name}: unknown pooling {spec.pooling!r} for the {spec.family} family "
+                f"(poolings: {', '.join(self.POOLINGS)})"
+            )
         self.spec = spec
-        self.device = resolve_device(device)
+        self.options = options
+        self.pooling = self.POOLINGS[spec.pooling]
+        self.device = resolve_device(options.device)
         self.preprocess_device = (
-            self.device if preprocess_device is None else resolve_device(preprocess_device)
+            self.device if options.preprocess_device is None
+            else resolve_device(options.preprocess_device)
         )
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tiny = bool(tiny)
-        self.seed = seed
-        self.weights = None if tiny else weights
-        self.revision = None if tiny else revision
-        if tiny:
-            with seeded(seed):
-                self._build_tiny()
-        else:
-            self._load()
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        given = options.weights is not None
+        self.weights = str(options.weights) if given else spec.weights
+        self.revision = source.revision if source is not None else None
+        self._load(resolved)
+        self.dim = int(self.pooling.dim(self))
         self.memory_format = torch.contiguous_format
-        if spec.channels_last and isinstance(getattr(self, "model", None), torch.nn.Module):
+        if spec.channels_last and isinstance(self.model, torch.nn.Module):
             self.memory_format = torch.channels_last
             self.model = self.model.to(memory_format=self.memory_format)
 
-    # --- to implement -------------------------------------------------------------------------
-    def _build_tiny(self) -> None:
-        raise NotImplementedError
+    # --- what a family provides -------------------------------------------------------------------
+    @abc.abstractmethod
+    def _load(self, resolved: Resolved) -> None:
+        """Build `self.model` (and the processor) from the resolved weights."""
 
-    def _load(self) -> None:
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """HxWx3 uint8 RGB arrays (any sizes) -> a pixel batch on self.device in self.dtype.
 
         Resizing and normalising run on `self.preprocess_device` (the model's device unless told
         otherwise): on a GPU only the uint8 images cross the bus and the CPU stays free to decode.
         """
-        raise NotImplementedError
 
-    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def processor_settings(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The preprocessing settings, as plain JSON values (for the manifest)."""
 
     # --- shared -------------------------------------------------------------------------------
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pooling.run(self, pixels)
+
     def forward(self, pixels: torch.Tensor) -> np.ndarray:
         """Pixels -> [N, dim] float32 numpy vectors (under torch.inference_mode)."""
         if pixels.shape[0] == 0:
@@ -211,7 +196,6 @@ class Embedder:
         with torch.inference_mode():
             out = self._forward(pixels)
         return out.float().cpu().numpy().reshape(pixels.shape[0], -1)
-
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -223,11 +207,9 @@ class Embedder:
             "model": self.spec.name,
             "family": self.spec.family,
             "architecture": self.spec.architecture,
-            "checkpoint": "tiny-random" if self.tiny else self.weights,
+            "checkpoint": self.weights,
             "revision": self.revision,
             "weights_file": self.weights_file,
-            "tiny": self.tiny,
-            "seed": self.seed if self.tiny else None,
             "dim": self.dim,
             "pooling": self.spec.pooling,
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -239,5 +221,4 @@ class Embedder:
         }
 
     def __repr__(self) -> str:
-        src = "tiny" if self.tiny else self.weights
-        return f"<{type(self).__name__} {self.spec.name} {src} dim={self.dim} {self.device} {self.dtype}>"
+        return f"<{type(self).__name__} {self.spec.name} {self.weights} dim={self.dim} {self.device} {self.dtype}>"

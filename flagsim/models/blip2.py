@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from flagsim.errors import WeightsUnavailableError
+from flagsim.models.base import Pooling
 from flagsim.models.hf import TransformersEmbedder, make_processor
-from flagsim.models.weights import HFCheckpoint, resolve_hf_checkpoint
+from flagsim.models.sources import HFCheckpoint, Resolved
 
 log = logging.getLogger(__name__)
 
@@ -103,27 +104,21 @@ def load_qformer_features(ckpt: HFCheckpoint, name: str) -> Blip2QFormerFeatures
 class Blip2QFormerEmbedder(TransformersEmbedder):
     """BLIP-2 Q-Former features: get_qformer_features(pixels)[:, 0] (first query token)."""
 
-    def _build_tiny(self) -> None:
-        if self.spec.tiny_config is None:
-            raise ValueError(f"{self.spec.name}: no tiny config registered")
-        self.model = Blip2QFormerFeatures(self.spec.tiny_config())
-        self.processor = make_processor(self.spec.processor_class, dict(self.spec.tiny_processor),
-                                        None, self.spec.name)
-        self._finish()
+    POOLINGS = {
+        "qformer_first_query": Pooling(
+            run=lambda e, px: e.model(px)[:, 0],
+            dim=lambda e: e.model.config.qformer_config.hidden_size,
+        ),
+    }
 
-    def _load(self) -> None:
-        prefixes = tuple(self.spec.options.get("weight_prefixes", PREFIXES))
-        ckpt = resolve_hf_checkpoint(self.spec, self.weights, self.revision, prefixes=prefixes)
-        self.revision = ckpt.revision
-        log.info("%s: loading vision tower + Q-Former from %s", self.spec.name, ckpt.directory)
-        self.model = load_qformer_features(ckpt, self.spec.name)
-        self.processor = make_processor(self.spec.processor_class, dict(self.spec.processor), ckpt,
-                                        self.spec.name)
+    def _load(self, resolved: Resolved) -> None:
+        assert isinstance(resolved, HFCheckpoint)
+        self.revision = resolved.revision
+        log.info("%s: loading vision tower + Q-Former from %s", self.spec.name, resolved.directory)
+        self.model = load_qformer_features(resolved, self.spec.name)
+        self.processor = make_processor(self.spec.processor_class, dict(self.spec.processor),
+                                        resolved, self.spec.name)
         self._finish()
 
     def _finish(self) -> None:
         self.model = self.model.to(self.device).to_dtype(self.dtype).eval()
-        self.dim = int(self.model.config.qformer_config.hidden_size)
-
-    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(pixels)[:, 0]

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from flagsim.models.base import Embedder, calibrate_batchnorm, check_images, jsonable
-from flagsim.models.weights import HFCheckpoint, resolve_hf_checkpoint
+from flagsim.models.base import Embedder, Pooling, check_images, jsonable
+from flagsim.models.sources import HFCheckpoint, Resolved
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,39 @@ def make_processor(spec_class: str | None, settings: dict[str, Any], checkpoint:
     return getattr(transformers, spec_class)(**dict(settings))
 
 
+def _efficientnet_stage_width(e: Embedder) -> int:
+    from transformers.models.efficientnet.modeling_efficientnet import round_filters
+
+    cfg = e.model.config
+    return int(round_filters(cfg, cfg.out_channels[-1]))
+
+
+def _image_features(e: Embedder, pixels: torch.Tensor) -> torch.Tensor:
+    feats = e.model.get_image_features(pixel_values=pixels)
+    return feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+
+
+#: Poolings of transformers vision models: `cls` = last_hidden_state[:, 0]; `image_features` =
+#: get_image_features (the projected pooler output); `stage_mean` = mean over H, W of
+#: hidden_states[-1].
+POOLINGS: dict[str, Pooling] = {
+    "cls": Pooling(
+        run=lambda e, px: e.model(pixel_values=px).last_hidden_state[:, 0],
+        dim=lambda e: e.model.config.hidden_size,
+    ),
+    "image_features": Pooling(run=_image_features, dim=lambda e: e.model.config.projection_dim),
+    "stage_mean": Pooling(
+        run=lambda e, px: e.model(pixel_values=px, output_hidden_states=True)
+        .hidden_states[-1].mean(dim=(2, 3)),
+        dim=_efficientnet_stage_width,
+    ),
+}
+
+
 class TransformersEmbedder(Embedder):
-    """A transformers model class loaded with from_pretrained, pooled as the spec says.
+    """A transformers model class loaded with from_pretrained, pooled as the spec says."""
 
-    Poolings: `cls` = last_hidden_state[:, 0]; `image_features` = get_image_features (the
-    projected pooler output); `stage_mean` = mean over H, W of hidden_states[-1].
-    """
-
+    POOLINGS = POOLINGS
     model: torch.nn.Module
     processor: Any
 
@@ -74,44 +100,19 @@ class TransformersEmbedder(Embedder):
 
         return getattr(transformers, self.spec.architecture)
 
-    def _build_tiny(self) -> None:
-        if self.spec.tiny_config is None:
-            raise ValueError(f"{self.spec.name}: no tiny config registered")
-        self.model = self._model_class()(self.spec.tiny_config())
-        self.processor = make_processor(self.spec.processor_class, dict(self.spec.tiny_processor),
-                                        None, self.spec.name)
-        self._finish()
-        # HF initialises BatchNorm scales ~N(0, 0.02): through a deep random CNN the activations
-        # vanish to exactly 0. Calibrate them so tiny outputs carry information.
-        calibrate_batchnorm(self.model, lambda ims: self._forward(self.preprocess(ims)), self.seed)
-
-    def _load(self) -> None:
-        ckpt = resolve_hf_checkpoint(self.spec, self.weights, self.revision)
-        self.revision = ckpt.revision
-        log.info("%s: loading %s from %s", self.spec.name, self.spec.architecture, ckpt.directory)
+    def _load(self, resolved: Resolved) -> None:
+        assert isinstance(resolved, HFCheckpoint)
+        self.revision = resolved.revision
+        log.info("%s: loading %s from %s", self.spec.name, self.spec.architecture, resolved.directory)
         self.model = self._model_class().from_pretrained(
-            str(ckpt.directory), dtype=self.dtype, local_files_only=True, weights_only=True
+            str(resolved.directory), dtype=self.dtype, local_files_only=True, weights_only=True
         )
-        self.processor = make_processor(self.spec.processor_class, dict(self.spec.processor), ckpt,
-                                        self.spec.name)
+        self.processor = make_processor(self.spec.processor_class, dict(self.spec.processor),
+                                        resolved, self.spec.name)
         self._finish()
 
     def _finish(self) -> None:
         self.model = self.model.to(self.device, self.dtype).eval()
-        self.dim = self._dim()
-
-    def _dim(self) -> int:
-        cfg = self.model.config
-        pooling = self.spec.pooling
-        if pooling == "cls":
-            return int(cfg.hidden_size)
-        if pooling == "image_features":
-            return int(cfg.projection_dim)
-        if pooling == "stage_mean":
-            from transformers.models.efficientnet.modeling_efficientnet import round_filters
-
-            return int(round_filters(cfg, cfg.out_channels[-1]))
-        raise ValueError(f"{self.spec.name}: unknown pooling {pooling!r}")
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         arrays = check_images(images, self.spec.name)
@@ -123,21 +124,5 @@ class TransformersEmbedder(Embedder):
         )
         return out["pixel_values"].to(self.device, self.dtype)
 
-    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pool_outputs(self.model, pixels, self.spec.pooling)
-
     def processor_settings(self) -> dict[str, Any]:
         return processor_settings(self.processor)
-
-
-def pool_outputs(model: torch.nn.Module, pixels: torch.Tensor, pooling: str) -> torch.Tensor:
-    """One vector per image from a transformers vision model, as named by `pooling`."""
-    if pooling == "cls":
-        return model(pixel_values=pixels).last_hidden_state[:, 0]
-    if pooling == "image_features":
-        feats = model.get_image_features(pixel_values=pixels)
-        return feats if isinstance(feats, torch.Tensor) else feats.pooler_output
-    if pooling == "stage_mean":
-        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
-        return hidden.mean(dim=(2, 3))
-    raise ValueError(f"unknown pooling {pooling!r}")

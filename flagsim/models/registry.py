@@ -1,68 +1,53 @@
-"""The model registry: one `ModelSpec` per model name, and the embedder families that run them."""
+"""The model registry: one `ModelSpec` per model name, the embedder families, `check_weights`."""
 
 from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flagsim.errors import UnknownModelError
+from flagsim.errors import UnknownModelError, WeightsUnavailableError
+from flagsim.models.options import EmbedOptions
+from flagsim.models.sources import (
+    Kind,
+    Layout,
+    NotCached,
+    Source,
+    hub_offline,
+    parse_source,
+    resolve,
+)
+from flagsim.models.spec import ModelSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the family modules import torch; they are imported when a model is created
     from flagsim.models.base import Embedder
 
 log = logging.getLogger(__name__)
 
-#: Embedder families: family name -> "module:Class" (imported only when a model is created, so
-#: that importing the registry, e.g. to validate a config, does not import torch).
-FAMILIES: dict[str, str] = {
-    "transformers": "flagsim.models.hf:TransformersEmbedder",
-    "blip2": "flagsim.models.blip2:Blip2QFormerEmbedder",
-    "torchvision": "flagsim.models.tv:TorchvisionEmbedder",
-    "timm": "flagsim.models.timm_models:TimmEmbedder",
-    "pixels": "flagsim.models.pixels:PixelsEmbedder",
-}
-
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to build, preflight and describe one registered model.
+class Family:
+    """An embedder family: the module and class that run it (imported on first use, so that
+    validating a config does not import torch) and the weights `layout` it reads."""
 
-    `weights` is the default source: a Hugging Face hub id (`org/name`), a local directory or
-    file, `torchvision:<WEIGHTS_ENUM>`, `package:<python_package>` or None (weight-free).
-    `architecture` names the model class within the family (a transformers class name, a
-    torchvision builder, a timm model name). `pooling` names how one vector is taken from the
-    model's outputs. `processor` holds the preprocessing settings used when the weights bring
-    none (a transformers checkpoint without preprocessor_config.json, torchvision, timm).
-    `channels_last` runs a convolutional network in the NHWC memory format (model and input):
-    the same numbers up to float summation order, faster convolutions on CPUs (figure 3b of
-    docs/benchmarks.md) and on GPU tensor cores. `light` marks a model whose compute is
-    negligible next to a network's (the weight-free `pixels` baseline): next to a network its
-    actor gets a quarter of a CPU and one thread, and the networks share the rest. `tiny_config` returns
-    the family-specific config of a small random-weight model of the same architecture, and
-    `tiny_processor` its preprocessing settings (used by tests, `tiny=True`).
-    """
+    module: str
+    cls: str
+    layout: Layout
 
-    name: str
-    family: str
-    weights: str | None
-    revision: str | None
-    dim: int
-    pooling: str
-    image_size: int
-    default_batch_size: int
-    description: str
-    architecture: str = ""
-    processor_class: str | None = None
-    processor: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
-    tiny_config: Callable[[], Any] | None = field(default=None, hash=False, compare=False)
-    tiny_processor: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
-    options: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
-    channels_last: bool = False
-    light: bool = False  # negligible compute (a weight-free baseline): a sliver of one CPU
+    def embedder_class(self) -> type[Embedder]:
+        return getattr(importlib.import_module(self.module), self.cls)
 
+
+#: Embedder families. Adding one: an entry here and its module (an `Embedder` subclass).
+FAMILIES: dict[str, Family] = {
+    "transformers": Family("flagsim.models.hf", "TransformersEmbedder", Layout.CHECKPOINT),
+    "blip2": Family("flagsim.models.blip2", "Blip2QFormerEmbedder", Layout.CHECKPOINT),
+    "torchvision": Family("flagsim.models.tv", "TorchvisionEmbedder", Layout.FILE),
+    "timm": Family("flagsim.models.timm_models", "TimmEmbedder", Layout.FILE),
+    "pixels": Family("flagsim.models.pixels", "PixelsEmbedder", Layout.NONE),
+}
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
@@ -114,34 +99,59 @@ def check_model_names(names: Iterable[str]) -> None:
 
 def family_class(family: str) -> type[Embedder]:
     """The Embedder class of a family (imported on first use)."""
-    module, _, cls = FAMILIES[family].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return FAMILIES[family].embedder_class()
 
 
-def create_embedder(
-    name: str,
-    *,
-    weights: str | None = None,
-    revision: str | None = None,
-    device: Any = "cpu",
-    dtype: Any = "auto",
-    tiny: bool = False,
-    seed: int = 0,
-    preprocess_device: Any = None,
-) -> Embedder:
-    """Build the embedder of model `name`.
-
-    `weights`/`revision` override the registry default source (a hub id or a local path);
-    `revision` applies to the default hub id only when `weights` is not given. `dtype` "auto"
-    means float16 on CUDA and float32 on CPU. `tiny=True` builds a small random-weight model of
-    the same architecture (seeded by `seed`) and loads no files. `preprocess_device` is where
-    images are resized and normalised (default: `device`). Missing weights raise
-    WeightsUnavailableError with one line naming the model and how to supply them.
-    """
-    spec = get_spec(name)
+def model_source(spec: ModelSpec, weights: str | None = None, revision: str | None = None) -> Source:
+    """The parsed source of `spec` with `weights`/`revision` overrides (the registry default
+    when `weights` is None; `revision` alone then applies to the default)."""
     if weights is None:
         weights = spec.weights
         revision = revision if revision is not None else spec.revision
+    if FAMILIES[spec.family].layout is Layout.NONE:
+        return Source(Kind.NONE)  # weight-free: nothing configured is read
+    return parse_source(weights, revision, model=spec.name)
+
+
+def create_embedder(name: str, options: EmbedOptions | None = None, **changes: Any) -> Embedder:
+    """Build the embedder of model `name` with `options` (keywords: EmbedOptions fields).
+
+    Missing weights raise WeightsUnavailableError with one line naming the model and how to
+    supply them.
+    """
+    spec = get_spec(name)
+    options = EmbedOptions.of(options, **changes)
     cls = family_class(spec.family)
-    return cls(spec, weights=weights, revision=revision, device=device, dtype=dtype, tiny=tiny,
-               seed=seed, preprocess_device=preprocess_device)
+    source = model_source(spec, options.weights, options.revision)
+    resolved = resolve(spec, source, FAMILIES[spec.family].layout, download=True)
+    return cls(spec, options, source=source, resolved=resolved)
+
+
+def check_weights(
+    name: str,
+    weights: str | None = None,
+    revision: str | None = None,
+    *,
+    offline: bool | None = None,
+) -> str | None:
+    """Can model `name`'s weights be had? None if so, else one line saying how to supply them.
+
+    Loads nothing: the same `resolve` as loading, without downloads. A local directory or file
+    must exist (a transformers directory must hold config.json and weights); a hub id must be
+    in the local Hugging Face cache, or, when the hub is not offline (HF_HUB_OFFLINE unset and
+    `offline` not True), answer a metadata request within a few seconds. `weights=None` checks
+    the registry default (with `revision` or the default revision).
+    """
+    spec = get_spec(name)
+    off = hub_offline() if offline is None else offline
+    try:
+        source = model_source(spec, weights, revision)
+        try:
+            resolve(spec, source, FAMILIES[spec.family].layout, download=False)
+        except NotCached as missing:
+            if off:
+                raise
+            missing.probe()
+    except WeightsUnavailableError as exc:
+        return str(exc)
+    return None

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from flagsim.errors import WeightsUnavailableError
-from flagsim.models.base import Embedder, calibrate_batchnorm, check_images
+from flagsim.models.base import Embedder, Pooling, check_images
+from flagsim.models.sources import Resolved, WeightFile
 from flagsim.models.transforms import ImageTransform
 from flagsim.models.tv import load_state_dict_file
-from flagsim.models.weights import resolve_weight_file
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +50,18 @@ def map_state_dict(
 
 class TimmEmbedder(Embedder):
     """A timm model with its classifier removed (num_classes=0): the pooled pre-logits features.
-
-    `spec.tiny_config()` returns a randomly initialised module of the same architecture.
     """
 
+    POOLINGS = {"pooled": Pooling(run=lambda e, px: e.model(px), dim=lambda e: e.model.num_features)}
     model: nn.Module
     transform: ImageTransform
     mapped_tensors: int = 0
 
-    def _build_tiny(self) -> None:
-        if self.spec.tiny_config is None:
-            raise ValueError(f"{self.spec.name}: no tiny config registered")
-        self.model = self.spec.tiny_config()
-        self.model.reset_classifier(0)
-        self.transform = ImageTransform(self.spec.tiny_processor)
-        self._finish()
-        calibrate_batchnorm(self.model, lambda ims: self._forward(self.preprocess(ims)), self.seed)
-
-    def _load(self) -> None:
+    def _load(self, resolved: Resolved) -> None:
         import timm
 
-        path = resolve_weight_file(self.spec, self.weights)
+        assert isinstance(resolved, WeightFile)
+        path = resolved.path
         sd = load_state_dict_file(path, self.spec.name)
         self.weights_file = path.name
         with torch.device("meta"):
@@ -91,14 +82,10 @@ class TimmEmbedder(Embedder):
 
     def _finish(self) -> None:
         self.model = self.model.to(self.device, self.dtype).eval()
-        self.dim = int(self.model.num_features)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         arrays = check_images(images, self.spec.name)
         return self.transform(arrays, device=self.preprocess_device).to(self.device, self.dtype)
-
-    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(pixels)
 
     def processor_settings(self) -> dict[str, Any]:
         return self.transform.describe()

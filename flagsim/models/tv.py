@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,9 @@ import torch
 from torch import nn
 
 from flagsim.errors import WeightsUnavailableError
-from flagsim.models.base import Embedder, check_images
+from flagsim.models.base import Embedder, Pooling, check_images
+from flagsim.models.sources import Resolved, WeightFile
 from flagsim.models.transforms import ImageTransform
-from flagsim.models.weights import parse_source, resolve_weight_file, torchvision_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +41,67 @@ def load_state_dict_file(path: Path, name: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _penultimate(e: Embedder, pixels: torch.Tensor) -> torch.Tensor:
+    """VGG-style `features -> avgpool -> flatten -> classifier` stopped one layer early."""
+    x = torch.flatten(e.model.avgpool(e.model.features(pixels)), 1)
+    return e.model.classifier[:-1](x)
+
+
+#: `logits` = the class scores; `penultimate` = the input of the last classifier layer (VGG16's
+#: 4096-d fc7 after its ReLU).
+POOLINGS: dict[str, Pooling] = {
+    "logits": Pooling(run=lambda e, px: e.model(px), dim=lambda e: e.model.classifier[-1].out_features),
+    "penultimate": Pooling(run=_penultimate, dim=lambda e: e.model.classifier[-1].in_features),
+}
+
+
+def vgg_variant(config: Mapping[str, Any]) -> nn.Module:
+    """A torchvision VGG of other widths, on the meta device: `layers` in torchvision's
+    `make_layers` notation (channel counts and "M" for a max-pool), `hidden` the two classifier
+    widths, `num_classes` the logits (`{"layers": cfgs["D"], "hidden": [4096, 4096],
+    "num_classes": 1000}` is vgg16 itself). Read from the config.json of a weights directory,
+    for pruned or narrowed VGGs (and the small test checkpoints of flagsim.models.testing)."""
+    from torchvision.models.vgg import VGG, make_layers
+
+    layers = [v if v == "M" else int(v) for v in config["layers"]]
+    h1, h2 = (int(v) for v in config["hidden"])
+    width = [v for v in layers if v != "M"][-1]
+    with torch.device("meta"):
+        model = VGG(make_layers(layers), num_classes=int(config["num_classes"]), init_weights=False)
+        model.classifier = nn.Sequential(
+            nn.Linear(width * 7 * 7, h1), nn.ReLU(True), nn.Dropout(0.5),
+            nn.Linear(h1, h2), nn.ReLU(True), nn.Dropout(0.5),
+            nn.Linear(h2, int(config["num_classes"])),
+        )
+    return model
+
+
 class TorchvisionEmbedder(Embedder):
-    """A torchvision classifier; pooling `logits` (the class scores) or `penultimate`
-    (the input of the last classifier layer, e.g. VGG16's 4096-d fc7 after its ReLU).
+    """A torchvision classifier (built by `spec.architecture`, or a VGG variant described by
+    the weights directory's config.json), pooled as the spec says."""
 
-    `spec.tiny_config()` returns a small module of the same class (random weights).
-    """
-
+    POOLINGS = POOLINGS
     model: nn.Module
     transform: ImageTransform
 
-    def _build_tiny(self) -> None:
-        if self.spec.tiny_config is None:
-            raise ValueError(f"{self.spec.name}: no tiny config registered")
-        self.model = self.spec.tiny_config()
-        self.transform = ImageTransform(self.spec.tiny_processor)
-        self._finish()
-
-    def _load(self) -> None:
+    def _load(self, resolved: Resolved) -> None:
         import torchvision.models as tvm
 
-        path = resolve_weight_file(self.spec, self.weights)
-        src = parse_source(self.weights)
-        if src.kind == "torchvision":
-            torchvision_weights(self.spec, src.value or "")  # validates the enum name
+        assert isinstance(resolved, WeightFile)
+        path = resolved.path
         sd = load_state_dict_file(path, self.spec.name)
         self.weights_file = path.name
-        with torch.device("meta"):
-            model = tvm.get_model(self.spec.architecture, weights=None)
+        if resolved.config is not None:
+            try:
+                model = vgg_variant(json.loads(resolved.config.read_text(encoding="utf-8")))
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+                raise WeightsUnavailableError(
+                    f"{self.spec.name}: {resolved.config} does not describe a VGG "
+                    f"({type(exc).__name__}); remove it to load a {self.spec.architecture}"
+                ) from None
+        else:
+            with torch.device("meta"):
+                model = tvm.get_model(self.spec.architecture, weights=None)
         try:
             model.load_state_dict(sd, strict=True, assign=True)
         except RuntimeError as exc:
@@ -82,25 +116,10 @@ class TorchvisionEmbedder(Embedder):
 
     def _finish(self) -> None:
         self.model = self.model.to(self.device, self.dtype).eval()
-        last = self.model.classifier[-1]
-        self.dim = int(last.in_features if self.spec.pooling == "penultimate" else last.out_features)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         arrays = check_images(images, self.spec.name)
         return self.transform(arrays, device=self.preprocess_device).to(self.device, self.dtype)
 
-    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return classifier_features(self.model, pixels, self.spec.pooling)
-
     def processor_settings(self) -> dict[str, Any]:
         return self.transform.describe()
-
-
-def classifier_features(model: nn.Module, pixels: torch.Tensor, pooling: str) -> torch.Tensor:
-    """VGG-style `features -> avgpool -> flatten -> classifier`; `penultimate` stops one layer early."""
-    if pooling == "logits":
-        return model(pixels)
-    if pooling == "penultimate":
-        x = torch.flatten(model.avgpool(model.features(pixels)), 1)
-        return model.classifier[:-1](x)
-    raise ValueError(f"unknown pooling {pooling!r}")

@@ -88,13 +88,9 @@ def run_embed(
     models: Sequence[str] | None = None,
     force: bool = False,
     repair_shards: bool = False,
-    tiny: bool = False,
     show_progress: bool = True,
 ) -> EmbedSummary:
-    """Embed every image of the run with every selected model; resumable and idempotent.
-
-    `tiny=True` uses tiny random-weight models of each family (tests and smoke runs only).
-    """
+    """Embed every image of the run with every selected model; resumable and idempotent."""
     from flagsim.models import check_model_names
     from flagsim.runlock import run_lock
 
@@ -104,12 +100,12 @@ def run_embed(
     check_model_names(names)
     run = RunDir.at(run_dir)
     with run_lock(run.root, "flagsim embed"):  # one writer per run: a second embed fails at once
-        return _run_embed(cfg, run, images, names, force, repair_shards, tiny, show_progress)
+        return _run_embed(cfg, run, images, names, force, repair_shards, show_progress)
 
 
 def _run_embed(
     cfg: Config, run: RunDir, images: str | None, names: list[str], force: bool,
-    repair_shards: bool, tiny: bool, show_progress: bool,
+    repair_shards: bool, show_progress: bool,
 ) -> EmbedSummary:
     from flagsim.models import check_weights
 
@@ -128,15 +124,14 @@ def _run_embed(
     mcfgs: dict[str, ModelRunConfig] = {}
     for name in names:
         mcfg = cfg.embed.for_model(name)
-        if not tiny:
-            reason = check_weights(name, mcfg.weights, mcfg.revision)
-            if reason:
-                if cfg.embed.strict:
-                    raise WeightsUnavailableError(reason)
-                log.warning("skipping %s", reason)
-                summary.results.append(ModelResult(name, "skipped", reason=reason))
-                continue
-        key = run_key(cfg, mcfg, tiny)
+        reason = check_weights(name, mcfg.weights, mcfg.revision)
+        if reason:
+            if cfg.embed.strict:
+                raise WeightsUnavailableError(reason)
+            log.warning("skipping %s", reason)
+            summary.results.append(ModelResult(name, "skipped", reason=reason))
+            continue
+        key = run_key(cfg, mcfg)
         manifest = reusable_manifest(run, name, key, images_hash, force=force,
                                      repair_shards=repair_shards, planned=set(hashes))
         if manifest is not None:
@@ -150,7 +145,7 @@ def _run_embed(
 
     if todo:
         results, summary.decode_errors = run_models(
-            cfg, run, table, plans, todo, mcfgs, images_hash, tiny, show_progress
+            cfg, run, table, plans, todo, mcfgs, images_hash, show_progress
         )
         summary.results.extend(results)
     return summary

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 
+from flagsim.models.options import EmbedOptions
 from flagsim.pipeline.reader import OK, PIXELS
 
 log = logging.getLogger(__name__)
@@ -20,7 +22,7 @@ def embedding_column(model: str) -> str:
     return f"emb:{model}"
 
 
-#: The smallest padded forward shape: tiny tails share one shape instead of one each.
+#: The smallest padded forward shape: short tails share one shape instead of one each.
 MIN_BUCKET = 8
 
 
@@ -50,30 +52,24 @@ class EmbedActor:
     def __init__(
         self,
         model: str,
+        options: EmbedOptions | None = None,
         *,
-        weights: str | None = None,
-        revision: str | None = None,
-        device: str = "cpu",
-        preprocess_device: str | None = None,
-        dtype: str = "auto",
-        torch_threads: int | None = None,
-        tiny: bool = False,
-        micro_batch: int | None = None,
         describe_to: str | None = None,
+        **changes: Any,
     ) -> None:
+        """Load `model` with `options` (keywords: EmbedOptions fields); with `describe_to`,
+        write what was loaded there (for the manifest) unless it exists."""
         import torch
 
         from flagsim.models import create_embedder
 
-        if torch_threads:  # never more than this node's cores (the plan counts the cluster's)
-            torch.set_num_threads(max(1, min(torch_threads, _node_cores())))
+        options = EmbedOptions.of(options, **changes)
+        if options.torch_threads:  # never more than this node's cores (the plan counts the cluster's)
+            torch.set_num_threads(max(1, min(options.torch_threads, _node_cores())))
         self.model = model
         self.column = embedding_column(model)
-        self.micro_batch = micro_batch
-        self.embedder = create_embedder(
-            model, weights=weights, revision=revision, device=device, dtype=dtype, tiny=tiny,
-            preprocess_device=preprocess_device,
-        )
+        self.micro_batch = options.micro_batch
+        self.embedder = create_embedder(model, options)
         self.dim = self.embedder.dim
         if describe_to:  # what was really loaded (checkpoint, revision, processor) for the manifest
             from flagsim.storage import Location

@@ -52,11 +52,11 @@ def work_shards(plans: list[ShardPlan], todo: dict[str, set[int]]) -> list[Shard
 
 # --- reuse of a model's shards ---------------------------------------------------------------
 
-def run_key(cfg: Config, mcfg: ModelRunConfig, tiny: bool) -> dict:
+def run_key(cfg: Config, mcfg: ModelRunConfig) -> dict:
     """What every shard of a model depends on besides its own rows."""
     return {
         "shard_size": cfg.embed.shard_size,
-        "weights": "tiny" if tiny else mcfg.weights,
+        "weights": mcfg.weights,
         "revision": mcfg.revision,
     }
 

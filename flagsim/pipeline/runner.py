@@ -30,7 +30,6 @@ def run_models(
     todo: dict[str, set[int]],
     mcfgs: dict[str, ModelRunConfig],
     images_hash: str,
-    tiny: bool,
     show_progress: bool,
 ) -> tuple[list[ModelResult], int]:
     """Embed the shards in `todo` (model -> shard indices) in one stream, then write every
@@ -50,7 +49,7 @@ def run_models(
         table, work, decode_batch_size=cfg.embed.decode_batch_size,
         max_pixels=cfg.embed.max_image_pixels, decode_cpus=min(cfg.ray.read_cpus, 1.0),
     )
-    ds = add_model_pools(ds, run, mcfgs, todo, res, tiny)
+    ds = add_model_pools(ds, run, mcfgs, todo, res)
     ds = ds.drop_columns([PIXELS])
     live = {m: s for m, s in todo.items() if s}
     for m in todo:
@@ -66,11 +65,11 @@ def add_model_pools(
     mcfgs: dict[str, ModelRunConfig],
     todo: dict[str, set[int]],
     res: ResourcePlan,
-    tiny: bool,
 ):
     """`ds` with one `EmbedActor` pool per model that has shards to embed, chained in order."""
     import ray
 
+    from flagsim.models.options import EmbedOptions
     from flagsim.pipeline.mapper import EmbedActor
 
     device, dtypes = res.device, res.dtypes
@@ -83,10 +82,12 @@ def add_model_pools(
             EmbedActor,
             fn_constructor_args=(name,),
             fn_constructor_kwargs={
-                "weights": mcfg.weights, "revision": mcfg.revision, "device": device,
-                "preprocess_device": "cpu" if mcfg.preprocess_on == "cpu" else device,
-                "dtype": dtypes[name], "torch_threads": threads, "tiny": tiny,
-                "micro_batch": batch_size, "describe_to": _described(run, name).uri,
+                "options": EmbedOptions(
+                    weights=mcfg.weights, revision=mcfg.revision, device=device,
+                    preprocess_device="cpu" if mcfg.preprocess_on == "cpu" else device,
+                    dtype=dtypes[name], torch_threads=threads, micro_batch=batch_size,
+                ),
+                "describe_to": _described(run, name).uri,
             },
             batch_size=batch_size,
             batch_format="numpy",

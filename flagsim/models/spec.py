@@ -1,0 +1,45 @@
+"""`ModelSpec`: what one registered model is (a leaf module: it imports nothing of flagsim)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build, preflight and describe one registered model.
+
+    `weights` is the default source (see flagsim.models.sources): a Hugging Face hub id
+    (`org/name` or `hub:org/name`), a local directory or file, `torchvision:<WEIGHTS_ENUM>`,
+    `package:<python_package>` or None (weight-free).
+    `architecture` names the model class within the family (a transformers class name, a
+    torchvision builder, a timm model name). `pooling` names how one vector is taken from the
+    model's outputs (a key of the family's pooling table). `processor` holds the preprocessing
+    settings used when the weights bring none (a transformers checkpoint without
+    preprocessor_config.json, torchvision, timm).
+    `channels_last` runs a convolutional network in the NHWC memory format (model and input):
+    the same numbers up to float summation order, faster convolutions on CPUs (figure 3b of
+    docs/benchmarks.md) and on GPU tensor cores. `light` marks a model whose compute is
+    negligible next to a network's (the weight-free `pixels` baseline): next to a network its
+    actor gets a quarter of a CPU and one thread, and the networks share the rest.
+    A spec describes a real model only; tests build small random-weight checkpoints of the same
+    architecture with flagsim.models.testing.
+    """
+
+    name: str
+    family: str
+    weights: str | None
+    revision: str | None
+    dim: int
+    pooling: str
+    image_size: int
+    default_batch_size: int
+    description: str
+    architecture: str = ""
+    processor_class: str | None = None
+    processor: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    channels_last: bool = False
+    light: bool = False  # negligible compute (a weight-free baseline): a sliver of one CPU
