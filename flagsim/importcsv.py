@@ -21,7 +21,14 @@ from flagsim.images import (
 )
 from flagsim.inputfiles import check_input_file, open_csv
 from flagsim.rundir import RunDir, shard_name
-from flagsim.shards import Manifest, embeddings_table, read_manifest, write_manifest, write_shard
+from flagsim.shards import (
+    Manifest,
+    discard_model,
+    embeddings_table,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
@@ -232,23 +239,26 @@ def import_csv(
     ids, names, matrix = parsed.ids, parsed.names, parsed.matrix
     dim = int(matrix.shape[1])
 
-    if existing:  # only now that the file is known to be good
-        run.model_dir(model).delete()
-    images_state, not_in = _images_table(run, ids, images)
-    table = read_images_table(run.images_table) if run.images_table.exists() else None
-    images_hash = images_table_hash(table) if table is not None else "none"
+    from flagsim.runlock import run_lock
 
-    shards: dict[str, int] = {}
-    for index, start in enumerate(range(0, len(ids), shard_size)):
-        stop = min(start + shard_size, len(ids))
-        tab = embeddings_table(ids[start:stop], names[start:stop], model, matrix[start:stop])
-        write_shard(run, model, index, tab)
-        shards[shard_name(index)] = tab.num_rows
-    write_manifest(run, Manifest(
-        model=model, dim=dim, rows=len(ids), images_hash=images_hash, shards=shards,
-        checkpoint=checkpoint, revision=revision, dtype="float32", device="unknown",
-        processor=stamp, shard_size=shard_size, source=f"{SOURCE_PREFIX} {src.name}",
-    ))
+    with run_lock(run.root, "flagsim import-csv"):  # one writer per run
+        if existing:  # only now that the file is known to be good
+            discard_model(run, model)
+        images_state, not_in = _images_table(run, ids, images)
+        table = read_images_table(run.images_table) if run.images_table.exists() else None
+        images_hash = images_table_hash(table) if table is not None else "none"
+
+        shards: dict[str, int] = {}
+        for index, start in enumerate(range(0, len(ids), shard_size)):
+            stop = min(start + shard_size, len(ids))
+            tab = embeddings_table(ids[start:stop], names[start:stop], model, matrix[start:stop])
+            write_shard(run, model, index, tab)
+            shards[shard_name(index)] = tab.num_rows
+        write_manifest(run, Manifest(
+            model=model, dim=dim, rows=len(ids), images_hash=images_hash, shards=shards,
+            checkpoint=checkpoint, revision=revision, dtype="float32", device="unknown",
+            processor=stamp, shard_size=shard_size, source=f"{SOURCE_PREFIX} {src.name}",
+        ))
     log.info("imported %d %d-d embeddings of %s from %s into %s", len(ids), dim, model, src,
              run.model_dir(model))
     return ImportResult(model, len(ids), dim, len(shards), images_state, not_in)

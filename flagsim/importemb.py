@@ -21,7 +21,7 @@ from flagsim.images import images_table_hash, read_images_table
 from flagsim.importcsv import _MODEL_NAME, ImportResult, _images_table
 from flagsim.rundir import RunDir, shard_index, shard_name
 from flagsim.schema import SCHEMA_VERSION
-from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
+from flagsim.shards import Manifest, discard_model, embeddings_table, write_manifest, write_shard
 from flagsim.storage import Location, walk_files
 
 log = logging.getLogger(__name__)
@@ -528,9 +528,7 @@ def _commit(run: RunDir, stage: RunDir, model: str, rid: str, shards: dict[str, 
     The old manifest goes first, so that a crash part-way leaves the model incomplete (refused
     on read), never a mix of old and new shards that passes for complete.
     """
-    run.manifest(model).delete()
-    run.model_dir(model).delete()
-    run.meta_dir(model).delete()
+    discard_model(run, model)
     if not (run.meta / "run.json").exists():
         (run.meta / "run.json").write_json({"run_id": rid, "schema_version": SCHEMA_VERSION})
     for name in shards:

@@ -199,6 +199,13 @@ def read_manifest(run: RunDir, model: str) -> Manifest | None:
     return Manifest.from_json(data, str(loc))
 
 
+def discard_model(run: RunDir, model: str) -> None:
+    """Delete a model's shards and sidecars, the manifest first (the model is then incomplete)."""
+    for loc in (run.manifest(model), run.legacy_manifest(model), run.model_dir(model),
+                run.meta_dir(model)):
+        loc.delete()
+
+
 def repair_hint(model: str) -> str:
     return f"; repair with `flagsim embed --repair --models {model}`"
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from flagsim.errors import WeightsUnavailableError
-from flagsim.models.base import Embedder, Pooling, check_images
+from flagsim.models.base import Pooling
 from flagsim.models.sources import Resolved, WeightFile
-from flagsim.models.transforms import ImageTransform
+from flagsim.models.transforms import ImageTransform, TransformEmbedder
 from flagsim.models.tv import load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -48,7 +45,7 @@ def map_state_dict(
     return mapped
 
 
-class TimmEmbedder(Embedder):
+class TimmEmbedder(TransformEmbedder):
     """A timm model with its classifier removed (num_classes=0): the pooled pre-logits features.
     """
 
@@ -79,13 +76,3 @@ class TimmEmbedder(Embedder):
         self.model = model
         self.transform = ImageTransform(self.spec.processor)
         self._finish()
-
-    def _finish(self) -> None:
-        self.model = self.model.to(self.device, self.dtype).eval()
-
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        arrays = check_images(images, self.spec.name)
-        return self.transform(arrays, device=self.preprocess_device).to(self.device, self.dtype)
-
-    def processor_settings(self) -> dict[str, Any]:
-        return self.transform.describe()

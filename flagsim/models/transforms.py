@@ -10,6 +10,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from flagsim.models.base import Embedder, check_images
+
 _MODES = {
     "nearest": InterpolationMode.NEAREST,
     "bilinear": InterpolationMode.BILINEAR,
@@ -63,3 +65,22 @@ class ImageTransform:
             "mean": [float(v) for v in self.settings["mean"]],
             "std": [float(v) for v in self.settings["std"]],
         }
+
+
+class TransformEmbedder(Embedder):
+    """An embedder whose preprocessing is an `ImageTransform` of its spec (torchvision, timm).
+
+    A subclass's `_load` sets `self.model` and `self.transform`, then calls `_finish()`.
+    """
+
+    transform: ImageTransform
+
+    def _finish(self) -> None:
+        self.model = self.model.to(self.device, self.dtype).eval()
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        arrays = check_images(images, self.spec.name)
+        return self.transform(arrays, device=self.preprocess_device).to(self.device, self.dtype)
+
+    def processor_settings(self) -> dict[str, Any]:
+        return self.transform.describe()

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from flagsim.errors import WeightsUnavailableError
-from flagsim.models.base import Embedder, Pooling, check_images
+from flagsim.models.base import Embedder, Pooling
 from flagsim.models.sources import Resolved, WeightFile
-from flagsim.models.transforms import ImageTransform
+from flagsim.models.transforms import ImageTransform, TransformEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def vgg_variant(config: Mapping[str, Any]) -> nn.Module:
     return model
 
 
-class TorchvisionEmbedder(Embedder):
+class TorchvisionEmbedder(TransformEmbedder):
     """A torchvision classifier (built by `spec.architecture`, or a VGG variant described by
     the weights directory's config.json), pooled as the spec says."""
 
@@ -113,13 +112,3 @@ class TorchvisionEmbedder(Embedder):
         self.model = model
         self.transform = ImageTransform(self.spec.processor)
         self._finish()
-
-    def _finish(self) -> None:
-        self.model = self.model.to(self.device, self.dtype).eval()
-
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        arrays = check_images(images, self.spec.name)
-        return self.transform(arrays, device=self.preprocess_device).to(self.device, self.dtype)
-
-    def processor_settings(self) -> dict[str, Any]:
-        return self.transform.describe()

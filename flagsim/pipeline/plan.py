@@ -12,7 +12,14 @@ from flagsim.config import Config, ModelRunConfig
 from flagsim.errors import DataError
 from flagsim.images import images_table_hash
 from flagsim.rundir import RunDir, shard_index, shard_name
-from flagsim.shards import Manifest, done_shards, read_manifest, shard_files, shard_problem
+from flagsim.shards import (
+    Manifest,
+    discard_model,
+    done_shards,
+    read_manifest,
+    shard_files,
+    shard_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +132,7 @@ def prepare_model_dir(
     wipe = wipe or (old is None and bool(shard_files(run, model)))  # shards of unknown origin
     if wipe:
         log.info("%s: discarding previous shards (%s)", model, "--force" if force else "settings changed")
-        _discard(run, model)
+        discard_model(run, model)
     elif old is not None:
         before = old.get("shards", {})
         done = done_shards(run, model, verify=not run.manifest(model).exists())
@@ -152,12 +159,6 @@ def _remove_shard_dirs(run: RunDir, model: str) -> list[str]:
             d.delete()
             removed.append(d.name)
     return removed
-
-
-def _discard(run: RunDir, model: str) -> None:
-    """Delete a model's shards and sidecars (the manifest first: the model is then incomplete)."""
-    for loc in (run.manifest(model), run.legacy_manifest(model), run.model_dir(model), run.meta_dir(model)):
-        loc.delete()
 
 
 def repair(run: RunDir, model: str, planned: set[str] | None = None) -> list[str]:
