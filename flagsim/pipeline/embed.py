@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flagsim.config import Config, ModelRunConfig, check_writable
+from flagsim.config import Config, ModelRunConfig, check_writable, gpus_per_actor
 from flagsim.errors import DataError, WeightsUnavailableError
 from flagsim.images import (
     bundled_table,
@@ -412,7 +412,6 @@ def _embed(
         if not todo[name]:
             continue
         dtypes[name] = _dtype(cfg, mcfg, device)
-        num_gpus = mcfg.num_gpus if device != "cuda" or mcfg.num_gpus > 0 else 1.0
         from flagsim.models import get_spec
 
         batch_size = mcfg.batch_size or get_spec(name).default_batch_size
@@ -432,7 +431,7 @@ def _embed(
                 min_size=mcfg.num_actors, max_size=mcfg.max_actors or mcfg.num_actors
             ),
             num_cpus=cpus[name],
-            num_gpus=num_gpus if device == "cuda" else 0,
+            num_gpus=gpus_per_actor(mcfg, device),
         )
     ds = ds.drop_columns(["pixels"])
     live = {m: s for m, s in todo.items() if s}
