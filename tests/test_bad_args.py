@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from resource_cases import RESOURCE_CASES
 
 from flagsim.cli import main
 from flagsim.images import bundled_table, write_images_table
@@ -61,23 +62,11 @@ def test_embed_bad_arguments(tmp_path, capsys, argv, expected):
     assert not (tmp_path / "r" / "embeddings").exists()
 
 
-#: Resource requests no local Ray of the configured size can hold: refused by `flagsim embed`
-#: and `flagsim pipeline` before Ray starts, as the jobs refuse them (the check was jobs-only).
-RESOURCE_CASES = {
-    "gpu pools larger than the local ray": (
-        ["--set", "ray.num_gpus=1", "--set", "embed.defaults.num_gpus=1",
-         "--set", "embed.models=[pixels,efficientnet-lite0]"], "need 2 GPUs at once"),
-    "cpu pools larger than the local ray": (
-        ["--set", "ray.num_cpus=4", "--set", "embed.defaults.num_cpus=2",
-         "--set", "embed.models=[pixels,efficientnet-lite0]"], "need 4 CPUs at once"),
-    "fractional gpus above one": (
-        ["--set", "embed.settings.pixels.num_gpus=1.5"], "Ray only splits a GPU below 1"),
-}
-
-
 @pytest.mark.parametrize("command", ["embed", "pipeline"])
 @pytest.mark.parametrize("case", sorted(RESOURCE_CASES))
 def test_cli_checks_resources_before_ray(tmp_path, capsys, command, case):
+    """`flagsim embed` and `flagsim pipeline` refuse what the jobs refuse, before Ray starts
+    (the check was in jobs/_common.py only)."""
     import ray
 
     args, expected = RESOURCE_CASES[case]

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from resource_cases import RESOURCE_CASES
 from s3server import LocalS3, patched_environ, running_s3
 
 from flagsim.app.checks import check_resources
@@ -57,20 +58,7 @@ BAD_CASES = {
     "negative batch size": (
         ["--set", "embed.settings.pixels.batch_size=-4"], "embed.settings.pixels.batch_size"),
     "unknown key": (["--set", "embed.batchsize=4"], "embed.batchsize: unknown key"),
-    "fractional gpus above one": (
-        ["--set", "embed.settings.pixels.num_gpus=1.5"], "Ray only splits a GPU below 1"),
-    "gpus on a cpu device": (
-        ["--set", "embed.device=cpu", "--set", "embed.settings.vit.num_gpus=1"],
-        "but embed.device is cpu"),
-    "pools larger than the local ray": (
-        ["--set", "ray.num_gpus=1", "--set", "embed.defaults.num_gpus=1",
-         "--set", "embed.models=[pixels,efficientnet-lite0]"], "need 2 GPUs at once"),
-    "cpu pools larger than the local ray": (
-        ["--set", "ray.num_cpus=4", "--set", "embed.defaults.num_cpus=2",
-         "--set", "embed.models=[pixels,efficientnet-lite0]"], "need 4 CPUs at once"),
-    "actor wider than the local ray": (
-        ["--set", "ray.num_cpus=2", "--set", "embed.settings.pixels.num_cpus=4"],
-        "num_cpus=4 per actor"),
+    **RESOURCE_CASES,
 }
 
 

@@ -60,10 +60,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{res.rows} x {res.dim} embeddings of {res.model} in "
                   f"{run_dir}/embeddings/model={res.model}: up to date (same file already imported)")
             continue
-        note = {"written": "; wrote images.parquet from the bundled flags",
-                "kept": "", "none": "; no images table"}[res.images_table]
-        if res.images_table == "kept" and res.not_in_images:
-            note = f"; {res.not_in_images} id(s) not in images.parquet"
         print(f"{res.rows} x {res.dim} embeddings of {res.model} -> "
-              f"{run_dir}/embeddings/model={res.model} ({res.shards} shard(s)){note}")
+              f"{run_dir}/embeddings/model={res.model} ({res.shards} shard(s)){images_note(res)}")
     return 0
+
+
+def images_note(res) -> str:
+    """What an import did to the run's images table, as the end of its summary line."""
+    if res.images_table == "kept" and res.not_in_images:
+        return f"; {res.not_in_images} id(s) not in images.parquet"
+    return {"written": "; wrote images.parquet from the bundled flags",
+            "kept": "", "none": "; no images table"}[res.images_table]

@@ -42,6 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flagsim.commands.import_csv import images_note
     from flagsim.importemb import import_embeddings
 
     cfg = options.config_from_args(args, {"embed.shard_size": args.shard_size})
@@ -51,10 +52,6 @@ def run(args: argparse.Namespace) -> int:
         name_column=args.name_column, vector_column=args.vector_column,
         shard_size=cfg.embed.shard_size, force=args.force,
     )
-    note = {"written": "; wrote images.parquet from the bundled flags",
-            "kept": "", "none": "; no images table"}[res.images_table]
-    if res.images_table == "kept" and res.not_in_images:
-        note = f"; {res.not_in_images} id(s) not in images.parquet"
     print(f"{res.rows} x {res.dim} embeddings of {res.model} from {res.files} {res.format} file(s) -> "
-          f"{run_dir}/embeddings/model={res.model} ({res.shards} shard(s)){note}")
+          f"{run_dir}/embeddings/model={res.model} ({res.shards} shard(s)){images_note(res)}")
     return 0
