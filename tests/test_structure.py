@@ -123,3 +123,17 @@ def test_no_check_of_a_status_that_is_never_set() -> None:
     checks = [f"{p.relative_to(REPO)}" for root in (PACKAGE, JOBS) for p in sorted(root.rglob("*.py"))
               if 'status == "failed"' in p.read_text(encoding="utf-8")]
     assert checks == []
+
+
+def test_the_gpu_per_actor_rule_is_one_function_both_sides_use() -> None:
+    """The pre-flight checks and the embed actors ask for the same GPUs (config.gpus_per_actor,
+    importable without Ray); it was written twice, in pipeline/embed.py and jobs/_common.py."""
+    from flagsim.config import ModelRunConfig, gpus_per_actor
+
+    assert gpus_per_actor(ModelRunConfig(), "cuda") == 1.0  # a whole GPU when none is set
+    assert gpus_per_actor(ModelRunConfig(num_gpus=0.5), "cuda") == 0.5
+    assert gpus_per_actor(ModelRunConfig(num_gpus=2), "cpu") == 0.0
+    for module in ("flagsim.app.checks", "flagsim.pipeline.embed"):
+        names = {n.id for n in ast.walk(ast.parse(MODULES[module].read_text(encoding="utf-8")))
+                 if isinstance(n, ast.Name)}
+        assert "gpus_per_actor" in names, module
