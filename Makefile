@@ -28,10 +28,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check flagsim jobs tests bench scripts
 
 embed-all: $(STAMP)
-	$(BIN)/flagsim pipeline --config $(CONFIG) --out $(RUN_DIR)
+	$(BIN)/flagsim pipeline --config $(CONFIG) --run $(RUN_DIR)
 
 embed: $(STAMP)
-	$(BIN)/flagsim embed --config $(CONFIG) --out $(RUN_DIR)
+	$(BIN)/flagsim embed --config $(CONFIG) --run $(RUN_DIR)
 
 index: $(STAMP)
 	$(BIN)/flagsim index --config $(CONFIG) --run $(RUN_DIR)
@@ -66,7 +66,7 @@ CLUSTER_CONFIG ?= configs/cluster-gpu.yaml
 RUNTIME_ENV ?= configs/runtime_env.yaml
 CLUSTER_RUN_DIR ?=
 SUBMIT_ARGS ?=
-JOB_ARGS = --config $(CLUSTER_CONFIG) $(if $(CLUSTER_RUN_DIR),--out $(CLUSTER_RUN_DIR))
+JOB_ARGS = --config $(CLUSTER_CONFIG) $(if $(CLUSTER_RUN_DIR),--run $(CLUSTER_RUN_DIR))
 RAY_WAIT_TIMEOUT ?= 120
 # first wait (up to RAY_WAIT_TIMEOUT s) until the head's job agent can take the job
 SUBMIT = $(if $(RAY_ADDRESS),,$(error set RAY_ADDRESS to the cluster's job API, e.g. http://head:8265)) \

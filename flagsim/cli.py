@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
-import logging
-import os
-import re
 import sys
 from collections.abc import Iterable, Sequence
 
 from flagsim import __version__
-from flagsim.console import log_handler, plain
-from flagsim.errors import FlagsimError
+from flagsim.app import logs
+from flagsim.app.entry import os_error_line, run_guarded
+from flagsim.console import log_handler
+
+__all__ = ["COMMANDS", "build_parser", "main", "os_error_line"]
 
 #: Subcommands in the order `--help` lists them: name -> (module under flagsim.commands, help).
 #: A command's module (and what it imports: Ray, torch, the scraper, pydantic) is imported only
@@ -39,10 +38,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "embed, index, neighbour tables and report in one go (what `make embed-all` runs)"),
     "models": ("models", "list the registered models and whether their weights are available offline"),
 }
-
-#: errno values that mean "this cannot be written here" rather than a missing or unreadable input.
-_WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
 
 def build_parser(load: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The CLI parser. Only the commands in `load` (default: all) get their full parser; the
@@ -77,27 +72,7 @@ def command_in(argv: Sequence[str]) -> str | None:
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, handlers=[log_handler(verbose)], force=True)
-    if verbose < 2:
-        for noisy in ("ray", "urllib3", "filelock", "httpx", "huggingface_hub", "transformers", "faiss"):
-            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-
-
-def os_error_line(exc: OSError) -> str:
-    """One line for an OSError: `cannot write <path>: Read-only file system` and the like."""
-    path = exc.filename
-    if path is None:  # pyarrow's filesystem names the file in its message only
-        m = re.search(r"(?:file|directory) '([^']+)'", str(exc))
-        path = m.group(1) if m else None
-    if path is not None:  # a Location temp file `.<name>.<hex>.tmp` stands for <name>
-        head, tail = os.path.split(os.fsdecode(path))
-        m = re.fullmatch(r"\.(.+)\.[0-9a-f]{32}\.tmp", tail)
-        path = os.path.join(head, m.group(1)) if m else os.fsdecode(path)
-    reason = os.strerror(exc.errno) if exc.errno else (str(exc).splitlines() or [type(exc).__name__])[0]
-    if exc.errno in _WRITE_ERRNOS:
-        return f"cannot write {path}: {reason}" if path else f"cannot write: {reason}"
-    return f"{path}: {reason}" if path else reason
+    logs.setup_logging(verbose, quiet, handler=log_handler(verbose))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,19 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser([command] if command in COMMANDS else [])
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
-    try:
-        result = args._run(args)
-    except FlagsimError as exc:
-        print(f"flagsim: error: {plain(exc)}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        print(f"flagsim: error: {plain(os_error_line(exc))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("flagsim: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return int(result or 0)
-
+    return run_guarded("flagsim", args._run, args, "rerun the same command to resume")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -48,6 +48,14 @@ class ModelRunConfig(_Frozen):
         return self
 
 
+def gpus_per_actor(mcfg: ModelRunConfig, device: str) -> float:
+    """GPUs one embed actor asks Ray for on `device` (cpu or cuda): its num_gpus, one whole GPU
+    when that is 0 on CUDA, none on the CPU. The one place this rule is written."""
+    if device != "cuda":
+        return 0.0
+    return mcfg.num_gpus if mcfg.num_gpus > 0 else 1.0
+
+
 class ImagesConfig(_Frozen):
     """Where the images come from when the run directory has no images table yet."""
 

@@ -6,27 +6,7 @@
 One Ray task per model; a model without a fresh index gets one built first.
 """
 
-from __future__ import annotations
-
-import argparse
-
-import _common
-import _stages
-
-PROG = "jobs/neighbours.py"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return _common.parser(PROG, "Write neighbours/model=<name>/ for every model (one Ray task each).")
-
-
-def run(args: argparse.Namespace) -> int:
-    job = _common.load_job(args)
-    _common.check_input(job.run_dir, "run directory")
-    resources = _common.connect(job, embed_models=())
-    _stages.neighbours_stage(job, resources)
-    return 0
-
+from flagsim.app import jobs
 
 if __name__ == "__main__":
-    _common.main(PROG, build_parser(), run)
+    jobs.main(jobs.neighbours_parser("jobs/neighbours.py"), jobs.neighbours)

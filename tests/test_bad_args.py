@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from resource_cases import RESOURCE_CASES
 
 from flagsim.cli import main
 from flagsim.images import bundled_table, write_images_table
@@ -43,14 +44,14 @@ def _one_line_error(capsys) -> str:
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["embed", "--models", "pixels,nosuch", "--out", "{tmp}/r"], "unknown model 'nosuch'"),
-        (["embed", "--set", "embed.bogus=1", "--out", "{tmp}/r"], "embed.bogus: unknown key"),
-        (["embed", "--set", "embed.defaults.batch_size=0", "--out", "{tmp}/r"], "batch_size"),
-        (["embed", "--set", "embed.settings.pixels.batch_size=-3", "--out", "{tmp}/r"], "batch_size"),
-        (["embed", "--set", "embed.settings.pixels.preprocess_on=gpu", "--out", "{tmp}/r"],
+        (["embed", "--models", "pixels,nosuch", "--run", "{tmp}/r"], "unknown model 'nosuch'"),
+        (["embed", "--set", "embed.bogus=1", "--run", "{tmp}/r"], "embed.bogus: unknown key"),
+        (["embed", "--set", "embed.defaults.batch_size=0", "--run", "{tmp}/r"], "batch_size"),
+        (["embed", "--set", "embed.settings.pixels.batch_size=-3", "--run", "{tmp}/r"], "batch_size"),
+        (["embed", "--set", "embed.settings.pixels.preprocess_on=gpu", "--run", "{tmp}/r"],
          "embed.settings.pixels.preprocess_on"),
-        (["embed", "--out", "{tmp}/file/r"], "not writable"),
-        (["embed", "--images", "{tmp}/nope.parquet", "--out", "{tmp}/r"], "images table not found"),
+        (["embed", "--run", "{tmp}/file/r"], "not writable"),
+        (["embed", "--images", "{tmp}/nope.parquet", "--run", "{tmp}/r"], "images table not found"),
     ],
 )
 def test_embed_bad_arguments(tmp_path, capsys, argv, expected):
@@ -61,10 +62,51 @@ def test_embed_bad_arguments(tmp_path, capsys, argv, expected):
     assert not (tmp_path / "r" / "embeddings").exists()
 
 
+@pytest.mark.parametrize("command", ["embed", "pipeline"])
+@pytest.mark.parametrize("case", sorted(RESOURCE_CASES))
+def test_cli_checks_resources_before_ray(tmp_path, capsys, command, case):
+    """`flagsim embed` and `flagsim pipeline` refuse what the jobs refuse, before Ray starts
+    (the check was in jobs/_common.py only)."""
+    import ray
+
+    args, expected = RESOURCE_CASES[case]
+    was_up = ray.is_initialized()
+    rc = main([command, *args, "--run", str(tmp_path / "r"), "--no-progress"])
+    assert rc == 2
+    assert expected in _one_line_error(capsys)
+    assert ray.is_initialized() == was_up  # no Ray was started for it
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["embed", "pipeline"])
+def test_old_out_spelling_of_the_run_directory_still_works_with_one_warning(
+    tmp_path, capsys, command
+):
+    """`--out RUN_DIR` (scripted by users) still names the run directory, with one deprecation
+    line after the work; a model whose weights are missing is skipped, so no Ray is needed."""
+    run = tmp_path / "r"
+    rc = main([command, "--set", "embed.models=[vit]",
+               "--set", f"embed.settings.vit.weights={tmp_path / 'no-such-weights'}",
+               "--out", str(run), "--no-progress"])
+    assert rc == 0
+    err = capsys.readouterr().err.splitlines()
+    notes = [ln for ln in err if "deprecated" in ln]
+    assert len(notes) == 1 and notes[0].endswith(
+        f"flagsim {command}: --out RUN_DIR is deprecated, use --run RUN_DIR"), err
+    assert (run / "images.parquet").is_file()  # the run directory is where --out said
+
+
+def test_deprecation_line_is_not_added_to_an_error(tmp_path, capsys):
+    rc = main(["embed", "--set", "embed.bogus=1", "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "flagsim: error: defaults: embed.bogus: unknown key"]
+
+
 def test_images_table_missing_a_column(tmp_path, capsys):
     bad = tmp_path / "images.parquet"
     pq.write_table(pa.table({"image_id": ["a"], "name": ["a"]}), bad)
-    rc = main(["embed", "--images", str(bad), "--out", str(tmp_path / "r")])
+    rc = main(["embed", "--images", str(bad), "--run", str(tmp_path / "r")])
     assert rc == 2
     assert "missing column(s) path" in _one_line_error(capsys)
 

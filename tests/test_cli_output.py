@@ -165,7 +165,7 @@ def test_pipeline_on_five_images_clamps_k_and_writes_everything(tmp_path, capsys
         shutil.copy(p, folder)
     run = tmp_path / "run"
     assert main(["pipeline", "--set", "embed.models=[pixels]", "--set", "images.source=folder",
-                 "--set", f"images.path={folder}", "--out", str(run), "--no-progress"]) == 0
+                 "--set", f"images.path={folder}", "--run", str(run), "--no-progress"]) == 0
     cap = capsys.readouterr()
     assert "neighbours.k=10 clamped to 4 (the collection has 5 images)" in cap.err
     assert "report.k=5 clamped to 4 (the collection has 5 images)" in cap.err
@@ -184,7 +184,7 @@ def test_pipeline_refuses_a_single_image_before_any_work(tmp_path, capsys, bundl
     shutil.copy(sorted((bundled_dir / "images").glob("*.png"))[0], folder)
     run = tmp_path / "run"
     assert main(["pipeline", "--set", "embed.models=[pixels]", "--set", "images.source=folder",
-                 "--set", f"images.path={folder}", "--out", str(run)]) == 2
+                 "--set", f"images.path={folder}", "--run", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "flagsim: error: the collection has 1 image(s); neighbours need at least 2"
     assert not (run / "embeddings").exists()

@@ -24,18 +24,17 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from resource_cases import RESOURCE_CASES
 from s3server import LocalS3, patched_environ, running_s3
+
+from flagsim.app.checks import check_resources
+from flagsim.config import load_config
+from flagsim.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = REPO / "jobs"
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
-
-sys.path.insert(0, str(JOBS))
-import _common  # noqa: E402
-
-from flagsim.config import load_config  # noqa: E402
-from flagsim.errors import ConfigError  # noqa: E402
 
 # --- fail fast: bad configs never reach Ray ----------------------------------------------------
 
@@ -59,27 +58,14 @@ BAD_CASES = {
     "negative batch size": (
         ["--set", "embed.settings.pixels.batch_size=-4"], "embed.settings.pixels.batch_size"),
     "unknown key": (["--set", "embed.batchsize=4"], "embed.batchsize: unknown key"),
-    "fractional gpus above one": (
-        ["--set", "embed.settings.pixels.num_gpus=1.5"], "Ray only splits a GPU below 1"),
-    "gpus on a cpu device": (
-        ["--set", "embed.device=cpu", "--set", "embed.settings.vit.num_gpus=1"],
-        "but embed.device is cpu"),
-    "pools larger than the local ray": (
-        ["--set", "ray.num_gpus=1", "--set", "embed.defaults.num_gpus=1",
-         "--set", "embed.models=[pixels,efficientnet-lite0]"], "need 2 GPUs at once"),
-    "cpu pools larger than the local ray": (
-        ["--set", "ray.num_cpus=4", "--set", "embed.defaults.num_cpus=2",
-         "--set", "embed.models=[pixels,efficientnet-lite0]"], "need 4 CPUs at once"),
-    "actor wider than the local ray": (
-        ["--set", "ray.num_cpus=2", "--set", "embed.settings.pixels.num_cpus=4"],
-        "num_cpus=4 per actor"),
+    **RESOURCE_CASES,
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_config_fails_in_one_line_before_ray(case: str, tmp_path: Path) -> None:
     args, expected = BAD_CASES[case]
-    proc = _run_job("embed.py", [*args, "--out", str(tmp_path / "run")], tmp_path)
+    proc = _run_job("embed.py", [*args, "--run", str(tmp_path / "run")], tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -103,7 +89,7 @@ def test_every_job_rejects_a_bad_config_file(script: str, tmp_path: Path) -> Non
 def test_unwritable_output_fails_before_ray(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    proc = _run_job("embed.py", ["--set", "embed.models=[pixels]", "--out", str(blocker / "run")],
+    proc = _run_job("embed.py", ["--set", "embed.models=[pixels]", "--run", str(blocker / "run")],
                     tmp_path)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
@@ -124,7 +110,7 @@ def test_unreachable_object_store_output_fails_in_one_line(tmp_path: Path) -> No
         env = {**_job_env(tmp_path), **s3.env}
         proc = subprocess.run(
             [sys.executable, str(JOBS / "embed.py"), "--set", "embed.models=[pixels]",
-             "--out", "s3://no-such-bucket-flagsim/run"],
+             "--run", "s3://no-such-bucket-flagsim/run"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
         )
     assert proc.returncode == 2
@@ -175,7 +161,7 @@ def test_cluster_gpu_config_is_valid_and_sized(
     need = sum(cfg.embed.for_model(m).num_gpus * cfg.embed.for_model(m).num_actors for m in six)
     # on a cluster (RAY_ADDRESS set) the static checks pass ...
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    _common.check_resources(cfg, cfg.embed.models)
+    check_resources(cfg, cfg.embed.models)
     monkeypatch.delenv("RAY_ADDRESS")
     # ... and a local Ray of a fixed size must hold every pool at once
     data = yaml.safe_load((REPO / "configs" / "cluster-gpu.yaml").read_text())
@@ -183,10 +169,10 @@ def test_cluster_gpu_config_is_valid_and_sized(
     local_yaml = tmp_path / "local-gpu.yaml"
     local_yaml.write_text(yaml.safe_dump(data))
     fits = load_config(local_yaml, [f"ray.num_gpus={int(np.ceil(need))}"])
-    _common.check_resources(fits, fits.embed.models)
+    check_resources(fits, fits.embed.models)
     small = load_config(local_yaml, [f"ray.num_gpus={int(np.ceil(need)) - 1}"])
     with pytest.raises(ConfigError, match=f"need {need:g} GPUs at once"):
-        _common.check_resources(small, small.embed.models)
+        check_resources(small, small.embed.models)
 
 
 def test_runtime_env_is_a_valid_ray_runtime_env() -> None:
@@ -464,7 +450,7 @@ def test_pipeline_job_on_object_store_matches_local_run(
         run_uri = f"s3://{bucket}/runs/flags"
         proc = ray_head.submit(
             "python", "jobs/pipeline.py", *_overrides(f"s3://{bucket}/flags"),
-            "--out", run_uri, runtime_env=renv_file,
+            "--run", run_uri, runtime_env=renv_file,
         )
         assert proc.returncode == 0, _job_log(proc)
         keys = s3.keys(bucket, "runs/flags/")

@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flagsim.commands.common import (
-    add_config_args,
-    add_models_arg,
-    add_run_arg,
-    config_from_args,
-    run_dir_from,
-)
+from flagsim.app import options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -24,9 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "overlap of top-k neighbour sets between each pair of models over all images.",
     )
     p.add_argument("queries", nargs="*", metavar="QUERY", help="image names (default: Chad Australia)")
-    add_run_arg(p)
-    add_config_args(p)
-    add_models_arg(p, "models (default: every model with embeddings)")
+    options.add_run_options(p, models="models (default: every model with embeddings)")
     p.add_argument("-k", type=int, default=5, metavar="K", help="neighbours per model (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return p
@@ -39,8 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from flagsim.console import safe, stdout_console
     from flagsim.index import ENSEMBLE
 
-    cfg = config_from_args(args)
-    run_dir = run_dir_from(args, cfg)
+    cfg = options.config_from_args(args)
+    run_dir = options.run_dir_from(args, cfg)
     queries = args.queries or list(ORIGINAL_CHECKS)
     c = compare(run_dir, queries, k=args.k, models=args.models)
     if args.json:

@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flagsim.commands.common import (
-    add_config_args,
-    add_models_arg,
-    add_run_arg,
-    config_from_args,
-    run_dir_from,
-)
+from flagsim.app import options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -23,9 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "neighbours. Default labels: the bundled similar_flags.csv, made by hand from the flag "
         "designs.",
     )
-    add_run_arg(p)
-    add_config_args(p)
-    add_models_arg(p, "models (default: every model with embeddings)")
+    options.add_run_options(p, models="models (default: every model with embeddings)")
     p.add_argument("--pairs", metavar="FILE",
                    help="labelled pairs file (default: report.pairs, else the bundled similar_flags.csv)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -38,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from flagsim.console import safe, stdout_console
     from flagsim.evaluate import evaluate
 
-    cfg = config_from_args(args)
-    run_dir = run_dir_from(args, cfg)
+    cfg = options.config_from_args(args)
+    run_dir = options.run_dir_from(args, cfg)
     df = evaluate(run_dir, args.pairs or cfg.report.pairs, args.models)
     if args.json:
         print(json.dumps(json.loads(df.to_json(orient="records")), indent=2))

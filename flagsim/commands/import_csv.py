@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flagsim.commands.common import add_config_args, add_run_arg, config_from_args, run_dir_from
+from flagsim.app import options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -22,8 +22,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="model name to store them under (e.g. vit, clip, blip2, dinov2, "
                    "efficientnet, vgg16); may be left out for the original files "
                    "national_flag_embeddings_<label>.csv[.gz], whose label names the model")
-    add_run_arg(p)
-    add_config_args(p)
+    options.add_run_options(p)
     p.add_argument("--checkpoint", metavar="WEIGHTS",
                    help="the weights (hub id or path) that made the vectors; lets `flagsim query` "
                    "embed new images the same way")
@@ -40,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from flagsim.errors import ConfigError
     from flagsim.importcsv import import_csv, model_from_filename
 
-    cfg = config_from_args(args)
-    run_dir = run_dir_from(args, cfg, writable=True)
+    cfg = options.config_from_args(args)
+    run_dir = options.run_dir_from(args, cfg, writable=True)
     if args.model and len(args.files) > 1:
         raise ConfigError("--model names one file's model; import several files without --model")
     if (args.checkpoint or args.revision) and len(args.files) > 1:
@@ -61,10 +60,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{res.rows} x {res.dim} embeddings of {res.model} in "
                   f"{run_dir}/embeddings/model={res.model}: up to date (same file already imported)")
             continue
-        note = {"written": "; wrote images.parquet from the bundled flags",
-                "kept": "", "none": "; no images table"}[res.images_table]
-        if res.images_table == "kept" and res.not_in_images:
-            note = f"; {res.not_in_images} id(s) not in images.parquet"
         print(f"{res.rows} x {res.dim} embeddings of {res.model} -> "
-              f"{run_dir}/embeddings/model={res.model} ({res.shards} shard(s)){note}")
+              f"{run_dir}/embeddings/model={res.model} ({res.shards} shard(s)){images_note(res)}")
     return 0
+
+
+def images_note(res) -> str:
+    """What an import did to the run's images table, as the end of its summary line."""
+    if res.images_table == "kept" and res.not_in_images:
+        return f"; {res.not_in_images} id(s) not in images.parquet"
+    return {"written": "; wrote images.parquet from the bundled flags",
+            "kept": "", "none": "; no images table"}[res.images_table]

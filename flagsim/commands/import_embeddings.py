@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flagsim.commands.common import add_config_args, add_run_arg, config_from_args, run_dir_from
+from flagsim.app import options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -25,8 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "output folder (path or URI)")
     p.add_argument("--model", required=True, metavar="NAME",
                    help="model name to store them under (a registered model's dimension must match)")
-    add_run_arg(p)
-    add_config_args(p)
+    options.add_run_options(p)
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="auto",
                    help="input layout (default: clip-retrieval when SOURCE has img_emb/, else parquet)")
     p.add_argument("--id-column", metavar="C",
@@ -43,19 +42,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from flagsim.commands.import_csv import images_note
     from flagsim.importemb import import_embeddings
 
-    cfg = config_from_args(args, {"embed.shard_size": args.shard_size})
-    run_dir = run_dir_from(args, cfg, writable=True)
+    cfg = options.config_from_args(args, {"embed.shard_size": args.shard_size})
+    run_dir = options.run_dir_from(args, cfg, writable=True)
     res = import_embeddings(
         args.source, args.model, run_dir, fmt=args.fmt, id_column=args.id_column,
         name_column=args.name_column, vector_column=args.vector_column,
         shard_size=cfg.embed.shard_size, force=args.force,
     )
-    note = {"written": "; wrote images.parquet from the bundled flags",
-            "kept": "", "none": "; no images table"}[res.images_table]
-    if res.images_table == "kept" and res.not_in_images:
-        note = f"; {res.not_in_images} id(s) not in images.parquet"
     print(f"{res.rows} x {res.dim} embeddings of {res.model} from {res.files} {res.format} file(s) -> "
-          f"{run_dir}/embeddings/model={res.model} ({res.shards} shard(s)){note}")
+          f"{run_dir}/embeddings/model={res.model} ({res.shards} shard(s)){images_note(res)}")
     return 0

@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from flagsim.commands.common import (
-    add_config_args,
-    add_models_arg,
-    add_run_arg,
-    config_from_args,
-    run_dir_from,
-)
+from flagsim.app import options
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +20,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "index.kind=auto picks exact search up to index.exact_max_rows within "
         "index.memory_budget_gb, else IVF or IVF-PQ, and records the measured recall.",
     )
-    add_run_arg(p)
-    add_config_args(p)
-    add_models_arg(p, "models to index (default: every model with embeddings)")
+    options.add_run_options(p, models="models to index (default: every model with embeddings)")
     p.add_argument("--kind", choices=["auto", "flat", "ivf", "hnsw", "ivfpq"],
                    help="index kind (overrides index.kind)")
     p.add_argument("--force", action="store_true", help="rebuild even when up to date")
@@ -46,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from flagsim.index import build_index, index_state, load_index, resolve_models
     from flagsim.rundir import RunDir
 
-    cfg = config_from_args(args, {"index.kind": args.kind})
-    run = RunDir.at(run_dir_from(args, cfg, writable=not args.check))
+    cfg = options.config_from_args(args, {"index.kind": args.kind})
+    run = RunDir.at(options.run_dir_from(args, cfg, writable=not args.check))
     models = resolve_models(run, args.models)
     if args.check:
         for m in models:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from flagsim.commands.common import add_config_args, config_from_args
+from flagsim.app import options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "--set, the weights of embed.settings.<model>.weights are checked instead of the "
         "defaults. Nothing is downloaded and no model is loaded.",
     )
-    add_config_args(p)
+    options.add_config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object per model instead")
     p.add_argument(
         "--details", action="store_true", help="also print why each unavailable model is unavailable"
@@ -31,7 +31,7 @@ def rows(args: argparse.Namespace) -> list[dict]:
 
     cfg = None
     if getattr(args, "config", None) or getattr(args, "overrides", None):
-        cfg = config_from_args(args)
+        cfg = options.config_from_args(args)
     out = []
     for name in list_models():
         spec = get_spec(name)

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flagsim.commands.common import (
-    add_config_args,
-    add_models_arg,
-    add_run_arg,
-    config_from_args,
-    run_dir_from,
-)
+from flagsim.app import options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -22,9 +16,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "neighbours/model=<name>/part-*.parquet with columns model, query_id, query, rank, "
         "neighbour_id, neighbour, score (cosine); the image itself is excluded.",
     )
-    add_run_arg(p)
-    add_config_args(p)
-    add_models_arg(p, "models (default: every model with embeddings)")
+    options.add_run_options(p, models="models (default: every model with embeddings)")
     p.add_argument("-k", type=int, default=None, metavar="K",
                    help="neighbours per image (default: neighbours.k)")
     return p
@@ -36,8 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from flagsim.console import safe, stdout_console
     from flagsim.neighbours import write_neighbours
 
-    cfg = config_from_args(args, {"neighbours.k": args.k})
-    run_dir = run_dir_from(args, cfg, writable=True)
+    cfg = options.config_from_args(args, {"neighbours.k": args.k})
+    run_dir = options.run_dir_from(args, cfg, writable=True)
     results = write_neighbours(run_dir, cfg.neighbours.k, args.models, cfg)
     table = Table(title=f"top-{cfg.neighbours.k} neighbours")
     for col in ("model", "images", "rows", "parts", "index", "seconds", "path"):

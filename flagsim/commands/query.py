@@ -6,13 +6,7 @@ import argparse
 import json
 import sys
 
-from flagsim.commands.common import (
-    add_config_args,
-    add_run_arg,
-    config_from_args,
-    run_dir_from,
-    split_csv,
-)
+from flagsim.app import options
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -29,8 +23,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "are skipped with a note. The `all` column ranks by mean cosine over the models.",
     )
     p.add_argument("query", metavar="NAME_OR_IMAGE")
-    add_run_arg(p)
-    add_config_args(p)
+    options.add_run_options(p)
     p.add_argument("--model", "--models", dest="models", default="all", metavar="M|all",
                    help="a model, a comma-separated list, or all (default) to add the ensemble")
     p.add_argument("-k", type=int, default=5, metavar="K", help="neighbours to show (default 5)")
@@ -43,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from flagsim.console import plain
     from flagsim.query import query
 
-    cfg = config_from_args(args)
-    run_dir = run_dir_from(args, cfg)
-    wanted = split_csv(args.models)
+    cfg = options.config_from_args(args)
+    run_dir = options.run_dir_from(args, cfg)
+    wanted = options.split_csv(args.models)
     everything = not wanted or wanted == ["all"]
     result = query(run_dir, args.query, k=args.k, models=None if everything else wanted,
                    cfg=cfg, ensemble=everything or "all" in wanted,

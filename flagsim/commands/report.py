@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from flagsim.commands.common import (
-    add_config_args,
-    add_models_arg,
-    add_run_arg,
-    config_from_args,
-    run_dir_from,
-    split_csv,
-)
+from flagsim.app import options
 from flagsim.config import check_writable
 
 
@@ -26,18 +19,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "grid. Queries default to the config's report.queries; those not in the run are skipped "
         "with a note.",
     )
-    add_config_args(p)
-    add_run_arg(p)
+    options.add_run_options(p)
     p.add_argument("--out", metavar="HTML", help="output page (default: RUN_DIR/report.html)")
     p.add_argument("--png", metavar="PNG",
                    help="contact sheet (default: next to the page, e.g. RUN_DIR/report.png)")
-    p.add_argument("--queries", type=split_csv, default=None, metavar="A,B",
+    p.add_argument("--queries", type=options.split_csv, default=None, metavar="A,B",
                    help="query names or image ids (default: the config's report.queries)")
     p.add_argument("-k", type=int, default=None, metavar="K",
                    help="neighbours per model (default: the config's report.k)")
     p.add_argument("--pairs", metavar="FILE",
                    help="labelled pairs for the evaluation table (default: the config's or bundled)")
-    add_models_arg(p, "models to show (default: every embedded model)")
+    options.add_models_arg(p, "models to show (default: every embedded model)")
     return p
 
 
@@ -45,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from flagsim.console import plain
     from flagsim.report import build_report
 
-    cfg = config_from_args(args, {"report.k": args.k})
-    run_dir = run_dir_from(args, cfg)
+    cfg = options.config_from_args(args, {"report.k": args.k})
+    run_dir = options.run_dir_from(args, cfg)
     html_dir = (os.path.dirname(args.out) or ".") if args.out else run_dir
     check_writable(html_dir)
     if args.png:

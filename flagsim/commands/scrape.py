@@ -42,6 +42,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, metavar="DATA_DIR", help="output directory (path or URI)"
     )
+    add_options(p)
+    return p
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """Every option of `flagsim scrape` but --out (jobs/scrape_flags.py takes them too)."""
     p.add_argument("--url", default=DEFAULT_URL, help=f"page to scrape (default: {DEFAULT_URL})")
     p.add_argument(
         "--width",
@@ -140,7 +146,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="allow every loopback/private/link-local address (tests only; unsafe otherwise)",
     )
     p.add_argument("--strict", action="store_true", help="exit with status 1 when any flag failed")
-    return p
 
 
 def options_from_args(args: argparse.Namespace) -> ScrapeOptions:

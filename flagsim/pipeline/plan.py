@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from flagsim.config import Config, ModelRunConfig
+from flagsim.config import Config, ModelRunConfig, gpus_per_actor
 from flagsim.errors import DataError
 from flagsim.images import images_table_hash
 from flagsim.rundir import RunDir, shard_index, shard_name
@@ -213,13 +213,6 @@ def dtype_for(cfg: Config, mcfg: ModelRunConfig, device: str) -> str:
     if dtype == "auto":
         return "float16" if device == "cuda" else "float32"
     return dtype
-
-
-def gpus_per_actor(mcfg: ModelRunConfig, device: str) -> float:
-    """GPUs an actor asks Ray for: none off cuda, else the setting, else one whole GPU."""
-    if device != "cuda":
-        return 0.0
-    return mcfg.num_gpus if mcfg.num_gpus > 0 else 1.0
 
 
 #: Logical CPUs of an actor of a `light` model (ModelSpec.light: the pixels baseline).

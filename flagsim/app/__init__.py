@@ -1,0 +1,1 @@
+"""The application layer shared by the CLI and jobs/: options, pre-flight checks, stages, logging."""

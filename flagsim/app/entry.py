@@ -1,0 +1,58 @@
+"""Running one command or job: errors as one `PROG: error: ...` line, exit codes, deprecations."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+
+from flagsim.console import plain
+from flagsim.errors import FlagsimError
+
+log = logging.getLogger(__name__)
+
+#: errno values that mean "this cannot be written here" rather than a missing or unreadable input.
+_WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: `cannot write <path>: Read-only file system` and the like."""
+    path = exc.filename
+    if path is None:  # pyarrow's filesystem names the file in its message only
+        m = re.search(r"(?:file|directory) '([^']+)'", str(exc))
+        path = m.group(1) if m else None
+    if path is not None:  # a Location temp file `.<name>.<hex>.tmp` stands for <name>
+        head, tail = os.path.split(os.fsdecode(path))
+        m = re.fullmatch(r"\.(.+)\.[0-9a-f]{32}\.tmp", tail)
+        path = os.path.join(head, m.group(1)) if m else os.fsdecode(path)
+    reason = os.strerror(exc.errno) if exc.errno else (str(exc).splitlines() or [type(exc).__name__])[0]
+    if exc.errno in _WRITE_ERRNOS:
+        return f"cannot write {path}: {reason}" if path else f"cannot write: {reason}"
+    return f"{path}: {reason}" if path else reason
+
+
+def run_guarded(
+    prog: str, body: Callable[[argparse.Namespace], int | None], args: argparse.Namespace,
+    resume: str,
+) -> int:
+    """Run `body(args)`: its exit code, 2 (or the error's code) after a one-line error, 130 when
+    interrupted (`resume` says how to go on). Deprecated spellings in `args` are warned about
+    once the body has run, so that an error stays one line."""
+    try:
+        result = body(args)
+    except FlagsimError as exc:
+        print(f"{prog}: error: {plain(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        print(f"{prog}: error: {plain(os_error_line(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {resume}", file=sys.stderr)
+        return 130
+    for note in getattr(args, "deprecations", None) or ():
+        log.warning("%s", note)
+    return int(result or 0)

@@ -1,0 +1,238 @@
+"""The stages, run alike by `flagsim <command>` and jobs/: embed, index, neighbours, report, pipeline.
+
+`prepare` loads and checks a job (config, models, resources, output) before Ray is imported.
+Index and neighbour stages of the jobs run one Ray task per model, which reads and writes the run
+directory itself, so it must be reachable from every node (an object-store URI or a shared
+filesystem); `pipeline` runs them on the driver, as `flagsim pipeline` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flagsim.app.checks import check_fit, check_input, check_models, check_output, check_resources
+from flagsim.app.options import config_from_args, with_values
+from flagsim.config import Config
+from flagsim.errors import ConfigError, DataError, FlagsimError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked job: its config (run_dir resolved), the models it works on, its arguments."""
+
+    cfg: Config
+    run_dir: str
+    models: tuple[str, ...]
+    explicit: list[str] | None  # the models named with --models (None: the run's or config's)
+    args: argparse.Namespace
+
+
+def prepare(args: argparse.Namespace, *, images: str | None = None, existing_run: bool = False) -> Job:
+    """Load the config with its overrides and check it all before any work or Ray: --models,
+    the resources the actor pools ask for, the output location, and the inputs named."""
+    cfg = config_from_args(args)
+    run_dir = getattr(args, "run_dir", None) or cfg.run_dir
+    if run_dir != cfg.run_dir:
+        cfg = cfg.model_copy(update={"run_dir": run_dir})
+    explicit = list(args.models) if getattr(args, "models", None) else None
+    if explicit:
+        check_models(explicit)
+    models = tuple(explicit or cfg.embed.models)
+    check_resources(cfg, models)
+    check_output(run_dir)
+    if images:
+        check_input(images, "images table")
+    if existing_run:
+        check_input(run_dir, "run directory")
+    return Job(cfg=cfg, run_dir=run_dir, models=models, explicit=explicit, args=args)
+
+
+def connect(job: Job, embed_models: Sequence[str] | None = None) -> dict[str, float]:
+    """Connect to Ray (RAY_ADDRESS, else ray.address, else an embedded local Ray); the actor
+    pools of `embed_models` (default: the job's models) must fit it."""
+    from flagsim.pipeline.ray_session import ensure_ray, ray_address
+
+    resources = ensure_ray(job.cfg)
+    check_fit(job.cfg, resources, job.models if embed_models is None else embed_models)
+    log.info("Ray: %g CPUs, %g GPUs (%s)", resources.get("CPU", 0), resources.get("GPU", 0.0),
+             ray_address(job.cfg) or "the local Ray")
+    return resources
+
+
+# --- embed -------------------------------------------------------------------------------------
+
+def embed(job: Job, images: str | None = None, force: bool = False, repair: bool = False,
+          show_progress: bool = False):
+    """Embed the run's images with every model of the job; the EmbedSummary."""
+    from flagsim.pipeline.embed import run_embed
+
+    return run_embed(job.cfg, run_dir=job.run_dir, images=images, models=list(job.models),
+                     force=force, repair_shards=repair, show_progress=show_progress)
+
+
+def log_embed_summary(summary) -> None:
+    """One log line per model of an EmbedSummary (job logs are text, not a terminal table)."""
+    for r in summary.results:
+        log.info(
+            "embed %s: %s, %d images, dim %s, %s/%s%s%s", r.model, r.status, r.images,
+            r.dim or "-", r.device or "-", r.dtype or "-",
+            f", {r.images_per_s:.1f} images/s" if r.images_per_s else "",
+            f" ({r.reason})" if r.reason else "",
+        )
+    log.info("embeddings of %d images in %s (%d decode errors)", summary.images, summary.run_dir,
+             summary.decode_errors)
+
+
+# --- the whole run -----------------------------------------------------------------------------
+
+@dataclass
+class PipelineResult:
+    embed: Any  # EmbedSummary
+    indexed: list[str]
+    neighbours: list
+    report: object | None
+
+
+def fit_k(cfg: Config, images: int) -> Config:
+    """`cfg` with neighbours.k and report.k lowered to `images - 1` where larger (a warning
+    each), so that a small collection gets its neighbour tables and report; a collection of
+    fewer than two images is refused before any work."""
+    most = images - 1
+    if most < 1:
+        raise DataError(f"the collection has {images} image(s); neighbours need at least 2")
+    lowered = {}
+    for key, k in (("neighbours.k", cfg.neighbours.k), ("report.k", cfg.report.k)):
+        if k > most:
+            log.warning("%s=%d clamped to %d (the collection has %d images)", key, k, most, images)
+            lowered[key] = most
+    return with_values(cfg, lowered) if lowered else cfg
+
+
+def pipeline(
+    cfg: Config,
+    run_dir: str | None = None,
+    images: str | None = None,
+    models: Sequence[str] | None = None,
+    force: bool = False,
+    report: bool = True,
+    show_progress: bool = True,
+) -> PipelineResult:
+    """Embed, index, neighbour tables and report; each stage skips what is already up to date,
+    so a rerun is cheap. The images table is settled first (it becomes the run's own), so that
+    k is checked against the collection before any work."""
+    from flagsim.index import build_index, index_state
+    from flagsim.neighbours import write_neighbours
+    from flagsim.pipeline.embed import resolve_images, run_embed
+    from flagsim.rundir import RunDir
+
+    run_dir = run_dir or cfg.run_dir
+    run = RunDir.at(run_dir)
+    cfg = fit_k(cfg, resolve_images(cfg, run, images).num_rows)
+    summary = run_embed(cfg, run_dir=run_dir, images=None, models=models, force=force,
+                        show_progress=show_progress)
+    ready = [r.model for r in summary.results if r.status in ("embedded", "up to date")]
+    if not ready:
+        log.warning("no model produced embeddings; nothing to index")
+        return PipelineResult(summary, [], [], None)
+    for m in ready:
+        state, _ = index_state(run, m, cfg.index)
+        if force or state != "fresh":
+            build_index(run, m, cfg.index)
+    neighbours = write_neighbours(run_dir, cfg.neighbours.k, ready, cfg)
+    paths = None
+    if report:
+        from flagsim.report import build_report
+
+        paths = build_report(
+            run_dir, queries=None, k=cfg.report.k, pairs=cfg.report.pairs, models=ready,
+            default_queries=cfg.report.queries,
+        )
+    return PipelineResult(summary, ready, neighbours, paths)
+
+
+def log_pipeline(result: PipelineResult) -> None:
+    log_embed_summary(result.embed)
+    for n in result.neighbours:
+        log.info("neighbours %s: top-%d of %d images, %d rows -> %s", n.model, n.k, n.queries,
+                 n.rows, n.path)
+    if result.report is not None:
+        log.info("report -> %s", result.report.html)
+
+
+# --- index and neighbours: one Ray task per model ----------------------------------------------
+
+def _task_gpus(cfg: Config, resources: dict[str, float]) -> float:
+    """GPUs per index/neighbour task: index.use_gpu, `auto` meaning "when the cluster has some"."""
+    want = cfg.index.use_gpu
+    if want == "no":
+        return 0.0
+    if resources.get("GPU", 0.0) < 1:
+        if want == "yes":
+            raise ConfigError("index.use_gpu is yes but the Ray cluster has no GPU")
+        return 0.0
+    return 1.0
+
+
+def _per_model(job: Job, resources: dict[str, float], fn: Callable, what: str) -> list:
+    """Run `fn(run_dir, model, cfg)` as one Ray task per model of the run; results in order."""
+    import ray
+
+    from flagsim.index import resolve_models
+    from flagsim.rundir import RunDir
+
+    models = resolve_models(RunDir.at(job.run_dir), job.explicit)
+    remote = ray.remote(fn).options(num_cpus=1, num_gpus=_task_gpus(job.cfg, resources),
+                                    max_retries=1, name=f"flagsim-{what}")
+    refs = {m: remote.remote(job.run_dir, m, job.cfg) for m in models}
+    out = []
+    for m, ref in refs.items():
+        try:
+            out.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, FlagsimError):
+                raise type(cause)(f"{what} {m}: {cause}") from None
+            raise
+    return out
+
+
+def _index_one(run_dir: str, model: str, cfg: Config, force: bool) -> dict[str, Any]:
+    from flagsim.index import build_index, load_index
+
+    if force:
+        return build_index(run_dir, model, cfg.index).manifest.to_json()
+    return load_index(run_dir, model, cfg.index, rebuild_on_settings=True).manifest.to_json()
+
+
+def index_tasks(job: Job, resources: dict[str, float], force: bool = False) -> list[dict[str, Any]]:
+    """Build (or keep, when fresh) the FAISS index of each model; their manifests."""
+    def one(run_dir: str, model: str, cfg: Config) -> dict[str, Any]:
+        return _index_one(run_dir, model, cfg, force)
+
+    manifests = _per_model(job, resources, one, "index")
+    for m in manifests:
+        log.info("index %s: %s (%s), %d x %d, recall %s, on %s", m["model"], m["kind"],
+                 m["factory"], m["count"], m["dim"], m.get("recall"), m.get("device"))
+    return manifests
+
+
+def _neighbours_one(run_dir: str, model: str, cfg: Config) -> dict[str, Any]:
+    from flagsim.neighbours import write_neighbours
+
+    (result,) = write_neighbours(run_dir, k=cfg.neighbours.k, models=[model], cfg=cfg)
+    return asdict(result)
+
+
+def neighbour_tasks(job: Job, resources: dict[str, float]) -> list[dict[str, Any]]:
+    """Write the top-k neighbour table of every image for each model; one summary each."""
+    results = _per_model(job, resources, _neighbours_one, "neighbours")
+    for r in results:
+        log.info("neighbours %s: top-%d of %d images, %d rows (%s index) -> %s", r["model"], r["k"],
+                 r["queries"], r["rows"], r["index_kind"], r["path"])
+    return results
