@@ -73,7 +73,7 @@ def test_cli_bad_config_fails_fast_before_ray(tmp_path):
     cfg = _write(tmp_path, "embed:\n  models: [pixels]\n  defaults: {batch_size: -1}\n")
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "flagsim", "embed", "--config", str(cfg), "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "flagsim", "embed", "--config", str(cfg), "--run", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120,
     )
     elapsed = time.monotonic() - t0
@@ -126,7 +126,7 @@ def test_cli_config_file_not_utf8_prints_one_line(tmp_path):
     p = tmp_path / "utf16.yaml"
     p.write_bytes("embed:\n  models: [pixels]\n".encode("utf-16"))
     proc = subprocess.run(
-        [sys.executable, "-m", "flagsim", "embed", "--config", str(p), "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "flagsim", "embed", "--config", str(p), "--run", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert proc.returncode == 2

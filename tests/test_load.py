@@ -185,7 +185,7 @@ def embed_in_fresh_process(run: Path, log_file: Path, timeout: float = 1500) -> 
     while sampling the memory of its whole process tree."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "flagsim", "embed", "--out", str(run), "--no-progress"]
+    cmd = [sys.executable, "-m", "flagsim", "embed", "--run", str(run), "--no-progress"]
     for o in OVERRIDES:
         cmd += ["--set", o]
     start = time.perf_counter()

@@ -164,7 +164,7 @@ def test_killed_actor_still_gives_exactly_one_row_per_image(tmp_path, ray_local)
 
 
 def _embed_cmd(run: Path, cfg_path: Path) -> list[str]:
-    return [sys.executable, "-m", "flagsim", "embed", "--config", str(cfg_path), "--out", str(run),
+    return [sys.executable, "-m", "flagsim", "embed", "--config", str(cfg_path), "--run", str(run),
             "--no-progress"]
 
 
