@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from runs import make_run
 
 from flagsim.cli import main
 from flagsim.config import IndexConfig
@@ -22,7 +23,7 @@ from flagsim.index import (
     normalise,
 )
 from flagsim.rundir import RunDir
-from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
+from flagsim.shards import embeddings_table, write_shard
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,22 +35,6 @@ def _one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
-
-
-def make_run(root, model: str, vectors: np.ndarray, shard_size: int = 100, ids=None) -> RunDir:
-    """A run with `vectors` as `model`'s embeddings, split into shards, manifest last."""
-    run = RunDir.at(str(root))
-    n, dim = vectors.shape
-    ids = ids or [f"img{i:05d}" for i in range(n)]
-    shards = {}
-    for s, start in enumerate(range(0, n, shard_size)):
-        stop = min(n, start + shard_size)
-        table = embeddings_table(ids[start:stop], [f"Image {i}" for i in ids[start:stop]], model,
-                                 vectors[start:stop])
-        shards[write_shard(run, model, s, table).name] = table.num_rows
-    write_manifest(run, Manifest(model=model, dim=dim, rows=n, images_hash="test", shards=shards,
-                                 source="test"))
-    return run
 
 
 def brute_force(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

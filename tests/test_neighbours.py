@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import runs
 
 from flagsim.cli import main
 from flagsim.config import load_config
@@ -16,24 +17,13 @@ from flagsim.importcsv import model_from_label
 from flagsim.neighbours import read_neighbours, write_neighbours
 from flagsim.rundir import RunDir
 from flagsim.schema import NEIGHBOURS_SCHEMA
-from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 
 
 def make_run(root, model: str, vectors: np.ndarray, shard_size: int = 100) -> RunDir:
-    run = RunDir.at(str(root))
-    n, dim = vectors.shape
-    ids = [f"img{i:04d}" for i in range(n)]
-    shards = {}
-    for s, start in enumerate(range(0, n, shard_size)):
-        stop = min(n, start + shard_size)
-        table = embeddings_table(ids[start:stop], [f"Image {i}" for i in ids[start:stop]], model,
-                                 vectors[start:stop])
-        shards[write_shard(run, model, s, table).name] = table.num_rows
-    write_manifest(run, Manifest(model=model, dim=dim, rows=n, images_hash="test", shards=shards,
-                                 source="test"))
-    return run
+    """runs.make_run with four-digit ids (img0000, …), as this file's assertions spell them."""
+    return runs.make_run(root, model, vectors, shard_size, ids=[f"img{i:04d}" for i in range(len(vectors))])
 
 
 def test_neighbour_table_equals_brute_force_in_bounded_batches(tmp_path) -> None:

@@ -60,7 +60,7 @@ def _lock(run: Path) -> dict:
 
 
 def test_second_process_fails_at_once_naming_the_holder(tmp_path) -> None:
-    from test_index import make_run
+    from runs import make_run
 
     vectors = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
     make_run(tmp_path, "m", vectors)

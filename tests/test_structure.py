@@ -106,6 +106,16 @@ def test_only_the_cli_imports_the_cli() -> None:
     assert {m: i for m, i in offenders.items() if i} == {}
 
 
+def test_the_library_never_imports_the_application_layer() -> None:
+    """flagsim.app (stages, checks, logging) sits above the library: only the CLI and the app
+    itself may import it (docs/architecture.md)."""
+    offenders = {
+        m: sorted(i for i in _imports(m) if i == "flagsim.app" or i.startswith("flagsim.app."))
+        for m in MODULES if not m.startswith((*CLI, "flagsim.app"))
+    }
+    assert {m: i for m, i in offenders.items() if i} == {}
+
+
 def _code_lines(path: Path) -> int:
     return sum(1 for ln in path.read_text(encoding="utf-8").splitlines()
                if ln.strip() and not ln.lstrip().startswith("#"))
