@@ -165,13 +165,14 @@ def test_a_second_embed_into_the_same_run_fails_at_once_naming_the_holder(
     try:
         lock = run / "_lock.json"
         shards = run / "embeddings" / "model=pixels"
+        markers = run / "_meta" / "embeddings" / "model=pixels" / "shards"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and first.poll() is None:
-            if len(list(shards.glob("part-*.parquet"))) == 3:  # all but the held last shard
+            # all but the held last shard, each with its marker (written just after the shard)
+            if len(list(shards.glob("part-*.parquet"))) == 3 == len(list(markers.glob("*.json"))):
                 break
             time.sleep(0.2)
         assert first.poll() is None and lock.exists(), "the first embed is not holding the run"
-        time.sleep(0.5)  # its third marker is written just after the third shard
         before = sorted(p.name for p in run.rglob("*") if p.is_file())
         second = subprocess.run([*cmd, *EMBED[:-2], "--set", "embed.shard_size=20"], env=env,
                                 capture_output=True, text=True, timeout=120)
