@@ -31,7 +31,7 @@ FIGURES = ("knn", "preprocess", "memory_format", "efficiency", "original", "many
 
 def _quiet_logs() -> None:
     for name in ("ray", "ray.data", "faiss.loader", "filelock", "httpx", "urllib3",
-                 "transformers", "flagsim.images", "flagsim.pipeline.embed", "flagsim.models.hf"):
+                 "transformers", "flagsim.images", "flagsim.pipeline", "flagsim.models"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
