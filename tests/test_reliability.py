@@ -77,18 +77,20 @@ def test_bad_images_mixed_in_embed_or_report_and_good_ones_are_unchanged(tmp_pat
             np.testing.assert_array_equal(got[image_id], ref[image_id])
 
 
-def _embed_actors(since: float = 0.0) -> list[tuple[int, str]]:
-    """(pid, command line) of the live embedding actor processes started after `since`.
+def _embed_actors() -> list[tuple[int, str]]:
+    """(pid, command line) of the live embedding actor processes, fused ones first.
 
-    Actors of an earlier test's job can linger in the shared local Ray for a while; `since`
-    keeps them out (they are not the ones this job's rows go through).
+    Actors of an earlier test's job can linger in the shared local Ray for a while (unfused
+    `MapWorker(MapBatches(EmbedActor))`, seen once); this job's actor decodes too (Ray fuses the
+    decode into it on this config), so those come first. Process start times cannot tell them
+    apart: Ray runs an actor in a worker process it may have started before the test.
     """
     found = []
-    for p in psutil.process_iter(["cmdline", "create_time"]):
+    for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info.get("cmdline") or [])
-        if cmd.startswith("ray::MapWorker") and "EmbedActor" in cmd and p.info["create_time"] >= since:
+        if cmd.startswith("ray::MapWorker") and "EmbedActor" in cmd:
             found.append((p.pid, cmd))
-    return found
+    return sorted(found, key=lambda a: "decode_batch" not in a[1])
 
 
 def _image_behind_a_pipe(table: pa.Table, row: int, where: Path) -> tuple[pa.Table, Path, Path]:
@@ -122,7 +124,6 @@ def test_killed_actor_still_gives_exactly_one_row_per_image(tmp_path, ray_local)
     cfg = _cfg("embed.models=[efficientnet-lite0]", "embed.shard_size=10",
                "embed.decode_batch_size=10", "embed.settings.efficientnet-lite0.batch_size=4")
     killed: list[tuple[int, str]] = []
-    started = time.time()
 
     def killer() -> None:
         try:
@@ -130,7 +131,7 @@ def test_killed_actor_still_gives_exactly_one_row_per_image(tmp_path, ray_local)
             model_dir = run / "embeddings" / "model=efficientnet-lite0"
             while time.monotonic() < deadline:
                 if len(list(model_dir.glob("part-*.parquet"))) >= 2:
-                    actors = _embed_actors(since=started)
+                    actors = _embed_actors()
                     if actors:
                         shutil.copy(real, tmp_path / "real.png")
                         os.replace(tmp_path / "real.png", pipe)  # a retry reads the real file
