@@ -120,7 +120,7 @@ def done_shards(run: RunDir, model: str, verify: bool = False) -> dict[int, Loca
     With `verify`, each file's sha256 is checked against its marker too (reads every shard).
     """
     out = {}
-    rid = run_id(run) if run.meta.exists() else None
+    rid = run_id(run) if (run.meta / "run.json").exists() else None  # a query: never create it
     for idx, loc in shard_files(run, model).items():
         marker = read_marker(run, model, idx)
         if marker is None or not loc.is_file() or loc.size() != marker["bytes"]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from rayhead import stop_head
 from resource_cases import RESOURCE_CASES
 from s3server import LocalS3, patched_environ, running_s3
 
@@ -246,39 +246,6 @@ class RayHead:
                               timeout=timeout)
 
 
-def _stop(proc: subprocess.Popen, root: Path) -> None:
-    """Stop the head we started: SIGTERM `ray start --block` (it stops what it started), then
-    SIGKILL its process group and any straggler whose command line names our temp root."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-    for pid in _pids_mentioning(str(root)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if text.encode() in (d / "cmdline").read_bytes():
-                    out.append(int(d.name))
-            except OSError:
-                continue
-    return out
-
-
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[RayHead]:
     # short root: Ray's unix socket paths must stay under ~107 characters
@@ -317,7 +284,7 @@ def ray_head() -> Iterator[RayHead]:
                         f"{(root / 'head.log').read_text()[-2000:]}")
         yield head
     finally:
-        _stop(proc, root)
+        stop_head(proc, root)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
 
