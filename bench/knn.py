@@ -1,4 +1,4 @@
-"""Figure 6: exact top-k search (flagsim.index, FAISS, NumPy, torch) against the sgemm bound."""
+"""Figure 6: exact top-k search (flagsim.search, FAISS, NumPy, torch) against the sgemm bound."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 def write_run(run_dir: str, model: str, vectors: np.ndarray, shard_rows: int = 100_000) -> None:
     """A run directory holding `vectors` as `model`'s embeddings, written with flagsim's own shard
-    and manifest code (as `flagsim embed` leaves them), so `flagsim.index` can index them."""
+    and manifest code (as `flagsim embed` leaves them), so `flagsim.search` can index them."""
     from flagsim.rundir import RunDir, shard_name
     from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
 
@@ -62,9 +62,9 @@ def model_of_dim(d: int) -> str:
 
 
 def flagsim_index(x: np.ndarray, folder: str, use_gpu: str = "no"):
-    """flagsim's exact cosine index (`flagsim.index.build_index`, kind flat) over `x`."""
+    """flagsim's exact cosine index (`flagsim.search.build.build_index`, kind flat) over `x`."""
     from flagsim.config import IndexConfig
-    from flagsim.index import build_index
+    from flagsim.search.build import build_index
 
     model = model_of_dim(x.shape[1])
     write_run(folder, model, x)
@@ -132,7 +132,7 @@ def run(n_values=(10_000, 100_000), d: int = 768, n_queries: int = 1000, k: int 
     import faiss
     import torch
 
-    fig = Figure("knn", "6. Exact kNN: flagsim.index vs FAISS, NumPy and torch, against the sgemm bound")
+    fig = Figure("knn", "6. Exact kNN: flagsim.search vs FAISS, NumPy and torch, against the sgemm bound")
     # the bound: the best sgemm rate seen, measured before, between and after the searches
     sgemm = [sgemm_flops()]
     fig.raw["faiss_threads"] = faiss.omp_get_max_threads()
@@ -148,7 +148,7 @@ def run(n_values=(10_000, 100_000), d: int = 768, n_queries: int = 1000, k: int 
         tmp = tempfile.TemporaryDirectory(prefix="flagsim-bench-knn-")
         flagsim = flagsim_index(x, tmp.name)
         methods = {
-            "flagsim ModelIndex.search (flagsim.index, flat)": partial(
+            "flagsim ModelIndex.search (flagsim.search, flat)": partial(
                 flagsim.search, q, k, normalised=True),
             "FAISS IndexFlatIP.search": partial(index.search, q, k),
             "FAISS knn()": partial(faiss.knn, q, x, k, metric=faiss.METRIC_INNER_PRODUCT),
@@ -194,7 +194,7 @@ def run(n_values=(10_000, 100_000), d: int = 768, n_queries: int = 1000, k: int 
     fig.notes.append(
         f"Exact search runs at {worst:.0%}-{best:.0%} of the sgemm bound measured in the same run; "
         "the remainder is top-k selection and memory traffic. flagsim's own search "
-        "(`flagsim.index`, what `flagsim query` and `flagsim neighbours` run) is the first row. "
+        "(`flagsim.search`, what `flagsim query` and `flagsim neighbours` run) is the first row. "
         + ("All methods return the same neighbours (ids identical unless scores tie within 1e-4)."
            if all(r["equal"] for r in fig.raw["runs"]) else
            "NOT every method returns the same neighbours: see the table.")

@@ -229,7 +229,7 @@ def render(results: dict[str, Any], json_path: Path) -> str:
             "weights=<path>)`, `embed.settings.<model>.weights`), so its own preprocessing, "
             "pooling, loading and Ray actors are what is measured. Compute cost equals the "
             "pretrained models'; embeddings are meaningless.",
-            "- Search (figure 6 and the GPU check's kNN) runs through `flagsim.index`: the "
+            "- Search (figure 6 and the GPU check's kNN) runs through `flagsim.search`: the "
             "vectors are written as a run's embedding shards and `build_index` + "
             "`ModelIndex.search` answer the queries, next to bare FAISS, NumPy and torch.",
             "- Verdicts are computed from the numbers against the targets in `bench/targets.py` "

@@ -69,7 +69,7 @@ def gpu_figure(smoke_budget_s: float, gpu_json: Path | None) -> Figure:
     ok = fig.raw["smoke_rc"] == 0 and "smoke_run" in fig.raw
     fig.notes.append(
         f"CPU smoke run (`--smoke`: tiny checkpoints of flagsim's registry models, 5,000-vector "
-        f"kNN through flagsim.index, fp32 throughput on the CPU) "
+        f"kNN through flagsim.search, fp32 throughput on the CPU) "
         f"{'passed' if ok else 'FAILED'} in {fig.raw['smoke_s']:.0f} s: every section ran and "
         "wrote its JSON and markdown. Its numbers only prove the script works; they are not "
         "benchmarks.")

@@ -116,8 +116,10 @@ class EmbedConfig(_Frozen):
 
 class IndexConfig(_Frozen):
     kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "flat"
-    memory_budget_gb: float = Field(default=8.0, gt=0)
-    exact_max_rows: int = Field(default=1_000_000, gt=0)  # auto: exact up to this many rows
+    memory_budget_gb: float = Field(default=8.0, gt=0)  # per index part (one worker's share)
+    max_parts: int = Field(default=16, gt=0, le=4096)  # most parts an index is split into
+    # auto: exact up to this many rows; None: the measured time crossover (search/choice.py)
+    exact_max_rows: int | None = Field(default=None, gt=0)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     recall_sample: int = Field(default=1000, gt=0)
     nlist: int | None = Field(default=None, gt=0)

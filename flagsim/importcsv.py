@@ -114,7 +114,7 @@ def _parse(src: Location, model: str, chunk_rows: int) -> _Parsed:
     Memory holds the float32 vectors and ids, never the file's text: a bad row or a
     dimension disagreeing with the registry is refused as soon as it is read.
     """
-    from flagsim.index import model_dim
+    from flagsim.search.catalog import model_dim
 
     expected = model_dim(model)
     ids: list[str] = []

@@ -444,7 +444,7 @@ def import_embeddings(
     A refused import leaves the run as it was. Memory: one shard, plus every id (for the
     duplicate check).
     """
-    from flagsim.index import model_dim
+    from flagsim.search.catalog import model_dim
 
     if not _MODEL_NAME.match(model):
         raise DataError(

@@ -75,6 +75,11 @@ NEIGHBOURS_SCHEMA = pa.schema(
 )
 
 #: Errors table (`errors/<stage>/part-NNNNN.parquet`): one row per failed item.
+# `index/model=<m>/ids.parquet`: the image at each index position, in position order.
+INDEX_IDS_SCHEMA = pa.schema(
+    [pa.field("image_id", pa.string(), nullable=False), pa.field("name", pa.string(), nullable=False)]
+)
+
 ERRORS_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string()),

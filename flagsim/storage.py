@@ -174,6 +174,32 @@ class Location:
         self.write_bytes(data, staging=staging)
         return data
 
+    def put_file(self, local: str | os.PathLike, chunk: int = 1 << 22) -> None:
+        """Move the local file `local` here atomically (a rename on local disk, else one
+        streamed upload, after which `local` is deleted); memory stays one chunk."""
+        self.parent.mkdirs()
+        if self.is_local:
+            os.replace(local, self.path)
+            return
+        try:
+            with open(local, "rb") as src, self.fs.open_output_stream(self.path) as dst:
+                while block := src.read(chunk):
+                    dst.write(block)
+        finally:
+            os.unlink(local)
+
+    def local_file(self, cache: str | os.PathLike, chunk: int = 1 << 22) -> str:
+        """A local path holding this file's bytes: itself on local disk, else a streamed copy
+        into the directory `cache` (for readers that need a real file, e.g. a memory map)."""
+        if self.is_local:
+            return self.path
+        os.makedirs(cache, exist_ok=True)
+        dest = os.path.join(os.fspath(cache), f"{uuid.uuid4().hex}-{self.name}")
+        with self.fs.open_input_stream(self.path) as src, open(dest, "wb") as dst:
+            while block := src.read(chunk):
+                dst.write(block)
+        return dest
+
     def delete(self) -> None:
         info = self.fs.get_file_info(self.path)
         if info.type == pafs.FileType.Directory:

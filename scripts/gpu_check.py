@@ -6,7 +6,7 @@ pooling and loading), loaded with `create_embedder(name, weights=<dir>)` and
 `flagsim.pipeline.mapper.EmbedActor` from a random-weight checkpoint of the real size that
 bench/checkpoints.py writes to a temporary folder (configs with the published hyperparameters in
 bench/archs.py; no weights are downloaded). The kNN section writes random vectors as a run's
-embedding shards and searches them with `flagsim.index` (build_index + ModelIndex.search: FAISS
+embedding shards and searches them with `flagsim.search` (build_index + ModelIndex.search: FAISS
 on the GPU when faiss sees one, on the CPU otherwise). Needs flagsim's dependencies; ray is not
 used. Each section runs in its own try/except and the JSON + markdown results are rewritten
 after every section, so a crash, a timeout or a kill still leaves everything measured so far in
@@ -365,7 +365,7 @@ def knn_check(rec: dict[str, Any], n: int, d: int, k: int, device: str, budget: 
               n_check: int, q_tile: int, workdir: Path) -> None:
     """Exact all-pairs top-k (self excluded) of n random vectors through flagsim's index code.
 
-    The vectors are written as a run's embedding shards, `flagsim.index.build_index` builds the
+    The vectors are written as a run's embedding shards, `flagsim.search.build.build_index` builds the
     exact (flat) cosine index (FAISS on the GPU when faiss sees one, else on the CPU) and
     `ModelIndex.search` answers every row with itself excluded, tile by tile, as `flagsim
     neighbours` does. A sample of rows is checked against a float64 NumPy brute force. Stops
@@ -373,7 +373,8 @@ def knn_check(rec: dict[str, Any], n: int, d: int, k: int, device: str, budget: 
     """
     from bench.knn import model_of_dim, write_run
     from flagsim.config import IndexConfig
-    from flagsim.index import build_index, normalise
+    from flagsim.search.build import build_index
+    from flagsim.search.vectors import normalise
 
     model = model_of_dim(d)
     run_dir = str(workdir / "knn-run")
@@ -484,7 +485,7 @@ def render_markdown(data: dict[str, Any]) -> str:
               "same actor with `preprocess_on: cpu`. Shares are divided by the forward-only rate."]
     k = secs.get("knn")
     if k:
-        lines += ["", "## All-pairs exact top-k (flagsim.index)", ""]
+        lines += ["", "## All-pairs exact top-k (flagsim.search)", ""]
         if k.get("status") != "ok":
             lines.append(f"{k.get('status')}: {k.get('error', '')}")
         else:

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from flagsim.cli import main
-from flagsim.compare import Comparison, Hit, compare
 from flagsim.errors import DataError
-from flagsim.evaluate import default_pairs_path, evaluate, read_pairs
 from flagsim.images import bundled_table
 from flagsim.rundir import RunDir
+from flagsim.search.compare import Comparison, Hit, compare
+from flagsim.search.evaluate import default_pairs_path, evaluate, read_pairs
 from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,8 +113,8 @@ def test_agreement_counts_overlapping_top_k(tmp_path) -> None:
 
 
 def test_unknown_query_fails_compare_and_available_queries_filters_it(reference_run) -> None:
-    from flagsim.compare import available_queries
     from flagsim.errors import UnknownNameError
+    from flagsim.search.compare import available_queries
 
     with pytest.raises(UnknownNameError, match="unknown name 'Atlantis'"):
         compare(reference_run, ["Chad", "Atlantis"])
@@ -204,7 +204,7 @@ def test_k_larger_than_a_small_collection_is_clamped_with_a_warning(tmp_path, ca
     rng = np.random.default_rng(3)
     _write_model(tmp_path, "a", ids, rng.normal(size=(5, 8)).astype(np.float32))
     _write_model(tmp_path, "b", ids, rng.normal(size=(5, 6)).astype(np.float32))
-    with caplog.at_level("WARNING", logger="flagsim.compare"):
+    with caplog.at_level("WARNING", logger="flagsim.search.compare"):
         c = compare(str(tmp_path), ["Chad"], k=10)
     assert c.k == 4
     assert [len(hits) for hits in c.results["Chad"].values()] == [4, 4, 4]  # a, b and the ensemble

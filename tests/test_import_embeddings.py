@@ -13,9 +13,9 @@ import pytest
 from flagsim import cli, importemb
 from flagsim.errors import DataError
 from flagsim.importemb import _npy_info, _npy_rows, import_embeddings
-from flagsim.neighbours import read_neighbours, write_neighbours
 from flagsim.rundir import RunDir
 from flagsim.runlock import RunLockedError, run_lock
+from flagsim.search.neighbours import read_neighbours, write_neighbours
 from flagsim.shards import read_embeddings, read_manifest
 from flagsim.storage import Location
 

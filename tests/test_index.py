@@ -12,17 +12,13 @@ from runs import make_run
 from flagsim.cli import main
 from flagsim.config import IndexConfig
 from flagsim.errors import ConfigError, DataError
-from flagsim.index import (
-    IDS_FILE,
-    INDEX_FILE,
-    MANIFEST_FILE,
-    build_index,
-    choose_kind,
-    index_state,
-    load_index,
-    normalise,
-)
 from flagsim.rundir import RunDir
+from flagsim.search.build import build_index
+from flagsim.search.choice import choose_kind, exact_crossover
+from flagsim.search.load import load_index
+from flagsim.search.manifest import IDS_FILE, INDEX_FILE, MANIFEST_FILE
+from flagsim.search.saved import index_state
+from flagsim.search.vectors import normalise
 from flagsim.shards import embeddings_table, write_shard
 
 
@@ -91,11 +87,18 @@ def test_k_larger_than_the_collection_is_one_line_error(tmp_path) -> None:
 
 
 def test_choose_kind_rule() -> None:
-    cfg = IndexConfig(kind="auto", exact_max_rows=1000, memory_budget_gb=1.0)
+    cfg = IndexConfig(kind="auto", exact_max_rows=1000, memory_budget_gb=1.0, max_parts=2)
     assert choose_kind(1000, 64, cfg) == "flat"
     assert choose_kind(1001, 64, cfg) == "ivf"
-    # 10M x 64 floats (2.4 GiB) do not fit 1 GiB: compressed codes
+    # 10M x 64 floats (2.4 GiB) do not fit 2 parts of 1 GiB: compressed codes
     assert choose_kind(10_000_000, 64, cfg) == "ivfpq"
+    assert choose_kind(10_000_000, 64, cfg.model_copy(update={"max_parts": 3})) == "ivf"
+    # without exact_max_rows, auto is exact up to the measured time crossover
+    crossover = exact_crossover(32)
+    assert 50_000 < crossover < 500_000
+    auto = IndexConfig(kind="auto")
+    assert choose_kind(crossover, 256, auto) == "flat"
+    assert choose_kind(crossover + 1, 256, auto) == "ivf"
     # exact is the default kind, whatever the size
     assert IndexConfig().kind == "flat"
     assert choose_kind(10_000_000, 64, IndexConfig()) == "flat"
@@ -285,14 +288,20 @@ def test_crash_while_replacing_an_index_never_reads_as_up_to_date(
     vectors = np.random.default_rng(21).normal(size=(300, 16)).astype(np.float32)
     run = make_run(tmp_path, "m", vectors)
     build_index(run, "m", IndexConfig(kind="flat"))
-    real_write = Location.write_bytes
+    real_put, real_write = Location.put_file, Location.write_bytes
 
-    def crash(self, data):
+    def crash_put(self, local):
         if self.name == crash_at:
             raise KeyboardInterrupt  # killed after index.faiss was replaced
-        real_write(self, data)
+        real_put(self, local)
 
-    monkeypatch.setattr(Location, "write_bytes", crash)
+    def crash_write(self, data, staging=None):
+        if self.name == crash_at:
+            raise KeyboardInterrupt
+        real_write(self, data, staging)
+
+    monkeypatch.setattr(Location, "put_file", crash_put)
+    monkeypatch.setattr(Location, "write_bytes", crash_write)
     with pytest.raises(KeyboardInterrupt):
         build_index(run, "m", IndexConfig(kind="hnsw", hnsw_m=8, recall_sample=20))
     monkeypatch.undo()
@@ -336,7 +345,7 @@ def test_flipped_byte_in_the_index_file_is_one_line_on_load_and_check(tmp_path, 
     data[len(data) - 7] ^= 0x10  # inside the vectors: FAISS itself would read it happily
     loc.write_bytes(bytes(data))
     with pytest.raises(DataError) as exc:
-        load_index(run, "m", build=False)
+        load_index(run, "m", build=False, verify=True)
     msg = str(exc.value)
     assert "index.faiss does not match the sha256" in msg and "\n" not in msg
     assert msg.endswith("rerun `flagsim index --models m`")
@@ -419,23 +428,23 @@ def _index_round_trip(root: str) -> None:
     assert index_state(run, "m")[0] == "fresh"  # same size: only the hash tells
     assert "does not match the sha256" in index_state(run, "m", verify=True)[1]
     with pytest.raises(DataError, match="index.faiss does not match the sha256"):
-        load_index(run, "m", build=False)
+        load_index(run, "m", build=False, verify=True)
     build_index(run, "m")
     assert index_state(run, "m", verify=True)[0] == "fresh"
 
 
 def test_gpu_failure_falls_back_to_cpu(tmp_path, monkeypatch, caplog) -> None:
-    import flagsim.index as index_mod
+    import flagsim.search.backend as index_mod
 
-    def no_kernels(index, kind):
+    def no_kernels(index, kind, float16=None):
         raise RuntimeError("no GPU kernel for this index")
 
     monkeypatch.setattr(index_mod, "gpu_count", lambda: 1)
-    monkeypatch.setattr(index_mod, "_to_gpu", no_kernels)
+    monkeypatch.setattr(index_mod, "to_gpu", no_kernels)
     vectors = np.random.default_rng(13).normal(size=(300, 8)).astype(np.float32)
     run = make_run(tmp_path, "m", vectors)
     idx = build_index(run, "m", IndexConfig(kind="ivf", nlist=4, nprobe=4, recall_sample=50))
     assert idx.manifest.device == "cpu" and idx.manifest.recall == 1.0
     assert "cannot build on GPU (no GPU kernel for this index); building on CPU" in caplog.text
     loaded = load_index(run, "m", IndexConfig(use_gpu="yes"), build=False)
-    assert loaded.cpu_index is None and loaded.count == 300
+    assert loaded.index.device == "cpu" and loaded.count == 300

@@ -374,9 +374,9 @@ def test_submitted_embed_job_writes_complete_shards(cluster_run: dict) -> None:
 
 @pytest.mark.ray
 def test_submitted_index_and_neighbours_jobs_write_tables(cluster_run: dict) -> None:
-    from flagsim.index import load_index
-    from flagsim.neighbours import read_neighbours
     from flagsim.rundir import RunDir
+    from flagsim.search.load import load_index
+    from flagsim.search.neighbours import read_neighbours
     from flagsim.shards import read_embeddings
 
     run_dir = str(cluster_run["run"])
@@ -404,8 +404,8 @@ def test_pipeline_job_on_object_store_matches_local_run(
 ) -> None:
     """Images and run directory on S3: the workers that decode the images, the driver that writes
     shards, index, tables and report all reach the store through the runtime_env's env_vars."""
-    from flagsim.neighbours import read_neighbours
     from flagsim.rundir import RunDir
+    from flagsim.search.neighbours import read_neighbours
     from flagsim.shards import read_embeddings
     with running_s3() as s3:
         bucket = s3.new_bucket()

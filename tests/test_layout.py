@@ -16,9 +16,9 @@ import pytest
 
 from flagsim.config import load_config
 from flagsim.images import bundled_flags_dir, from_folder, write_images_table
-from flagsim.neighbours import write_neighbours
 from flagsim.pipeline.embed import run_embed
 from flagsim.rundir import RunDir
+from flagsim.search.neighbours import write_neighbours
 from flagsim.shards import read_embeddings
 
 MODELS = ("efficientnet-lite0", "pixels")  # 1280-d and 1152-d: the folders differ in dimension

@@ -14,9 +14,9 @@ from flagsim.cli import main
 from flagsim.config import load_config
 from flagsim.images import safe_stem
 from flagsim.importcsv import model_from_label
-from flagsim.neighbours import read_neighbours, write_neighbours
 from flagsim.rundir import RunDir
 from flagsim.schema import NEIGHBOURS_SCHEMA
+from flagsim.search.neighbours import read_neighbours, write_neighbours
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 

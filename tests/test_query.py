@@ -15,8 +15,8 @@ from flagsim.cli import main
 from flagsim.decode import decode_image
 from flagsim.errors import UnknownNameError
 from flagsim.images import bundled_table, write_images_table
-from flagsim.query import query
 from flagsim.rundir import RunDir
+from flagsim.search.query import query
 from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
 
 FLAGS = ["Chad", "Romania", "Andorra", "Moldova", "Belgium", "France", "Italy", "Ireland",
@@ -204,7 +204,7 @@ def _in_subprocess(probe: str) -> list:
 def test_image_query_by_a_runs_own_file_builds_no_model(flag_run) -> None:
     """A file with the bytes of one of the run's images takes its stored embeddings: no torch,
     the same neighbours as the name, and even `ext` (imported without weights) answers."""
-    probe = ("import json, sys\nfrom flagsim.query import query\n"
+    probe = ("import json, sys\nfrom flagsim.search.query import query\n"
              f"r = query({flag_run['root']!r}, {flag_run['paths']['Chad']!r}, k=3)\n"
              "print(json.dumps([{m: [h.image_id for h in hits] for m, hits in r.results.items()}, "
              "[m for m in ('torch', 'transformers', 'timm', 'ray') if m in sys.modules]]))")
@@ -221,7 +221,7 @@ def test_image_query_with_only_pixels_builds_no_network_model(flag_run, tmp_path
     root = tmp_path / "run"
     _write_model(RunDir.at(str(root)), "pixels", FLAGS, flag_run["names"],
                  flag_run["vectors"]["pixels"], checkpoint=None, source="test")
-    probe = ("import json, sys\nfrom flagsim.query import query\n"
+    probe = ("import json, sys\nfrom flagsim.search.query import query\n"
              f"r = query({str(root)!r}, {flag_run['paths']['Chad']!r}, k=1)\n"
              "print(json.dumps([r.results['pixels'][0].image_id, "
              "[m for m in ('transformers', 'timm', 'ray') if m in sys.modules]]))")

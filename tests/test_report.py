@@ -330,7 +330,7 @@ def built(run_dir, tmp_path_factory):
 
 
 def test_report_of_a_real_run_renders_in_chromium(built, run_dir, tmp_path):
-    from flagsim.compare import compare
+    from flagsim.search.compare import compare
 
     paths, out = built
     page = Path(paths.html)
@@ -381,8 +381,8 @@ def test_report_without_images_table_shows_placeholders(tmp_path):
 
 def test_default_queries_fall_back_to_the_runs_first_images():
     from flagsim.errors import UnknownNameError
-    from flagsim.query import Catalogue
     from flagsim.report import resolve_queries
+    from flagsim.search.catalog import Catalogue
 
     cat = Catalogue({"a": "Alpha", "b": "Beta", "c": "Gamma", "d": "Delta", "e": "Twin", "f": "Twin"})
     queries, skipped, notes = resolve_queries(["Chad", "beta", "c", "twin"], cat, explicit=False)

@@ -156,8 +156,9 @@ def _write_embeddings(run: RunDir, vecs: np.ndarray, shard: int = 5) -> None:
 def test_index_and_neighbours_on_s3_equal_a_local_run(s3_server: LocalS3, s3_bucket: str,
                                                        tmp_path) -> None:
     from flagsim.config import Config
-    from flagsim.index import build_index, load_index
-    from flagsim.neighbours import read_neighbours, write_neighbours
+    from flagsim.search.build import build_index
+    from flagsim.search.load import load_index
+    from flagsim.search.neighbours import read_neighbours, write_neighbours
 
     vecs = np.random.default_rng(1).standard_normal((17, 8)).astype(np.float32)
     cfg = Config.model_validate({"neighbours": {"k": 4, "batch_size": 6}})

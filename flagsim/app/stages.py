@@ -126,10 +126,11 @@ def pipeline(
     """Embed, index, neighbour tables and report; each stage skips what is already up to date,
     so a rerun is cheap. The images table is settled first (it becomes the run's own), so that
     k is checked against the collection before any work."""
-    from flagsim.index import build_index, index_state
-    from flagsim.neighbours import write_neighbours
     from flagsim.pipeline.embed import resolve_images, run_embed
     from flagsim.rundir import RunDir
+    from flagsim.search.build import build_index
+    from flagsim.search.neighbours import write_neighbours
+    from flagsim.search.saved import index_state
 
     run_dir = run_dir or cfg.run_dir
     run = RunDir.at(run_dir)
@@ -183,8 +184,8 @@ def _per_model(job: Job, resources: dict[str, float], fn: Callable, what: str) -
     """Run `fn(run_dir, model, cfg)` as one Ray task per model of the run; results in order."""
     import ray
 
-    from flagsim.index import resolve_models
     from flagsim.rundir import RunDir
+    from flagsim.search.catalog import resolve_models
 
     models = resolve_models(RunDir.at(job.run_dir), job.explicit)
     remote = ray.remote(fn).options(num_cpus=1, num_gpus=_task_gpus(job.cfg, resources),
@@ -203,7 +204,8 @@ def _per_model(job: Job, resources: dict[str, float], fn: Callable, what: str) -
 
 
 def _index_one(run_dir: str, model: str, cfg: Config, force: bool) -> dict[str, Any]:
-    from flagsim.index import build_index, load_index
+    from flagsim.search.build import build_index
+    from flagsim.search.load import load_index
 
     if force:
         return build_index(run_dir, model, cfg.index).manifest.to_json()
@@ -223,7 +225,7 @@ def index_tasks(job: Job, resources: dict[str, float], force: bool = False) -> l
 
 
 def _neighbours_one(run_dir: str, model: str, cfg: Config) -> dict[str, Any]:
-    from flagsim.neighbours import write_neighbours
+    from flagsim.search.neighbours import write_neighbours
 
     (result,) = write_neighbours(run_dir, k=cfg.neighbours.k, models=[model], cfg=cfg)
     return asdict(result)

@@ -27,9 +27,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from flagsim.compare import ORIGINAL_CHECKS, compare, top1_counts
     from flagsim.console import safe, stdout_console
-    from flagsim.index import ENSEMBLE
+    from flagsim.search.catalog import ENSEMBLE
+    from flagsim.search.compare import ORIGINAL_CHECKS, compare, top1_counts
 
     cfg = options.config_from_args(args)
     run_dir = options.run_dir_from(args, cfg)

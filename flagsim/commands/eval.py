@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from flagsim.console import safe, stdout_console
-    from flagsim.evaluate import evaluate
+    from flagsim.search.evaluate import evaluate
 
     cfg = options.config_from_args(args)
     run_dir = options.run_dir_from(args, cfg)

@@ -35,8 +35,11 @@ def run(args: argparse.Namespace) -> int:
 
     from flagsim.console import plain, safe, stdout_console
     from flagsim.errors import DataError
-    from flagsim.index import build_index, index_state, load_index, resolve_models
     from flagsim.rundir import RunDir
+    from flagsim.search.build import build_index
+    from flagsim.search.catalog import resolve_models
+    from flagsim.search.load import load_index
+    from flagsim.search.saved import index_state
 
     cfg = options.config_from_args(args, {"index.kind": args.kind})
     run = RunDir.at(options.run_dir_from(args, cfg, writable=not args.check))
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         idx = None
         if state == "fresh" and not args.force:
             try:
-                idx = load_index(run, m, cfg.index, build=False)
+                idx = load_index(run, m, cfg.index, build=False, verify=True)
                 status = "up to date"
             except DataError as exc:  # e.g. a file whose sha256 differs from the manifest's
                 log.warning("%s; rebuilding", str(exc).split("; rerun", 1)[0])

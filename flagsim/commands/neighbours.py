@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from flagsim.console import safe, stdout_console
-    from flagsim.neighbours import write_neighbours
+    from flagsim.search.neighbours import write_neighbours
 
     cfg = options.config_from_args(args, {"neighbours.k": args.k})
     run_dir = options.run_dir_from(args, cfg, writable=True)

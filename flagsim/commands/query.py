@@ -34,7 +34,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from flagsim.console import plain
-    from flagsim.query import query
+    from flagsim.search.query import query
 
     cfg = options.config_from_args(args)
     run_dir = options.run_dir_from(args, cfg)

@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flagsim.errors import FlagsimError, UnknownNameError
-from flagsim.index import ENSEMBLE
 from flagsim.rundir import RunDir
+from flagsim.search.catalog import ENSEMBLE
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from flagsim.compare import Comparison
-    from flagsim.query import Catalogue
+    from flagsim.search.catalog import Catalogue
+    from flagsim.search.compare import Comparison
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ def report_data(
     `queries` None means `default_queries` (default: the config's report.queries); see
     `resolve_queries` for those not in the run.
     """
-    from flagsim.compare import compare
     from flagsim.config import ReportConfig
-    from flagsim.evaluate import evaluate
+    from flagsim.search.compare import compare
+    from flagsim.search.evaluate import evaluate
 
     run = RunDir.at(run_dir)
     explicit = queries is not None
@@ -80,8 +80,7 @@ class _Names:
 
 def run_catalogue(run: RunDir, models: Sequence[str] | None = None) -> Catalogue:
     """Image ids and names of the run's embeddings (only those two columns of each shard are read)."""
-    from flagsim.index import resolve_models
-    from flagsim.query import Catalogue
+    from flagsim.search.catalog import Catalogue, resolve_models
     from flagsim.shards import done_shards
 
     sets = []

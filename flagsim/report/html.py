@@ -10,13 +10,13 @@ from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 from flagsim.console import plain
-from flagsim.index import ENSEMBLE
 from flagsim.report.data import row_models, support
+from flagsim.search.catalog import ENSEMBLE
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from flagsim.compare import Comparison
+    from flagsim.search.compare import Comparison
 
 #: Content-Security-Policy of the page: no scripts, no network, images only from data: URIs.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"

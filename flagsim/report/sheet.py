@@ -13,13 +13,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 from flagsim.console import plain
 from flagsim.errors import FlagsimError
-from flagsim.index import ENSEMBLE
 from flagsim.report.data import row_models, support
 from flagsim.rundir import RunDir
+from flagsim.search.catalog import ENSEMBLE
 from flagsim.storage import Location
 
 if TYPE_CHECKING:
-    from flagsim.compare import Comparison
+    from flagsim.search.compare import Comparison
 
 log = logging.getLogger(__name__)
 

@@ -2,101 +2,27 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from flagsim.config import Config
-from flagsim.errors import DataError, FlagsimError, UnknownNameError
-from flagsim.images import IMAGE_SUFFIXES, safe_stem
-from flagsim.index import (
-    ENSEMBLE,
-    Hit,
-    build_ensemble,
-    ensemble_query,
-    ensemble_vectors,
-    load_index,
-    read_sets,
-    resolve_models,
-    stored_vectors,
-)
+from flagsim.errors import DataError, FlagsimError
+from flagsim.images import IMAGE_SUFFIXES
 from flagsim.rundir import RunDir
+from flagsim.search.catalog import ENSEMBLE, Catalogue, resolve_models
+from flagsim.search.ensemble import build_ensemble, ensemble_query, read_sets, stored_vectors
+from flagsim.search.load import load_index
+from flagsim.search.model_index import Hit
+from flagsim.search.vectors import ensemble_vectors
 from flagsim.shards import EmbeddingSet
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
-
-
-# --- names -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Catalogue:
-    """Image ids and display names known to a run (over the models searched)."""
-
-    names: dict[str, str]  # image_id -> display name
-
-    @classmethod
-    def of(cls, sets: Iterable[EmbeddingSet]) -> Catalogue:
-        names: dict[str, str] = {}
-        for s in sets:
-            for i, n in zip(s.ids, s.names, strict=True):
-                names.setdefault(i, n)
-        return cls(names)
-
-    def knows(self, text: str) -> bool:
-        """True when `text` is one of the run's display names or image ids (case-insensitive,
-        as `resolve` matches them; a name shared by several images counts)."""
-        key = text.strip().casefold()
-        if not key:
-            return False
-        keys = {k.casefold() for k in self.names} | {n.casefold() for n in self.names.values()}
-        return key in keys or safe_stem(text.strip()).casefold() in keys
-
-    def resolve(self, text: str) -> str:
-        """The image id named by `text` (a display name or image id, case-insensitive).
-
-        Unknown names raise UnknownNameError with up to five close matches.
-        """
-        key = text.strip().casefold()
-        if not key:
-            raise UnknownNameError("empty query name")
-        by_name: dict[str, list[str]] = {}
-        for i, n in self.names.items():
-            by_name.setdefault(n.casefold(), []).append(i)
-        if key in by_name:
-            ids = by_name[key]
-            if len(ids) > 1:
-                raise UnknownNameError(
-                    f"{text!r} names {len(ids)} images; use one of the ids {', '.join(sorted(ids)[:5])}"
-                )
-            return ids[0]
-        by_id = {i.casefold(): i for i in self.names}
-        for candidate in (key, safe_stem(text.strip()).casefold()):
-            if candidate in by_id:
-                return by_id[candidate]
-        raise UnknownNameError(self.unknown_message(text))
-
-    def unknown_message(self, text: str) -> str:
-        display = sorted(set(self.names.values()) | set(self.names))
-        folded: dict[str, str] = {}
-        for d in display:
-            folded.setdefault(d.casefold(), d)
-        close = difflib.get_close_matches(text.strip().casefold(), list(folded), n=5, cutoff=0.6)
-        if not close:  # a prefix or substring is a good guess for short or partial names
-            close = [f for f in folded if text.strip().casefold() in f][:5]
-        hint = ("; did you mean: " + ", ".join(folded[c] for c in close) + "?") if close else (
-            f"; no close match among {len(self.names)} images"
-        )
-        return f"unknown name {text!r}{hint}"
-
-    def name(self, image_id: str) -> str:
-        return self.names.get(image_id, image_id)
 
 
 #: Prefixes that make a query a file path even when the rest is an image id (`./a/x`).

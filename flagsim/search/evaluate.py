@@ -13,18 +13,11 @@ import numpy as np
 import pandas as pd
 
 from flagsim.errors import DataError, UnknownNameError
-from flagsim.index import (
-    ENSEMBLE,
-    ModelIndex,
-    build_ensemble,
-    ensemble_query,
-    load_index,
-    read_sets,
-    resolve_models,
-    stored_vectors,
-)
-from flagsim.query import Catalogue
 from flagsim.rundir import RunDir
+from flagsim.search.catalog import ENSEMBLE, Catalogue, resolve_models
+from flagsim.search.ensemble import build_ensemble, ensemble_query, read_sets, stored_vectors
+from flagsim.search.load import load_index
+from flagsim.search.model_index import ModelIndex
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)

@@ -12,19 +12,11 @@ import numpy as np
 import pandas as pd
 
 from flagsim.errors import DataError
-from flagsim.index import (
-    ENSEMBLE,
-    Hit,
-    ModelIndex,
-    build_ensemble,
-    ensemble_query,
-    load_index,
-    read_sets,
-    resolve_models,
-    stored_vectors,
-)
-from flagsim.query import Catalogue
 from flagsim.rundir import RunDir
+from flagsim.search.catalog import ENSEMBLE, Catalogue, resolve_models
+from flagsim.search.ensemble import build_ensemble, ensemble_query, read_sets, stored_vectors
+from flagsim.search.load import load_index
+from flagsim.search.model_index import Hit, ModelIndex
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ import pyarrow as pa
 
 from flagsim.config import Config
 from flagsim.errors import DataError
-from flagsim.index import load_index, resolve_models
 from flagsim.rundir import RunDir, shard_name
 from flagsim.schema import NEIGHBOURS_FILE_SCHEMA, NEIGHBOURS_SCHEMA, PARTITION_KEY
+from flagsim.search.catalog import resolve_models
+from flagsim.search.load import load_index
 from flagsim.shards import iter_shards, read_manifest, vectors_of
 from flagsim.storage import Location
 

@@ -1,0 +1,120 @@
+"""A loaded, searchable index of one model: positions to ids and names, self-exclusion, padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flagsim.errors import DataError
+from flagsim.search.backend import VectorIndex
+from flagsim.search.manifest import IndexManifest
+from flagsim.search.vectors import normalise
+from flagsim.storage import Location
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One neighbour of a query: 1-based rank, image id, display name and cosine similarity."""
+
+    rank: int
+    image_id: str
+    name: str
+    score: float
+
+
+@dataclass
+class ModelIndex:
+    """A searchable cosine index of one model (or of the ensemble, kept in memory)."""
+
+    model: str
+    index: VectorIndex  # a FaissIndex (searching on its GPU copy when it has one)
+    ids: np.ndarray  # object array of image ids, in index order
+    names: np.ndarray  # object array of display names
+    manifest: IndexManifest | None = None
+    location: Location | None = None
+    _pos: dict[str, int] | None = field(default=None, repr=False)
+
+    @property
+    def count(self) -> int:
+        return int(self.index.count)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.dim)
+
+    def position(self, image_id: str) -> int | None:
+        if self._pos is None:
+            self._pos = {str(i): p for p, i in enumerate(self.ids)}
+        return self._pos.get(image_id)
+
+    def __contains__(self, image_id: str) -> bool:
+        return self.position(image_id) is not None
+
+    def check_k(self, k: int, exclude_self: bool = True) -> None:
+        """One-line DataError when `k` neighbours cannot exist in this collection."""
+        most = self.count - 1 if exclude_self else self.count
+        if k < 1:
+            raise DataError(f"k must be at least 1, got {k}")
+        if k > most:
+            raise DataError(
+                f"k={k} is larger than the collection: model {self.model} has {self.count} images, "
+                f"so at most {most} neighbours each"
+            )
+
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        exclude: Sequence[str | None] | None = None,
+        normalised: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores [q, k], positions [q, k]) of each query row; -1 / NaN pad missing hits.
+
+        `exclude[i]` (an image id or None) is left out of row i's results (the query itself).
+        """
+        q = np.ascontiguousarray(vectors, dtype=np.float32) if normalised else normalise(vectors)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise DataError(
+                f"query vectors of shape {tuple(q.shape)} do not match the {self.dim}-d index "
+                f"of model {self.model}"
+            )
+        nq = q.shape[0]
+        excl = None
+        if exclude is not None:
+            if len(exclude) != nq:
+                raise ValueError("exclude must have one entry per query row")
+            excl = np.array([-2 if e is None else (self.position(e) if e in self else -2)
+                             for e in exclude], dtype=np.int64)
+        kk = min(k + (1 if excl is not None else 0), self.count)
+        scores, pos = self.index.search(q, kk)
+        if excl is not None:
+            hit = pos == excl[:, None]
+            drop = hit.copy()
+            if kk > k:  # asked for one extra: drop the last where the query was not returned
+                drop[~hit.any(axis=1), -1] = True
+            order = np.argsort(drop, axis=1, kind="stable")  # kept first, in rank order
+            scores = np.take_along_axis(np.where(drop, np.nan, scores), order, 1)
+            pos = np.take_along_axis(np.where(drop, -1, pos), order, 1)
+        if scores.shape[1] < k:
+            pad = k - scores.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
+            pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
+        scores = scores[:, :k].astype(np.float32)
+        pos = pos[:, :k]
+        scores[pos < 0] = np.nan
+        return scores, pos
+
+    def hits(
+        self, vectors: np.ndarray, k: int, exclude: Sequence[str | None] | None = None
+    ) -> list[list[Hit]]:
+        """`search` as lists of Hit (missing results left out)."""
+        scores, pos = self.search(vectors, k, exclude)
+        out = []
+        for srow, prow in zip(scores, pos, strict=True):
+            out.append([
+                Hit(r + 1, str(self.ids[p]), str(self.names[p]), float(s))
+                for r, (s, p) in enumerate(zip(srow, prow, strict=True)) if p >= 0
+            ])
+        return out
