@@ -48,6 +48,7 @@ def report_data(
     from flagsim.config import ReportConfig
     from flagsim.search.compare import compare
     from flagsim.search.evaluate import evaluate
+    from flagsim.search.session import RunSearch
 
     run = RunDir.at(run_dir)
     explicit = queries is not None
@@ -55,12 +56,13 @@ def report_data(
         wanted = list(queries)
     else:
         wanted = list(default_queries if default_queries is not None else ReportConfig().queries)
-    present, skipped, notes = resolve_queries(wanted, run_catalogue(run, models), explicit)
-    comparison = compare(run_dir, present, k=k, models=models)
+    session = RunSearch(run, models)  # one load of every index, shared by compare and eval
+    present, skipped, notes = resolve_queries(wanted, session.catalogue, explicit)
+    comparison = compare(run_dir, present, k=k, models=models, session=session)
 
     eval_df, eval_note = None, None
     try:
-        eval_df = evaluate(run_dir, pairs=pairs, models=models)
+        eval_df = evaluate(run_dir, pairs=pairs, models=models, session=session)
     except FlagsimError as exc:
         log.warning("report: evaluation skipped: %s", exc)
         eval_note = f"Evaluation unavailable: {exc}"
@@ -70,29 +72,11 @@ def report_data(
 # --- queries -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Names:
-    """The id and name columns of one model's shards: what `Catalogue.of` reads of a set."""
-
-    ids: list[str]
-    names: list[str]
-
-
 def run_catalogue(run: RunDir, models: Sequence[str] | None = None) -> Catalogue:
-    """Image ids and names of the run's embeddings (only those two columns of each shard are read)."""
-    from flagsim.search.catalog import Catalogue, resolve_models
-    from flagsim.shards import done_shards
+    """Image ids and names of the run's models (read from their indexes' id tables)."""
+    from flagsim.search.session import RunSearch
 
-    sets = []
-    for model in resolve_models(run, models):
-        ids: list[str] = []
-        names: list[str] = []
-        for _, loc in sorted(done_shards(run, model).items()):
-            table = loc.read_parquet(columns=["image_id", "name"])
-            ids += table.column("image_id").to_pylist()
-            names += table.column("name").to_pylist()
-        sets.append(_Names(ids, names))
-    return Catalogue.of(sets)  # type: ignore[arg-type]  # ids and names are all it reads
+    return RunSearch(run, models).catalogue
 
 
 def resolve_queries(

@@ -48,6 +48,8 @@ class VectorIndex(Protocol):
 
     def nbytes(self) -> int: ...
 
+    def reconstruct(self, position: int) -> np.ndarray | None: ...  # None: vectors not kept
+
 
 # --- GPU -------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import difflib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from flagsim.errors import DataError, UnknownNameError
 from flagsim.images import safe_stem
@@ -92,8 +93,22 @@ class Catalogue:
         key = text.strip().casefold()
         if not key:
             return False
-        keys = {k.casefold() for k in self.names} | {n.casefold() for n in self.names.values()}
-        return key in keys or safe_stem(text.strip()).casefold() in keys
+        return key in self._keys or safe_stem(text.strip()).casefold() in self._keys
+
+    @cached_property
+    def _keys(self) -> set[str]:
+        return {k.casefold() for k in self.names} | {n.casefold() for n in self.names.values()}
+
+    @cached_property
+    def _by_name(self) -> dict[str, list[str]]:
+        by_name: dict[str, list[str]] = {}
+        for i, n in self.names.items():
+            by_name.setdefault(n.casefold(), []).append(i)
+        return by_name
+
+    @cached_property
+    def _by_id(self) -> dict[str, str]:
+        return {i.casefold(): i for i in self.names}
 
     def resolve(self, text: str) -> str:
         """The image id named by `text` (a display name or image id, case-insensitive).
@@ -103,9 +118,7 @@ class Catalogue:
         key = text.strip().casefold()
         if not key:
             raise UnknownNameError("empty query name")
-        by_name: dict[str, list[str]] = {}
-        for i, n in self.names.items():
-            by_name.setdefault(n.casefold(), []).append(i)
+        by_name = self._by_name
         if key in by_name:
             ids = by_name[key]
             if len(ids) > 1:
@@ -113,7 +126,7 @@ class Catalogue:
                     f"{text!r} names {len(ids)} images; use one of the ids {', '.join(sorted(ids)[:5])}"
                 )
             return ids[0]
-        by_id = {i.casefold(): i for i in self.names}
+        by_id = self._by_id
         for candidate in (key, safe_stem(text.strip()).casefold()):
             if candidate in by_id:
                 return by_id[candidate]

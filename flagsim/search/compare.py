@@ -12,11 +12,9 @@ import numpy as np
 import pandas as pd
 
 from flagsim.errors import DataError
-from flagsim.rundir import RunDir
-from flagsim.search.catalog import ENSEMBLE, Catalogue, resolve_models
-from flagsim.search.ensemble import build_ensemble, ensemble_query, read_sets, stored_vectors
-from flagsim.search.load import load_index
+from flagsim.search.catalog import ENSEMBLE
 from flagsim.search.model_index import Hit, ModelIndex
+from flagsim.search.session import RunSearch
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,8 @@ class Comparison:
 
 
 def compare(
-    run_dir: str, queries: Sequence[str], k: int = 5, models: Sequence[str] | None = None
+    run_dir: str, queries: Sequence[str], k: int = 5, models: Sequence[str] | None = None,
+    session: RunSearch | None = None,
 ) -> Comparison:
     """Each query's top-k for every model and the ensemble, and the models' agreement matrix.
 
@@ -65,15 +64,15 @@ def compare(
     Agreement of models A and B is the mean of |top-k_A(x) ∩ top-k_B(x)| / k over the images x
     present in all models (a seeded sample of AGREEMENT_SAMPLE when there are more).
     A `k` larger than the collection allows is clamped to the most neighbours every model has,
-    with a warning (compare and the report show what they can).
+    with a warning (compare and the report show what they can). `session`: search through an
+    open RunSearch (the report shares one between compare and eval).
     """
     if not queries:
         raise DataError("compare needs at least one query name")
-    run = RunDir.at(run_dir)
-    names = resolve_models(run, models)
-    sets = read_sets(run, names)
-    indexes = {m: load_index(run, m) for m in names}
-    cat = Catalogue.of(sets.values())
+    session = session or RunSearch(run_dir, models)
+    names = session.models
+    indexes = {m: session.index(m) for m in names}
+    cat = session.catalogue
     resolved: list[str] = []
     query_ids: dict[str, str] = {}
     for text in queries:
@@ -84,21 +83,21 @@ def compare(
         if display not in query_ids:
             resolved.append(display)
             query_ids[display] = image_id
-    ensemble = build_ensemble(sets)
+    ensemble = session.index(ENSEMBLE)
     k = clamp_k(k, [*indexes.values(), ensemble])
     results: dict[str, dict[str, list[Hit]]] = {}
     for q in resolved:
         image_id = query_ids[q]
         per: dict[str, list[Hit]] = {}
         for m in names:
-            if image_id in sets[m].ids:
-                per[m] = indexes[m].hits(stored_vectors(sets[m], [image_id]), k, exclude=[image_id])[0]
+            if image_id in indexes[m]:
+                per[m] = session.hits(m, [image_id], k)[0]
             else:
                 log.warning("%s is not among model %s's embeddings", q, m)
         if image_id in ensemble:
-            per[ENSEMBLE] = ensemble.hits(ensemble_query(sets, [image_id]), k, exclude=[image_id])[0]
+            per[ENSEMBLE] = session.hits(ENSEMBLE, [image_id], k)[0]
         results[q] = per
-    agreement = agreement_matrix(indexes, sets, [str(i) for i in ensemble.ids], k)
+    agreement = agreement_matrix(session, [str(i) for i in ensemble.ids], k)
     return Comparison(names, resolved, query_ids, results, agreement, k)
 
 
@@ -116,19 +115,18 @@ def clamp_k(k: int, indexes: Sequence[ModelIndex]) -> int:
 
 
 def agreement_matrix(
-    indexes: dict[str, ModelIndex], sets: dict, common_ids: Sequence[str], k: int,
-    sample: int = AGREEMENT_SAMPLE,
+    session: RunSearch, common_ids: Sequence[str], k: int, sample: int = AGREEMENT_SAMPLE,
 ) -> pd.DataFrame:
     """Mean top-k overlap between each pair of models over `common_ids` (sampled if many)."""
     ids = list(common_ids)
     if len(ids) > sample:
         rng = np.random.default_rng(0)
         ids = [ids[i] for i in sorted(rng.choice(len(ids), size=sample, replace=False))]
-    names = list(indexes)
+    names = list(session.models)
     tops: dict[str, np.ndarray] = {}
     for m in names:
-        _, pos = indexes[m].search(stored_vectors(sets[m], ids), k, exclude=ids)
-        top = indexes[m].ids[np.where(pos >= 0, pos, 0)]
+        _, pos = session.search(m, ids, k)
+        top = session.index(m).ids[np.where(pos >= 0, pos, 0)]
         tops[m] = np.where(pos >= 0, top, None)
     mat = np.eye(len(names))
     for a in range(len(names)):
@@ -148,8 +146,7 @@ def available_queries(
     """The subset of `queries` that name an image of the run (unknown ones left out, logged)."""
     from flagsim.errors import UnknownNameError
 
-    run = RunDir.at(run_dir)
-    cat = Catalogue.of(read_sets(run, resolve_models(run, models)).values())
+    cat = RunSearch(run_dir, models).catalogue
     out = []
     for q in queries:
         try:

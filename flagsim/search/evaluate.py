@@ -13,11 +13,9 @@ import numpy as np
 import pandas as pd
 
 from flagsim.errors import DataError, UnknownNameError
-from flagsim.rundir import RunDir
-from flagsim.search.catalog import ENSEMBLE, Catalogue, resolve_models
-from flagsim.search.ensemble import build_ensemble, ensemble_query, read_sets, stored_vectors
-from flagsim.search.load import load_index
+from flagsim.search.catalog import ENSEMBLE, Catalogue
 from flagsim.search.model_index import ModelIndex
+from flagsim.search.session import RunSearch
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,8 @@ def _resolve(cat: Catalogue, name: str, where: str) -> str | None:
 
 
 def evaluate(
-    run_dir: str, pairs: str | None = None, models: Sequence[str] | None = None
+    run_dir: str, pairs: str | None = None, models: Sequence[str] | None = None,
+    session: RunSearch | None = None,
 ) -> pd.DataFrame:
     """One row per model plus "all" (the ensemble): model, pairs, hit@1, hit@5.
 
@@ -79,12 +78,12 @@ def evaluate(
     image present); hit@k is the fraction of them with a labelled similar image among the
     query's top-k neighbours (the query itself excluded).
     """
-    run = RunDir.at(run_dir)
+    session = session or RunSearch(run_dir, models)
+    run = session.run
     where = pairs or default_pairs_path()
     labelled = read_pairs(pairs)
-    names = resolve_models(run, models)
-    sets = read_sets(run, names)
-    cat = Catalogue.of(sets.values())
+    names = session.models
+    cat = session.catalogue
     resolved: list[tuple[str, set[str]]] = []
     for lq in labelled:
         at = f"{where}: line {lq.line}"
@@ -97,11 +96,9 @@ def evaluate(
         raise DataError(f"none of the labelled queries in {where} name images in {run.root}")
     kmax = max(HIT_KS)
     rows = []
-    for m in names:
-        rows.append(_score(m, load_index(run, m), lambda ids, m=m: stored_vectors(sets[m], ids),
+    for m in [*names, ENSEMBLE]:
+        rows.append(_score(m, session.index(m), lambda ids, m=m: session.vectors(m, ids),
                            resolved, kmax))
-    ensemble = build_ensemble(sets)
-    rows.append(_score(ENSEMBLE, ensemble, lambda ids: ensemble_query(sets, ids), resolved, kmax))
     return pd.DataFrame(rows, columns=["model", "pairs", *(f"hit@{k}" for k in HIT_KS)])
 
 
@@ -115,7 +112,7 @@ def _score(model: str, index: ModelIndex, vectors, resolved: list[tuple[str, set
         return row
     kmax = min(kmax, index.count - 1)  # a collection smaller than k+1 shows all it has
     qids = [q for q, _ in usable]
-    _, pos = index.search(vectors(qids), kmax, exclude=qids)
+    _, pos = index.search(vectors(qids), kmax, exclude=qids, normalised=True)
     for k in HIT_KS:
         hits = [
             any(str(index.ids[p]) in sims for p in prow[:k] if p >= 0)

@@ -14,12 +14,11 @@ from flagsim.config import Config
 from flagsim.errors import DataError, FlagsimError
 from flagsim.images import IMAGE_SUFFIXES
 from flagsim.rundir import RunDir
-from flagsim.search.catalog import ENSEMBLE, Catalogue, resolve_models
-from flagsim.search.ensemble import build_ensemble, ensemble_query, read_sets, stored_vectors
-from flagsim.search.load import load_index
+from flagsim.search.catalog import ENSEMBLE, Catalogue
 from flagsim.search.model_index import Hit
+from flagsim.search.session import RunSearch
 from flagsim.search.vectors import ensemble_vectors
-from flagsim.shards import EmbeddingSet
+from flagsim.shards import Manifest
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
@@ -98,67 +97,65 @@ def query(
     """
     cfg = cfg or Config()
     run = RunDir.at(run_dir)
-    names = resolve_models(run, models)
-    sets = read_sets(run, names)
-    cat = Catalogue.of(sets.values())
+    session = RunSearch(run, models, cfg.index)
+    cat = session.catalogue
     image = is_image_query(text, cat) if as_image is None else as_image
     if image:
-        return _image_query(run, text, k, names, sets, cfg, ensemble)
+        return _image_query(session, text, k, cfg, ensemble)
     image_id = cat.resolve(text)
-    result = QueryResult(text, "name", image_id, cat.name(image_id), k, names)
-    answered: dict[str, EmbeddingSet] = {}
-    for m in names:
-        s = sets[m]
-        if image_id not in s.ids:
+    result = QueryResult(text, "name", image_id, cat.name(image_id), k, session.models)
+    answered: list[str] = []
+    for m in session.models:
+        if not session.contains(m, image_id):
             result.skipped[m] = f"{cat.name(image_id)} is not among its embeddings"
             continue
-        idx = load_index(run, m, cfg.index)
-        idx.check_k(k)
-        result.results[m] = idx.hits(stored_vectors(s, [image_id]), k, exclude=[image_id])[0]
-        answered[m] = s
+        session.index(m).check_k(k)
+        result.results[m] = session.hits(m, [image_id], k)[0]
+        answered.append(m)
     if ensemble and len(answered) > 1:
-        ens = build_ensemble(answered)
+        ens_session = session if answered == session.models else RunSearch(run, answered, cfg.index)
+        ens = ens_session.index(ENSEMBLE)
         if image_id in ens:
             ens.check_k(k)
-            vec = ensemble_query(answered, [image_id])
-            result.results[ENSEMBLE] = ens.hits(vec, k, exclude=[image_id])[0]
+            result.results[ENSEMBLE] = ens_session.hits(ENSEMBLE, [image_id], k)[0]
     if not result.results:
         raise DataError(f"no model could answer {text!r}: " + _grouped(result.skipped))
     return result
 
 
-def _image_query(
-    run: RunDir, path: str, k: int, names: list[str], sets: dict[str, EmbeddingSet], cfg: Config,
-    ensemble: bool,
-) -> QueryResult:
+def _image_query(session: RunSearch, path: str, k: int, cfg: Config, ensemble: bool) -> QueryResult:
     from flagsim.decode import decode_image
 
+    run = session.run
     loc = Location.parse(path)
     if not loc.is_file():
         raise DataError(f"image file not found: {path}")
     data = loc.read_bytes()
     pixels = decode_image(data, max_pixels=cfg.embed.max_image_pixels)
     self_id = _same_image(run, data)
-    cat = Catalogue.of(sets.values())
-    result = QueryResult(path, "image", self_id, cat.name(self_id) if self_id else None, k, names)
+    cat = session.catalogue
+    result = QueryResult(path, "image", self_id, cat.name(self_id) if self_id else None, k,
+                         session.models)
     vectors: dict[str, np.ndarray] = {}
-    for m in names:
+    for m in session.models:
         try:
-            if self_id is not None and self_id in sets[m].ids:
-                vec = stored_vectors(sets[m], [self_id])  # the same bytes: no model to build
+            if self_id is not None and session.contains(m, self_id):
+                vec = session.vectors(m, [self_id])  # the same bytes: no model to build
             else:
-                vec = embed_like(run, m, sets[m], pixels)
+                vec = embed_like(m, session.manifest(m), pixels)
         except (FlagsimError, OSError) as exc:
             result.skipped[m] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.debug("skipping %s: %s", m, exc)
             continue
-        idx = load_index(run, m, cfg.index)
+        idx = session.index(m)
         idx.check_k(k, exclude_self=self_id is not None)
         exclude = [self_id] if self_id else None
         result.results[m] = idx.hits(vec, k, exclude=exclude)[0]
         vectors[m] = vec
     if ensemble and len(vectors) > 1:
-        ens = build_ensemble({m: sets[m] for m in vectors})
+        answered = list(vectors)
+        ens_session = session if answered == session.models else RunSearch(run, answered, cfg.index)
+        ens = ens_session.index(ENSEMBLE)
         ens.check_k(k, exclude_self=self_id is not None)
         result.results[ENSEMBLE] = ens.hits(
             ensemble_vectors(vectors), k, exclude=[self_id] if self_id else None
@@ -191,7 +188,7 @@ def _same_image(run: RunDir, data: bytes) -> str | None:
     return None
 
 
-def embed_like(run: RunDir, model: str, s: EmbeddingSet, pixels: np.ndarray) -> np.ndarray:
+def embed_like(model: str, manifest: Manifest, pixels: np.ndarray) -> np.ndarray:
     """Embed one decoded image the way `model`'s stored embeddings were made ([1, dim]).
 
     Uses the weights recorded in the model's manifest; raises a FlagsimError with one line
@@ -199,7 +196,6 @@ def embed_like(run: RunDir, model: str, s: EmbeddingSet, pixels: np.ndarray) -> 
     """
     from flagsim.importcsv import is_imported
 
-    manifest = s.manifest
     if is_imported(manifest) and not manifest.checkpoint:
         raise DataError(
             "embeddings were imported without --checkpoint, so the weights that made them are unknown"
@@ -212,8 +208,8 @@ def embed_like(run: RunDir, model: str, s: EmbeddingSet, pixels: np.ndarray) -> 
         model, weights=manifest.checkpoint, revision=manifest.revision, device="cpu"
     )
     vec = np.asarray(embedder([pixels]), dtype=np.float32).reshape(1, -1)
-    if vec.shape[1] != s.dim:
+    if vec.shape[1] != manifest.dim:
         raise DataError(
-            f"the model now gives {vec.shape[1]}-d vectors, the stored ones are {s.dim}-d"
+            f"the model now gives {vec.shape[1]}-d vectors, the stored ones are {manifest.dim}-d"
         )
     return vec
