@@ -115,7 +115,7 @@ class EmbedConfig(_Frozen):
 
 
 class IndexConfig(_Frozen):
-    kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "flat"
+    kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "auto"
     memory_budget_gb: float = Field(default=8.0, gt=0)  # per index part (one worker's share)
     max_parts: int = Field(default=16, gt=0, le=4096)  # most parts an index is split into
     # auto: exact up to this many rows; None: the measured time crossover (search/choice.py)

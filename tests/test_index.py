@@ -99,9 +99,9 @@ def test_choose_kind_rule() -> None:
     auto = IndexConfig(kind="auto")
     assert choose_kind(crossover, 256, auto) == "flat"
     assert choose_kind(crossover + 1, 256, auto) == "ivf"
-    # exact is the default kind, whatever the size
-    assert IndexConfig().kind == "flat"
-    assert choose_kind(10_000_000, 64, IndexConfig()) == "flat"
+    # auto is the default kind; flat stays exact whatever the size
+    assert IndexConfig().kind == "auto"
+    assert choose_kind(10_000_000, 64, IndexConfig(kind="flat")) == "flat"
     assert choose_kind(10, 4, IndexConfig(kind="hnsw")) == "hnsw"
 
 

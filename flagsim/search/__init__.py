@@ -3,7 +3,7 @@
 Modules, lowest first: `vectors` (normalisation), `catalog` (models and names of a run),
 `manifest` (index files), `choice` (which index), `backend` (the `VectorIndex` protocol and
 FAISS), `model_index` (a loaded index with ids), `source` (vectors read shard by shard), `build`,
-`load`, `ensemble`, `session` (one run's search state), then the users: `neighbours`, `query`,
+`saved`, `load`, `session` (one run's search state), then the users: `neighbours`, `query`,
 `compare`, `evaluate`, `batch`.
 """
 

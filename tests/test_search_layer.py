@@ -1,0 +1,211 @@
+"""The search layer (flagsim/search/): parted indexes merge exactly, the ensemble index, the run
+session reads only what a query needs, memory-mapped loads, and the GPU k limit falls back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from runs import make_run
+
+from flagsim.config import IndexConfig
+from flagsim.errors import ConfigError
+from flagsim.search.backend import GPU_MAX_K, FaissIndex, VectorIndex, merge_topk
+from flagsim.search.build import build_index
+from flagsim.search.catalog import ENSEMBLE
+from flagsim.search.load import load_index
+from flagsim.search.saved import index_state
+from flagsim.search.session import RunSearch
+from flagsim.search.vectors import ensemble_vectors, normalise
+
+
+def brute(x: np.ndarray, k: int, q: np.ndarray | None = None, exclude_self: bool = True):
+    x = normalise(x)
+    q = x if q is None else normalise(q)
+    sims = q @ x.T
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1), order
+
+
+def tiny_budget(nbytes: int, **kw) -> IndexConfig:
+    """A memory budget that leaves about `nbytes` per part for the index data."""
+    return IndexConfig(memory_budget_gb=nbytes / 1024**3, **kw)
+
+
+def test_an_index_over_the_budget_is_built_in_parts_that_give_exact_results(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(900, 16)).astype(np.float32)
+    run = make_run(tmp_path, "m", x, shard_size=128)
+    # the build's own overhead (one shard + recall sample) is ~ (900+900) x 16 x 4 bytes
+    cfg = tiny_budget((900 + 900) * 16 * 4 + 900 * 16 * 4 // 4, kind="flat")
+    idx = build_index(run, "m", cfg)
+    parts = idx.manifest.parts
+    assert len(parts) >= 3, parts
+    assert [p["offset"] for p in parts] == sorted(p["offset"] for p in parts)
+    assert sum(p["count"] for p in parts) == 900
+    files = sorted(p.name for p in run.index_path("m").list(".faiss"))
+    assert files == [p["file"] for p in parts] and "index.faiss" not in files
+    loaded = load_index(run, "m", cfg, build=False, verify=True)
+    ids = [f"img{i:05d}" for i in range(900)]
+    scores, pos = loaded.search(x, 9, exclude=ids)
+    want_s, want_p = brute(x, 9)
+    np.testing.assert_array_equal(pos, want_p)
+    np.testing.assert_allclose(scores, want_s, atol=1e-5)
+    # rebuilt as one part: the part files go, index.faiss comes
+    build_index(run, "m", IndexConfig(kind="flat"))
+    assert sorted(p.name for p in run.index_path("m").list(".faiss")) == ["index.faiss"]
+    assert index_state(run, "m", verify=True)[0] == "fresh"
+
+
+def test_ivf_parts_share_one_quantiser_and_record_recall(tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    centres = rng.normal(size=(20, 32))
+    x = (centres[rng.integers(0, 20, 3000)] + 0.3 * rng.normal(size=(3000, 32))).astype(np.float32)
+    run = make_run(tmp_path, "m", x, shard_size=500)
+    cfg = tiny_budget(3000 * 32 * 4 // 2 + (3000 + 1000 + 1280) * 32 * 4, kind="ivf", nlist=20,
+                      nprobe=20, recall_sample=200)
+    idx = build_index(run, "m", cfg)
+    assert len(idx.manifest.parts) >= 2
+    assert idx.manifest.recall == pytest.approx(1.0)  # every list probed: exact
+    scores, pos = load_index(run, "m", cfg, build=False).search(x[:50], 5)
+    want_s, want_p = brute(x, 5, x[:50], exclude_self=False)
+    np.testing.assert_allclose(scores, want_s, atol=1e-4)
+    assert (pos == want_p).mean() > 0.99  # ties aside, the same neighbours
+
+
+def test_more_parts_than_max_parts_is_one_config_line(tmp_path) -> None:
+    x = np.random.default_rng(7).normal(size=(600, 16)).astype(np.float32)
+    run = make_run(tmp_path, "m", x)
+    with pytest.raises(ConfigError, match="index.max_parts=2") as exc:
+        build_index(run, "m", tiny_budget(1200 * 16 * 4 + 600 * 16, kind="flat", max_parts=2))
+    assert "\n" not in str(exc.value)
+    assert index_state(run, "m")[0] == "missing"  # nothing written
+
+
+def test_merge_topk_equals_one_search_over_all_rows() -> None:
+    rng = np.random.default_rng(8)
+    x = normalise(rng.normal(size=(300, 8)))
+    q = normalise(rng.normal(size=(20, 8)))
+    parts = [(0, 70), (70, 200), (200, 300)]
+    results = []
+    for lo, hi in parts:
+        index = FaissIndex.create(8, "flat", "Flat", {})
+        index.add(x[lo:hi])
+        results.append(index.search(q, 6))
+    scores, pos = merge_topk(results, [lo for lo, _ in parts], 6)
+    want_s, want_p = brute(x, 6, q, exclude_self=False)
+    np.testing.assert_array_equal(pos, want_p)
+    np.testing.assert_allclose(scores, want_s, atol=1e-6)
+
+
+def _two_models(tmp_path, n: int = 240):
+    rng = np.random.default_rng(9)
+    a = rng.normal(size=(n, 12)).astype(np.float32)
+    b = rng.normal(size=(n, 20)).astype(np.float32)
+    run = make_run(tmp_path, "a", a, shard_size=50)
+    make_run(tmp_path, "b", b, shard_size=50)
+    return run, a, b
+
+
+def test_the_ensemble_index_ranks_by_mean_cosine_and_is_saved(tmp_path) -> None:
+    run, a, b = _two_models(tmp_path)
+    session = RunSearch(run)
+    ens = session.index(ENSEMBLE)
+    assert ens.manifest is not None and ens.manifest.source_models == ["a", "b"]
+    assert ens.manifest.dim == 32 and ens.count == 240
+    assert (run.index_path(ENSEMBLE) / "_manifest.json").exists()
+    mean_cos = (normalise(a) @ normalise(a).T + normalise(b) @ normalise(b).T) / 2
+    np.fill_diagonal(mean_cos, -np.inf)
+    want = np.argsort(-mean_cos, axis=1, kind="stable")[:, :5]
+    ids = [f"img{i:05d}" for i in range(240)]
+    scores, pos = session.search(ENSEMBLE, ids, 5)
+    np.testing.assert_array_equal(pos, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(mean_cos, want, 1), atol=1e-5)
+    np.testing.assert_allclose(session.vectors(ENSEMBLE, ids[:3]),
+                               ensemble_vectors({"a": a[:3], "b": b[:3]}), atol=1e-6)
+    # a subset session never replaces the run's own ensemble
+    created = json.loads((run.index_path(ENSEMBLE) / "_manifest.json").read_text())["created"]
+    sub = RunSearch(run, ["a"])
+    assert sub.index(ENSEMBLE).count == 240
+    assert json.loads((run.index_path(ENSEMBLE) / "_manifest.json").read_text())["created"] == created
+
+
+def test_the_ensemble_goes_stale_when_a_model_is_added(tmp_path) -> None:
+    run, a, b = _two_models(tmp_path)
+    RunSearch(run).index(ENSEMBLE)
+    assert index_state(run, ENSEMBLE)[0] == "fresh"
+    make_run(tmp_path, "c", np.random.default_rng(1).normal(size=(240, 4)).astype(np.float32))
+    state, reason = index_state(run, ENSEMBLE)
+    assert state == "stale" and "other models" in reason
+    assert RunSearch(run).index(ENSEMBLE).manifest.source_models == ["a", "b", "c"]
+
+
+def test_stored_vectors_of_an_ivf_index_come_from_the_one_shard_holding_them(tmp_path, monkeypatch):
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    run = make_run(tmp_path, "m", x, shard_size=250)
+    session = RunSearch(run, cfg=IndexConfig(kind="ivf", nlist=16, recall_sample=50))
+    session.index("m")
+    from flagsim.search import source
+
+    read: list[str] = []
+    real = source.ModelSource.read
+    monkeypatch.setattr(source.ModelSource, "read",
+                        lambda self, shard: read.append(shard) or real(self, shard))
+    got = session.vectors("m", ["img01234", "img01240"])
+    np.testing.assert_allclose(got, normalise(x[[1234, 1240]]), atol=1e-6)
+    assert read == ["part-00004.parquet"]  # rows 1000-1249: one shard read, once
+    # a flat index keeps the vectors: they come from the mapped index, no shard is read
+    build_index(run, "m", IndexConfig(kind="flat"))
+    flat = RunSearch(run)
+    assert flat.index("m").manifest.kind == "flat"
+    read.clear()
+    np.testing.assert_allclose(flat.vectors("m", ["img00007"]), normalise(x[[7]]), atol=1e-6)
+    assert read == []
+
+
+def test_saved_indexes_load_memory_mapped(tmp_path) -> None:
+    x = np.random.default_rng(11).normal(size=(500, 8)).astype(np.float32)
+    run = make_run(tmp_path, "m", x)
+    for kind in ("flat", "ivf", "hnsw"):
+        cfg = IndexConfig(kind=kind, nlist=8, recall_sample=20)
+        build_index(run, "m", cfg)
+        idx = load_index(run, "m", cfg, build=False)
+        assert isinstance(idx.index, VectorIndex) and idx.index.mapped, kind
+        assert idx.index.kind == kind and idx.count == 500
+
+
+class _FakeGpuIndex:
+    """Stands in for a FAISS GPU index: refuses k above the GPU limit, as FAISS does."""
+
+    def __init__(self, cpu) -> None:
+        self.cpu, self.d, self.ntotal = cpu, cpu.d, cpu.ntotal
+        self.calls = 0
+
+    def search(self, q, k):
+        self.calls += 1
+        if k > GPU_MAX_K:
+            raise RuntimeError("k > 2048 not supported on GPU")
+        return self.cpu.search(q, k)
+
+
+def test_k_above_the_gpu_limit_runs_on_the_cpu_copy_with_one_log_line(caplog) -> None:
+    import logging
+
+    x = normalise(np.random.default_rng(12).normal(size=(GPU_MAX_K + 100, 4)))
+    cpu = FaissIndex.create(4, "flat", "Flat", {})
+    cpu.add(x)
+    fake = _FakeGpuIndex(cpu.faiss_index)
+    index = FaissIndex(cpu.faiss_index, "flat", {}, gpu=fake)
+    assert index.device == "gpu"
+    with caplog.at_level(logging.INFO, logger="flagsim.search.backend"):
+        _, small = index.search(x[:2], 10)
+        _, big = index.search(x[:2], GPU_MAX_K + 1)
+        index.search(x[:2], GPU_MAX_K + 5)
+    assert fake.calls == 1  # only the small search went to the "GPU"
+    assert big.shape == (2, GPU_MAX_K + 1) and (big[:, :10] == small).all()
+    lines = [r.getMessage() for r in caplog.records if "GPU limit" in r.getMessage()]
+    assert lines == [f"k={GPU_MAX_K + 1} is above FAISS's GPU limit of {GPU_MAX_K}: searching on the CPU"]
