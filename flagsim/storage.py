@@ -118,7 +118,8 @@ class Location:
         try:
             if self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
                 raise DataError(f"{self.uri} is a directory, not a Parquet file")
-            return pq.read_table(self.path, filesystem=self.fs, columns=columns)
+            with self.fs.open_input_file(self.path) as f:  # no pyarrow.dataset: a file is a file
+                return pq.ParquetFile(f).read(columns=columns)
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"{self.uri} is not a readable Parquet file: {exc}") from exc
 

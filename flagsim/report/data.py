@@ -96,8 +96,7 @@ def resolve_queries(
         except UnknownNameError as exc:
             first_error = first_error or exc
             skipped.append(q)
-            key = q.strip().casefold()
-            if sum(n.casefold() == key for n in catalogue.names.values()) > 1:
+            if catalogue.count_named(q) > 1:
                 notes.append(f"Skipped query: {exc}.")  # ambiguous: several images have this name
             else:
                 unknown.append(q)
@@ -106,9 +105,9 @@ def resolve_queries(
     if unknown:
         notes.insert(0, f"Skipped queries not in this run: {', '.join(unknown)}.")
     if not present:
-        if explicit or not catalogue.names:
+        if explicit or not len(catalogue):
             raise UnknownNameError(f"none of the queries is in the run: {first_error}")
-        present = list(catalogue.names)[:3]
+        present = catalogue.first(3)
         shown = ", ".join(catalogue.name(i) for i in present)
         notes.append(f"None of the configured queries is in this run; showing {shown}.")
     return present, skipped, notes

@@ -124,8 +124,8 @@ def build_index(
     log.info("%s: wrote %s (%s, %d vectors, %.2fs)", model, root, kind, n, seconds)
     if last is not None:  # one part: the index just built, without reading it back
         ids_table = (root / IDS_FILE).read_parquet()
-        return ModelIndex(model, last, np.array(ids_table.column("image_id").to_pylist(), dtype=object),
-                          np.array(ids_table.column("name").to_pylist(), dtype=object), manifest, root)
+        return ModelIndex(model, last, ids_table.column("image_id"), ids_table.column("name"),
+                          manifest, root)
     return open_index(run, model, manifest, cfg)
 
 

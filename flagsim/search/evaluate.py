@@ -62,7 +62,7 @@ def read_pairs(path: str | None = None) -> list[LabelledQuery]:
 
 def _resolve(cat: Catalogue, name: str, where: str) -> str | None:
     try:
-        return cat.resolve(name)
+        return cat.resolve(name, suggest=False)
     except UnknownNameError as exc:
         log.warning("%s: %s; left out", where, exc)
         return None

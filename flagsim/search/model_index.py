@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from flagsim.errors import DataError
 from flagsim.search.backend import VectorIndex
+from flagsim.search.columns import Column
 from flagsim.search.manifest import IndexManifest
 from flagsim.search.vectors import normalise
 from flagsim.storage import Location
@@ -30,11 +31,14 @@ class ModelIndex:
 
     model: str
     index: VectorIndex  # a FaissIndex (searching on its GPU copy when it has one)
-    ids: np.ndarray  # object array of image ids, in index order
-    names: np.ndarray  # object array of display names
+    ids: Column  # image ids in index order (any sequence given is kept as an Arrow column)
+    names: Column  # display names
     manifest: IndexManifest | None = None
     location: Location | None = None
-    _pos: dict[str, int] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ids = Column(self.ids)
+        self.names = Column(self.names)
 
     @property
     def count(self) -> int:
@@ -45,9 +49,11 @@ class ModelIndex:
         return int(self.index.dim)
 
     def position(self, image_id: str) -> int | None:
-        if self._pos is None:
-            self._pos = {str(i): p for p, i in enumerate(self.ids)}
-        return self._pos.get(image_id)
+        return self.ids.index(image_id)
+
+    def positions(self, image_ids: Sequence[str | None]) -> np.ndarray:
+        """Position of each id (-1 where absent or None), vectorised."""
+        return self.ids.positions(image_ids)
 
     def __contains__(self, image_id: str) -> bool:
         return self.position(image_id) is not None
@@ -85,8 +91,8 @@ class ModelIndex:
         if exclude is not None:
             if len(exclude) != nq:
                 raise ValueError("exclude must have one entry per query row")
-            excl = np.array([-2 if e is None else (self.position(e) if e in self else -2)
-                             for e in exclude], dtype=np.int64)
+            excl = self.positions(exclude)
+            excl[excl < 0] = -2  # never equal to a returned position (-1 pads)
         kk = min(k + (1 if excl is not None else 0), self.count)
         scores, pos = self.index.search(q, kk)
         if excl is not None:

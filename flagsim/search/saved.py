@@ -7,8 +7,6 @@ import os
 import tempfile
 from collections.abc import Sequence
 
-import numpy as np
-
 from flagsim.config import IndexConfig
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
@@ -139,6 +137,4 @@ def open_index(run: RunDir, model: str, manifest: IndexManifest, cfg: IndexConfi
     table = (root / IDS_FILE).read_parquet()
     if table.column_names[:2] != ["image_id", "name"] or table.num_rows != manifest.count:
         raise DataError(f"{root / IDS_FILE} does not match the index ({table.num_rows} ids)")
-    ids = np.array(table.column("image_id").to_pylist(), dtype=object)
-    names = np.array(table.column("name").to_pylist(), dtype=object)
-    return ModelIndex(model, index, ids, names, manifest, root)
+    return ModelIndex(model, index, table.column("image_id"), table.column("name"), manifest, root)

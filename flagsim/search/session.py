@@ -89,12 +89,7 @@ class RunSearch:
     @cached_property
     def catalogue(self) -> Catalogue:
         """Ids and display names of every image of the session's models (from the indexes)."""
-        names: dict[str, str] = {}
-        for m in self.models:
-            idx = self.index(m)
-            for i, n in zip(idx.ids, idx.names, strict=True):
-                names.setdefault(str(i), str(n))
-        return Catalogue(names)
+        return Catalogue.of(self.index(m) for m in self.models)
 
     # --- stored vectors ---
     def vectors(self, model: str, image_ids: Sequence[str]) -> np.ndarray:
