@@ -715,6 +715,17 @@ def test_colour_layout_blocks_see_layout_colours_and_palette_apart():
     assert cosine_rows(pal[:1], pal[3:4])[0] < 0.9
 
 
+def test_colour_layout_runs_in_float32_from_half_precision_pixels():
+    # on CUDA the pixels arrive in float16: the features are still computed in float32
+    from flagsim.models.layout import colour_layout
+
+    e = create_embedder("colour-layout")
+    pixels = e.preprocess(decoded(PARITY_FLAGS))
+    full = colour_layout(pixels, e.spec.options)
+    half = colour_layout(pixels.half(), e.spec.options)
+    assert half.dtype == torch.float32 and cosine_rows(full.numpy(), half.numpy()).min() >= 0.999
+
+
 def test_colour_layout_nearest_flags_over_all_bundled_flags():
     paths = sorted((bundled_flags_dir() / "images").glob("*.png"))
     names = [p.stem for p in paths]
