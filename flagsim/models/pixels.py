@@ -1,4 +1,4 @@
-"""A weight-free baseline: the image's colour layout as a small, centred pixel vector."""
+"""Weight-free models: the image's colour layout as a pixel vector, or as colour-layout features."""
 
 from __future__ import annotations
 
@@ -8,19 +8,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from flagsim.models.base import Embedder, Pooling, check_images
+from flagsim.models.base import Embedder, Pooling, check_images, jsonable
+from flagsim.models.layout import PALETTE, colour_layout, layout_dim
 from flagsim.models.sources import Resolved
 from flagsim.models.transforms import ImageTransform
 
 
 class PixelsEmbedder(Embedder):
-    """Squash each image to `processor["resize"]` ([height, width]) with antialiasing, scale to
-    -1..1 and flatten (channel-major). Cosine similarity of these vectors compares colour
-    layouts. Alpha is composited on white by the decoder before images get here."""
+    """Squash each image to `processor["resize"]` ([height, width]) with antialiasing and
+    normalise (`mean`, `std`); then `flatten` (channel-major: cosine similarity compares colour
+    layouts) or `colour_layout` (flagsim.models.layout, with the spec's `options`; needs the
+    pixels in 0..1: mean 0, std 1). Alpha is composited on white by the decoder before images
+    get here."""
 
     POOLINGS = {
         "flatten": Pooling(run=lambda e, px: px.flatten(1), dim=lambda e: 3 * e.transform.resize[0]
                            * e.transform.resize[1]),
+        "colour_layout": Pooling(run=lambda e, px: colour_layout(px, e.spec.options),
+                                 dim=lambda e: layout_dim(e.spec.options)),
     }
     transform: ImageTransform
 
@@ -33,4 +38,8 @@ class PixelsEmbedder(Embedder):
         return self.transform(arrays, device=self.preprocess_device).to(self.device, self.dtype)
 
     def processor_settings(self) -> dict[str, Any]:
-        return self.transform.describe()
+        settings = self.transform.describe()
+        if self.spec.pooling == "colour_layout":
+            settings["layout"] = {key: jsonable(value) for key, value in self.spec.options.items()}
+            settings["layout"]["palette"] = {k: list(v) for k, v in PALETTE.items()}
+        return settings

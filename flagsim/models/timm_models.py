@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flagsim.errors import WeightsUnavailableError
@@ -45,11 +47,44 @@ def map_state_dict(
     return mapped
 
 
+def _stages(e: TimmEmbedder) -> list[int]:
+    return sorted(int(k) for k in e.spec.options["stages"])
+
+
+def stage_means(e: TimmEmbedder, pixels: torch.Tensor) -> torch.Tensor:
+    """Features from several depths of an EfficientNet-style timm model: the spatial mean of
+    the output of each block stage in `spec.options["stages"]` (indexes into `model.blocks`),
+    each L2-normalised, concatenated and scaled by 1/sqrt(stages) (so cosine similarity is the
+    mean of the stages' cosines). Only the stem and the blocks up to the deepest stage run."""
+    m = e.model
+    stages = _stages(e)
+    x = m.bn1(m.conv_stem(pixels))
+    parts = []
+    for k, block in enumerate(m.blocks[: stages[-1] + 1]):
+        x = block(x)
+        if k in stages:
+            parts.append(F.normalize(x.float().mean(dim=(2, 3)), dim=1))
+    return torch.cat(parts, dim=1) / math.sqrt(len(parts))
+
+
+def stage_channels(e: TimmEmbedder) -> int:
+    """The width of `stage_means`: the output channels of each chosen stage's last conv."""
+    total = 0
+    for k in _stages(e):
+        convs = [c for c in e.model.blocks[k].modules() if isinstance(c, nn.Conv2d)]
+        total += convs[-1].out_channels
+    return total
+
+
 class TimmEmbedder(TransformEmbedder):
-    """A timm model with its classifier removed (num_classes=0): the pooled pre-logits features.
+    """A timm model with its classifier removed (num_classes=0): the pooled pre-logits features
+    (`pooled`), or the pooled features of several depths (`stage_means`).
     """
 
-    POOLINGS = {"pooled": Pooling(run=lambda e, px: e.model(px), dim=lambda e: e.model.num_features)}
+    POOLINGS = {
+        "pooled": Pooling(run=lambda e, px: e.model(px), dim=lambda e: e.model.num_features),
+        "stage_means": Pooling(run=stage_means, dim=stage_channels),
+    }
     model: nn.Module
     transform: ImageTransform
     mapped_tensors: int = 0
