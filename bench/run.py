@@ -26,7 +26,8 @@ from bench.report import render
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = ("knn", "preprocess", "memory_format", "efficiency", "original", "many_models", "scale", "gpu")
+FIGURES = ("knn", "preprocess", "memory_format", "efficiency", "original", "many_models", "scale", "gpu",
+           "search_scale")
 
 
 def _quiet_logs() -> None:
@@ -81,7 +82,7 @@ def gpu_figure(smoke_budget_s: float, gpu_json: Path | None) -> Figure:
 
 def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
     """Figure key -> function(workspace) -> Figure, with this run's sizes."""
-    from bench import knn, memory_format, preprocess
+    from bench import knn, memory_format, preprocess, search_scale
     from bench import pipeline as P
 
     if quick:
@@ -109,6 +110,7 @@ def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
             ws, sizes["many_n"], ["efficientnet-lite0", "pixels"]),
         "scale": lambda ws: P.fig_scale(ws, sizes["scale"]),
         "gpu": lambda ws: gpu_figure(sizes["smoke_budget"], REPO / "bench" / "gpu_check.json"),
+        "search_scale": lambda ws: search_scale.run(quick=quick),
     }
 
 
