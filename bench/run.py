@@ -3,6 +3,13 @@
     python -m bench.run                       # everything (about 12-15 minutes on 2 cores)
     python -m bench.run --only knn,preprocess # a subset (figure keys below)
     python -m bench.run --quick               # tiny sizes: checks that every figure runs
+
+Figure 8 (`search_scale`, the neighbour table through the CLI next to bare FAISS) takes its sizes
+from FLAGSIM_BENCH_SEARCH (default "256:100k,300k,1M;768:100k,300k,1M") and measures a size only
+while its predicted time fits FLAGSIM_BENCH_SEARCH_CASE_S (600) and FLAGSIM_BENCH_SEARCH_BUDGET_S
+(1800); the rest are projected (see bench/search_scale.py). The whole issue grid:
+    FLAGSIM_BENCH_SEARCH_CASE_S=20000 FLAGSIM_BENCH_SEARCH_BUDGET_S=200000 \
+        python -m bench.run --only search_scale --merge
 """
 
 from __future__ import annotations

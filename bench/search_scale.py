@@ -476,8 +476,7 @@ def run(sizes: Sequence[tuple[int, Sequence[int]]] | None = None, quick: bool = 
             for n in ns:
                 todo = []
                 for kind in KINDS:
-                    done = [(r["n"], r["flagsim_s"] + r["bare_s"]) for r in rows
-                            if r["d"] == d and r["kind"] == kind and r["measured"]]
+                    done = _points(rows, d, kind)
                     guess = predict(done, n, kind)
                     if guess is None or (guess[0] <= budget.case_s and guess[0] <= budget.left()):
                         todo.append(kind)
@@ -497,6 +496,17 @@ def run(sizes: Sequence[tuple[int, Sequence[int]]] | None = None, quick: bool = 
     _project(rows)
     _tables(fig, rows, setup)
     return fig
+
+
+def _points(rows: Sequence[dict[str, Any]], d: int, kind: str) -> list[tuple[int, float]]:
+    """Measured (N, flagsim + bare seconds) of `kind` at `d`; when none, those of the nearest
+    other d scaled by d / d' (the cost of both index kinds is linear in d)."""
+    got = [r for r in rows if r["measured"] and r["kind"] == kind]
+    same = [(r["n"], r["flagsim_s"] + r["bare_s"]) for r in got if r["d"] == d]
+    if same or not got:
+        return same
+    other = min({r["d"] for r in got}, key=lambda x: abs(x - d))
+    return [(r["n"], (r["flagsim_s"] + r["bare_s"]) * d / other) for r in got if r["d"] == other]
 
 
 def _one_size(root: Path, gen: Clusters, n: int, kinds: Sequence[str], sample_size: int,

@@ -144,3 +144,41 @@ def test_synthetic_clusters_are_seeded_unit_vectors_and_exact_search_excludes_it
     want = np.argsort(-sims, axis=1)[:, :5]
     assert S.recall_at_k(want, got, k=5) == 1.0
     assert not np.any(got == sample[:, None])
+
+
+def test_search_scale_budget_uses_another_dimension_scaled_when_none_was_measured() -> None:
+    from bench import search_scale as S
+
+    measured = [{"n": 1000, "d": 64, "kind": "flat", "measured": True, "flagsim_s": 1.0,
+                 "bare_s": 1.0}]
+    assert S._points(measured, 256, "flat") == [(1000, 8.0)]  # another d, scaled by d
+    assert S._points(measured, 256, "approx") == []
+
+
+def test_search_scale_runs_a_size_only_while_its_predicted_time_fits(monkeypatch, tmp_path) -> None:
+    from bench import search_scale as S
+
+    ran: list[tuple[int, int]] = []
+
+    def fake_size(root, gen, n, kinds, sample_size, setup):  # cost n^2 / 1e6 s for both systems
+        ran.append((gen.d, n))
+        return [{"n": n, "d": gen.d, "kind": k, "measured": True, "flagsim_s": n * n / 1e6,
+                 "bare_s": n * n / 1e6, "throughput_ratio": 1.0, "flagsim_recall": 1.0,
+                 "bare_recall": 1.0, "driver_beyond_index_mib": 100.0, "index_kind": "flat",
+                 "factory": "Flat", "params": {}, "manifest_recall": 1.0, "cpu_ratio": 1.0,
+                 "max_load": 1.0, "neighbours": {"peak_driver_mib": 1.0, "peak_tree_mib": 1.0},
+                 "index": {"peak_driver_mib": 1.0, "peak_tree_mib": 1.0}, "index_file_mib": 1.0}
+                for k in kinds]
+
+    monkeypatch.setattr(S, "_one_size", fake_size)
+    fig = S.run(sizes=[(8, [1000, 2000, 20_000]), (16, [1000, 100_000])], case_s=100,
+                total_s=1e6, workdir=str(tmp_path))
+    # 20k at d=8: fitted slope 2 from 1k and 2k -> 800 s > 100 s; 100k at d=16: 1k at d=16
+    # measured first (it predicts from d=8 scaled x2: 4 s), then 100k: 2e4 s with slope 2
+    assert ran == [(8, 1000), (8, 2000), (16, 1000)]
+    skipped = [r for r in fig.raw["rows"] if not r["measured"]]
+    assert {(r["d"], r["n"]) for r in skipped} == {(8, 20_000), (16, 100_000)}
+    flat = next(r for r in skipped if r["d"] == 8 and r["kind"] == "flat")
+    assert flat["flagsim_s"] == pytest.approx(400.0) and flat["flagsim_s_fitted"]
+    assert "predicted" in flat["skipped_because"]
+    assert any("projected" in str(row) for row in fig.tables[0].rows)
