@@ -135,6 +135,14 @@ def summary_rows(figs: dict[str, Any]) -> list[list[str]]:
                      ("GPU results included" if have_gpu else "no GPU in this session")
                      + f"; CPU smoke rc={r.get('smoke_rc')}",
                      "ready" if r.get("smoke_rc") == 0 else "FAILED"])
+    s = status("search_scale")
+    if s:
+        rows.append(["8", "neighbour table at scale vs bare FAISS",
+                     f"{T.SEARCH_THROUGHPUT.text}; {T.SEARCH_RECALL.text}", s, ""])
+    else:
+        from bench.search_scale import summary_rows as search_rows
+
+        rows += search_rows(figs["search_scale"])
     return rows
 
 
@@ -201,7 +209,7 @@ def render(results: dict[str, Any], json_path: Path) -> str:
     out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in summary_rows(figs)]
     out.append("")
     order = ("efficiency", "original", "preprocess", "memory_format", "many_models", "scale", "knn",
-             "gpu")
+             "gpu", "search_scale")
     for key in order:
         f = figs.get(key)
         if f is None:

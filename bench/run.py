@@ -3,6 +3,13 @@
     python -m bench.run                       # everything (about 12-15 minutes on 2 cores)
     python -m bench.run --only knn,preprocess # a subset (figure keys below)
     python -m bench.run --quick               # tiny sizes: checks that every figure runs
+
+Figure 8 (`search_scale`, the neighbour table through the CLI next to bare FAISS) takes its sizes
+from FLAGSIM_BENCH_SEARCH (default "256:100k,300k,1M;768:100k,300k,1M") and measures a size only
+while its predicted time fits FLAGSIM_BENCH_SEARCH_CASE_S (600) and FLAGSIM_BENCH_SEARCH_BUDGET_S
+(1800); the rest are projected (see bench/search_scale.py). The whole issue grid:
+    FLAGSIM_BENCH_SEARCH_CASE_S=20000 FLAGSIM_BENCH_SEARCH_BUDGET_S=200000 \
+        python -m bench.run --only search_scale --merge
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from bench.report import render
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = ("knn", "preprocess", "memory_format", "efficiency", "original", "many_models", "scale", "gpu")
+FIGURES = ("knn", "preprocess", "memory_format", "efficiency", "original", "many_models", "scale", "gpu",
+           "search_scale")
 
 
 def _quiet_logs() -> None:
@@ -81,7 +89,7 @@ def gpu_figure(smoke_budget_s: float, gpu_json: Path | None) -> Figure:
 
 def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
     """Figure key -> function(workspace) -> Figure, with this run's sizes."""
-    from bench import knn, memory_format, preprocess
+    from bench import knn, memory_format, preprocess, search_scale
     from bench import pipeline as P
 
     if quick:
@@ -109,6 +117,7 @@ def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
             ws, sizes["many_n"], ["efficientnet-lite0", "pixels"]),
         "scale": lambda ws: P.fig_scale(ws, sizes["scale"]),
         "gpu": lambda ws: gpu_figure(sizes["smoke_budget"], REPO / "bench" / "gpu_check.json"),
+        "search_scale": lambda ws: search_scale.run(quick=quick),
     }
 
 

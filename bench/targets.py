@@ -61,3 +61,7 @@ SCALE_MEMORY = Target("peak memory ratio", below=1.25)
 SCALE_THROUGHPUT = Target("throughput-per-image ratio", at_least=0.9)
 #: Figure 6: the share of methods whose neighbours equal FAISS IndexFlatIP's (ties allowed).
 KNN_EQUAL = Target("share of methods equal to FAISS", at_least=1.0)
+#: Figure 8: the neighbour table through flagsim's CLI over a bare FAISS script, same index.
+SEARCH_THROUGHPUT = Target("flagsim / bare FAISS throughput", at_least=0.8)
+SEARCH_RECALL = Target("recall@10, automatic approximate index", at_least=0.95)
+SEARCH_DRIVER_MEMORY = Target("driver peak RSS beyond the index, largest / smallest N", below=1.25)

@@ -82,3 +82,103 @@ def test_gpu_check_model_section_runs_the_registry_entry(tmp_path: Path) -> None
     assert rec["parity_ok"] and rec["parity_min_cosine"] >= gc.PARITY_MIN_COSINE
     assert rec["processor"]["image_mean"] == [0.5, 0.5, 0.5]  # the registry's ViT processor
     assert rec["forward_img_s"] > 0 and rec["actor_img_s"] > 0
+
+
+def test_search_scale_figure_runs_flagsims_cli_next_to_bare_faiss(tmp_path: Path) -> None:
+    from bench import search_scale as S
+
+    fig = S.run(sizes=[(32, [1500, 3000])], case_s=600, total_s=600, n_clusters=20,
+                workdir=str(tmp_path), sample_size=300)
+    rows = fig.raw["rows"]
+    assert [(r["kind"], r["n"]) for r in rows] == [("flat", 1500), ("approx", 1500),
+                                                   ("flat", 3000), ("approx", 3000)]
+    assert all(r["measured"] for r in rows)
+    for r in rows:
+        assert r["neighbours_manifest"]["rows"] == r["n"] * S.K  # the CLI wrote the whole table
+        assert r["neighbours"]["peak_tree_mib"] >= r["neighbours"]["peak_driver_mib"] > 50
+        assert r["bare"]["peak_driver_mib"] > 0 and r["flagsim_s"] > 0 and r["bare_s"] > 0
+        if r["kind"] == "flat":  # exact: both tables equal the streaming brute force
+            assert r["index_kind"] == "flat" and r["flagsim_recall"] == r["bare_recall"] == 1.0
+        else:  # flagsim's own approximate choice, and the bare script rebuilt the same index
+            assert r["index_kind"] in ("ivf", "ivfpq") and r["factory"].startswith("IVF")
+            assert r["params"]["nprobe"] > 0
+            assert abs(r["flagsim_recall"] - r["bare_recall"]) <= 0.02
+            assert r["flagsim_recall"] == pytest.approx(r["manifest_recall"], abs=0.1)
+    assert all(g["slope"] is not None for g in fig.raw["growth"])
+    v = fig.raw["verdicts"]
+    assert {v["throughput"], v["recall"], v["driver"]} <= {"met", "not met"}
+    assert not list(tmp_path.iterdir())  # each size's files are removed after it
+
+
+def test_search_scale_projects_sizes_over_the_budget_from_the_fitted_slope() -> None:
+    from bench import search_scale as S
+
+    assert S.parse_sizes("256:100k,1M; 768:300k") == [(256, [100_000, 1_000_000]),
+                                                     (768, [300_000])]
+    with pytest.raises(ValueError):
+        S.parse_sizes("256:")
+    value, slope, fitted = S.predict([(1000, 1.0), (2000, 4.0)], 8000, "flat")
+    assert fitted and slope == pytest.approx(2.0) and value == pytest.approx(64.0)
+    value, slope, fitted = S.predict([(1000, 2.0)], 4000, "approx")
+    assert not fitted and slope == 1.5 and value == pytest.approx(16.0)
+    rows = [{"n": 1000, "d": 8, "kind": "flat", "measured": True, "flagsim_s": 1.0, "bare_s": 0.5},
+            {"n": 2000, "d": 8, "kind": "flat", "measured": True, "flagsim_s": 2.0, "bare_s": 1.0},
+            {"n": 4000, "d": 8, "kind": "flat", "measured": False}]
+    S._project(rows)
+    assert rows[2]["flagsim_s"] == pytest.approx(4.0) and rows[2]["flagsim_s_fitted"]
+    assert rows[2]["bare_s"] == pytest.approx(2.0)
+
+
+def test_synthetic_clusters_are_seeded_unit_vectors_and_exact_search_excludes_itself() -> None:
+    from bench import search_scale as S
+
+    gen = S.Clusters(16, n_clusters=5)
+    x = np.concatenate([b for _, b in gen.rows(12_345, block=4096)])
+    y = np.concatenate([b for _, b in S.Clusters(16, n_clusters=5).rows(12_345)])
+    assert x.shape == (12_345, 16) and np.array_equal(x, y)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+    sample = S.sample_rows(len(x), 50)
+    got = S.exact_topk(gen, len(x), sample, k=5)
+    sims = x[sample] @ x.T
+    sims[np.arange(len(sample)), sample] = -np.inf
+    want = np.argsort(-sims, axis=1)[:, :5]
+    assert S.recall_at_k(want, got, k=5) == 1.0
+    assert not np.any(got == sample[:, None])
+
+
+def test_search_scale_budget_uses_another_dimension_scaled_when_none_was_measured() -> None:
+    from bench import search_scale as S
+
+    measured = [{"n": 1000, "d": 64, "kind": "flat", "measured": True, "flagsim_s": 1.0,
+                 "bare_s": 1.0}]
+    assert S._points(measured, 256, "flat") == [(1000, 8.0)]  # another d, scaled by d
+    assert S._points(measured, 256, "approx") == []
+
+
+def test_search_scale_runs_a_size_only_while_its_predicted_time_fits(monkeypatch, tmp_path) -> None:
+    from bench import search_scale as S
+
+    ran: list[tuple[int, int]] = []
+
+    def fake_size(root, gen, n, kinds, sample_size, setup):  # cost n^2 / 1e6 s for both systems
+        ran.append((gen.d, n))
+        return [{"n": n, "d": gen.d, "kind": k, "measured": True, "flagsim_s": n * n / 1e6,
+                 "bare_s": n * n / 1e6, "throughput_ratio": 1.0, "flagsim_recall": 1.0,
+                 "bare_recall": 1.0, "driver_beyond_index_mib": 100.0, "index_kind": "flat",
+                 "factory": "Flat", "params": {}, "manifest_recall": 1.0, "cpu_ratio": 1.0,
+                 "max_load": 1.0, "neighbours": {"peak_driver_mib": 1.0, "peak_tree_mib": 1.0},
+                 "index": {"peak_driver_mib": 1.0, "peak_tree_mib": 1.0}, "index_file_mib": 1.0}
+                for k in kinds]
+
+    monkeypatch.setattr(S, "_one_size", fake_size)
+    fig = S.run(sizes=[(8, [1000, 2000, 20_000]), (16, [1000, 100_000])], case_s=100,
+                total_s=1e6, workdir=str(tmp_path))
+    # 20k at d=8: fitted slope 2 from 1k and 2k -> 800 s > 100 s; 100k at d=16: 1k at d=16
+    # measured first (it predicts from d=8 scaled x2: 4 s), then 100k: 2e4 s with slope 2
+    assert ran == [(8, 1000), (8, 2000), (16, 1000)]
+    skipped = [r for r in fig.raw["rows"] if not r["measured"]]
+    assert {(r["d"], r["n"]) for r in skipped} == {(8, 20_000), (16, 100_000)}
+    flat = next(r for r in skipped if r["d"] == 8 and r["kind"] == "flat")
+    assert flat["flagsim_s"] == pytest.approx(400.0) and flat["flagsim_s_fitted"]
+    assert "predicted" in flat["skipped_because"]
+    assert any("projected" in str(row) for row in fig.tables[0].rows)
