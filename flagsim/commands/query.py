@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from flagsim.app import options
+
+if TYPE_CHECKING:
+    from flagsim.config import Config
+    from flagsim.search.query import QueryResult
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -37,7 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _text_query(args: argparse.Namespace, cfg, run_dir: str, wanted: list[str]):
+def _text_query(args: argparse.Namespace, cfg: Config, run_dir: str,
+                wanted: list[str]) -> QueryResult:
     from flagsim.errors import ConfigError
     from flagsim.search.query import query_text
 
