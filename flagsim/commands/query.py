@@ -1,12 +1,17 @@
-"""`flagsim query`: the top-k of one image (by name or image file), side by side per model."""
+"""`flagsim query`: the top-k of one image (by name or image file) or of a text, side by side per model."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from flagsim.app import options
+
+if TYPE_CHECKING:
+    from flagsim.config import Config
+    from flagsim.search.query import QueryResult
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -20,9 +25,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "is decoded like the pipeline does and embedded with each "
         "model's own preprocessing and recorded weights (a file with the same bytes as one of "
         "the run's images uses its stored embeddings); models whose weights are unavailable "
-        "are skipped with a note. The `all` column ranks by mean cosine over the models.",
+        "are skipped with a note. The `all` column ranks by mean cosine over the models. "
+        "--text TEXT instead ranks the run's images against a text, embedded by the text tower "
+        "of each model that has one (such as clip), with the weights recorded in its manifest.",
     )
-    p.add_argument("query", metavar="NAME_OR_IMAGE")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("query", metavar="NAME_OR_IMAGE", nargs="?")
+    what.add_argument("--text", metavar="TEXT",
+                      help="rank the images against TEXT (the models with a text tower, such as clip)")
     options.add_run_options(p)
     p.add_argument("--model", "--models", dest="models", default="all", metavar="M|all",
                    help="a model, a comma-separated list, or all (default) to add the ensemble")
@@ -30,6 +40,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--image", action="store_true", help="treat NAME_OR_IMAGE as an image file")
     return p
+
+
+def _text_query(args: argparse.Namespace, cfg: Config, run_dir: str,
+                wanted: list[str]) -> QueryResult:
+    from flagsim.errors import ConfigError
+    from flagsim.search.query import query_text
+
+    if args.image:
+        raise ConfigError("--image and --text cannot be used together")
+    return query_text(run_dir, args.text, k=args.k, models=wanted or None, cfg=cfg)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
     run_dir = options.run_dir_from(args, cfg)
     wanted = options.split_csv(args.models)
     everything = not wanted or wanted == ["all"]
-    result = query(run_dir, args.query, k=args.k, models=None if everything else wanted,
-                   cfg=cfg, ensemble=everything or "all" in wanted,
-                   as_image=True if args.image else None)
+    if args.text is not None:
+        result = _text_query(args, cfg, run_dir, [] if everything else wanted)
+    else:
+        result = query(run_dir, args.query, k=args.k, models=None if everything else wanted,
+                       cfg=cfg, ensemble=everything or "all" in wanted,
+                       as_image=True if args.image else None)
     if args.json:
         print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
         return 0
@@ -60,6 +83,8 @@ def print_result(result) -> None:
     title = safe(result.query_name or result.query)
     if result.kind == "image":
         title = safe(result.query) + (f" (= {safe(result.query_name)})" if result.query_name else "")
+    elif result.kind == "text":
+        title = f"the text {safe(repr(result.query))}"
     table = Table(title=f"top-{result.k} most similar to {title}")
     table.add_column("rank", justify="right")
     cols = list(result.results)

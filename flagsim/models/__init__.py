@@ -14,34 +14,43 @@ from flagsim.models.registry import (
     check_model_names,
     check_weights,
     create_embedder,
+    create_text_encoder,
     get_spec,
+    has_text_tower,
     list_models,
+    no_text_tower,
     register_model,
+    text_models,
     unregister_model,
 )
 from flagsim.models.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from flagsim.models.base import Embedder
+    from flagsim.models.base import Embedder, TextEncoder
 
 __all__ = [
     "FAMILIES",
     "EmbedOptions",
     "Embedder",
     "ModelSpec",
+    "TextEncoder",
     "check_model_names",
     "check_weights",
     "create_embedder",
+    "create_text_encoder",
     "get_spec",
+    "has_text_tower",
     "list_models",
+    "no_text_tower",
     "register_model",
+    "text_models",
     "unregister_model",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Embedder":  # imports torch, so only on demand
-        from flagsim.models.base import Embedder
+    if name in ("Embedder", "TextEncoder"):  # imports torch, so only on demand
+        from flagsim.models import base
 
-        return Embedder
+        return getattr(base, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -104,6 +104,27 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def read_tensors(files: list, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Only the tensors whose names start with `prefixes`, from safetensors files (or
+    `torch.load(weights_only=True)` for .bin files)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        name = str(f)
+        if name.endswith(".json"):
+            continue
+        if name.endswith(".safetensors"):
+            with safe_open(name, framework="pt", device="cpu") as fh:
+                for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if key.startswith(prefixes):
+                        out[key] = fh.get_tensor(key)
+        else:
+            sd = torch.load(name, map_location="cpu", weights_only=True, mmap=True)
+            out.update({k: v for k, v in sd.items() if k.startswith(prefixes)})
+    return out
+
+
 @dataclass(frozen=True)
 class Pooling:
     """How one vector per image is taken from a family's model: `run(embedder, pixels)` ->
@@ -222,3 +243,37 @@ class Embedder(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec.name} {self.weights} dim={self.dim} {self.device} {self.dtype}>"
+
+
+class TextEncoder(abc.ABC):
+    """The text tower of a model that has one (`ModelSpec.text_tower`), loaded without the
+    image side: `text_features(texts)` gives [N, dim] float32 vectors in the space of the
+    model's image embeddings (for CLIP, what `CLIPModel.get_text_features` gives)."""
+
+    spec: ModelSpec
+    device: torch.device
+    dtype: torch.dtype
+    dim: int
+    weights: str | None
+    revision: str | None
+
+    def __init__(self, spec: ModelSpec, options: EmbedOptions | None = None, *,
+                 source: Source | None = None, resolved: Resolved = None) -> None:
+        options = options or EmbedOptions()
+        self.spec = spec
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.weights = str(options.weights) if options.weights is not None else spec.weights
+        self.revision = source.revision if source is not None else None
+        self._load(source, resolved)
+
+    @abc.abstractmethod
+    def _load(self, source: Source | None, resolved: Resolved) -> None:
+        """Build the text tower and its tokenizer from the resolved weights; set `self.dim`."""
+
+    @abc.abstractmethod
+    def text_features(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> [N, dim] float32 numpy vectors (unnormalised, like the image embeddings)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec.name} {self.weights} dim={self.dim} {self.device}>"

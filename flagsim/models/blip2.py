@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flagsim.errors import WeightsUnavailableError
-from flagsim.models.base import Pooling
+from flagsim.models.base import Pooling, read_tensors
 from flagsim.models.hf import TransformersEmbedder, make_processor
 from flagsim.models.sources import HFCheckpoint, Resolved
 
@@ -55,27 +55,6 @@ class Blip2QFormerFeatures(nn.Module):
             return_dict=True,
         )
         return out.last_hidden_state
-
-
-def read_tensors(files: list, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Only the tensors whose names start with `prefixes`, from safetensors files (or
-    `torch.load(weights_only=True)` for .bin files)."""
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        name = str(f)
-        if name.endswith(".json"):
-            continue
-        if name.endswith(".safetensors"):
-            with safe_open(name, framework="pt", device="cpu") as fh:
-                for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    if key.startswith(prefixes):
-                        out[key] = fh.get_tensor(key)
-        else:
-            sd = torch.load(name, map_location="cpu", weights_only=True, mmap=True)
-            out.update({k: v for k, v in sd.items() if k.startswith(prefixes)})
-    return out
 
 
 def load_qformer_features(ckpt: HFCheckpoint, name: str) -> Blip2QFormerFeatures:

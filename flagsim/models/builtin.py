@@ -39,6 +39,7 @@ register_model(ModelSpec(
     default_batch_size=256,
     description="CLIP ViT-B/32 image features (projected pooler output, get_image_features)",
     architecture="CLIPModel",
+    text_tower="CLIPTextModelWithProjection",
     processor_class="CLIPImageProcessor",
     processor={"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
                "do_center_crop": True, "resample": 3,

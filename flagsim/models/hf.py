@@ -1,16 +1,19 @@
-"""Hugging Face transformers vision models (ViT, CLIP, DINOv2, EfficientNet) and their processors."""
+"""Hugging Face transformers vision models (ViT, CLIP, DINOv2, EfficientNet), their processors, and
+CLIP's text tower (loaded alone, for text queries)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from flagsim.models.base import Embedder, Pooling, check_images, jsonable
-from flagsim.models.sources import HFCheckpoint, Resolved
+from flagsim.errors import DataError, WeightsUnavailableError
+from flagsim.models.base import Embedder, Pooling, TextEncoder, check_images, jsonable, read_tensors
+from flagsim.models.sources import HFCheckpoint, Resolved, Source, resolve_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +129,95 @@ class TransformersEmbedder(Embedder):
 
     def processor_settings(self) -> dict[str, Any]:
         return processor_settings(self.processor)
+
+
+# --- text towers -------------------------------------------------------------------------------
+
+
+def _clip_text_config(config: Any) -> Any:
+    """A CLIPConfig's text config with the whole model's projection width (the text config
+    alone keeps the class default, 512, whatever the checkpoint's projection is)."""
+    text = getattr(config, "text_config", config)
+    text.projection_dim = getattr(config, "projection_dim", text.projection_dim)
+    return text
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """How a text tower class (a ModelSpec's `text_tower`) is built from its whole model's
+    checkpoint: the tensors it reads, its config and width (from the checkpoint's config) and
+    its features (from the tower's output)."""
+
+    prefixes: tuple[str, ...]
+    config: Callable[[Any], Any]
+    dim: Callable[[Any], int]
+    features: Callable[[Any], torch.Tensor]
+
+
+#: Text towers by class name. CLIPTextModelWithProjection's `text_embeds` is exactly what
+#: CLIPModel.get_text_features gives (the projected pooled output at the end-of-text token).
+TEXT_TOWERS: dict[str, TextTower] = {
+    "CLIPTextModelWithProjection": TextTower(
+        prefixes=("text_model.", "text_projection."),
+        config=_clip_text_config,
+        dim=lambda c: int(c.projection_dim),
+        features=lambda out: out.text_embeds,
+    ),
+}
+
+
+class TransformersTextEncoder(TextEncoder):
+    """The text tower of a transformers model and its tokenizer, from the model's checkpoint:
+    only the tower's tensors are read (for CLIP, no vision tensor is loaded)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    max_length: int  # tokens, the special ones included (longer texts are truncated)
+    features: Callable[[Any], torch.Tensor]
+
+    def _load(self, source: Source | None, resolved: Resolved) -> None:
+        import transformers
+
+        assert isinstance(resolved, HFCheckpoint) and source is not None
+        name, cls_name = self.spec.name, self.spec.text_tower or ""
+        if cls_name not in TEXT_TOWERS:
+            raise ValueError(f"{name}: unknown text tower {cls_name!r} (known: {', '.join(TEXT_TOWERS)})")
+        tower = TEXT_TOWERS[cls_name]
+        self.revision = resolved.revision
+        tokenizer_dir = resolve_tokenizer(self.spec, source, resolved, download=True)  # first: cheap
+        log.info("%s: loading %s from %s", name, cls_name, resolved.directory)
+        config = tower.config(
+            transformers.AutoConfig.from_pretrained(str(resolved.directory), local_files_only=True)
+        )
+        cls = getattr(transformers, cls_name)
+        with torch.device("meta"):
+            expected = set(cls(config).state_dict())
+        tensors = read_tensors(resolved.weight_files, tower.prefixes)
+        missing = sorted(expected - set(tensors))
+        if missing:
+            raise WeightsUnavailableError(
+                f"{name}: checkpoint {resolved.directory} lacks {len(missing)} text tower "
+                f"tensor(s) such as {missing[0]}; is it a {self.spec.architecture} checkpoint?"
+            )
+        self.model = cls.from_pretrained(
+            None, config=config, state_dict={k: tensors[k] for k in expected}, dtype=self.dtype
+        ).to(self.device).eval()
+        self.features = tower.features
+        self.dim = tower.dim(config)
+        self.max_length = int(config.max_position_embeddings)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir),
+                                                                   local_files_only=True)
+
+    def text_features(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise DataError(f"{self.spec.name}: text {i} must be a string, got {type(t).__name__}")
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        enc = self.tokenizer(texts, padding=len(texts) > 1, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        with torch.inference_mode():
+            out = self.model(input_ids=enc["input_ids"].to(self.device),
+                             attention_mask=enc["attention_mask"].to(self.device))
+        return self.features(out).float().cpu().numpy().reshape(len(texts), self.dim)

@@ -1,4 +1,5 @@
-"""The model registry: one `ModelSpec` per model name, the embedder families, `check_weights`."""
+"""The model registry: one `ModelSpec` per model name, the embedder families, `check_weights`,
+and the text encoders of models with a text tower."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flagsim.errors import UnknownModelError, WeightsUnavailableError
+from flagsim.errors import DataError, UnknownModelError, WeightsUnavailableError
 from flagsim.models.options import EmbedOptions
 from flagsim.models.sources import (
     Kind,
@@ -22,7 +23,7 @@ from flagsim.models.sources import (
 from flagsim.models.spec import ModelSpec
 
 if TYPE_CHECKING:  # the family modules import torch; they are imported when a model is created
-    from flagsim.models.base import Embedder
+    from flagsim.models.base import Embedder, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +31,25 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Family:
     """An embedder family: the module and class that run it (imported on first use, so that
-    validating a config does not import torch) and the weights `layout` it reads."""
+    validating a config does not import torch), the weights `layout` it reads, and the class
+    in the same module that loads a model's text tower (`text_cls`; None: no text towers)."""
 
     module: str
     cls: str
     layout: Layout
+    text_cls: str | None = None
 
     def embedder_class(self) -> type[Embedder]:
         return getattr(importlib.import_module(self.module), self.cls)
 
+    def text_encoder_class(self) -> type[TextEncoder]:
+        return getattr(importlib.import_module(self.module), self.text_cls or "")
+
 
 #: Embedder families. Adding one: an entry here and its module (an `Embedder` subclass).
 FAMILIES: dict[str, Family] = {
-    "transformers": Family("flagsim.models.hf", "TransformersEmbedder", Layout.CHECKPOINT),
+    "transformers": Family("flagsim.models.hf", "TransformersEmbedder", Layout.CHECKPOINT,
+                           text_cls="TransformersTextEncoder"),
     "blip2": Family("flagsim.models.blip2", "Blip2QFormerEmbedder", Layout.CHECKPOINT),
     "torchvision": Family("flagsim.models.tv", "TorchvisionEmbedder", Layout.FILE),
     "timm": Family("flagsim.models.timm_models", "TimmEmbedder", Layout.FILE),
@@ -125,6 +132,38 @@ def create_embedder(name: str, options: EmbedOptions | None = None, **changes: A
     source = model_source(spec, options.weights, options.revision)
     resolved = resolve(spec, source, FAMILIES[spec.family].layout, download=True)
     return cls(spec, options, source=source, resolved=resolved)
+
+
+def has_text_tower(name: str) -> bool:
+    """Whether model `name` is registered with a text tower its family can load (text queries)."""
+    spec = _REGISTRY.get(name)
+    return spec is not None and spec.text_tower is not None and FAMILIES[spec.family].text_cls is not None
+
+
+def text_models() -> list[str]:
+    """The registered models with a text tower, in registration order."""
+    return [n for n in _REGISTRY if has_text_tower(n)]
+
+
+def no_text_tower(name: str) -> DataError:
+    """The one-line error for a text query of a model without a text tower."""
+    return DataError(
+        f"model {name} has no text tower (text queries work with: {', '.join(text_models()) or 'none'})"
+    )
+
+
+def create_text_encoder(name: str, options: EmbedOptions | None = None, **changes: Any) -> TextEncoder:
+    """The text tower of model `name` alone (no image side loaded), with `options` as for
+    `create_embedder` (weights, revision, device, dtype). A model without one raises
+    `no_text_tower(name)`; missing weights or tokenizer raise WeightsUnavailableError."""
+    spec = get_spec(name)
+    if not has_text_tower(name):
+        raise no_text_tower(name)
+    options = EmbedOptions.of(options, **changes)
+    family = FAMILIES[spec.family]
+    source = model_source(spec, options.weights, options.revision)
+    resolved = resolve(spec, source, family.layout, download=True)
+    return family.text_encoder_class()(spec, options, source=source, resolved=resolved)
 
 
 def check_weights(

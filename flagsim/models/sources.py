@@ -403,16 +403,56 @@ def _resolve_hub(spec: ModelSpec, src: Source, layout: Layout, download: bool) -
     try:
         config, files, pre = _read_checkpoint(get, spec, f"hub repository {repo}")
     except _Missing:
-        def probe() -> None:
-            from huggingface_hub import HfApi
-
-            HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
-
-        raise NotCached(_not_cached_msg(spec, repo, revision), probe, offline="the hub is offline",
-                        unreachable="the hub could not be reached") from None
+        raise _hub_not_cached(spec, repo, revision) from None
     directory = config.parent
     commit = directory.name if directory.parent.name == "snapshots" else revision
     return HFCheckpoint(directory, config, files, pre, commit)
+
+
+def _hub_not_cached(spec: ModelSpec, repo: str, revision: str | None) -> NotCached:
+    def probe() -> None:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(repo, revision=revision, timeout=HUB_TIMEOUT_S)
+
+    return NotCached(_not_cached_msg(spec, repo, revision), probe, offline="the hub is offline",
+                     unreachable="the hub could not be reached")
+
+
+#: A transformers tokenizer's files (tokenizer.json, or vocab.json + merges.txt for BPE).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json")
+
+
+def resolve_tokenizer(spec: ModelSpec, source: Source, checkpoint: HFCheckpoint, *,
+                      download: bool) -> Path:
+    """The directory holding the tokenizer of `checkpoint` (resolved from `source`): the local
+    directory itself, or the hub snapshot its tokenizer files were fetched into (from the cache
+    only unless `download`). WeightsUnavailableError (one line) when it has no tokenizer."""
+    if source.kind is Kind.HUB:
+        repo = source.value or ""
+        get: Callable[[str], Path | None] = _HubGetter(spec, repo, source.revision, download)
+        where = f"hub repository {repo}"
+    else:
+        get, where = _local_getter(checkpoint.directory), str(checkpoint.directory)
+    found: list[Path] = []
+    missing = False  # a file neither cached nor known to be absent (offline, or not to download)
+    for filename in TOKENIZER_FILES:
+        try:
+            path = get(filename)
+        except _Missing:
+            missing = True
+            continue
+        if path is not None:
+            found.append(path)
+    if not any(p.name in ("tokenizer.json", "vocab.json") for p in found):
+        if missing:
+            raise _hub_not_cached(spec, source.value or "", source.revision)
+        raise WeightsUnavailableError(
+            f"{spec.name}: {where} has no tokenizer (tokenizer.json or vocab.json), which text "
+            f"queries need; set {setting(spec.name)} to a checkpoint saved with its tokenizer"
+        )
+    return found[0].parent
 
 
 def _resolve_dir(spec: ModelSpec, src: Source, layout: Layout, download: bool) -> Resolved:

@@ -24,6 +24,9 @@ class ModelSpec:
     docs/benchmarks.md) and on GPU tensor cores. `light` marks a model whose compute is
     negligible next to a network's (the weight-free `pixels` baseline): next to a network its
     actor gets a quarter of a CPU and one thread, and the networks share the rest.
+    `text_tower` names the class of the model's text tower (a transformers class, CLIP's
+    `CLIPTextModelWithProjection`), loaded alone from the same checkpoint for text queries
+    (`flagsim query --text`); None: the model embeds images only.
     A spec describes a real model only; tests build small random-weight checkpoints of the same
     architecture with flagsim.models.testing.
     """
@@ -43,3 +46,4 @@ class ModelSpec:
     options: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
     channels_last: bool = False
     light: bool = False  # negligible compute (a weight-free baseline): a sliver of one CPU
+    text_tower: str | None = None  # the text tower's class (text queries); None: images only

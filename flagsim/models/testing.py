@@ -62,6 +62,25 @@ def _clip() -> Any:
     )
 
 
+def _clip_tokenizer(directory: Path, config: Any) -> None:
+    """A CLIP tokenizer over single letters (`a`..`z`, and each ending a word: `a</w>`), so
+    that any lower-case text tokenises into ids below the tiny text tower's 64-word vocabulary;
+    start and end of text are 0 and 1 as in the tiny config. Longer texts are truncated to
+    the tower's positions."""
+    import string
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        vocab.update({c + suffix: len(vocab) + i for i, c in enumerate(string.ascii_lowercase)})
+    text = getattr(config, "text_config", config)
+    if len(vocab) > text.vocab_size:
+        raise ValueError(f"the tiny CLIP tokenizer needs a vocabulary of {len(vocab)} at least")
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=text.max_position_embeddings
+                  ).save_pretrained(directory)
+
+
 def _blip2() -> Any:
     from transformers import Blip2Config
 
@@ -95,11 +114,13 @@ def _dinov2() -> Any:
 @dataclass(frozen=True)
 class Tiny:
     """A small model of one architecture: its family config (transformers), or for
-    torchvision the VGG widths of flagsim.models.tv.vgg_variant, and its processor settings
-    (transformers: saved as preprocessor_config.json; the other families use the spec's)."""
+    torchvision the VGG widths of flagsim.models.tv.vgg_variant, its processor settings
+    (transformers: saved as preprocessor_config.json; the other families use the spec's), and
+    for a model with a text tower, `tokenizer(directory, config)` writing a tokenizer."""
 
     config: Callable[[], Any] | Mapping[str, Any] | None = None
     processor: Mapping[str, Any] = field(default_factory=dict)
+    tokenizer: Callable[[Path, Any], None] | None = None
 
 
 #: One entry per architecture (ModelSpec.architecture).
@@ -108,7 +129,8 @@ TINY: dict[str, Tiny] = {
                             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}),
     "CLIPModel": Tiny(_clip, {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32},
                               "do_center_crop": True, "resample": 3,
-                              "image_mean": CLIP_MEAN, "image_std": CLIP_STD}),
+                              "image_mean": CLIP_MEAN, "image_std": CLIP_STD},
+                  tokenizer=_clip_tokenizer),
     "Blip2Model": Tiny(_blip2, {"size": {"height": 32, "width": 32}, "resample": 3,
                                 "image_mean": CLIP_MEAN, "image_std": CLIP_STD}),
     "EfficientNetModel": Tiny(_efficientnet, {
@@ -252,6 +274,9 @@ def write_random_checkpoint(name: str, directory: str | Path, *, seed: int = 0, 
     d.mkdir(parents=True, exist_ok=True)
     with seeded(seed):
         _WRITERS[spec.family](spec, spec.processor if processor is None else processor, d, config)
+    tokenizer = TINY[spec.architecture].tokenizer if spec.architecture in TINY else None
+    if tokenizer is not None and spec.text_tower is not None:
+        tokenizer(d, config)
     return d
 
 

@@ -1,4 +1,5 @@
-"""Answer one query (an image's name or an image file) with the top-k of each model and the ensemble."""
+"""Answer one query (an image's name or an image file) with the top-k of each model and the ensemble,
+or a text with the top-k of each model that has a text tower."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ class QueryResult:
     """Top-k per model (and the ensemble under "all") for one query."""
 
     query: str  # what was asked
-    kind: str  # "name" | "image"
+    kind: str  # "name" | "image" | "text"
     query_id: str | None  # the image id for name queries (and image queries found in the run)
     query_name: str | None
     k: int
@@ -163,6 +164,76 @@ def _image_query(session: RunSearch, path: str, k: int, cfg: Config, ensemble: b
     if not result.results:
         raise DataError(f"no model could embed {path}: " + _grouped(result.skipped))
     return result
+
+
+def query_text(
+    run_dir: str, text: str, k: int = 5, models: Sequence[str] | None = None,
+    cfg: Config | None = None,
+) -> QueryResult:
+    """Top-k images of the run for `text`, for each queried model that has a text tower.
+
+    The text is embedded by the model's text tower alone (for CLIP, what
+    `CLIPModel.get_text_features` gives), loaded from the checkpoint and revision recorded in
+    that model's manifest, on CPU, and searched against the stored image embeddings by
+    cosine. `models` None (or ["all"]) means the run's models with a text tower; a model named
+    explicitly that has none is a one-line DataError, as is a run with none. There is no
+    ensemble: the other models cannot embed text. A model whose text tower cannot be loaded
+    (imported without a checkpoint, weights or tokenizer unavailable) is skipped with a note.
+    """
+    from flagsim.models import has_text_tower, no_text_tower, text_models
+
+    cfg = cfg or Config()
+    if not text.strip():
+        raise DataError("the text query is empty")
+    run = RunDir.at(run_dir)
+    named = [m for m in models or () if m != ENSEMBLE]
+    for m in named:
+        if not has_text_tower(m):
+            raise no_text_tower(m)
+    if not named:
+        present = RunSearch(run, None, cfg.index).models
+        named = [m for m in present if has_text_tower(m)]
+        if not named:
+            raise DataError(
+                f"no model of {run.root} has a text tower (text queries work with: "
+                f"{', '.join(text_models()) or 'none'}; models present: {', '.join(present)})"
+            )
+    session = RunSearch(run, named, cfg.index)
+    result = QueryResult(text, "text", None, None, k, session.models)
+    for m in session.models:
+        try:
+            vec = embed_text_like(m, session.manifest(m), text)
+        except (FlagsimError, OSError) as exc:
+            result.skipped[m] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.debug("skipping %s: %s", m, exc)
+            continue
+        idx = session.index(m)
+        idx.check_k(k, exclude_self=False)
+        result.results[m] = idx.hits(vec, k)[0]
+    if not result.results:
+        raise DataError(f"no model could embed the text {text!r}: " + _grouped(result.skipped))
+    return result
+
+
+def embed_text_like(model: str, manifest: Manifest, text: str) -> np.ndarray:
+    """Embed `text` with the text tower of the weights recorded in `model`'s manifest ([1, dim]),
+    as `embed_like` embeds an image; a FlagsimError with one line when that is not possible."""
+    from flagsim.importcsv import is_imported
+    from flagsim.models import create_text_encoder
+
+    if is_imported(manifest) and not manifest.checkpoint:
+        raise DataError(
+            "embeddings were imported without --checkpoint, so the weights that made them are unknown"
+        )
+    encoder = create_text_encoder(
+        model, weights=manifest.checkpoint, revision=manifest.revision, device="cpu"
+    )
+    vec = np.asarray(encoder.text_features([text]), dtype=np.float32).reshape(1, -1)
+    if vec.shape[1] != manifest.dim:
+        raise DataError(
+            f"the text tower gives {vec.shape[1]}-d vectors, the stored ones are {manifest.dim}-d"
+        )
+    return vec
 
 
 def _grouped(skipped: dict[str, str]) -> str:
