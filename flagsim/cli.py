@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "neighbours": ("neighbours", "write the top-k neighbours of every image for every model (Parquet)"),
     "query": ("query", "show the top-k most similar images of a name or an image file, per model"),
     "compare": ("compare", "compare models: top-k per query per model, the ensemble, and model agreement"),
+    "dedup": ("dedup", "find groups of near-duplicate images (neighbour pairs with cosine >= a threshold)"),
     "eval": ("eval", "score each model (and the ensemble) on a labelled file of visually similar images"),
     "report": ("report",
                "write an HTML report (query flags, top-k per model, agreement, evaluation) and a PNG"),

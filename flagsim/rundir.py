@@ -112,6 +112,16 @@ class RunDir:
         return self.meta / "neighbours" / f"model={model}" / "manifest.json"
 
     @property
+    def dedup(self) -> Location:
+        return self.root / "dedup"
+
+    def dedup_dir(self, model: str) -> Location:
+        return self.dedup / f"model={model}"
+
+    def dedup_manifest(self, model: str) -> Location:
+        return self.meta / "dedup" / f"model={model}" / "manifest.json"
+
+    @property
     def errors(self) -> Location:
         return self.root / "errors"
 

@@ -74,6 +74,18 @@ NEIGHBOURS_SCHEMA = pa.schema(
     [pa.field(PARTITION_KEY, pa.string(), nullable=False), *NEIGHBOURS_FILE_SCHEMA]
 )
 
+#: Near-duplicate groups (`dedup/model=<name>/part-00000.parquet`): one row per image in a group.
+DEDUP_FILE_SCHEMA = pa.schema(
+    [
+        pa.field("group", pa.int64(), nullable=False),  # 0-based, ordered by representative id
+        pa.field("size", pa.int32(), nullable=False),  # images in the group
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("representative_id", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # cosine to the representative
+    ]
+)
+
 #: Errors table (`errors/<stage>/part-NNNNN.parquet`): one row per failed item.
 # `index/model=<m>/ids.parquet`: the image at each index position, in position order.
 INDEX_IDS_SCHEMA = pa.schema(

@@ -162,6 +162,7 @@ register_model(ModelSpec(
     image_size=24,
     default_batch_size=512,
     light=True,
+    dedup_threshold=0.9933,  # docs/query.md "flagsim dedup": copies >= 0.9942, two flags <= 0.9924
     description="weight-free colour-layout baseline: 24x16 antialiased resize, scaled to -1..1",
     architecture="pixels",
     processor={"resize": [16, 24], "interpolation": "bilinear",
@@ -199,6 +200,7 @@ register_model(ModelSpec(
     image_size=48,
     default_batch_size=512,
     light=True,
+    dedup_threshold=0.997,  # copies, resizes, JPEGs >= 0.9990; two flags <= 0.9955 (not crops)
     description="weight-free colour layout: Lab colours on 2x3..16x24 grids, colour "
                 "self-similarity of 4x6 and 8x12 cells, a 9-tincture palette histogram",
     architecture="colour-layout",

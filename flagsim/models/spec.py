@@ -27,6 +27,8 @@ class ModelSpec:
     `text_tower` names the class of the model's text tower (a transformers class, CLIP's
     `CLIPTextModelWithProjection`), loaded alone from the same checkpoint for text queries
     (`flagsim query --text`); None: the model embeds images only.
+    `dedup_threshold` is the cosine at or above which `flagsim dedup` calls two images copies,
+    calibrated on the bundled flags (docs/query.md, "flagsim dedup"); None: not calibrated.
     A spec describes a real model only; tests build small random-weight checkpoints of the same
     architecture with flagsim.models.testing.
     """
@@ -47,3 +49,4 @@ class ModelSpec:
     channels_last: bool = False
     light: bool = False  # negligible compute (a weight-free baseline): a sliver of one CPU
     text_tower: str | None = None  # the text tower's class (text queries); None: images only
+    dedup_threshold: float | None = None  # calibrated near-duplicate cosine (flagsim dedup)
