@@ -194,10 +194,14 @@ def run_job(plan: JobPlan, resources: dict[str, float], use_gpu: bool, read_cpus
     cpus, gpus, threads = actor_resources(resources, actors, use_gpu, read_cpus)
     items = [{SHARD: s} for s in plan.shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    read_args = {"num_cpus": min(read_cpus, 1.0)}
+    # A task operator of its own: fused into the search actors, one task would bundle a whole
+    # search batch of shard names (all the shards, typically), so nothing would be written
+    # before the end. Ray Data never fuses an operator that has a `ray_remote_args_fn`.
     ds = ds.map_batches(read_shard, batch_size=1, batch_format="numpy",
                         fn_kwargs={"run_uri": plan.run_uri, "model": plan.model,
                                    "members": list(plan.members)},
-                        num_cpus=min(read_cpus, 1.0))
+                        ray_remote_args_fn=lambda: dict(read_args), **read_args)
     for part in range(plan.parts):
         ds = ds.map_batches(
             SearchActor,
