@@ -187,3 +187,19 @@ def test_sigkilled_job_resumes_by_part_and_a_second_rerun_is_a_no_op(tmp_path):
     assert "starting an embedded local Ray" not in again.stderr  # nothing to do: no Ray at all
     assert Path(run.neighbours_manifest("a").path).read_text() == json.dumps(
         manifest, indent=2, sort_keys=True) + "\n"
+
+
+def test_a_corrupt_index_file_is_one_line_from_the_search_actor(tmp_path, ray_local, capsys):
+    """The size matches (the driver's check passes); the actor's sha256 check refuses it."""
+    runs.make_run(tmp_path, "a", np.random.default_rng(8).normal(size=(50, 8)).astype(np.float32))
+    build_index(str(tmp_path), "a")
+    index_file = Path(RunDir.at(str(tmp_path)).index_path("a").path) / "index.faiss"
+    data = bytearray(index_file.read_bytes())
+    data[-1] ^= 0xFF
+    index_file.write_bytes(bytes(data))
+    assert main(["-q", "neighbours", "--run", str(tmp_path), "-k", "3"]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("flagsim: error:")]
+    assert errors == [f"flagsim: error: neighbours a: {index_file} does not match the sha256 in "
+                      f"{index_file.parent / '_manifest.json'} (corrupt or replaced); rerun "
+                      "`flagsim index --models a`"]
+    assert not RunDir.at(str(tmp_path)).neighbours_manifest("a").exists()

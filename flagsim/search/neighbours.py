@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from flagsim.rundir import RunDir
 from flagsim.schema import NEIGHBOURS_FILE_SCHEMA, NEIGHBOURS_SCHEMA, PARTITION_KEY
 from flagsim.search.catalog import ENSEMBLE, resolve_models
 from flagsim.search.manifest import IndexManifest, read_index_manifest
+from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
 from flagsim.search.saved import index_files, index_state, source_checksums
 from flagsim.shards import read_manifest
 from flagsim.storage import Location
@@ -47,13 +47,6 @@ class NeighboursResult:
 def part_marker(run: RunDir, model: str, shard: str) -> Location:
     """Completion marker of one part: `_meta/neighbours/model=<m>/parts/part-NNNNN.json`."""
     return run.neighbours_manifest(model).parent / "parts" / shard.replace(".parquet", ".json")
-
-
-def index_identity(manifest: IndexManifest) -> str:
-    """Which saved index a part was searched in: its build time, size and files' checksums."""
-    key = {"created": manifest.created, "count": manifest.count, "kind": manifest.kind,
-           "files": {n: f.get("sha256") for n, f in sorted(manifest.files.items())}}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def shard_checksum(checksums: dict[str, str], shard: str, members: Sequence[str]) -> str:
@@ -180,8 +173,9 @@ class PartWriter:
         if batch.num_rows == 0:
             return
         shards = batch.column("shard")
-        for shard in pc.unique(shards).to_pylist():
-            sub = batch if len(pc.unique(shards)) == 1 else batch.filter(pc.equal(shards, shard))
+        names = pc.unique(shards).to_pylist()
+        for shard in names:
+            sub = batch if len(names) == 1 else batch.filter(pc.equal(shards, shard))
             if shard not in self.todo:  # written already: a retried duplicate
                 continue
             pend = self.pending.get(shard)
@@ -272,12 +266,11 @@ def write_neighbours(
 def _search(run: RunDir, plan: TablePlan, k: int, cfg: Config, resources: dict[str, float],
             writer: PartWriter) -> None:
     from flagsim.search.backend import gpu_capable
-    from flagsim.search.neighbours_job import JobPlan, run_job
 
     job = JobPlan(run_uri=str(run.root), model=plan.model, members=plan.members,
                   shards=tuple(plan.todo), k=k, parts=len(index_files(plan.index)),
                   index_cfg=cfg.index, num_actors=cfg.neighbours.num_actors,
-                  batch_size=cfg.neighbours.batch_size)
+                  batch_size=cfg.neighbours.batch_size, index_identity=index_identity(plan.index))
     has_gpu = resources.get("GPU", 0.0) >= 1
     if cfg.index.use_gpu == "yes" and not has_gpu:
         raise ConfigError("index.use_gpu is yes but the Ray cluster has no GPU")

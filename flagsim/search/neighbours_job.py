@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,9 +12,11 @@ import numpy as np
 import pyarrow as pa
 
 from flagsim.config import IndexConfig
+from flagsim.errors import FlagsimError
 from flagsim.rundir import RunDir
 from flagsim.schema import NEIGHBOUR_ROWS_SCHEMA as ROWS_SCHEMA
 from flagsim.search.backend import merge_topk
+from flagsim.search.manifest import IndexManifest
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,14 @@ class JobPlan:
     index_cfg: IndexConfig
     num_actors: int  # actors per part
     batch_size: int
+    index_identity: str  # the index planned for (an actor finding another one refuses it)
+
+
+def index_identity(manifest: IndexManifest) -> str:
+    """Which saved index a part was searched in: its build time, size and files' checksums."""
+    key = {"created": manifest.created, "count": manifest.count, "kind": manifest.kind,
+           "files": {n: f.get("sha256") for n, f in sorted(manifest.files.items())}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def read_shard(batch: dict[str, np.ndarray], run_uri: str, model: str,
@@ -65,28 +77,35 @@ class SearchActor:
     """
 
     def __init__(self, run_uri: str, model: str, part: int, parts: int, k: int,
-                 index_cfg: IndexConfig, threads: int) -> None:
+                 index_cfg: IndexConfig, threads: int, identity: str) -> None:
+        # A flagsim error is raised by the first call, not here: Ray keeps the error of a task
+        # (the driver shows its one line) but only the text of an actor's failed constructor.
+        self.error: FlagsimError | None = None
+        try:
+            self._load(run_uri, model, part, parts, k, index_cfg, threads, identity)
+        except FlagsimError as exc:
+            self.error = exc
+
+    def _load(self, run_uri: str, model: str, part: int, parts: int, k: int,
+              index_cfg: IndexConfig, threads: int, identity: str) -> None:
         import faiss
 
-        from flagsim.search.manifest import IDS_FILE, read_index_manifest
+        from flagsim.errors import DataError
+        from flagsim.search.manifest import IDS_FILE, file_problem, read_index_manifest
         from flagsim.search.saved import load_parts
 
         faiss.omp_set_num_threads(max(1, threads))
         run = RunDir.at(run_uri)
         manifest = read_index_manifest(run, model)
-        if manifest is None:
-            from flagsim.errors import DataError
-
-            raise DataError(f"no index of model {model} in {run.root}")
+        if manifest is None or index_identity(manifest) != identity:
+            raise DataError(f"the index of model {model} in {run.root} was replaced while the "
+                            "neighbours job ran; rerun `flagsim neighbours`")
         gpu = _has_gpu()
         self.index = load_parts(run, model, manifest, index_cfg, parts=[part], gpu=gpu, verify=True)
         self.k, self.kk = k, min(k + 1, manifest.count)
         self.first, self.last = part == 0, part == parts - 1
         self.ids = self.names = self.pos = None
         if self.last:
-            from flagsim.errors import DataError
-            from flagsim.search.manifest import file_problem
-
             root = run.index_path(model)
             problem = file_problem(root, manifest, IDS_FILE, verify=True)
             if problem:
@@ -99,6 +118,8 @@ class SearchActor:
                  self.index.count, self.index.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
+        if self.error is not None:
+            raise self.error
         vectors = np.ascontiguousarray(batch[VECTOR], dtype=np.float32)
         n = len(vectors)
         found = self.index.search(vectors, min(self.kk, max(self.index.count, 1)))
@@ -207,12 +228,38 @@ def run_job(plan: JobPlan, resources: dict[str, float], use_gpu: bool, read_cpus
             SearchActor,
             fn_constructor_kwargs={"run_uri": plan.run_uri, "model": plan.model, "part": part,
                                    "parts": plan.parts, "k": plan.k, "index_cfg": plan.index_cfg,
-                                   "threads": threads},
+                                   "threads": threads, "identity": plan.index_identity},
             batch_size=plan.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
             num_cpus=cpus, num_gpus=gpus,
         )
     log.info("%s: %d query shard(s), %d index part(s) x %d actor(s) (%g CPU, %g GPU each)",
              plan.model, len(plan.shards), plan.parts, plan.num_actors, cpus, gpus)
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        on_batch(batch)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            on_batch(batch)
+    except Exception as exc:
+        cause = flagsim_cause(exc)
+        if cause is None:
+            raise
+        raise type(cause)(f"neighbours {plan.model}: {cause}") from None
+
+
+def flagsim_cause(exc: BaseException) -> FlagsimError | None:
+    """The flagsim error (a DataError in an actor or task) behind an error Ray raised, if any.
+
+    Ray Data re-raises a UDF's error as a UserCodeException that keeps only its text, so the
+    error is found by its type's name in that text (`flagsim.errors.DataError: <message>`).
+    """
+    import re
+
+    from flagsim import errors
+
+    if isinstance(exc, FlagsimError) and type(exc).__module__.startswith("flagsim"):
+        return exc
+    found = re.findall(r"^flagsim\.errors\.(\w+): (.+)$", str(exc), flags=re.MULTILINE)
+    for name, message in reversed(found):
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, FlagsimError):
+            return cls(message.strip())
+    return None
