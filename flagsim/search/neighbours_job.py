@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ class SearchActor:
         from flagsim.search.manifest import IDS_FILE, file_problem, read_index_manifest
         from flagsim.search.saved import load_parts
 
-        faiss.omp_set_num_threads(max(1, threads))
+        faiss.omp_set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
         run = RunDir.at(run_uri)
         manifest = read_index_manifest(run, model)
         if manifest is None or index_identity(manifest) != identity:
