@@ -130,7 +130,8 @@ class IndexConfig(_Frozen):
 
 class NeighboursConfig(_Frozen):
     k: int = Field(default=10, gt=0, le=10_000)
-    batch_size: int = Field(default=4096, gt=0, le=MAX_QUERY_BATCH_SIZE)
+    batch_size: int = Field(default=4096, gt=0, le=MAX_QUERY_BATCH_SIZE)  # queries per search
+    num_actors: int = Field(default=1, gt=0, le=1024)  # search actors per index part
 
 
 class ReportConfig(_Frozen):

@@ -69,6 +69,19 @@ NEIGHBOURS_FILE_SCHEMA = pa.schema(
     ]
 )
 
+#: The neighbours job's stream (search actors to the driver): the file's columns, plus the query
+#: shard, the query's row in it and the shard's row count; a query without any hit has one row
+#: of rank 0 (no neighbour), dropped when the part is written.
+NEIGHBOUR_ROWS_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("expected", pa.int64(), nullable=False),
+        *(f.with_nullable(f.name not in ("query_id", "query", "rank"))
+          for f in NEIGHBOURS_FILE_SCHEMA),
+    ]
+)
+
 #: A neighbour table as flagsim returns it in memory: the folder's model as the first column.
 NEIGHBOURS_SCHEMA = pa.schema(
     [pa.field(PARTITION_KEY, pa.string(), nullable=False), *NEIGHBOURS_FILE_SCHEMA]

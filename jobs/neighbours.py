@@ -3,7 +3,8 @@
     ray job submit --working-dir . --runtime-env configs/runtime_env.yaml \
         -- python jobs/neighbours.py --config configs/cluster-gpu.yaml [--run s3://bucket/run]
 
-One Ray task per model; a model without a fresh index gets one built first.
+A Ray Data job (search actors holding each index part); a model without a fresh index gets one
+built first; parts already written are kept, so submitting it again resumes.
 """
 
 from flagsim.app import jobs

@@ -1,7 +1,9 @@
-"""The batch neighbour table: equal to brute force, batched, and the original experiment reproduced."""
+"""The batch neighbour table: equal to brute force, one part per shard, and the original
+experiment reproduced (through the neighbours Ray Data job)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ def make_run(root, model: str, vectors: np.ndarray, shard_size: int = 100) -> Ru
     return runs.make_run(root, model, vectors, shard_size, ids=[f"img{i:04d}" for i in range(len(vectors))])
 
 
-def test_neighbour_table_equals_brute_force_in_bounded_batches(tmp_path) -> None:
+def test_neighbour_table_equals_brute_force_one_part_per_query_shard(tmp_path, ray_local) -> None:
     rng = np.random.default_rng(0)
     a = rng.normal(size=(103, 16)).astype(np.float32)
     b = rng.normal(size=(103, 10)).astype(np.float32)
@@ -34,12 +36,11 @@ def test_neighbour_table_equals_brute_force_in_bounded_batches(tmp_path) -> None
     make_run(tmp_path, "b", b, shard_size=40)
     cfg = load_config(None, ["neighbours.batch_size=25"])
     results = write_neighbours(str(tmp_path), k=6, cfg=cfg)
-    assert [r.model for r in results] == ["a", "b"]
+    assert [r.model for r in results] == ["a", "b", "all"]  # the ensemble beside the models
     for model, vectors in (("a", a), ("b", b)):
         files = RunDir.at(str(tmp_path)).neighbours_dir(model).list(".parquet")
-        assert len(files) == 5  # ceil(103 / 25) batches, one part each
-        for f in files:
-            assert pq.read_table(f.path).num_rows <= 25 * 6
+        assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(3)]
+        assert [pq.read_table(f.path).num_rows for f in files] == [40 * 6, 40 * 6, 23 * 6]
         table = read_neighbours(str(tmp_path), model)
         assert table.schema.equals(NEIGHBOURS_SCHEMA)
         df = table.to_pandas()
@@ -58,12 +59,22 @@ def test_neighbour_table_equals_brute_force_in_bounded_batches(tmp_path) -> None
             assert got["query"].iloc[0] == f"Image img{qi:04d}"
 
 
-def test_rerun_with_bigger_batches_leaves_no_stale_parts(tmp_path) -> None:
-    make_run(tmp_path, "a", np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32))
-    write_neighbours(str(tmp_path), k=3, cfg=load_config(None, ["neighbours.batch_size=7"]))
-    write_neighbours(str(tmp_path), k=2, cfg=load_config(None, ["neighbours.batch_size=100"]))
-    files = RunDir.at(str(tmp_path)).neighbours_dir("a").list(".parquet")
-    assert [f.name for f in files] == ["part-00000.parquet"]
+def test_new_k_rewrites_every_part_and_fewer_shards_leave_no_stale_parts(tmp_path, ray_local) -> None:
+    x = np.random.default_rng(1).normal(size=(30, 4)).astype(np.float32)
+    make_run(tmp_path, "a", x, shard_size=7)
+    run = RunDir.at(str(tmp_path))
+    (first,) = write_neighbours(str(tmp_path), k=3, models=["a"])
+    assert (first.parts, first.written) == (5, 5)
+    (again,) = write_neighbours(str(tmp_path), k=2, models=["a"])  # another k: every part redone
+    assert (again.parts, again.written, again.rows) == (5, 5, 30 * 2)
+    for sub in (run.model_dir("a"), run.meta_dir("a")):
+        shutil.rmtree(sub.path)
+    make_run(tmp_path, "a", x, shard_size=100)  # the same images in one shard
+    (last,) = write_neighbours(str(tmp_path), k=2, models=["a"])
+    assert (last.parts, last.written) == (1, 1)
+    assert [f.name for f in run.neighbours_dir("a").list(".parquet")] == ["part-00000.parquet"]
+    markers = run.neighbours_manifest("a").parent / "parts"
+    assert [f.name for f in markers.list(".json")] == ["part-00000.json"]
     assert read_neighbours(str(tmp_path), "a").num_rows == 30 * 2
 
 
@@ -87,7 +98,8 @@ def reference_run(tmp_path_factory) -> Path:
     return root
 
 
-def test_reference_import_and_neighbours_reproduce_the_original_top5(reference_run, capsys) -> None:
+def test_reference_import_and_neighbours_reproduce_the_original_top5(reference_run, ray_local,
+                                                                     capsys) -> None:
     assert main(["-q", "neighbours", "--run", str(reference_run), "-k", "5"]) == 0
     capsys.readouterr()
     original = pd.read_csv(REFERENCE / "original_top5_cosine.csv.gz")
@@ -111,3 +123,5 @@ def test_reference_import_and_neighbours_reproduce_the_original_top5(reference_r
             assert (abs(same["cosine"] - row["cosine"]) < 1e-5).any(), (model, row["Country"])
         checked += len(both)
     assert checked == 6 * 195 * 5
+    ensemble = read_neighbours(str(reference_run), "all").to_pandas()  # mean cosine over the six
+    assert len(ensemble) == 195 * 5 and (ensemble["query_id"] != ensemble["neighbour_id"]).all()

@@ -168,7 +168,7 @@ def test_index_and_neighbours_on_s3_equal_a_local_run(s3_server: LocalS3, s3_buc
         _write_embeddings(run, vecs)
         build_index(where, "pixels", cfg.index)
         (res,) = write_neighbours(where, models=["pixels"], cfg=cfg)
-        assert (res.queries, res.rows, res.parts) == (17, 17 * 4, 3)
+        assert (res.queries, res.rows, res.parts) == (17, 17 * 4, 4)  # one part per shard
         results[where] = (load_index(where, "pixels", build=False), read_neighbours(where, "pixels"))
     (local_idx, local_nb), (s3_idx, s3_nb) = results.values()
     assert s3_idx.manifest.shards == local_idx.manifest.shards  # same bytes, same hashes
@@ -176,4 +176,5 @@ def test_index_and_neighbours_on_s3_equal_a_local_run(s3_server: LocalS3, s3_buc
     assert s3_nb.equals(local_nb)
     keys = s3_server.keys(s3_bucket, "runs/c/")
     assert "runs/c/index/model=pixels/_manifest.json" in keys
-    assert "runs/c/neighbours/model=pixels/part-00002.parquet" in keys
+    assert "runs/c/neighbours/model=pixels/part-00003.parquet" in keys
+    assert "runs/c/_meta/neighbours/model=pixels/parts/part-00003.json" in keys

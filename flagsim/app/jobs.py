@@ -71,12 +71,14 @@ def index(args: argparse.Namespace) -> int:
 
 
 def neighbours_parser(prog: str) -> argparse.ArgumentParser:
-    return parser(prog, "Write neighbours/model=<name>/ for every model (one Ray task each).")
+    return parser(prog, "Write neighbours/model=<name>/ for every model and the ensemble `all` "
+                  "(a Ray Data job: search actors over the query shards, resumable by part).")
 
 
 def neighbours(args: argparse.Namespace) -> int:
     job = stages.prepare(args, existing_run=True)
-    stages.neighbour_tasks(job, stages.connect(job, embed_models=()))
+    stages.connect(job, embed_models=())
+    stages.neighbour_tables(job)
     return 0
 
 

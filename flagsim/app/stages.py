@@ -1,9 +1,10 @@
 """The stages, run alike by `flagsim <command>` and jobs/: embed, index, neighbours, report, pipeline.
 
 `prepare` loads and checks a job (config, models, resources, output) before Ray is imported.
-Index and neighbour stages of the jobs run one Ray task per model, which reads and writes the run
-directory itself, so it must be reachable from every node (an object-store URI or a shared
-filesystem); `pipeline` runs them on the driver, as `flagsim pipeline` does.
+The index stage of the jobs runs one Ray task per model; the neighbours stage is a Ray Data job
+(`search/neighbours.py`). Both read and write the run directory from the workers, so it must be
+reachable from every node (an object-store URI or a shared filesystem); `pipeline` builds the
+indexes on the driver, as `flagsim pipeline` does.
 """
 
 from __future__ import annotations
@@ -145,7 +146,10 @@ def pipeline(
         state, _ = index_state(run, m, cfg.index)
         if force or state != "fresh":
             build_index(run, m, cfg.index)
-    neighbours = write_neighbours(run_dir, cfg.neighbours.k, ready, cfg)
+    from flagsim.search.catalog import ENSEMBLE
+
+    tables = [*ready, ENSEMBLE] if len(ready) >= 2 else ready  # `all` beside the models
+    neighbours = write_neighbours(run_dir, cfg.neighbours.k, tables, cfg)
     paths = None
     if report:
         from flagsim.report import build_report
@@ -166,7 +170,7 @@ def log_pipeline(result: PipelineResult) -> None:
         log.info("report -> %s", result.report.html)
 
 
-# --- index and neighbours: one Ray task per model ----------------------------------------------
+# --- index: one Ray task per model; neighbours: the Ray Data job --------------------------
 
 def _task_gpus(cfg: Config, resources: dict[str, float]) -> float:
     """GPUs per index/neighbour task: index.use_gpu, `auto` meaning "when the cluster has some"."""
@@ -224,17 +228,15 @@ def index_tasks(job: Job, resources: dict[str, float], force: bool = False) -> l
     return manifests
 
 
-def _neighbours_one(run_dir: str, model: str, cfg: Config) -> dict[str, Any]:
+def neighbour_tables(job: Job) -> list[dict[str, Any]]:
+    """Write the top-k neighbour table of every image for each model (and the ensemble `all`,
+    see `write_neighbours`) with the neighbours Ray Data job; one summary each."""
     from flagsim.search.neighbours import write_neighbours
 
-    (result,) = write_neighbours(run_dir, k=cfg.neighbours.k, models=[model], cfg=cfg)
-    return asdict(result)
-
-
-def neighbour_tasks(job: Job, resources: dict[str, float]) -> list[dict[str, Any]]:
-    """Write the top-k neighbour table of every image for each model; one summary each."""
-    results = _per_model(job, resources, _neighbours_one, "neighbours")
+    results = [asdict(r) for r in write_neighbours(job.run_dir, job.cfg.neighbours.k,
+                                                   job.explicit, job.cfg)]
     for r in results:
-        log.info("neighbours %s: top-%d of %d images, %d rows (%s index) -> %s", r["model"], r["k"],
-                 r["queries"], r["rows"], r["index_kind"], r["path"])
+        log.info("neighbours %s: top-%d of %d images, %d rows, %d part(s) written (%s index, "
+                 "recall %s) -> %s", r["model"], r["k"], r["queries"], r["rows"], r["written"],
+                 r["index_kind"], r["recall"], r["path"])
     return results

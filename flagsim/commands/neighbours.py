@@ -11,10 +11,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "neighbours",
         help="write the top-k neighbours of every image for every model (Parquet)",
-        description="For each model, search its index (built or rebuilt when needed) with every "
-        "image's own embedding, in batches of neighbours.batch_size, and write "
-        "neighbours/model=<name>/part-*.parquet with columns model, query_id, query, rank, "
-        "neighbour_id, neighbour, score (cosine); the image itself is excluded.",
+        description="For each model, and for the ensemble `all` (mean cosine over the models) "
+        "when there are two or more, search its index (built or rebuilt when needed) with every "
+        "image's own embedding and write neighbours/model=<name>/part-NNNNN.parquet (one part "
+        "per embedding shard) with columns model, query_id, query, rank, neighbour_id, "
+        "neighbour, score (cosine); the image itself is excluded. A Ray Data job: search actors "
+        "hold the index (neighbours.num_actors per index part), queries go in batches of "
+        "neighbours.batch_size; parts already written are kept, so a rerun resumes. With "
+        "--models, `all` is written only when named (e.g. --models clip,dinov2,all).",
     )
     options.add_run_options(p, models="models (default: every model with embeddings)")
     p.add_argument("-k", type=int, default=None, metavar="K",
@@ -32,10 +36,20 @@ def run(args: argparse.Namespace) -> int:
     run_dir = options.run_dir_from(args, cfg, writable=True)
     results = write_neighbours(run_dir, cfg.neighbours.k, args.models, cfg)
     table = Table(title=f"top-{cfg.neighbours.k} neighbours")
-    for col in ("model", "images", "rows", "parts", "index", "seconds", "path"):
+    for col in ("model", "images", "rows", "parts", "written", "index", "recall", "seconds", "path"):
         table.add_column(col)
     for r in results:
-        table.add_row(safe(r.model), str(r.queries), str(r.rows), str(r.parts), safe(r.index_kind),
-                      f"{r.seconds:.2f}", safe(r.path))
+        table.add_row(safe(r.model), str(r.queries), str(r.rows), str(r.parts), str(r.written),
+                      safe(r.index_kind), recall_text(r.recall, r.recall_k), f"{r.seconds:.2f}",
+                      safe(r.path))
     stdout_console().print(table)
     return 0
+
+
+def recall_text(recall: float | None, k: int | None) -> str:
+    """`exact` for an exact index, else the measured recall@k (`-` when none was measured)."""
+    if recall is None:
+        return "-"
+    if k is None:
+        return "exact"
+    return f"{recall:.3f}@{k}"

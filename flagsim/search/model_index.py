@@ -25,6 +25,31 @@ class Hit:
     score: float
 
 
+def finish_hits(scores: np.ndarray, pos: np.ndarray, excl: np.ndarray | None, k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`k` (scores, positions) from a search that asked for k (+1 when `excl` is given).
+
+    `excl[i]` (a position, or -2 for none) is dropped from row i; where it was not returned the
+    extra last hit is dropped instead. Missing hits are padded with NaN / -1.
+    """
+    if excl is not None:
+        hit = pos == excl[:, None]
+        drop = hit.copy()
+        if pos.shape[1] > k:  # asked for one extra: drop the last where the query was not returned
+            drop[~hit.any(axis=1), -1] = True
+        order = np.argsort(drop, axis=1, kind="stable")  # kept first, in rank order
+        scores = np.take_along_axis(np.where(drop, np.nan, scores), order, 1)
+        pos = np.take_along_axis(np.where(drop, -1, pos), order, 1)
+    if scores.shape[1] < k:
+        pad = k - scores.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
+        pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
+    scores = scores[:, :k].astype(np.float32)
+    pos = pos[:, :k]
+    scores[pos < 0] = np.nan
+    return scores, pos
+
+
 @dataclass
 class ModelIndex:
     """A searchable cosine index of one model (or of the ensemble, kept in memory)."""
@@ -95,22 +120,7 @@ class ModelIndex:
             excl[excl < 0] = -2  # never equal to a returned position (-1 pads)
         kk = min(k + (1 if excl is not None else 0), self.count)
         scores, pos = self.index.search(q, kk)
-        if excl is not None:
-            hit = pos == excl[:, None]
-            drop = hit.copy()
-            if kk > k:  # asked for one extra: drop the last where the query was not returned
-                drop[~hit.any(axis=1), -1] = True
-            order = np.argsort(drop, axis=1, kind="stable")  # kept first, in rank order
-            scores = np.take_along_axis(np.where(drop, np.nan, scores), order, 1)
-            pos = np.take_along_axis(np.where(drop, -1, pos), order, 1)
-        if scores.shape[1] < k:
-            pad = k - scores.shape[1]
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
-            pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
-        scores = scores[:, :k].astype(np.float32)
-        pos = pos[:, :k]
-        scores[pos < 0] = np.nan
-        return scores, pos
+        return finish_hits(scores, pos, excl, k)
 
     def hits(
         self, vectors: np.ndarray, k: int, exclude: Sequence[str | None] | None = None

@@ -1,26 +1,30 @@
-"""The batch neighbour table: top-k of every image for every model, written in bounded batches."""
+"""The batch neighbour tables: top-k of every image for every model and the ensemble, resumable."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flagsim.config import Config
-from flagsim.errors import DataError
-from flagsim.rundir import RunDir, shard_name
+from flagsim.errors import ConfigError, DataError
+from flagsim.rundir import RunDir
 from flagsim.schema import NEIGHBOURS_FILE_SCHEMA, NEIGHBOURS_SCHEMA, PARTITION_KEY
-from flagsim.search.catalog import resolve_models
-from flagsim.search.load import load_index
-from flagsim.shards import iter_shards, read_manifest, vectors_of
+from flagsim.search.catalog import ENSEMBLE, resolve_models
+from flagsim.search.manifest import IndexManifest, read_index_manifest
+from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
+from flagsim.search.saved import index_files, index_state, source_checksums
+from flagsim.shards import read_manifest
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -33,119 +37,292 @@ class NeighboursResult:
     index_kind: str
     seconds: float
     path: str
+    recall: float | None = None  # the index's measured recall@recall_k (1.0 for exact)
+    recall_k: int | None = None
+    written: int = 0  # parts written by this call (0: the table was up to date)
 
 
-def neighbour_table(
-    model: str, query_ids: Sequence[str], query_names: Sequence[str], scores: np.ndarray,
-    pos: np.ndarray, ids: np.ndarray, names: np.ndarray,
-) -> pa.Table:
-    """One part's rows (NEIGHBOURS_FILE_SCHEMA) from search results (missing hits, -1, left out)."""
-    nq, k = pos.shape
-    valid = pos >= 0
-    qi = np.repeat(np.arange(nq), k).reshape(nq, k)[valid]
-    ranks = np.tile(np.arange(1, k + 1, dtype=np.int32), nq).reshape(nq, k)[valid]
-    p = pos[valid]
-    qids = np.asarray(query_ids, dtype=object)
-    qnames = np.asarray(query_names, dtype=object)
-    return pa.Table.from_arrays(
-        [
-            pa.array(qids[qi].tolist() if len(p) else [], pa.string()),
-            pa.array(qnames[qi].tolist() if len(p) else [], pa.string()),
-            pa.array(ranks, pa.int32()),
-            pa.array(ids[p].tolist() if len(p) else [], pa.string()),
-            pa.array(names[p].tolist() if len(p) else [], pa.string()),
-            pa.array(scores[valid].astype(np.float32), pa.float32()),
-        ],
-        schema=NEIGHBOURS_FILE_SCHEMA,
-    )
+# --- where things are ------------------------------------------------------------------------
 
+def part_marker(run: RunDir, model: str, shard: str) -> Location:
+    """Completion marker of one part: `_meta/neighbours/model=<m>/parts/part-NNNNN.json`."""
+    return run.neighbours_manifest(model).parent / "parts" / shard.replace(".parquet", ".json")
+
+
+def shard_checksum(checksums: dict[str, str], shard: str, members: Sequence[str]) -> str:
+    """The sha256 of query shard `shard` as its embedding manifest records it (the ensemble:
+    one hash over its models' records of that shard)."""
+    if not members:
+        return checksums.get(shard, "")
+    joined = ",".join(f"{m}/{shard}={checksums.get(f'{m}/{shard}', '')}" for m in members)
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+# --- one table's plan ------------------------------------------------------------------------
+
+@dataclass
+class TablePlan:
+    """What one neighbour table needs: its index, its query shards, which are done."""
+
+    model: str
+    members: tuple[str, ...]  # the ensemble's models; empty for a model
+    index: IndexManifest
+    shards: list[str]  # every query shard, in order
+    sources: dict[str, str]  # query shard -> its checksum
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard -> its marker
+
+    @property
+    def todo(self) -> list[str]:
+        return [s for s in self.shards if s not in self.done]
+
+
+def _tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, tuple[str, ...]]]:
+    """(table, ensemble members) in order: the models, then `all` (see `write_neighbours`)."""
+    explicit = bool(models) and list(models or []) != [ENSEMBLE]
+    names = resolve_models(run, models)
+    want_ensemble = (not explicit) or ENSEMBLE in (models or [])
+    out = [(m, ()) for m in names]
+    if want_ensemble:
+        if len(names) >= 2:
+            out.append((ENSEMBLE, tuple(names)))
+        elif explicit:
+            raise DataError(f"the ensemble {ENSEMBLE} needs at least two models, got {', '.join(names)}")
+    return out
+
+
+def _index_for(run: RunDir, model: str, members: tuple[str, ...], cfg: Config) -> IndexManifest:
+    """The manifest of `model`'s saved index, built first when it is missing or stale."""
+    from flagsim.search.build import build_index
+
+    state, reason = index_state(run, model, None, models=list(members) or None)
+    if state != "fresh":
+        if state == "stale":
+            log.info("%s; rebuilding", reason)
+        build_index(run, model, cfg.index, models=list(members) or None)
+    manifest = read_index_manifest(run, model)
+    if manifest is None:
+        raise DataError(f"no index of model {model} in {run.root} after building it")
+    return manifest
+
+
+def _marker_ok(run: RunDir, model: str, shard: str, k: int, index: str, source: str
+               ) -> dict[str, Any] | None:
+    loc = part_marker(run, model, shard)
+    if not loc.exists():
+        return None
+    try:
+        marker = loc.read_json()
+    except DataError:
+        return None
+    if not isinstance(marker, dict) or marker.get("k") != k or marker.get("index") != index \
+            or marker.get("source") != source:
+        return None
+    part = run.neighbours_dir(model) / shard
+    if not part.is_file() or part.size() != marker.get("bytes"):
+        return None
+    return marker
+
+
+def plan_table(run: RunDir, model: str, members: tuple[str, ...], k: int, cfg: Config
+               ) -> TablePlan:
+    index = _index_for(run, model, members, cfg)
+    if k > index.count - 1:
+        raise DataError(f"k={k} is larger than the collection: model {model} has {index.count} "
+                        f"images, so at most {index.count - 1} neighbours each")
+    checksums = source_checksums(run, model, list(members) or None)
+    if members:
+        common = set.intersection(*({s.split("/", 1)[1] for s in checksums
+                                     if s.startswith(f"{m}/")} for m in members))
+        shards = sorted(common)
+    else:
+        shards = sorted(checksums)
+    sources = {s: shard_checksum(checksums, s, members) for s in shards}
+    plan = TablePlan(model, members, index, shards, sources)
+    ident = index_identity(index)
+    for s in shards:
+        marker = _marker_ok(run, model, s, k, ident, sources[s])
+        if marker is not None:
+            plan.done[s] = marker
+    return plan
+
+
+# --- the driver's writer ---------------------------------------------------------------------
+
+@dataclass
+class _Pending:
+    expected: int
+    seen: set[int] = field(default_factory=set)
+    chunks: list[pa.Table] = field(default_factory=list)
+
+
+class PartWriter:
+    """Collects streamed neighbour rows by query shard; when every query of a shard has
+    arrived, writes its part atomically, then its completion marker.
+
+    Rows are keyed by (shard, row), so a batch Ray retries can never give a query twice.
+    """
+
+    def __init__(self, run: RunDir, plan: TablePlan, k: int) -> None:
+        self.run, self.plan, self.k = run, plan, k
+        self.ident = index_identity(plan.index)
+        self.todo = set(plan.todo)
+        self.pending: dict[str, _Pending] = {}
+        self.written: list[str] = []
+
+    def add(self, batch: pa.Table) -> None:
+        if batch.num_rows == 0:
+            return
+        shards = batch.column("shard")
+        names = pc.unique(shards).to_pylist()
+        for shard in names:
+            sub = batch if len(names) == 1 else batch.filter(pc.equal(shards, shard))
+            if shard not in self.todo:  # written already: a retried duplicate
+                continue
+            pend = self.pending.get(shard)
+            if pend is None:
+                pend = self.pending[shard] = _Pending(int(sub.column("expected")[0].as_py()))
+            rows = np.unique(sub.column("row").to_numpy())
+            new = rows[[r not in pend.seen for r in rows.tolist()]]
+            if len(new) < len(rows):
+                sub = sub.filter(pc.is_in(sub.column("row"), pa.array(new)))
+            pend.seen.update(new.tolist())
+            pend.chunks.append(sub)
+            if len(pend.seen) >= pend.expected:
+                self._flush(shard)
+
+    def _flush(self, shard: str) -> None:
+        pend = self.pending.pop(shard)
+        table = pa.concat_tables(pend.chunks).sort_by([("row", "ascending"), ("rank", "ascending")])
+        self._write(shard, table.filter(pc.greater(table.column("rank"), 0)), pend.expected)
+
+    def _write(self, shard: str, table: pa.Table, queries: int) -> None:
+        table = table.select(NEIGHBOURS_FILE_SCHEMA.names).cast(NEIGHBOURS_FILE_SCHEMA)
+        data = (self.run.neighbours_dir(self.plan.model) / shard).write_parquet(
+            table, staging=self.run.staging)
+        marker = {"rows": table.num_rows, "queries": queries, "bytes": len(data),
+                  "sha256": hashlib.sha256(data).hexdigest(), "k": self.k, "index": self.ident,
+                  "source": self.plan.sources[shard]}
+        part_marker(self.run, self.plan.model, shard).write_json(marker)
+        self.plan.done[shard] = marker
+        self.todo.discard(shard)
+        self.written.append(shard)
+
+    def finish(self) -> None:
+        """After a stream that ended without error: a shard none of whose rows came had no
+        queries (an ensemble shard with no image common to all models): its part is empty."""
+        if self.pending:
+            raise DataError(f"{self.plan.model}: the neighbours job ended with incomplete "
+                            f"part(s) {', '.join(sorted(self.pending)[:3])}; rerun to resume")
+        for shard in sorted(self.todo):
+            self._write(shard, NEIGHBOURS_FILE_SCHEMA.empty_table(), 0)
+
+
+# --- the public entry ------------------------------------------------------------------------
 
 def write_neighbours(
     run_dir: str, k: int | None = None, models: Sequence[str] | None = None,
     cfg: Config | None = None,
 ) -> list[NeighboursResult]:
-    """Write `neighbours/model=<name>/part-*.parquet` for each model (the image itself excluded).
+    """Write `neighbours/model=<name>/part-NNNNN.parquet` for each model (the image itself
+    excluded): one part per query shard, each with a completion marker, the manifest last.
 
-    Query vectors are streamed from the shards `neighbours.batch_size` at a time, so memory is
-    the index plus one batch. Each model's old parts are replaced; the manifest (`_meta/neighbours/`) is last.
+    Tables: every complete model when `models` is None (or `["all"]`), plus the ensemble `all`
+    when there are two or more; with an explicit list, those models, plus `all` (over them)
+    only when the list names it. Indexes missing or stale are built first. Parts whose marker
+    matches (same k, same index, same query shard) are kept; the rest are searched by the Ray
+    Data job (`neighbours_job`) on the session of `pipeline/ray_session.py`, which is not
+    started at all when nothing is left to do.
     """
     cfg = cfg or Config()
     k = k if k is not None else cfg.neighbours.k
-    batch_size = cfg.neighbours.batch_size
     run = RunDir.at(run_dir)
-    names = resolve_models(run, models)
-    for m in names:  # check k everywhere before building or writing anything
-        emb = read_manifest(run, m)
+    tables = _tables(run, models)
+    for m, members in tables:  # check k everywhere before building or writing anything
+        emb = read_manifest(run, m) if not members else None
         if emb is not None and k > emb.rows - 1:
             raise DataError(
                 f"k={k} is larger than the collection: model {m} has {emb.rows} images, "
                 f"so at most {emb.rows - 1} neighbours each"
             )
-    indexes = {m: load_index(run, m, cfg.index) for m in names}
-    for idx in indexes.values():
-        idx.check_k(k)
+    plans = [plan_table(run, m, members, k, cfg) for m, members in tables]
+    resources: dict[str, float] | None = None
     out = []
-    for m, idx in indexes.items():
+    for plan in plans:
         start = time.perf_counter()
-        target = run.neighbours_dir(m)
-        old = target.list(".parquet")
-        manifest_loc = run.neighbours_manifest(m)
-        manifest_loc.delete()  # first: until the new one is written, the table is incomplete
-        parts = 0
-        rows = 0
-        queries = 0
-        written: set[str] = set()
-        for qids, qnames, qvec in _batches(run, m, batch_size):
-            scores, pos = idx.search(qvec, k, exclude=qids, normalised=False)
-            table = neighbour_table(m, qids, qnames, scores, pos, idx.ids, idx.names)
-            loc = target / shard_name(parts)
-            loc.write_parquet(table, staging=run.staging)
-            written.add(loc.name)
-            parts += 1
-            rows += table.num_rows
-            queries += len(qids)
-        for loc in old:
-            if loc.name not in written:
-                loc.delete()
+        writer = PartWriter(run, plan, k)
+        if plan.todo:
+            if resources is None:
+                from flagsim.pipeline.ray_session import ensure_ray
+
+                resources = ensure_ray(cfg)
+            run.neighbours_manifest(plan.model).delete()  # until the new one: incomplete
+            _search(run, plan, k, cfg, resources, writer)
+        _remove_old_parts(run, plan)
         seconds = time.perf_counter() - start
-        assert idx.manifest is not None
-        manifest_loc.write_json({
-            "model": m, "k": k, "queries": queries, "rows": rows, "parts": parts,
-            "index_kind": idx.manifest.kind, "index_recall": idx.manifest.recall,
-            "seconds": round(seconds, 3),
-        })
-        log.info("%s: %d neighbours of %d images -> %s (%.2fs)", m, rows, queries, target, seconds)
-        out.append(NeighboursResult(m, queries, rows, parts, k, idx.manifest.kind, seconds, str(target)))
+        out.append(_commit(run, plan, k, seconds, len(writer.written)))
     return out
 
 
-def _batches(run: RunDir, model: str, batch_size: int):
-    """(ids, names, vectors) in batches of at most `batch_size` rows, streamed from the shards."""
-    ids: list[str] = []
-    names: list[str] = []
-    vecs: list[np.ndarray] = []
-    n = 0
-    for _, table in iter_shards(run, model):
-        v = vectors_of(table)
-        tid = table.column("image_id").to_pylist()
-        tname = table.column("name").to_pylist()
-        start = 0
-        while start < len(tid):
-            take = min(batch_size - n, len(tid) - start)
-            ids.extend(tid[start:start + take])
-            names.extend(tname[start:start + take])
-            vecs.append(v[start:start + take])
-            n += take
-            start += take
-            if n == batch_size:
-                yield ids, names, np.concatenate(vecs)
-                ids, names, vecs, n = [], [], [], 0
-    if n:
-        yield ids, names, np.concatenate(vecs)
+def _search(run: RunDir, plan: TablePlan, k: int, cfg: Config, resources: dict[str, float],
+            writer: PartWriter) -> None:
+    from flagsim.search.backend import gpu_capable
+
+    job = JobPlan(run_uri=str(run.root), model=plan.model, members=plan.members,
+                  shards=tuple(plan.todo), k=k, parts=len(index_files(plan.index)),
+                  index_cfg=cfg.index, num_actors=cfg.neighbours.num_actors,
+                  batch_size=cfg.neighbours.batch_size, index_identity=index_identity(plan.index))
+    has_gpu = resources.get("GPU", 0.0) >= 1
+    if cfg.index.use_gpu == "yes" and not has_gpu:
+        raise ConfigError("index.use_gpu is yes but the Ray cluster has no GPU")
+    gpu = cfg.index.use_gpu != "no" and has_gpu and gpu_capable(plan.index.kind)
+    log.info("%s: searching %d of %d query shard(s) (%d kept)", plan.model, len(plan.todo),
+             len(plan.shards), len(plan.done))
+    run_job(job, resources, gpu, cfg.ray.read_cpus, writer.add)
+    writer.finish()
+
+
+def _remove_old_parts(run: RunDir, plan: TablePlan) -> None:
+    """Parts (and markers) of query shards no longer in the run; leftovers of older layouts."""
+    keep = set(plan.shards)
+    for loc in run.neighbours_dir(plan.model).list(".parquet"):
+        if loc.name not in keep:
+            loc.delete()
+    for loc in part_marker(run, plan.model, "x").parent.list(".json"):
+        if loc.name.replace(".json", ".parquet") not in keep:
+            loc.delete()
+
+
+def _commit(run: RunDir, plan: TablePlan, k: int, seconds: float, written: int
+            ) -> NeighboursResult:
+    """Write the table's manifest (last: it marks the table complete) unless it is current."""
+    index = plan.index
+    queries = sum(int(plan.done[s].get("queries", 0)) for s in plan.shards)
+    rows = sum(int(plan.done[s]["rows"]) for s in plan.shards)
+    manifest = {
+        "model": plan.model, "k": k, "queries": queries, "rows": rows, "parts": len(plan.shards),
+        "index": index_identity(index), "index_kind": index.kind, "index_recall": index.recall,
+        "recall_k": index.recall_k, "recall_sample": index.recall_sample,
+        "source_models": list(plan.members) or [plan.model],
+        "part_sha256": {s: plan.done[s]["sha256"] for s in plan.shards},
+    }
+    loc = run.neighbours_manifest(plan.model)
+    old = loc.read_json() if loc.exists() else None
+    same = isinstance(old, dict) and {key: old.get(key) for key in manifest} == manifest
+    if written or not same:
+        manifest["seconds"] = round(seconds, 3)
+        loc.write_json(manifest)
+    target = run.neighbours_dir(plan.model)
+    if written:
+        log.info("%s: %d neighbours of %d images -> %s (%d part(s) written, %.2fs)", plan.model,
+                 rows, queries, target, written, seconds)
+    else:
+        log.info("%s: neighbour table up to date (%s)", plan.model, target)
+    return NeighboursResult(plan.model, queries, rows, len(plan.shards), k, index.kind, seconds,
+                            str(target), index.recall, index.recall_k, written)
 
 
 def read_neighbours(run_dir: str, model: str) -> pa.Table:
-    """The neighbour table of `model` (all parts, in order), its model as the first column."""
+    """The neighbour table of `model` (or `all`; every part, in order), its model first."""
     run = RunDir.at(run_dir)
     target: Location = run.neighbours_dir(model)
     if not run.neighbours_manifest(model).exists():
