@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("index",
               "build a FAISS cosine index per model (exact by default; IVF/HNSW/IVF-PQ for large runs)"),
     "neighbours": ("neighbours", "write the top-k neighbours of every image for every model (Parquet)"),
+    "search": ("search",
+               "search a table of images (or embeddings) in a run's indexes: top-k of every query (Parquet)"),
     "query": ("query", "show the top-k most similar images of a name or an image file, per model"),
     "compare": ("compare", "compare models: top-k per query per model, the ensemble, and model agreement"),
     "dedup": ("dedup", "find groups of near-duplicate images (neighbour pairs with cosine >= a threshold)"),

@@ -82,6 +82,22 @@ def neighbours(args: argparse.Namespace) -> int:
     return 0
 
 
+def search_parser(prog: str) -> argparse.ArgumentParser:
+    p = parser(prog, "Search a table of images (or embeddings) in the run's indexes: OUT gets the "
+               "queries' embeddings and results/model=<name>/ (the neighbours job, resumable).")
+    p.add_argument("--queries", required=True, metavar="TABLE", help="images or embeddings table")
+    p.add_argument("--search-out", required=True, metavar="OUT", help="output directory")
+    p.add_argument("-k", type=int, default=None, metavar="K", help="results per query")
+    return p
+
+
+def search(args: argparse.Namespace) -> int:
+    job = stages.prepare(args, existing_run=True)
+    stages.connect(job)
+    stages.search_queries(job, args.queries, args.search_out, args.k)
+    return 0
+
+
 def pipeline_parser(prog: str) -> argparse.ArgumentParser:
     p = parser(prog, "Embed, index, neighbours and report for one run directory.")
     add_embed_args(p, "redo every stage")

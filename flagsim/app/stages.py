@@ -240,3 +240,15 @@ def neighbour_tables(job: Job) -> list[dict[str, Any]]:
                  "recall %s) -> %s", r["model"], r["k"], r["queries"], r["rows"], r["written"],
                  r["index_kind"], r["recall"], r["path"])
     return results
+
+
+def search_queries(job: Job, queries: str, out: str, k: int | None) -> list[dict[str, Any]]:
+    """The batch query job (`flagsim.search.batch.run_search`); one summary per model."""
+    from flagsim.search.batch import run_search
+
+    results = [asdict(r) for r in run_search(job.run_dir, queries, out, job.explicit,
+                                             k or job.cfg.neighbours.k, job.cfg, show_progress=False)]
+    for r in results:
+        log.info("search %s: top-%d of %d queries, %d part(s) written -> %s", r["model"], r["k"],
+                 r["queries"], r["written"], r["path"])
+    return results

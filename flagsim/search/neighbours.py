@@ -90,7 +90,7 @@ def _tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, tuple[
     return out
 
 
-def _index_for(run: RunDir, model: str, members: tuple[str, ...], cfg: Config) -> IndexManifest:
+def index_for(run: RunDir, model: str, members: tuple[str, ...], cfg: Config) -> IndexManifest:
     """The manifest of `model`'s saved index, built first when it is missing or stale."""
     from flagsim.search.build import build_index
 
@@ -125,7 +125,7 @@ def _marker_ok(run: RunDir, model: str, shard: str, k: int, index: str, source: 
 
 def plan_table(run: RunDir, model: str, members: tuple[str, ...], k: int, cfg: Config
                ) -> TablePlan:
-    index = _index_for(run, model, members, cfg)
+    index = index_for(run, model, members, cfg)
     if k > index.count - 1:
         raise DataError(f"k={k} is larger than the collection: model {model} has {index.count} "
                         f"images, so at most {index.count - 1} neighbours each")
@@ -162,8 +162,13 @@ class PartWriter:
     Rows are keyed by (shard, row), so a batch Ray retries can never give a query twice.
     """
 
-    def __init__(self, run: RunDir, plan: TablePlan, k: int) -> None:
+    def __init__(self, run: RunDir, plan: TablePlan, k: int, table_dir: Location | None = None,
+                 marker_dir: Location | None = None) -> None:
+        """Parts go to `table_dir` (default: the run's neighbours/model=<m>/), markers to
+        `marker_dir` (default: beside the table's manifest)."""
         self.run, self.plan, self.k = run, plan, k
+        self.table_dir = table_dir or run.neighbours_dir(plan.model)
+        self.marker_dir = marker_dir or part_marker(run, plan.model, "x").parent
         self.ident = index_identity(plan.index)
         self.todo = set(plan.todo)
         self.pending: dict[str, _Pending] = {}
@@ -197,12 +202,12 @@ class PartWriter:
 
     def _write(self, shard: str, table: pa.Table, queries: int) -> None:
         table = table.select(NEIGHBOURS_FILE_SCHEMA.names).cast(NEIGHBOURS_FILE_SCHEMA)
-        data = (self.run.neighbours_dir(self.plan.model) / shard).write_parquet(
+        data = (self.table_dir / shard).write_parquet(
             table, staging=self.run.staging)
         marker = {"rows": table.num_rows, "queries": queries, "bytes": len(data),
                   "sha256": hashlib.sha256(data).hexdigest(), "k": self.k, "index": self.ident,
                   "source": self.plan.sources[shard]}
-        part_marker(self.run, self.plan.model, shard).write_json(marker)
+        (self.marker_dir / shard.replace(".parquet", ".json")).write_json(marker)
         self.plan.done[shard] = marker
         self.todo.discard(shard)
         self.written.append(shard)

@@ -40,6 +40,8 @@ class JobPlan:
     num_actors: int  # actors per part
     batch_size: int
     index_identity: str  # the index planned for (an actor finding another one refuses it)
+    query_run_uri: str | None = None  # where the query shards are (default: the index's run)
+    exclude_self: bool = True  # drop each query's own id from its results (neighbour tables)
 
 
 def index_identity(manifest: IndexManifest) -> str:
@@ -78,10 +80,12 @@ class SearchActor:
     """
 
     def __init__(self, run_uri: str, model: str, part: int, parts: int, k: int,
-                 index_cfg: IndexConfig, threads: int, identity: str) -> None:
+                 index_cfg: IndexConfig, threads: int, identity: str,
+                 exclude_self: bool = True) -> None:
         # A flagsim error is raised by the first call, not here: Ray keeps the error of a task
         # (the driver shows its one line) but only the text of an actor's failed constructor.
         self.error: FlagsimError | None = None
+        self.exclude_self = exclude_self
         try:
             self._load(run_uri, model, part, parts, k, index_cfg, threads, identity)
         except FlagsimError as exc:
@@ -103,7 +107,7 @@ class SearchActor:
                             "neighbours job ran; rerun `flagsim neighbours`")
         gpu = _has_gpu()
         self.index = load_parts(run, model, manifest, index_cfg, parts=[part], gpu=gpu, verify=True)
-        self.k, self.kk = k, min(k + 1, manifest.count)
+        self.k, self.kk = k, min(k + (1 if self.exclude_self else 0), manifest.count)
         self.first, self.last = part == 0, part == parts - 1
         self.ids = self.names = self.pos = None
         if self.last:
@@ -140,7 +144,8 @@ class SearchActor:
         from flagsim.search.model_index import finish_hits
 
         assert self.pos is not None
-        excl = np.array([self.pos.get(str(q), -2) for q in batch["query_id"]], dtype=np.int64)
+        excl = np.array([self.pos.get(str(q), -2) for q in batch["query_id"]], dtype=np.int64) \
+            if self.exclude_self else None
         scores, pos = finish_hits(scores, pos.astype(np.int64), excl, self.k)
         return neighbour_rows(batch, scores, pos, self.ids, self.names) if n else _empty_rows()
 
@@ -221,7 +226,7 @@ def run_job(plan: JobPlan, resources: dict[str, float], use_gpu: bool, read_cpus
     # search batch of shard names (all the shards, typically), so nothing would be written
     # before the end. Ray Data never fuses an operator that has a `ray_remote_args_fn`.
     ds = ds.map_batches(read_shard, batch_size=1, batch_format="numpy",
-                        fn_kwargs={"run_uri": plan.run_uri, "model": plan.model,
+                        fn_kwargs={"run_uri": plan.query_run_uri or plan.run_uri, "model": plan.model,
                                    "members": list(plan.members)},
                         ray_remote_args_fn=lambda: dict(read_args), **read_args)
     for part in range(plan.parts):
@@ -229,7 +234,8 @@ def run_job(plan: JobPlan, resources: dict[str, float], use_gpu: bool, read_cpus
             SearchActor,
             fn_constructor_kwargs={"run_uri": plan.run_uri, "model": plan.model, "part": part,
                                    "parts": plan.parts, "k": plan.k, "index_cfg": plan.index_cfg,
-                                   "threads": threads, "identity": plan.index_identity},
+                                   "threads": threads, "identity": plan.index_identity,
+                                   "exclude_self": plan.exclude_self},
             batch_size=plan.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
             num_cpus=cpus, num_gpus=gpus,

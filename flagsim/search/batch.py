@@ -1,0 +1,253 @@
+"""The batch query job: search a table of new images (or their embeddings) against a run's indexes.
+
+`flagsim search --run RUN --queries TABLE --out OUT`: OUT becomes a run of its own holding the
+queries' embeddings (made by the embed pipeline with each model's recorded weights, or imported)
+and `results/model=<m>/part-NNNNN.parquet`, the top-k of every query in RUN, one part per query
+shard, written by the neighbours job (`neighbours_job.run_job`) with the query itself kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from flagsim.config import Config
+from flagsim.errors import DataError
+from flagsim.rundir import RunDir
+from flagsim.schema import NEIGHBOURS_FILE_SCHEMA
+from flagsim.search.catalog import ENSEMBLE, complete_models, resolve_models
+from flagsim.search.neighbours import (
+    NeighboursResult,
+    PartWriter,
+    TablePlan,
+    index_for,
+    shard_checksum,
+)
+from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
+from flagsim.search.saved import index_files, source_checksums
+from flagsim.shards import read_manifest
+from flagsim.storage import Location
+
+log = logging.getLogger(__name__)
+
+RESULTS = "results"
+
+
+def results_dir(out: RunDir, model: str) -> Location:
+    return out.root / RESULTS / f"model={model}"
+
+
+def _meta_dir(out: RunDir, model: str) -> Location:
+    return out.meta / RESULTS / f"model={model}"
+
+
+def queries_kind(queries: str) -> str:
+    """`images` (an images table: image_id, name, path), `run` (a flagsim run with embeddings)
+    or `embeddings` (a Parquet file or folder with an id and a vector column)."""
+    loc = Location.parse(queries)
+    if not loc.exists():
+        raise DataError(f"queries not found: {queries}")
+    if not loc.is_file():
+        if (loc / "embeddings").exists() and not (loc / "images.parquet").is_file():
+            return "run"
+        if (loc / "images.parquet").is_file():
+            return "images"
+        files = loc.list(".parquet")
+        if not files:
+            raise DataError(f"{queries} holds no Parquet file (an images table or embeddings)")
+        loc = files[0]
+    names = set(loc.read_parquet().schema.names) if loc.size() < (1 << 20) else set(
+        _schema_names(loc))
+    if {"image_id", "path"} <= names:
+        return "images"
+    return "embeddings"
+
+
+def _schema_names(loc: Location) -> list[str]:
+    import pyarrow.parquet as pq
+
+    with loc.fs.open_input_file(loc.path) as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
+def _tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, tuple[str, ...]]]:
+    """(model, ensemble members): the models asked for (default: all of the run's), and `all`
+    when it is named or, by default, when the run has two or more models."""
+    explicit = bool(models) and list(models or []) != [ENSEMBLE]
+    names = resolve_models(run, models)
+    out: list[tuple[str, tuple[str, ...]]] = [(m, ()) for m in names]
+    if ((not explicit) or ENSEMBLE in (models or [])) and len(names) >= 2:
+        out.append((ENSEMBLE, tuple(names)))
+    return out
+
+
+def _embed_queries(run: RunDir, out_dir: str, queries: str, names: list[str], cfg: Config,
+                   show_progress: bool) -> None:
+    """Embed the images table `queries` into `out_dir` with each model's recorded weights."""
+    from flagsim.importcsv import is_imported
+    from flagsim.pipeline.embed import run_embed
+
+    settings = dict(cfg.embed.model_settings)
+    for m in names:
+        man = read_manifest(run, m)
+        assert man is not None
+        if is_imported(man) and not man.checkpoint:
+            raise DataError(f"model {m} of {run.root} was imported without --checkpoint: its weights "
+                            "are unknown, so new images cannot be embedded like its own; pass "
+                            "an embeddings table as --queries")
+        base = settings.get(m, cfg.embed.defaults)
+        settings[m] = base.model_copy(update={"weights": man.checkpoint, "revision": man.revision})
+    embed = cfg.embed.model_copy(update={"models": tuple(names), "model_settings": settings,
+                                         "strict": True})
+    summary = run_embed(cfg.model_copy(update={"embed": embed}), run_dir=out_dir, images=queries,
+                        models=names, show_progress=show_progress)
+    failed = [r for r in summary.results if r.status not in ("embedded", "up to date")]
+    if failed:
+        r = failed[0]
+        raise DataError(f"could not embed the queries with {r.model}: {getattr(r, 'reason', r.status)}")
+
+
+def _query_run(run: RunDir, out: RunDir, queries: str, names: list[str], cfg: Config,
+               show_progress: bool) -> RunDir:
+    """The run whose embeddings are the queries (OUT, filled first; or the queries' own run)."""
+    kind = queries_kind(queries)
+    if kind == "run":
+        return RunDir.at(queries)
+    if kind == "images":
+        _embed_queries(run, str(out.root), queries, names, cfg, show_progress)
+        return out
+    if len(names) != 1:
+        raise DataError("an embeddings table holds one model's vectors: name it with --models M "
+                        f"(the run has {', '.join(names)})")
+    from flagsim.importemb import import_embeddings
+
+    if read_manifest(out, names[0]) is None:
+        import_embeddings(queries, names[0], str(out.root), images=False)
+    return out
+
+
+def _plan(run: RunDir, qrun: RunDir, out: RunDir, model: str, members: tuple[str, ...], k: int,
+          cfg: Config) -> TablePlan:
+    index = index_for(run, model, members, cfg)
+    if k > index.count:
+        raise DataError(f"k={k} is larger than the collection: model {model} of {run.root} has "
+                        f"{index.count} images")
+    qman = read_manifest(qrun, members[0] if members else model)
+    if qman is None:
+        raise DataError(f"no query embeddings of model {model} in {qrun.root}")
+    for m in members or (model,):
+        q, r = read_manifest(qrun, m), read_manifest(run, m)
+        if q is None or r is None or q.dim != r.dim:
+            raise DataError(f"query embeddings of model {m} are {q.dim if q else 'missing'}-d, the "
+                            f"run's {r.dim if r else 'missing'}-d")
+    checksums = source_checksums(qrun, model, list(members) or None)
+    if members:
+        shards = sorted(set.intersection(*({s.split("/", 1)[1] for s in checksums
+                                            if s.startswith(f"{m}/")} for m in members)))
+    else:
+        shards = sorted(checksums)
+    sources = {s: hashlib.sha256(f"{qrun.root}|{shard_checksum(checksums, s, members)}".encode())
+               .hexdigest() for s in shards}
+    plan = TablePlan(model, members, index, shards, sources)
+    ident = index_identity(index)
+    for s in shards:
+        marker_loc = _meta_dir(out, model) / "parts" / s.replace(".parquet", ".json")
+        part = results_dir(out, model) / s
+        if not marker_loc.exists() or not part.is_file():
+            continue
+        marker = marker_loc.read_json()
+        if isinstance(marker, dict) and marker.get("k") == k and marker.get("index") == ident \
+                and marker.get("source") == sources[s] and part.size() == marker.get("bytes"):
+            plan.done[s] = marker
+    return plan
+
+
+def run_search(
+    run_dir: str, queries: str, out_dir: str, models: Sequence[str] | None = None,
+    k: int | None = None, cfg: Config | None = None, show_progress: bool = True,
+) -> list[NeighboursResult]:
+    """Search every query of `queries` in `run_dir`'s indexes; results under `out_dir`.
+
+    The query itself is not excluded (a query that is one of the run's images finds itself
+    first). Resumable: OUT's embeddings resume like any embed, and result parts with a matching
+    marker (same k, index and query shard) are kept, so a rerun does nothing.
+    """
+    cfg = cfg or Config()
+    k = k if k is not None else cfg.neighbours.k
+    run, out = RunDir.at(run_dir), RunDir.at(out_dir)
+    if out.root.uri == run.root.uri:
+        raise DataError("--out must be another directory than --run (it becomes the queries' run)")
+    if k < 1:
+        raise DataError(f"k must be at least 1, got {k}")
+    tables = _tables(run, models)
+    names = [m for m, members in tables if not members]
+    qrun = _query_run(run, out, queries, names, cfg, show_progress)
+    missing = [m for m in names if m not in complete_models(qrun)]
+    if missing:
+        raise DataError(f"no query embeddings of model {missing[0]} in {qrun.root}")
+    plans = [_plan(run, qrun, out, m, members, k, cfg) for m, members in tables]
+    resources: dict[str, float] | None = None
+    results = []
+    for plan in plans:
+        start = time.perf_counter()
+        writer = PartWriter(out, plan, k, table_dir=results_dir(out, plan.model),
+                            marker_dir=_meta_dir(out, plan.model) / "parts")
+        if plan.todo:
+            if resources is None:
+                from flagsim.pipeline.ray_session import ensure_ray
+
+                resources = ensure_ray(cfg)
+            (_meta_dir(out, plan.model) / "manifest.json").delete()
+            job = JobPlan(run_uri=str(run.root), model=plan.model, members=plan.members,
+                          shards=tuple(plan.todo), k=k, parts=len(index_files(plan.index)),
+                          index_cfg=cfg.index, num_actors=cfg.neighbours.num_actors,
+                          batch_size=cfg.neighbours.batch_size,
+                          index_identity=index_identity(plan.index),
+                          query_run_uri=str(qrun.root), exclude_self=False)
+            gpu = cfg.index.use_gpu != "no" and resources.get("GPU", 0.0) >= 1
+            run_job(job, resources, gpu, cfg.ray.read_cpus, writer.add)
+            writer.finish()
+        for loc in results_dir(out, plan.model).list(".parquet"):
+            if loc.name not in plan.shards:
+                loc.delete()
+        results.append(_commit(run, out, plan, k, time.perf_counter() - start, len(writer.written)))
+    return results
+
+
+def _commit(run: RunDir, out: RunDir, plan: TablePlan, k: int, seconds: float, written: int
+            ) -> NeighboursResult:
+    queries = sum(int(plan.done[s].get("queries", 0)) for s in plan.shards)
+    rows = sum(int(plan.done[s]["rows"]) for s in plan.shards)
+    manifest: dict[str, Any] = {
+        "model": plan.model, "k": k, "queries": queries, "rows": rows, "parts": len(plan.shards),
+        "run": str(run.root), "index": index_identity(plan.index), "index_kind": plan.index.kind,
+        "index_recall": plan.index.recall, "recall_k": plan.index.recall_k,
+        "source_models": list(plan.members) or [plan.model], "seconds": round(seconds, 3),
+    }
+    (_meta_dir(out, plan.model) / "manifest.json").write_json(manifest)
+    log.info("%s: top-%d of %d queries in %s -> %s (%d part(s) written)", plan.model, k, queries,
+             run.root, results_dir(out, plan.model), written)
+    return NeighboursResult(plan.model, queries, rows, len(plan.shards), k, plan.index.kind, seconds,
+                            str(results_dir(out, plan.model)), plan.index.recall,
+                            plan.index.recall_k, written)
+
+
+def read_results(out_dir: str, model: str):
+    """The results table of `model` in a search's OUT, its model as the first column."""
+    import pyarrow as pa
+
+    from flagsim.schema import NEIGHBOURS_SCHEMA, PARTITION_KEY
+
+    out = RunDir.at(out_dir)
+    if not (_meta_dir(out, model) / "manifest.json").exists():
+        raise DataError(f"no search results for model {model} in {out.root} (run `flagsim search`)")
+    parts = [loc.read_parquet().cast(NEIGHBOURS_FILE_SCHEMA)
+             for loc in results_dir(out, model).list(".parquet")]
+    table = pa.concat_tables(parts) if parts else NEIGHBOURS_FILE_SCHEMA.empty_table()
+    return table.add_column(0, pa.field(PARTITION_KEY, pa.string(), nullable=False),
+                            pa.array([model] * table.num_rows, pa.string())).cast(NEIGHBOURS_SCHEMA)
+
+

@@ -1,0 +1,103 @@
+"""flagsim search (the batch query job): new images embedded with the run's own models find
+themselves first, an embeddings table gives what the neighbour table gives, reruns do nothing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flagsim.cli import main
+from flagsim.errors import DataError
+from flagsim.images import bundled_flags_dir
+from flagsim.search.batch import read_results, run_search
+from flagsim.search.neighbours import read_neighbours
+from flagsim.shards import read_embeddings
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+MODELS = "pixels,colour-layout"  # weight-free: real models without a checkpoint to download
+
+
+@pytest.fixture(scope="module")
+def flag_run(tmp_path_factory):
+    """A run of 40 bundled flags embedded with two models, with its neighbour tables; and a
+    folder of 8 of those flags as new queries."""
+    root = tmp_path_factory.mktemp("search")
+    files = sorted(Path(bundled_flags_dir()).glob("**/*.png"))[:40]
+    (root / "imgs").mkdir()
+    (root / "new").mkdir()
+    for f in files:
+        shutil.copy(f, root / "imgs" / f.name)
+    for f in files[::5]:
+        shutil.copy(f, root / "new" / f.name)
+    run = root / "run"
+    assert main(["images", "--from-folder", str(root / "imgs"), "--out", str(run)]) == 0
+    assert main(["embed", "--run", str(run), "--set", f"embed.models=[{MODELS}]"]) == 0
+    assert main(["neighbours", "--run", str(run), "-k", "5"]) == 0
+    assert main(["images", "--from-folder", str(root / "new"), "--out", str(root / "queries")]) == 0
+    emb = read_embeddings(RunDirLike(run), "pixels")  # the pixels vectors as a plain Parquet table
+    pq.write_table(pa.table({"image_id": emb.ids, "name": emb.names,
+                             "embedding": pa.array(list(emb.vectors), pa.list_(pa.float32()))}),
+                   root / "pixels.parquet")
+    return root, run
+
+
+def test_new_images_find_themselves_first_in_every_model_and_the_ensemble(flag_run, capsys) -> None:
+    root, run = flag_run
+    out = root / "out"
+    assert main(["search", "--run", str(run), "--queries", str(root / "queries" / "images.parquet"),
+                 "--out", str(out), "-k", "3"]) == 0
+    assert "colour-layout" in capsys.readouterr().out
+    for model in ("pixels", "colour-layout", "all"):
+        t = read_results(str(out), model).to_pandas()
+        assert t.query_id.nunique() == 8 and len(t) == 8 * 3
+        first = t[t["rank"] == 1]
+        assert (first.neighbour_id == first.query_id).all(), model
+        np.testing.assert_allclose(first.score, 1.0, atol=1e-5)
+    # the queries' embeddings are the run's own for the same images (same weights, same code)
+    q, r = read_embeddings(RunDirLike(out), "pixels"), read_embeddings(RunDirLike(run), "pixels")
+    pos = {i: p for p, i in enumerate(r.ids)}
+    np.testing.assert_allclose(q.vectors, r.vectors[[pos[i] for i in q.ids]], atol=1e-6)
+    # a rerun writes nothing and keeps the parts
+    results = run_search(str(run), str(root / "queries" / "images.parquet"), str(out), k=3)
+    assert [r.written for r in results] == [0, 0, 0]
+
+
+def RunDirLike(path):  # noqa: N802 - reads like the type it builds
+    from flagsim.rundir import RunDir
+
+    return RunDir.at(str(path))
+
+
+def test_an_embeddings_table_gives_the_neighbour_table_with_the_query_kept(flag_run) -> None:
+    root, run = flag_run
+    out = root / "out-emb"
+    results = run_search(str(run), str(root / "pixels.parquet"), str(out), models=["pixels"], k=6)
+    assert [r.model for r in results] == ["pixels"] and results[0].queries == 40
+    got = read_results(str(out), "pixels").to_pandas()
+    want = read_neighbours(str(run), "pixels").to_pandas()
+    for qid, rows in got.groupby("query_id"):
+        rows = rows.sort_values("rank")
+        assert rows.neighbour_id.iloc[0] == qid
+        expected = want[want.query_id == qid].sort_values("rank")
+        assert list(rows.neighbour_id.iloc[1:]) == list(expected.neighbour_id.iloc[:5])
+        np.testing.assert_allclose(rows.score.iloc[1:], expected.score.iloc[:5], atol=1e-5)
+    # another run as the queries: the same results for its images
+    out2 = root / "out-run"
+    run_search(str(run), str(run), str(out2), models=["pixels"], k=6)
+    again = read_results(str(out2), "pixels").to_pandas().sort_values(["query_id", "rank"])
+    assert list(again.neighbour_id) == list(got.sort_values(["query_id", "rank"]).neighbour_id)
+
+
+def test_bad_search_requests_are_one_line(flag_run) -> None:
+    root, run = flag_run
+    with pytest.raises(DataError, match="--out must be another directory"):
+        run_search(str(run), str(run), str(run))
+    with pytest.raises(DataError, match="name it with --models"):
+        run_search(str(run), str(root / "pixels.parquet"), str(root / "o3"))
+    with pytest.raises(DataError, match="queries not found"):
+        run_search(str(run), str(root / "nope.parquet"), str(root / "o4"))
