@@ -254,7 +254,7 @@ def _meta_section(meta: RunMeta) -> str:
     out = ['<section class="card" id="run" data-section="run">', "<h2>Run</h2>",
            f'<p class="legend">{esc(meta.images)} images · generated {esc(meta.date)} · '
            + " · ".join(f"{esc(k)} {esc(v)}" for k, v in meta.versions.items()) + "</p>",
-           '<table class="eval" data-table="models"><thead><tr>']
+           '<table class="eval" data-meta="models"><thead><tr>']
     cols = ["model", "checkpoint", "revision", "device", "dtype", "dim", "rows", "source"]
     out.extend(f'<th scope="col">{esc(c)}</th>' for c in cols)
     out.append("</tr></thead><tbody>")
