@@ -609,10 +609,8 @@ def test_search_data_from_the_neighbour_tables(run_dir, tmp_path):
     from flagsim.search.neighbours import write_neighbours
     from flagsim.search.session import RunSearch
 
-    import shutil as _sh
-
     run = tmp_path / "run"
-    _sh.copytree(run_dir, run)
+    shutil.copytree(run_dir, run)
     searched = search_table(RunSearch(str(run)), 4)
     write_neighbours(str(run), k=4, models=["clip", "pixels"])  # no table for dinov2 nor all
     table = search_table(RunSearch(str(run)), 4)

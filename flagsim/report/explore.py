@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
