@@ -105,25 +105,31 @@ def _from_table(table: pa.Table, ids: pa.Array, k: int) -> tuple[np.ndarray, np.
 
 
 def _searched(session: RunSearch, model: str, ids: pa.Array, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every image's top-k searched: the stored vectors streamed shard by shard (no per-id lookup)."""
+    from flagsim.search.source import source_of
+
     n = len(ids)
     nb = np.full((n, k), -1, np.int32)
     sc = np.zeros((n, k), np.float32)
     index = session.index(model)
-    mine = [str(i) for i in index.ids]
-    if not mine:
-        return nb, sc
     kk = min(k, index.count - 1)
     if kk < 1:
         return nb, sc
-    to_cat = _positions(pa.array(mine, pa.string()), ids).astype(np.int64)
-    for start in range(0, len(mine), SEARCH_BATCH):
-        batch = mine[start:start + SEARCH_BATCH]
-        scores, pos = session.search(model, batch, kk)
-        rows = to_cat[start:start + len(batch)]
-        valid = pos >= 0
-        mapped = np.where(valid, to_cat[np.clip(pos, 0, None)], -1)
-        nb[rows, :kk] = mapped
-        sc[rows, :kk] = np.where(valid, scores, 0)
+    to_cat = _positions(pa.array(index.ids.tolist(), pa.string()), ids)
+    to_cat = np.where(np.isnan(to_cat), -1, to_cat).astype(np.int64)
+    src = source_of(session.run, model, session.models) if model == ENSEMBLE else session.source(model)
+    for block in src:
+        rows = _positions(pa.array(block.ids, pa.string()), ids)
+        for start in range(0, len(block.ids), SEARCH_BATCH):
+            stop = start + SEARCH_BATCH
+            scores, pos = index.search(block.vectors[start:stop], kk, exclude=block.ids[start:stop],
+                                       normalised=True)
+            r = rows[start:stop]
+            ok = ~np.isnan(r)
+            valid = pos >= 0
+            mapped = np.where(valid, to_cat[np.clip(pos, 0, None)], -1)
+            nb[r[ok].astype(np.int64), :kk] = mapped[ok]
+            sc[r[ok].astype(np.int64), :kk] = np.where(valid, scores, 0)[ok]
     return nb, sc
 
 
