@@ -635,3 +635,12 @@ def test_embed_records_skipped_models(tmp_path):
     paths = build_report(str(run), queries=["Albania"], k=2)
     li = BeautifulSoup(Path(paths.html).read_text(), "html.parser").select_one('ul[data-list="skipped"] li')
     assert li["data-model"] == "blip2" and "no weights <b>here</b>" in li.get_text()
+
+
+def test_json_block_cannot_close_its_script_element():
+    from flagsim.report.html import json_block
+
+    value = {"names": ["</script><script>alert(1)</script>", "<!--", "a&b", "\u2028\u2029"]}
+    text = json_block(value)
+    assert not re.search(r"[<>&\u2028\u2029]", text)
+    assert json.loads(text) == value

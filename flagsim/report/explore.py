@@ -222,16 +222,17 @@ def map_data(session: RunSearch, table: SearchTable, map_max: int = MAP_MAX,
     cat_ids = pa.array(table.ids, pa.string())
     out: list[MapData] = []
     for m in table.neighbours:
-        index = session.index(m)
-        total = index.count
+        src = source_of(session.run, m, session.models) if m == ENSEMBLE else session.source(m)
+        total = int(src.rows)
         rng = np.random.default_rng(seed)
         chosen = np.sort(rng.choice(total, size=map_max, replace=False)) if total > map_max else np.arange(total)
         keep = np.zeros(total, bool)
         keep[chosen] = True
         vecs, vids, offset = [], [], 0
-        src = source_of(session.run, m, session.models) if m == ENSEMBLE else session.source(m)
         for block in src:  # one shard at a time; only the mapped rows are kept
-            sel = keep[offset:offset + len(block.ids)] if offset < total else np.zeros(len(block.ids), bool)
+            sel = np.zeros(len(block.ids), bool)
+            part = keep[offset:offset + len(block.ids)]
+            sel[:len(part)] = part
             offset += len(block.ids)
             if sel.any():
                 vecs.append(block.vectors[sel])
