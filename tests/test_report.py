@@ -644,3 +644,18 @@ def test_json_block_cannot_close_its_script_element():
     text = json_block(value)
     assert not re.search(r"[<>&\u2028\u2029]", text)
     assert json.loads(text) == value
+
+
+def test_pca_2d_keeps_the_main_axes():
+    from flagsim.report.explore import pca_2d
+
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((300, 2)) * [5.0, 2.0]
+    basis = np.linalg.qr(rng.standard_normal((16, 16)))[0][:2]
+    x = (t @ basis + 0.01 * rng.standard_normal((300, 16))).astype(np.float32)
+    xy, explained = pca_2d(x)
+    assert explained > 0.99
+    # the projection is the planted 2-D layout up to rotation/reflection: distances are kept
+    d_in = np.linalg.norm(t[:50, None] - t[None, :50], axis=-1)
+    d_out = np.linalg.norm(xy[:50, None] - xy[None, :50], axis=-1)
+    assert np.allclose(d_in, d_out, atol=0.1)
