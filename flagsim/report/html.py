@@ -268,7 +268,7 @@ def _meta_section(meta: RunMeta) -> str:
         out.extend(f'<li data-model="{esc(r["model"])}"><b>{esc(r["model"])}</b> ({esc(r["status"])}): '
                    f'{esc(r["reason"])}</li>' for r in meta.skipped)
         out.append("</ul>")
-    else:
+    elif not meta.notes:  # an embed record exists and lists no skipped model
         out.append('<p class="legend" data-list="skipped">No model was skipped.</p>')
     out.extend(f'<p class="legend">{esc(n)}</p>' for n in meta.notes)
     out.append("</section>")
