@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -209,6 +210,21 @@ def screenshot(page: Path, tmp: Path, out: Path) -> Image.Image:
     return Image.open(out)
 
 
+def check_scripts(soup: BeautifulSoup) -> None:
+    """No script but the page's own: one JSON data block and one inline script whose sha256 is
+    the only script source the page's CSP allows (none at all on a page without them)."""
+    from flagsim.report.script import SCRIPT, script_hash
+
+    scripts = soup.find_all("script")
+    if not scripts:
+        return
+    assert [s.get("type") for s in scripts] == ["application/json", None]
+    assert scripts[0]["id"] == "flagsim-data" and not scripts[1].attrs
+    assert scripts[1].string == SCRIPT
+    csp = soup.find("meta", attrs={"http-equiv": "Content-Security-Policy"})["content"]
+    assert csp.endswith(f"script-src {script_hash(SCRIPT)}") and "unsafe-inline" not in csp.split("script-src")[1]
+
+
 _URL_ATTRS = ("src", "href", "srcset", "action", "formaction", "poster", "data", "background",
               "xlink:href", "ping", "cite", "manifest")
 
@@ -216,7 +232,7 @@ _URL_ATTRS = ("src", "href", "srcset", "action", "formaction", "poster", "data",
 def check_safe_dom(dom: str) -> BeautifulSoup:
     """The dumped DOM has no script, no event handler, and references nothing outside itself."""
     soup = BeautifulSoup(dom, "html.parser")
-    assert soup.find_all("script") == []
+    check_scripts(soup)
     assert soup.find_all(["iframe", "object", "embed", "link", "base", "form"]) == []
     for el in soup.find_all(True):
         for attr, value in el.attrs.items():
@@ -463,5 +479,183 @@ def test_report_html_has_no_control_characters_and_no_live_script(tmp_path):
     page = Path(paths.html).read_text()
     assert not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", page)
     soup = BeautifulSoup(page, "html.parser")
-    assert soup.find("script") is None
-    assert "Nul\\x00land <script>alert(1)</script>\\x1b[31m\\x7f" in soup.get_text()
+    check_scripts(soup)
+    shown = "Nul\\x00land <script>alert(1)</script>\\x1b[31m\\x7f"
+    assert shown in soup.get_text()
+    data = json.loads(soup.find("script", id="flagsim-data").string)
+    assert shown in data["names"]
+
+
+# --- the interactive page: search box, deep links, maps (headless Chromium over DevTools) --------
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    from cdp import Browser
+
+    b = Browser(_chromium(), tmp_path / "cdp-profile")
+    yield b
+    b.close()
+
+
+_RESULT_JS = """Array.from(document.querySelectorAll('#result .rrow')).map(r => [r.dataset.model,
+  Array.from(r.querySelectorAll('.name')).map(e => e.textContent)])"""
+
+
+def test_search_box_deep_links_and_maps_in_chromium(built, run_dir, browser):
+    from flagsim.search.compare import compare
+    from flagsim.search.session import RunSearch
+
+    paths, _ = built
+    url = Path(paths.html).resolve().as_uri()
+    comp = compare(str(run_dir), ["Chad", "hostile-script"], k=5)
+    expected = {q: [[m, [f"{h.rank}. {h.name}" for h in comp.results[q][m]]] for m in [*comp.models, "all"]]
+                for q in comp.queries}
+
+    browser.open(url)
+    browser.type_text("#search", "Chad")  # a real input event, typed through the browser
+    browser.wait_for("document.querySelectorAll('#result .rrow').length > 0")
+    assert browser.evaluate(_RESULT_JS) == expected["Chad"]
+    assert browser.evaluate("document.querySelector('#result h3').textContent") == "Chad"
+    assert browser.evaluate("document.querySelector('#result .rhead img').src").startswith("data:image/png")
+
+    # an image that is no query section of the page (every image is reachable), by a deep link
+    browser.open(url + "#q=" + "Romania")
+    browser.wait_for("document.querySelector('#result h3')")
+    assert browser.evaluate("document.querySelector('#result h3').textContent") == "Romania"
+    assert browser.evaluate("document.getElementById('search').value") == "Romania"
+    assert [m for m, _ in browser.evaluate(_RESULT_JS)] == [*comp.models, "all"]
+
+    # the hostile name: a deep link, the suggestions and the results all show it as text
+    browser.open(url + "#q=" + "%3Cscript%3Ealert(1)%3C%2Fscript%3E")
+    browser.wait_for("document.querySelector('#result h3')")
+    q = comp.queries[1]
+    assert browser.evaluate("document.querySelector('#result h3').textContent") == SCRIPT_NAME
+    assert browser.evaluate(_RESULT_JS) == expected[q]
+    browser.evaluate("document.getElementById('search').value = ''")
+    browser.type_text("#search", "<scr")
+    browser.wait_for("document.querySelectorAll('#suggest button').length > 0")
+    assert browser.evaluate("Array.from(document.querySelectorAll('#suggest button')).map(b => b.textContent)") \
+        == [SCRIPT_NAME]
+    browser.evaluate("document.getElementById('search').value = ''")
+    browser.type_text("#search", "chad")  # Chad's neighbours list the hostile copy of Chad
+    browser.wait_for("document.querySelector('#result h3').textContent === 'Chad'")
+    chad_hits = browser.evaluate("Array.from(document.querySelectorAll('#result .name')).map(e => e.textContent)")
+    assert f"1. {SCRIPT_NAME}" in chad_hits
+    assert browser.evaluate("document.scripts.length") == 2  # nothing injected
+    assert browser.evaluate("document.querySelectorAll('#result script, #suggest script, svg script').length") == 0
+
+    # maps: one mark per image of each model (the run is below the sample size), names as text
+    session = RunSearch(run_dir)
+    maps = browser.evaluate("""Array.from(document.querySelectorAll('figure.map')).map(f => [f.dataset.model,
+      f.dataset.method, f.querySelectorAll('circle').length, Number(f.dataset.marks)])""")
+    assert [(m, meth) for m, meth, _, _ in maps] == [(m, "PCA") for m in [*session.models, "all"]]
+    for m, _, circles, marks in maps:
+        assert circles == marks == session.index(m).count
+    titles = browser.evaluate("Array.from(document.querySelectorAll('figure.map circle title')).map(t => t.textContent)")
+    assert titles.count(SCRIPT_NAME) == len(maps) and titles.count(IMG_NAME) == len(maps)
+    assert browser.evaluate("document.querySelectorAll('figure.map title *').length") == 0
+    # hover shows the name and its neighbours; a click opens the image in the search box
+    browser.evaluate("""(() => { const c = Array.from(document.querySelectorAll('figure.map')[0]
+      .querySelectorAll('circle')).find(c => c.textContent === 'Chad');
+      c.dispatchEvent(new MouseEvent('mouseover', {bubbles: true}));
+      c.dispatchEvent(new MouseEvent('click', {bubbles: true})); })()""")
+    info = browser.evaluate("document.querySelector('figure.map .mapinfo').textContent")
+    assert info.startswith("Chad → ") and expected["Chad"][0][1][0].split(". ", 1)[1] in info
+    browser.wait_for("location.hash === '#q=Chad' && document.querySelector('#result h3').textContent === 'Chad'")
+    assert browser.console_errors() == []
+
+
+def test_report_header_and_evaluation_detail(built, run_dir):
+    from flagsim.search.evaluate import evaluate
+
+    paths, _ = built
+    soup = BeautifulSoup(Path(paths.html).read_text(), "html.parser")
+    run = soup.select_one('section[data-section="run"]')
+    assert [tr["data-model"] for tr in run.select('table[data-meta="models"] tr[data-model]')] == \
+        ["clip", "dinov2", "pixels"]
+    text = run.get_text()
+    assert f"{len(bundled_table()) + 3} images" in text and "flagsim 0.1.0" in text and "torch" in text
+    assert "no embed record" in text  # this run was not made by `flagsim embed`
+    ev = evaluate(str(run_dir))
+    detail = soup.select_one('section[data-section="eval-detail"]')
+    for rec in ev.to_dict("records"):
+        rows = detail.select(f'details[data-model="{rec["model"]}"] tr[data-query]')
+        assert len(rows) == rec["pairs"]
+        assert np.mean([int(r["data-hit1"]) for r in rows]) == pytest.approx(rec["hit@1"])
+        assert np.mean([int(r["data-hit5"]) for r in rows]) == pytest.approx(rec["hit@5"])
+        assert all(len(r.find_all("td")) == 5 for r in rows)
+    assert detail.select("svg.chart")
+
+
+def test_map_samples_large_collections_but_search_covers_every_name(run_dir, tmp_path):
+    paths = build_report(str(run_dir), queries=["Chad"], k=3, out=str(tmp_path / "r.html"), map_max=40,
+                         thumbs_max=10)
+    soup = BeautifulSoup(Path(paths.html).read_text(), "html.parser")
+    for fig in soup.select("figure.map"):
+        assert len(fig.select("circle")) == int(fig["data-marks"]) == 40 < int(fig["data-total"])
+        assert "sample of 40" in fig.get_text()
+    data = json.loads(soup.find("script", id="flagsim-data").string)
+    n = len(bundled_table()) + 3
+    assert len(data["names"]) == len(data["ids"]) == n
+    assert all(len(data["nb"][m]) == n * 3 for m in data["models"])
+    assert len({u for u in data["thumbs"]}) == len(data["thumbs"])  # each thumbnail once
+    assert sum(t >= 0 for t in data["thumb"]) <= 10 + 1 + 4 * 3
+
+
+def test_search_data_from_the_neighbour_tables(run_dir, tmp_path):
+    """Every image's top-k comes from `neighbours/` when the run has it, and equals a search."""
+    from flagsim.report.explore import search_table
+    from flagsim.search.neighbours import write_neighbours
+    from flagsim.search.session import RunSearch
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    searched = search_table(RunSearch(str(run)), 4)
+    write_neighbours(str(run), k=4, models=["clip", "pixels"])  # no table for dinov2 nor all
+    table = search_table(RunSearch(str(run)), 4)
+    assert table.sources == {"clip": "neighbour table", "dinov2": "searched", "pixels": "neighbour table",
+                             "all": "searched"}
+    for m in table.neighbours:
+        assert (table.neighbours[m] == searched.neighbours[m]).all()
+        assert np.allclose(table.scores[m], searched.scores[m], atol=1e-5)
+    assert (table.neighbours["clip"][table.ids.index("Chad")] >= 0).all()
+
+
+def test_embed_records_skipped_models(tmp_path):
+    from flagsim.report.explore import run_meta
+    from flagsim.search.session import RunSearch
+
+    run = _tiny_run(tmp_path / "run")
+    (run / "_meta" / "embed.json").write_text(json.dumps({"images": 5, "results": [
+        {"model": "pixels", "status": "embedded", "reason": ""},
+        {"model": "blip2", "status": "skipped", "reason": "no weights <b>here</b>"}]}))
+    meta = run_meta(RunSearch(str(run)))
+    assert meta.skipped == [{"model": "blip2", "status": "skipped", "reason": "no weights <b>here</b>"}]
+    paths = build_report(str(run), queries=["Albania"], k=2)
+    li = BeautifulSoup(Path(paths.html).read_text(), "html.parser").select_one('ul[data-list="skipped"] li')
+    assert li["data-model"] == "blip2" and "no weights <b>here</b>" in li.get_text()
+
+
+def test_json_block_cannot_close_its_script_element():
+    from flagsim.report.html import json_block
+
+    value = {"names": ["</script><script>alert(1)</script>", "<!--", "a&b", "\u2028\u2029"]}
+    text = json_block(value)
+    assert not re.search(r"[<>&\u2028\u2029]", text)
+    assert json.loads(text) == value
+
+
+def test_pca_2d_keeps_the_main_axes():
+    from flagsim.report.explore import pca_2d
+
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((300, 2)) * [5.0, 2.0]
+    basis = np.linalg.qr(rng.standard_normal((16, 16)))[0][:2]
+    x = (t @ basis + 0.01 * rng.standard_normal((300, 16))).astype(np.float32)
+    xy, explained = pca_2d(x)
+    assert explained > 0.99
+    # the projection is the planted 2-D layout up to rotation/reflection: distances are kept
+    d_in = np.linalg.norm(t[:50, None] - t[None, :50], axis=-1)
+    d_out = np.linalg.norm(xy[:50, None] - xy[None, :50], axis=-1)
+    assert np.allclose(d_in, d_out, atol=0.1)

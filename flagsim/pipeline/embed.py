@@ -148,4 +148,15 @@ def _run_embed(
             cfg, run, table, plans, todo, mcfgs, images_hash, show_progress
         )
         summary.results.extend(results)
+    _record(run, summary)
     return summary
+
+
+def _record(run: RunDir, summary: EmbedSummary) -> None:
+    """`_meta/embed.json`: each model's status and reason in the last embed (the report's header)."""
+    import time
+
+    (run.meta / "embed.json").write_json({
+        "images": summary.images, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": [{"model": r.model, "status": r.status, "reason": r.reason} for r in summary.results],
+    })

@@ -1,4 +1,4 @@
-"""A self-contained HTML report (inline images and CSS) and a PNG contact sheet of a run's neighbours."""
+"""A self-contained HTML report (inline images, CSS, data and script) and a PNG contact sheet of a run's neighbours."""
 
 from flagsim.report.build import ReportPaths, build_report, default_png
 from flagsim.report.data import (
@@ -11,7 +11,18 @@ from flagsim.report.data import (
     run_catalogue,
     support,
 )
-from flagsim.report.html import CSP, esc, render_html, stylesheet
+from flagsim.report.explore import (
+    MAP_MAX,
+    Explore,
+    MapData,
+    SearchTable,
+    eval_detail,
+    map_data,
+    pca_2d,
+    run_meta,
+    search_table,
+)
+from flagsim.report.html import CSP, esc, page_csp, render_html, stylesheet
 from flagsim.report.sheet import (
     SHEET_AGREE,
     SHEET_BG,
@@ -27,7 +38,8 @@ from flagsim.report.sheet import (
 )
 
 __all__ = [
-    "CSP", "ENSEMBLE", "SHEET_AGREE", "SHEET_BG", "SHEET_HEADER", "THUMB_MAX_HEIGHT", "THUMB_WIDTH",
+    "CSP", "ENSEMBLE", "MAP_MAX", "Explore", "MapData", "SearchTable", "eval_detail", "map_data",
+    "page_csp", "pca_2d", "run_meta", "search_table", "SHEET_AGREE", "SHEET_BG", "SHEET_HEADER", "THUMB_MAX_HEIGHT", "THUMB_WIDTH",
     "ReportData", "ReportPaths", "SheetLayout", "Thumbnails", "build_report", "default_png", "esc",
     "image_ids", "make_thumbnail", "placeholder_tile", "png_data_uri", "render_contact_sheet",
     "render_html", "report_data", "resolve_queries", "row_models", "run_catalogue", "stylesheet",

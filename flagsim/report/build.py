@@ -7,7 +7,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from flagsim.errors import FlagsimError
 from flagsim.report.data import image_ids, report_data
+from flagsim.report.explore import MAP_MAX, Explore, eval_detail, map_data, run_meta, search_table
 from flagsim.report.html import render_html
 from flagsim.report.sheet import Thumbnails, render_contact_sheet
 from flagsim.rundir import RunDir
@@ -35,6 +37,36 @@ def default_png(out: str | Location) -> Location:
 
 
 
+#: Thumbnails embedded for the search box: the shown images plus the run's first this many.
+THUMBS_MAX = 1000
+
+
+def _explore(data, pairs: str | None, thumbs: Thumbnails, shown: Sequence[str], map_max: int,
+             thumbs_max: int, projection: str) -> Explore:
+    """The whole-run parts: search table, maps, evaluation detail, header and distinct thumbnails."""
+    session = data.session
+    table = search_table(session, data.comparison.k)
+    maps = map_data(session, table, map_max=map_max, projection=projection)
+    rows = []
+    if data.eval_df is not None:
+        try:
+            rows = eval_detail(session, pairs)
+        except FlagsimError as exc:
+            log.warning("report: evaluation detail skipped: %s", exc)
+    pos = {i: p for p, i in enumerate(table.ids[:thumbs_max])}
+    for i in shown:
+        if i not in pos:
+            p = session.catalogue.ids.index(i).as_py()
+            if p is not None and p >= 0:
+                pos[i] = p
+    distinct: dict[str, int] = {}
+    thumb_of = [-1] * len(table.ids)
+    for i, p in pos.items():
+        uri = thumbs.data_uri(i)
+        thumb_of[p] = distinct.setdefault(uri, len(distinct))
+    return Explore(table, maps, rows, run_meta(session), thumb_of, list(distinct))
+
+
 def build_report(
     run_dir: str,
     queries: Sequence[str] | None = None,
@@ -45,6 +77,9 @@ def build_report(
     models: Sequence[str] | None = None,
     title: str | None = None,
     default_queries: Sequence[str] | None = None,
+    map_max: int = MAP_MAX,
+    thumbs_max: int = THUMBS_MAX,
+    projection: str = "auto",
 ) -> ReportPaths:
     """Compare models on `queries`, evaluate them, and write the HTML page and PNG contact sheet.
 
@@ -52,6 +87,10 @@ def build_report(
     in the run are skipped with a note, and if none is there the run's first images are shown.
     Explicit queries that are all absent raise UnknownNameError. The HTML goes to `out`
     (default RUN/report.html) and the sheet to `png` (default: next to it, `.png`).
+
+    The page also carries every image's top-k (search box), a map per model of at most `map_max`
+    images (PCA; plus UMAP/t-SNE when installed and `projection` is "auto"; "pca" for PCA only)
+    and thumbnails of the shown images and the first `thumbs_max` of the run.
     """
     run = RunDir.at(run_dir)
     data = report_data(run_dir, queries, k, pairs=pairs, models=models, default_queries=default_queries)
@@ -62,7 +101,9 @@ def build_report(
     uris = {i: thumbs.data_uri(i) for i in ids}
     images = {i: thumbs.image(i) for i in ids}
     title = title or f"flagsim report · {run.root.name}"
-    page = render_html(comparison, data.eval_df, uris, title, notes=data.notes, eval_note=data.eval_note)
+    explore = _explore(data, pairs, thumbs, ids, map_max, thumbs_max, projection)
+    page = render_html(comparison, data.eval_df, uris, title, notes=data.notes, eval_note=data.eval_note,
+                       explore=explore)
 
     html_loc = Location.parse(out) if out else run.report
     png_loc = Location.parse(png) if png else default_png(html_loc)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from flagsim.search.catalog import Catalogue
     from flagsim.search.compare import Comparison
+    from flagsim.search.session import RunSearch
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class ReportData:
     eval_note: str | None  # why there is no evaluation table
     notes: list[str] = field(default_factory=list)  # shown at the top (e.g. skipped queries)
     skipped: list[str] = field(default_factory=list)  # queries not in the run
+    session: RunSearch | None = None  # the loaded indexes, for the whole-run parts (explore.py)
 
 
 def report_data(
@@ -66,7 +68,7 @@ def report_data(
     except FlagsimError as exc:
         log.warning("report: evaluation skipped: %s", exc)
         eval_note = f"Evaluation unavailable: {exc}"
-    return ReportData(comparison, eval_df, eval_note, notes, skipped)
+    return ReportData(comparison, eval_df, eval_note, notes, skipped, session)
 
 
 # --- queries -------------------------------------------------------------------------------------
