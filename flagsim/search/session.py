@@ -102,12 +102,11 @@ class RunSearch:
         if model == ENSEMBLE:
             return ensemble_vectors({m: self.vectors(m, image_ids) for m in self.models})
         idx = self.index(model)
-        pos = []
-        for i in image_ids:
-            p = idx.position(i)
-            if p is None:
-                raise DataError(f"{i} is not in the embeddings of model {model}")
-            pos.append(p)
+        found = idx.positions(list(image_ids))
+        if (found < 0).any():
+            missing = list(image_ids)[int(np.argmax(found < 0))]
+            raise DataError(f"{missing} is not in the embeddings of model {model}")
+        pos = [int(p) for p in found]
         if not pos:
             return np.zeros((0, idx.dim), np.float32)
         first = idx.index.reconstruct(pos[0])
