@@ -359,6 +359,53 @@ def actor_rate(name: str, weights: str, images: list[np.ndarray], bs: int, devic
     return rate, "flagsim.pipeline.mapper.EmbedActor (preprocessing on the device + forward)", extra
 
 
+# --- search layer --------------------------------------------------------------------------------
+
+def search_check(rec: dict[str, Any], n: int, d: int, k: int, n_q: int, workdir: Path) -> None:
+    """flagsim's search layer on FAISS's GPU (when faiss sees one): flat fp32, flat fp16 and
+    IVF-Flat (`flagsim.search.backend.FaissIndex`, the IVF one built by `build_index` as
+    `flagsim index` builds it), each timed on `n_q` queries and its recall@k measured against
+    the CPU flat index; plus the k > 2048 fallback to the CPU copy."""
+    from bench.knn import model_of_dim, write_run
+    from flagsim.config import IndexConfig
+    from flagsim.search.backend import GPU_MAX_K, FaissIndex, gpu_count, to_gpu
+    from flagsim.search.build import build_index
+    from flagsim.search.vectors import normalise
+
+    rng = np.random.default_rng(0)
+    x = normalise(rng.standard_normal((n, d), dtype=np.float32))
+    q = x[rng.choice(n, size=n_q, replace=False)]
+    cpu = FaissIndex.create(d, "flat", "Flat", {})
+    cpu.add(x)
+    t0 = time.perf_counter()
+    _, truth = cpu.search(q, k)
+    rec.update(n=n, d=d, k=k, queries=n_q, gpus=gpu_count(), cpu_flat_qps=n_q / (time.perf_counter() - t0))
+
+    def measure(name: str, index: Any) -> None:
+        index.search(q[:8], k)  # warm up (GPU kernels, page faults)
+        t = time.perf_counter()
+        _, got = index.search(q, k)
+        secs = time.perf_counter() - t
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth, strict=True)]))
+        rec[name] = {"device": index.device, "qps": round(n_q / secs, 1), "recall": round(recall, 5)}
+
+    if gpu_count() > 0:
+        for name, fp16 in (("flat_fp32", False), ("flat_fp16", True)):
+            measure(name, FaissIndex(cpu.faiss_index, "flat", {}, gpu=to_gpu(cpu.faiss_index, "flat", fp16)))
+    model = model_of_dim(d)
+    run_dir = str(workdir / "search-run")
+    write_run(run_dir, model, x)
+    t = time.perf_counter()
+    ivf = build_index(run_dir, model, IndexConfig(kind="ivf", recall_sample=500))
+    rec["ivf_build_s"] = round(time.perf_counter() - t, 2)
+    rec["ivf_params"] = dict(ivf.manifest.params) if ivf.manifest else {}
+    rec["ivf_manifest_recall"] = ivf.manifest.recall if ivf.manifest else None
+    measure("ivf", ivf.index)
+    big = min(GPU_MAX_K + 16, n)
+    _, pos = ivf.index.search(q[:4], big)  # above the GPU limit: runs on the CPU copy
+    rec["k_above_gpu_limit"] = {"k": big, "returned": int(pos.shape[1])}
+
+
 # --- kNN -----------------------------------------------------------------------------------------
 
 def knn_check(rec: dict[str, Any], n: int, d: int, k: int, device: str, budget: Budget,
@@ -483,6 +530,21 @@ def render_markdown(data: dict[str, Any]) -> str:
               "on the model's device + forward); *flagsim actor* = `EmbedActor.__call__` on a "
               "batch of decoded images (what a pipeline run executes); *CPU preprocessing* = the "
               "same actor with `preprocess_on: cpu`. Shares are divided by the forward-only rate."]
+    srch = secs.get("search")
+    if srch:
+        lines += ["", "## Search layer (flagsim.search: FaissIndex, build_index)", ""]
+        if srch.get("status") != "ok":
+            lines.append(f"{srch.get('status')}: {srch.get('error', '')}")
+        else:
+            lines.append(f"N x d = {srch['n']} x {srch['d']}, k = {srch['k']}, {srch['queries']} "
+                         f"queries; FAISS GPUs: {srch['gpus']}; CPU flat {srch['cpu_flat_qps']:.0f} q/s.")
+            lines += ["", "| index | device | queries/s | recall@k vs CPU flat |", "|---|---|---|---|"]
+            for name in ("flat_fp32", "flat_fp16", "ivf"):
+                r = srch.get(name)
+                if r:
+                    lines.append(f"| {name} | {r['device']} | {r['qps']:.0f} | {r['recall']:.4f} |")
+            lines.append(f"\nIVF {srch.get('ivf_params')} (manifest recall {srch.get('ivf_manifest_recall')}); "
+                         f"k above the GPU limit: {srch.get('k_above_gpu_limit')}.")
     k = secs.get("knn")
     if k:
         lines += ["", "## All-pairs exact top-k (flagsim.search)", ""]
@@ -569,6 +631,10 @@ def main(argv: list[str] | None = None) -> int:
                     check_model(name, rec, images, device, smoke, budget, reserve, workdir)
             shutil.rmtree(workdir / name, ignore_errors=True)  # a real-size checkpoint is GBs
         if not args.skip_knn:
+            with section(results, "search", budget, need_s=30) as rec:
+                if rec is not None:
+                    search_check(rec, 5_000 if smoke else 1_000_000, args.knn_d, 10,
+                                 200 if smoke else 10_000, workdir)
             n = args.knn_n or (5_000 if smoke else 1_000_000)
             with section(results, "knn", budget, need_s=15) as rec:
                 if rec is not None:

@@ -38,6 +38,11 @@ class Column:
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, (int, np.integer)):
             return self.arrow[int(key)].as_py()
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self.arrow))
+            if step == 1:
+                return np.array(self.arrow.slice(start, max(0, stop - start)).to_pylist(), dtype=object)
+            key = np.arange(start, stop, step)
         pos = np.asarray(key, dtype=np.int64)
         taken = self.arrow.take(pa.array(pos.ravel()))
         return np.array(taken.to_pylist(), dtype=object).reshape(pos.shape)
