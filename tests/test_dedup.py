@@ -139,3 +139,16 @@ def test_a_model_without_a_calibrated_threshold_needs_one(tmp_path, capsys) -> N
     assert "between -1 and 1" in capsys.readouterr().err
     assert main(["dedup", "--run", str(run.root), "--threshold", "0.999"]) == 0
     assert read_dedup(str(run.root), "m").num_rows == 0  # random vectors: no copies
+
+
+def test_the_report_lists_the_groups(tmp_path) -> None:
+    from flagsim.report import build_report
+
+    run, planted = _planted_run(tmp_path)
+    write_dedup(str(run.root))
+    paths = build_report(str(run.root), queries=None, k=3)
+    html = Path(paths.html).read_text()
+    assert html.count('<ol class="dedup" data-model="pixels">') == 1
+    for members in planted.values():
+        for i in members:
+            assert f'data-id="{i}"' in html

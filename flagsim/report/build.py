@@ -9,7 +9,15 @@ from dataclasses import dataclass
 
 from flagsim.errors import FlagsimError
 from flagsim.report.data import image_ids, report_data
-from flagsim.report.explore import MAP_MAX, Explore, eval_detail, map_data, run_meta, search_table
+from flagsim.report.explore import (
+    MAP_MAX,
+    Explore,
+    dedup_groups,
+    eval_detail,
+    map_data,
+    run_meta,
+    search_table,
+)
 from flagsim.report.html import render_html
 from flagsim.report.sheet import Thumbnails, render_contact_sheet
 from flagsim.rundir import RunDir
@@ -64,7 +72,8 @@ def _explore(data, pairs: str | None, thumbs: Thumbnails, shown: Sequence[str], 
     for i, p in pos.items():
         uri = thumbs.data_uri(i)
         thumb_of[p] = distinct.setdefault(uri, len(distinct))
-    return Explore(table, maps, rows, run_meta(session), thumb_of, list(distinct))
+    return Explore(table, maps, rows, run_meta(session), thumb_of, list(distinct),
+                   dedup=dedup_groups(session))
 
 
 def build_report(

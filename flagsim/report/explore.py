@@ -350,6 +350,8 @@ class Explore:
     meta: RunMeta | None = None
     thumb_of: list[int] = field(default_factory=list)  # catalogue position -> index into thumbs, -1 none
     thumbs: list[str] = field(default_factory=list)  # distinct data: URIs
+    # model -> (threshold, groups of (image id, name, cosine to the representative)), from dedup/
+    dedup: dict[str, tuple[float, list[list[tuple[str, str, float]]]]] = field(default_factory=dict)
 
 
 def page_data(ex: Explore) -> dict[str, Any]:
@@ -369,3 +371,27 @@ def page_data(ex: Explore) -> dict[str, Any]:
         "thumb": list(ex.thumb_of) if len(ex.thumb_of) == n else [-1] * n,
         "thumbs": list(ex.thumbs),
     }
+
+
+DEDUP_GROUPS_SHOWN = 100
+
+
+def dedup_groups(session: RunSearch) -> dict[str, tuple[float, list[list[tuple[str, str, float]]]]]:
+    """The near-duplicate groups `flagsim dedup` wrote for the run's models (first
+    DEDUP_GROUPS_SHOWN per model, representative first); models without a table left out."""
+    from flagsim.search.dedup import read_dedup
+
+    run = session.run
+    out: dict[str, tuple[float, list[list[tuple[str, str, float]]]]] = {}
+    for m in [*session.models, ENSEMBLE]:
+        if not run.dedup_manifest(m).exists():
+            continue
+        threshold = float(run.dedup_manifest(m).read_json().get("threshold", float("nan")))
+        t = read_dedup(str(run.root), m)
+        t = t.filter(pc.less(t.column("group"), DEDUP_GROUPS_SHOWN))
+        groups: dict[int, list[tuple[str, str, float]]] = {}
+        for g, i, n, sc in zip(t.column("group").to_pylist(), t.column("image_id").to_pylist(),
+                               t.column("name").to_pylist(), t.column("score").to_pylist(), strict=True):
+            groups.setdefault(g, []).append((i, n, float(sc)))
+        out[m] = (threshold, [groups[g] for g in sorted(groups)])
+    return out
