@@ -67,10 +67,44 @@ def resolve_images(cfg: Config, run: RunDir, images: str | None) -> pa.Table:
         table = from_folder(_need(src.path, "images.path"))
     elif src.source == "csv":
         table = from_csv(_need(src.path, "images.path"), _need(src.image_dir, "images.image_dir"))
+    elif src.source in STREAMED_SOURCES:
+        build_from_source(cfg, run)
+        return read_images_table(run.images_table)
     else:
         table = read_images_table(_need(src.path, "images.path"))
     write_images_table(table, run)
     return table
+
+
+#: Sources whose builders write the run's images table themselves (streamed, in parts).
+STREAMED_SOURCES = ("webdataset", "parquet", "urls")
+
+
+def build_from_source(cfg: Config, run: RunDir) -> None:
+    """Write the run's images table from a webdataset, Parquet or URL source of `cfg.images`."""
+    from flagsim import sources
+
+    src = cfg.images
+    path = _need(src.path, "images.path")
+    if src.source == "webdataset":
+        sources.from_webdataset(path, run)
+    elif src.source == "parquet":
+        sources.from_parquet(path, _need(src.image_column, "images.image_column"), run,
+                             id_column=src.id_column, name_column=src.name_column)
+    else:
+        sources.from_urls(path, run, download_options(src.download), url_column=src.url_column,
+                          id_column=src.id_column, name_column=src.name_column)
+
+
+def download_options(dl):
+    """The scraper's options for `images.download` (a `DownloadConfig`)."""
+    from flagsim.scrape import ScrapeOptions
+
+    values = dl.model_dump()
+    if values["user_agent"] is None:
+        del values["user_agent"]
+    values["allow_hosts"] = tuple(values["allow_hosts"])
+    return ScrapeOptions(**values)
 
 
 def _need(value: str | None, key: str) -> str:

@@ -8,31 +8,43 @@ import pyarrow as pa
 from flagsim.decode import decode_image
 from flagsim.errors import FlagsimError
 from flagsim.pipeline.plan import ShardPlan, plan_shards  # noqa: F401  (plan_shards: old import path)
-from flagsim.storage import Location
+from flagsim.refs import ImageRef, read_ref
+from flagsim.schema import IMAGE_REF_COLUMNS
 
 PIXELS = "pixels"
 OK = "ok"
 ERROR = "error"
 SHARD = "shard"
 PASSTHROUGH = ("image_id", "name", "path", SHARD)
+#: What the read stage gets of each row: ids, and where its bytes live (a file or a reference).
+READ_COLUMNS = ("image_id", "name", "path", *IMAGE_REF_COLUMNS)
 
 
 def shard_tables(images: pa.Table, plans: list[ShardPlan]) -> list[pa.Table]:
-    """The id columns of each planned shard's rows, with a `shard` column."""
+    """The id and reference columns of each planned shard's rows, with a `shard` column."""
+    cols = [c for c in READ_COLUMNS if c in images.column_names]
     out = []
     for p in plans:
-        t = images.slice(p.start, p.rows).select(["image_id", "name", "path"])
+        t = images.slice(p.start, p.rows).select(cols)
         out.append(t.append_column(SHARD, pa.array([p.index] * p.rows, pa.int32())))
     return out
 
 
 def decode_batch(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, np.ndarray]:
-    """Read and decode a batch of image files; failures become rows with ok=False and a reason."""
-    images, ok, errors = [], [], []
-    for path in batch["path"]:
+    """Read and decode a batch of images; failures become rows with ok=False and a reason.
+
+    A row's bytes are read where the images table says they live (a file, a tar member at its
+    offset, a Parquet cell); this process keeps the last few containers open, so a read task
+    opens each tar shard or Parquet file once. `path` comes out as the row's description
+    (`shard.tar#member`, `file.parquet#row=N`), which names it in the errors table."""
+    images, ok, errors, where = [], [], [], []
+    n = len(batch["path"])
+    refs = [ImageRef.from_row({c: batch[c][i] for c in READ_COLUMNS if c in batch}) for i in range(n)]
+    for ref in refs:
+        where.append(ref.describe())
         reason = ""
         try:
-            images.append(decode_image(Location.parse(str(path)).read_bytes(), max_pixels))
+            images.append(decode_image(read_ref(ref), max_pixels))
         except FlagsimError as exc:  # undecodable image, or a location that cannot be opened
             reason = str(exc) or type(exc).__name__
         except (OSError, ValueError) as exc:  # missing or unreadable file
@@ -42,6 +54,7 @@ def decode_batch(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, np.
         ok.append(not reason)
         errors.append(reason.splitlines()[0] if reason else "")
     out = {k: batch[k] for k in PASSTHROUGH}
+    out["path"] = np.array(where, dtype=object)
     out[OK] = np.array(ok, dtype=bool)
     out[ERROR] = np.array(errors, dtype=object)
     out[PIXELS] = _ragged(images)
