@@ -472,9 +472,8 @@ def _url_errors(scrape_errors: list[dict]) -> list[dict]:
     """The scraper's error rows as errors-table rows (stage `download`)."""
     out = []
     for e in scrape_errors:
-        status = f"HTTP {e['status']}: " if e.get("status") not in (None, "", 200, "200") else ""
         detail = f": {e['detail']}" if e.get("detail") else ""
         out.append({"image_id": e.get("image_id"), "name": e.get("name"), "path": e.get("url"),
                     "stage": "download", "model": None,
-                    "reason": " ".join(f"{status}{e.get('reason')}{detail}".split())})
+                    "reason": " ".join(f"{e.get('reason')}{detail}".split())})
     return out
