@@ -26,7 +26,8 @@ from bench.report import render
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = ("knn", "preprocess", "memory_format", "efficiency", "original", "many_models", "scale", "gpu")
+FIGURES = ("knn", "preprocess", "memory_format", "efficiency", "original", "many_models", "scale", "gpu",
+           "inputs")
 
 
 def _quiet_logs() -> None:
@@ -81,18 +82,20 @@ def gpu_figure(smoke_budget_s: float, gpu_json: Path | None) -> Figure:
 
 def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
     """Figure key -> function(workspace) -> Figure, with this run's sizes."""
-    from bench import knn, memory_format, preprocess
+    from bench import inputs, knn, memory_format, preprocess
     from bench import pipeline as P
 
     if quick:
         eff = [P.EffCase("clip", "CLIP ViT-B/32", 40, 16, 8, False)]
         sizes = {"knn_n": (10_000,), "knn_q": 200, "prep_n": 32, "orig_n": 3, "many_n": 40, "mf_n": 8,
-                 "scale": (200, 2_000), "smoke_budget": 120.0}
+                 "scale": (200, 2_000), "smoke_budget": 120.0,
+                 "inputs": ((2_000, 5_000), 2_000, False)}
     else:
         eff = [P.EffCase("clip", "CLIP ViT-B/32", 352, 96, 32, True),
                P.EffCase("vit", "ViT-L/16", 56, 16, 8, False)]
         sizes = {"knn_n": (10_000, 100_000), "knn_q": 1000, "prep_n": 64, "orig_n": 16,
-                 "many_n": 394, "mf_n": 32, "scale": (2_000, 20_000), "smoke_budget": 150.0}
+                 "many_n": 394, "mf_n": 32, "scale": (2_000, 20_000), "smoke_budget": 150.0,
+                 "inputs": ((20_000, 50_000, 200_000), 20_000, True)}
     state: dict[str, Figure] = {}
 
     def efficiency(ws):
@@ -108,6 +111,7 @@ def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
         "many_models": lambda ws: P.fig_many_models(
             ws, sizes["many_n"], ["efficientnet-lite0", "pixels"]),
         "scale": lambda ws: P.fig_scale(ws, sizes["scale"]),
+        "inputs": lambda ws: inputs.run(ws, *sizes["inputs"]),
         "gpu": lambda ws: gpu_figure(sizes["smoke_budget"], REPO / "bench" / "gpu_check.json"),
     }
 

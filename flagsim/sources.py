@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: Rows per part of a streamed images table; a table of more rows becomes a folder of parts.
 PART_ROWS = 100_000
+#: Rows per row group of a staged part (what memory holds while a table is built).
+BATCH_ROWS = 10_000
 #: Image members of a webdataset sample, by extension, in order of preference.
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 #: Keys of a sample's `.json` member whose text becomes the row's name, in order.
@@ -49,8 +51,9 @@ def _key_hash(ids: list[str]) -> np.ndarray:
 
 @dataclass
 class TableWriter:
-    """Collects images-table rows in parts of `part_rows`, staged on disk, so that memory holds
-    one part (plus 8 bytes per row for the uniqueness check), never the whole table.
+    """Collects images-table rows into staged Parquet parts of `part_rows`, written in row groups
+    of BATCH_ROWS, so that memory holds one row group (plus 8 bytes per row for the uniqueness
+    check), never the whole table.
 
     Clashing ids follow the folder source's rule: every row of a clashing id takes its longer
     form (`<shard or file stem>/<key>`, given as the row's `alt_id`).
@@ -64,10 +67,12 @@ class TableWriter:
     _parts: list[Location] = field(default_factory=list)
     _hashes: list[np.ndarray] = field(default_factory=list)
     _tmp: Location | None = None
+    _part: tuple[Any, Any] | None = None  # (output stream, ParquetWriter) of the open part
+    _part_rows: int = 0
 
     def add(self, row: dict, alt_id: str) -> None:
         self._buf.append({**row, _ALT: alt_id})
-        if len(self._buf) >= self.part_rows:
+        if len(self._buf) >= min(BATCH_ROWS, self.part_rows - self._part_rows):
             self._spill()
 
     def error(self, image_id: str | None, name: str | None, path: str, reason: str) -> None:
@@ -80,18 +85,35 @@ class TableWriter:
             return
         schema = IMAGES_SCHEMA.append(pa.field(_ALT, pa.string()))
         table = pa.Table.from_pylist(self._buf, schema=schema)
-        if self._tmp is None:
-            self._tmp = self.run.staging / f"images-{uuid.uuid4().hex[:12]}"
-        loc = self._tmp / shard_name(len(self._parts))
-        loc.write_parquet(table)
-        self._parts.append(loc)
-        self._hashes.append(_key_hash(table.column("image_id").to_pylist()))
-        self.rows += table.num_rows
         self._buf = []
+        if self._part is None:
+            if self._tmp is None:
+                self._tmp = self.run.staging / f"images-{uuid.uuid4().hex[:12]}"
+                self._tmp.mkdirs()
+            loc = self._tmp / shard_name(len(self._parts))
+            stream = loc.fs.open_output_stream(loc.path)
+            self._part = (stream, pq.ParquetWriter(stream, schema, compression="zstd"))
+            self._parts.append(loc)
+            self._hashes.append(np.empty(0, np.int64))
+        self._part[1].write_table(table)
+        self._hashes[-1] = np.concatenate([self._hashes[-1],
+                                           _key_hash(table.column("image_id").to_pylist())])
+        self.rows += table.num_rows
+        self._part_rows += table.num_rows
+        if self._part_rows >= self.part_rows:
+            self._close_part()
+
+    def _close_part(self) -> None:
+        if self._part is not None:
+            stream, writer = self._part
+            writer.close()
+            stream.close()
+            self._part, self._part_rows = None, 0
 
     def finish(self, what: str) -> Location:
         """Write the images table (one file, or a folder of parts) and the errors; its location."""
         self._spill()
+        self._close_part()
         if not self.rows:
             self._cleanup()
             raise DataError(f"no images found in {what}")
