@@ -109,6 +109,12 @@ class EmbedConfig(_Frozen):
     shard_size: int = Field(default=1000, gt=0, le=10_000_000)
     decode_batch_size: int = Field(default=32, gt=0, le=MAX_DECODE_BATCH_SIZE)
     max_image_pixels: int = Field(default=64_000_000, gt=0)  # decompression-bomb limit
+    # pil: every image with PIL in the CPU read tasks. torchvision: JPEGs with
+    # torchvision.io.decode_jpeg, on the GPU when the models run on one (each read task then
+    # takes decode_gpus of a GPU: give the models num_gpus <= 1 - decode_gpus), other formats
+    # and undecodable files with PIL. Off until measured (scripts/gpu_check.py).
+    jpeg_decoder: Literal["pil", "torchvision"] = "pil"
+    decode_gpus: float = Field(default=0.1, gt=0, le=1)
     defaults: ModelRunConfig = ModelRunConfig()
     model_settings: dict[str, ModelRunConfig] = Field(default_factory=dict, alias="settings")
 

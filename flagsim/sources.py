@@ -120,20 +120,22 @@ class TableWriter:
         hashes = np.concatenate(self._hashes)
         values, counts = np.unique(hashes, return_counts=True)
         clash = values[counts > 1]
-        final = [self._final_ids(loc, h, clash) for loc, h in zip(self._parts, self._hashes, strict=True)]
         if clash.size:
             log.info("%d image id(s) occur more than once; those rows use <stem>/<key>", clash.size)
-            check = np.concatenate([_key_hash(ids) for ids in final])
+            check = np.concatenate([_key_hash(self._final_ids(loc.read_parquet(), h, clash).to_pylist())
+                                    for loc, h in zip(self._parts, self._hashes, strict=True)])
             if np.unique(check).size != check.size:
                 self._cleanup()
                 raise DataError(f"duplicate image_id(s) in {what} even as <stem>/<key>")
         target = self.run.images_table
         target.delete()
         single = len(self._parts) == 1
-        for i, (loc, ids) in enumerate(zip(self._parts, final, strict=True)):
-            table = loc.read_parquet().drop_columns([_ALT])
-            table = table.set_column(0, IMAGES_SCHEMA.field("image_id"), pa.array(ids, pa.string()))
+        for i, (loc, h) in enumerate(zip(self._parts, self._hashes, strict=True)):  # one part at a time
+            table = loc.read_parquet()
+            ids = self._final_ids(table, h, clash)
+            table = table.drop_columns([_ALT]).set_column(0, IMAGES_SCHEMA.field("image_id"), ids)
             (target if single else target / shard_name(i)).write_parquet(table, staging=self.run.staging)
+            del table, ids
         self._cleanup()
         err = self.run.errors_dir("images") / "part-00000.parquet"
         if self.errors:
@@ -143,13 +145,14 @@ class TableWriter:
         log.info("wrote %s (%d images in %d part(s))", target, self.rows, len(self._parts))
         return target
 
-    def _final_ids(self, loc: Location, hashes: np.ndarray, clash: np.ndarray) -> list[str]:
-        t = loc.read_parquet(columns=["image_id", _ALT])
-        ids, alts = t.column("image_id").to_pylist(), t.column(_ALT).to_pylist()
+    @staticmethod
+    def _final_ids(table: pa.Table, hashes: np.ndarray, clash: np.ndarray) -> pa.Array:
+        ids = table.column("image_id").combine_chunks()
         if not clash.size:
             return ids
-        hit = np.isin(hashes, clash)
-        return [a if h else i for i, a, h in zip(ids, alts, hit, strict=True)]
+        import pyarrow.compute as pc
+
+        return pc.if_else(pa.array(np.isin(hashes, clash)), table.column(_ALT).combine_chunks(), ids)
 
     def _cleanup(self) -> None:
         if self._tmp is not None:

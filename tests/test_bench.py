@@ -82,3 +82,15 @@ def test_gpu_check_model_section_runs_the_registry_entry(tmp_path: Path) -> None
     assert rec["parity_ok"] and rec["parity_min_cosine"] >= gc.PARITY_MIN_COSINE
     assert rec["processor"]["image_mean"] == [0.5, 0.5, 0.5]  # the registry's ViT processor
     assert rec["forward_img_s"] > 0 and rec["actor_img_s"] > 0
+
+
+def test_gpu_check_jpeg_section_compares_pil_and_torchvision_on_the_cpu() -> None:
+    gc = _gpu_check()
+    rec: dict = {}
+    gc.jpeg_check(rec, _images(8), "cpu", smoke=True)
+    (case,) = rec["cases"]
+    assert case["images"] == 8 and case["pil_img_s"] > 0 and case["torchvision_cpu_img_s"] > 0
+    assert case["torchvision_cpu_max_abs_diff"] == 0  # the same libjpeg-turbo decode as PIL
+    assert "torchvision_cuda_img_s" not in case and "no GPU" in rec["note"]
+    md = gc.render_markdown({"meta": {}, "sections": {"jpeg_decode": {"status": "ok", **rec}}})
+    assert "| 320 | 8 |" in md

@@ -402,3 +402,57 @@ def test_s3_folder_and_webdataset_shards(tmp_path, bundled_dir, s3_server):
         assert sorted(got) == sorted(good)
         for stem, (_, data) in good.items():
             np.testing.assert_array_equal(got[stem], decode_image(data))
+
+
+# --- JPEG decoding with torchvision (the GPU path, on the CPU here) --------------------------
+
+def test_torchvision_jpeg_decoder_matches_pil_and_falls_back(bundled_dir):
+    from flagsim.decode import DecodeError, decode_batch_torchvision, decode_image
+
+    good = _good(bundled_dir)
+    cmyk = io.BytesIO()
+    Image.open(bundled_dir / "images" / "Chad.png").convert("CMYK").save(cmyk, "JPEG")
+    jpeg = good["Romania"][1]
+    datas = [jpeg, good["Chad"][1], good["Mali"][1], cmyk.getvalue(),
+             b"\xff\xd8\xff\xe0 not a jpeg", jpeg[: len(jpeg) // 2], good["Italy"][1]]
+    out = decode_batch_torchvision(datas, device="cpu", max_pixels=10**8)
+    for data, got in zip(datas, out, strict=True):
+        try:
+            ref = decode_image(data)
+        except DecodeError as exc:
+            assert isinstance(got, DecodeError) and type(got) is type(exc)
+            continue
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, ref)
+    assert [isinstance(o, DecodeError) for o in out] == [False] * 4 + [True, True, False]
+
+
+def test_torchvision_decoder_in_the_pipeline_embeds_like_pil(tmp_path, bundled_dir, folder_run):
+    good = make_shards(tmp_path / "wds", bundled_dir)
+    run = tmp_path / "run"
+    cfg = _cfg("images.source=webdataset", f"images.path={tmp_path}/wds",
+               "embed.jpeg_decoder=torchvision")
+    summary = run_embed(cfg, run_dir=str(run), show_progress=False)
+    assert summary.result("pixels").images == len(good) and summary.decode_errors == 1
+    assert _errors(run, "embed")["path"].iloc[0].endswith("#broken.jpg")
+    assert_same_embeddings(run, folder_run, list(good))
+
+
+def test_gpu_decoding_needs_a_gpu_share_beside_the_actors():
+    from flagsim.pipeline.plan import ResourcePlan
+    from flagsim.pipeline.runner import decode_options
+
+    res = ResourcePlan("cuda", {"pixels": "float16"}, {"pixels": 1.0}, {"pixels": 1.0},
+                       {"pixels": 1}, {"pixels": 8})
+    todo = {"pixels": {0}}
+    assert decode_options(_cfg(), res, {"GPU": 1}, todo) == {}
+    cfg = _cfg("embed.jpeg_decoder=torchvision")
+    with pytest.raises(DataError, match="num_gpus to 0.9"):
+        decode_options(cfg, res, {"GPU": 1}, todo)
+    share = ResourcePlan("cuda", {"pixels": "float16"}, {"pixels": 1.0}, {"pixels": 0.9},
+                         {"pixels": 1}, {"pixels": 8})
+    assert decode_options(cfg, share, {"GPU": 1}, todo) == {
+        "jpeg_decoder": "torchvision", "decode_device": "cuda", "decode_gpus": 0.1}
+    cpu = ResourcePlan("cpu", {"pixels": "float32"}, {"pixels": 1.0}, {"pixels": 0.0},
+                       {"pixels": 1}, {"pixels": 8})
+    assert decode_options(cfg, cpu, {}, todo)["decode_device"] == "cpu"

@@ -30,13 +30,20 @@ def shard_tables(images: pa.Table, plans: list[ShardPlan]) -> list[pa.Table]:
     return out
 
 
-def decode_batch(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], max_pixels: int, jpeg_decoder: str = "pil",
+    decode_device: str = "cpu",
+) -> dict[str, np.ndarray]:
     """Read and decode a batch of images; failures become rows with ok=False and a reason.
 
     A row's bytes are read where the images table says they live (a file, a tar member at its
     offset, a Parquet cell); this process keeps the last few containers open, so a read task
     opens each tar shard or Parquet file once. `path` comes out as the row's description
-    (`shard.tar#member`, `file.parquet#row=N`), which names it in the errors table."""
+    (`shard.tar#member`, `file.parquet#row=N`), which names it in the errors table.
+    `jpeg_decoder="torchvision"` decodes the batch's JPEGs with `torchvision.io.decode_jpeg` on
+    `decode_device` (`decode.decode_batch_torchvision`), the rest with PIL."""
+    if jpeg_decoder == "torchvision":
+        return _decode_batch_torchvision(batch, max_pixels, decode_device)
     images, ok, errors, where = [], [], [], []
     n = len(batch["path"])
     refs = [ImageRef.from_row({c: batch[c][i] for c in READ_COLUMNS if c in batch}) for i in range(n)]
@@ -61,6 +68,41 @@ def decode_batch(batch: dict[str, np.ndarray], max_pixels: int) -> dict[str, np.
     return out
 
 
+def _decode_batch_torchvision(
+    batch: dict[str, np.ndarray], max_pixels: int, device: str
+) -> dict[str, np.ndarray]:
+    from flagsim.decode import decode_batch_torchvision
+
+    n = len(batch["path"])
+    refs = [ImageRef.from_row({c: batch[c][i] for c in READ_COLUMNS if c in batch}) for i in range(n)]
+    datas: list[bytes] = []
+    reasons: list[str] = []
+    for ref in refs:
+        try:
+            datas.append(read_ref(ref))
+            reasons.append("")
+        except FlagsimError as exc:
+            datas.append(b"")
+            reasons.append(str(exc) or type(exc).__name__)
+        except (OSError, ValueError) as exc:
+            datas.append(b"")
+            reasons.append(f"cannot read file: {exc}")
+    readable = [i for i in range(n) if not reasons[i]]
+    decoded = decode_batch_torchvision([datas[i] for i in readable], device, max_pixels)
+    images: list[np.ndarray] = [np.zeros((1, 1, 3), np.uint8)] * n
+    for i, res in zip(readable, decoded, strict=True):
+        if isinstance(res, np.ndarray):
+            images[i] = res
+        else:
+            reasons[i] = str(res)
+    out = {k: batch[k] for k in PASSTHROUGH}
+    out["path"] = np.array([r.describe() for r in refs], dtype=object)
+    out[OK] = np.array([not r for r in reasons], dtype=bool)
+    out[ERROR] = np.array([r.splitlines()[0] if r else "" for r in reasons], dtype=object)
+    out[PIXELS] = _ragged(images)
+    return out
+
+
 def _ragged(images: list[np.ndarray]) -> np.ndarray:
     """An object array of HxWx3 arrays (Ray stores it as a variable-shaped tensor column)."""
     arr = np.empty(len(images), dtype=object)
@@ -76,17 +118,25 @@ def build_dataset(
     decode_batch_size: int,
     max_pixels: int,
     decode_cpus: float = 1.0,
+    jpeg_decoder: str = "pil",
+    decode_device: str = "cpu",
+    decode_gpus: float = 0.0,
 ):
-    """A Ray dataset over the planned shards: id columns + ok/error + decoded `pixels`."""
+    """A Ray dataset over the planned shards: id columns + ok/error + decoded `pixels`.
+
+    With `jpeg_decoder="torchvision"` on `decode_device="cuda"` each read task asks Ray for
+    `decode_gpus` of a GPU (the model actors must leave that much free)."""
     import ray
 
     blocks = shard_tables(images, plans)
     ds = ray.data.from_arrow(blocks)
     return ds.map_batches(
         decode_batch,
-        fn_kwargs={"max_pixels": max_pixels},
+        fn_kwargs={"max_pixels": max_pixels, "jpeg_decoder": jpeg_decoder,
+                   "decode_device": decode_device},
         batch_size=decode_batch_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(),
         num_cpus=decode_cpus,
+        num_gpus=decode_gpus if decode_device == "cuda" else 0,
     )

@@ -48,6 +48,7 @@ def run_models(
     ds = build_dataset(
         table, work, decode_batch_size=cfg.embed.decode_batch_size,
         max_pixels=cfg.embed.max_image_pixels, decode_cpus=min(cfg.ray.read_cpus, 1.0),
+        **decode_options(cfg, res, resources, todo),
     )
     ds = add_model_pools(ds, run, mcfgs, todo, res)
     ds = ds.drop_columns([PIXELS])
@@ -57,6 +58,25 @@ def run_models(
             log.info("%s: all shards present, writing manifest", m)
     seconds = stream_to_writer(ds, run, table, work, live, show_progress)
     return write_manifests(cfg, run, plans, todo, mcfgs, res, images_hash, seconds)
+
+
+def decode_options(cfg: Config, res: ResourcePlan, resources: dict[str, float],
+                   todo: dict[str, set[int]]) -> dict:
+    """The read stage's decoder settings (`embed.jpeg_decoder`); DataError when GPU decoding
+    would find no GPU share left by the model actors."""
+    if cfg.embed.jpeg_decoder != "torchvision":
+        return {}
+    device = "cuda" if res.device == "cuda" else "cpu"
+    if device == "cuda":
+        claimed = sum(res.gpus[m] * cfg.embed.for_model(m).num_actors for m in res.gpus if todo[m])
+        if resources.get("GPU", 0) - claimed < cfg.embed.decode_gpus - 1e-9:
+            raise DataError(
+                f"embed.jpeg_decoder torchvision on cuda needs embed.decode_gpus "
+                f"({cfg.embed.decode_gpus:g}) of a GPU beside the model actors' {claimed:g}; "
+                f"set embed.defaults.num_gpus to {1 - cfg.embed.decode_gpus:g}"
+            )
+    return {"jpeg_decoder": "torchvision", "decode_device": device,
+            "decode_gpus": cfg.embed.decode_gpus}
 
 
 def add_model_pools(
