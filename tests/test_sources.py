@@ -456,3 +456,32 @@ def test_gpu_decoding_needs_a_gpu_share_beside_the_actors():
     cpu = ResourcePlan("cpu", {"pixels": "float32"}, {"pixels": 1.0}, {"pixels": 0.0},
                        {"pixels": 1}, {"pixels": 8})
     assert decode_options(cfg, cpu, {}, todo)["decode_device"] == "cpu"
+
+
+# --- the images table as a handle (what an embed's driver holds) -----------------------------
+
+def test_streamed_scan_gives_the_in_memory_hashes_and_rows(tmp_path, bundled_dir):
+    from flagsim.imagestable import ImagesTable, read_rows
+    from flagsim.pipeline.plan import rows_hashes
+
+    make_shards(tmp_path / "wds", bundled_dir)
+    parts = RunDir.at(tmp_path / "parts")
+    from_webdataset(str(tmp_path / "wds"), parts, part_rows=3)
+    whole = read_images_table(parts.root)
+    handle = ImagesTable(parts.root)
+    assert handle.num_rows == whole.num_rows == 8 and len(handle.parts) == 3
+    for size in (1, 3, 5, 100):
+        scan = handle.scan(size)
+        assert scan.images_hash == images_table_hash(whole)
+        assert scan.shard_hashes == rows_hashes(whole, plan_shards(whole.num_rows, size))
+    for start, stop in ((0, 8), (2, 7), (3, 6), (5, 6)):
+        assert read_rows(handle.parts, start, stop).equals(whole.slice(start, stop - start))
+    # an old single-file table (no reference columns) scans to its old hash
+    old = tmp_path / "old.parquet"
+    folder = from_folder(folder_of(tmp_path / "f", {"Chad": ("png", _good(bundled_dir)["Chad"][1])}))
+    pq.write_table(folder.drop_columns(["container", "member", "offset", "size"]), old)
+    assert ImagesTable(old).scan(10).images_hash == images_table_hash(folder)
+    dup = tmp_path / "dup.parquet"
+    pq.write_table(pa.concat_tables([whole.slice(0, 2), whole.slice(0, 1)]), dup)
+    with pytest.raises(DataError, match="duplicate image_id"):
+        ImagesTable(dup).scan(10)

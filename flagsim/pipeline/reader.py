@@ -15,6 +15,7 @@ PIXELS = "pixels"
 OK = "ok"
 ERROR = "error"
 SHARD = "shard"
+POS = "pos"  # the row's number in the images table (orders and de-duplicates a shard's rows)
 PASSTHROUGH = ("image_id", "name", "path", SHARD)
 #: What the read stage gets of each row: ids, and where its bytes live (a file or a reference).
 READ_COLUMNS = ("image_id", "name", "path", *IMAGE_REF_COLUMNS)
@@ -111,8 +112,29 @@ def _ragged(images: list[np.ndarray]) -> np.ndarray:
     return arr
 
 
+def read_shards(
+    batch: dict[str, np.ndarray], parts: list, decode_batch_size: int, max_pixels: int,
+    jpeg_decoder: str = "pil", decode_device: str = "cpu",
+):
+    """A read task: for each shard descriptor (`shard`, `start`, `stop`), read its rows of the
+    images table (only the row groups that hold them) and yield decoded batches of
+    `decode_batch_size`, each row with its `pos` (row number in the table)."""
+    from flagsim.imagestable import read_rows
+
+    for shard, start, stop in zip(batch[SHARD], batch["start"], batch["stop"], strict=True):
+        rows = read_rows(parts, int(start), int(stop), READ_COLUMNS)
+        for off in range(0, rows.num_rows, decode_batch_size):
+            chunk = rows.slice(off, decode_batch_size)
+            n = chunk.num_rows
+            b = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names}
+            b[SHARD] = np.full(n, int(shard), np.int32)
+            out = decode_batch(b, max_pixels, jpeg_decoder, decode_device)
+            out[POS] = np.arange(int(start) + off, int(start) + off + n, dtype=np.int64)
+            yield out
+
+
 def build_dataset(
-    images: pa.Table,
+    images,
     plans: list[ShardPlan],
     *,
     decode_batch_size: int,
@@ -122,19 +144,23 @@ def build_dataset(
     decode_device: str = "cpu",
     decode_gpus: float = 0.0,
 ):
-    """A Ray dataset over the planned shards: id columns + ok/error + decoded `pixels`.
+    """A Ray dataset over the planned shards: id columns + `pos` + ok/error + decoded `pixels`.
 
-    With `jpeg_decoder="torchvision"` on `decode_device="cuda"` each read task asks Ray for
-    `decode_gpus` of a GPU (the model actors must leave that much free)."""
+    `images` is an `imagestable.ImagesTable`: the driver sends only shard descriptors (shard,
+    first and last row); each read task reads its shard's rows from the table and the images
+    from where they live, one task per shard, streaming. With `jpeg_decoder="torchvision"` on
+    `decode_device="cuda"` each read task asks Ray for `decode_gpus` of a GPU (the model actors
+    must leave that much free)."""
     import ray
 
-    blocks = shard_tables(images, plans)
-    ds = ray.data.from_arrow(blocks)
+    items = [{SHARD: p.index, "start": p.start, "stop": p.stop} for p in plans]
+    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
     return ds.map_batches(
-        decode_batch,
-        fn_kwargs={"max_pixels": max_pixels, "jpeg_decoder": jpeg_decoder,
+        read_shards,
+        fn_kwargs={"parts": list(images.parts), "decode_batch_size": decode_batch_size,
+                   "max_pixels": max_pixels, "jpeg_decoder": jpeg_decoder,
                    "decode_device": decode_device},
-        batch_size=decode_batch_size,
+        batch_size=1,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(),
         num_cpus=decode_cpus,

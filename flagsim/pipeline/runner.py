@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flagsim.config import Config, ModelRunConfig
 from flagsim.errors import DataError
+from flagsim.imagestable import ImagesTable
 from flagsim.pipeline.plan import ResourcePlan, ShardPlan, plan_resources, work_shards
 from flagsim.pipeline.reader import PIXELS, build_dataset
 from flagsim.pipeline.summary import ModelResult, progress
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def run_models(
     cfg: Config,
     run: RunDir,
-    table: pa.Table,
+    table: ImagesTable,
     plans: list[ShardPlan],
     todo: dict[str, set[int]],
     mcfgs: dict[str, ModelRunConfig],
@@ -35,7 +35,8 @@ def run_models(
     """Embed the shards in `todo` (model -> shard indices) in one stream, then write every
     model's manifest; returns one result per model and the number of undecodable images.
 
-    The stream: the reader decodes each image once (`build_dataset`), one actor pool per model
+    `table` is the images table's handle: the driver sends shard descriptors, the read tasks
+    read the rows. The stream: the reader decodes each image once (`build_dataset`), one actor pool per model
     adds its embedding column, and the driver hands the batches to the `ShardWriter`. A model
     with no shard left to embed gets only its manifest.
     """
@@ -121,14 +122,14 @@ def add_model_pools(
 
 
 def stream_to_writer(
-    ds, run: RunDir, table: pa.Table, work: list[ShardPlan], live: dict[str, set[int]],
+    ds, run: RunDir, table: ImagesTable | None, work: list[ShardPlan], live: dict[str, set[int]],
     show_progress: bool,
 ) -> float:
     """Iterate the stream, handing every batch to a `ShardWriter`; the stream's wall seconds.
     DataError when a shard never completed."""
     start = time.perf_counter()
     with progress(show_progress, sum(p.rows for p in work)) as advance:
-        writer = ShardWriter(run, table, work, live, on_shard=lambda _s, rows: advance(rows))
+        writer = ShardWriter(run, None, work, live, on_shard=lambda _s, rows: advance(rows))
         if live:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.add(batch)
