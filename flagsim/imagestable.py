@@ -147,6 +147,61 @@ def read_rows(parts: list[TablePart], start: int, stop: int,
     return pa.concat_tables(out) if out else _conformed(IMAGES_SCHEMA.empty_table(), columns)
 
 
+#: Row groups a process keeps after reading them (read tasks read adjacent rows).
+_GROUPS: dict[tuple, pa.Table] = {}
+_MAX_GROUPS = 4
+
+
+def _row_group(part: TablePart, g: int, columns: tuple[str, ...] | None) -> pa.Table:
+    """Row group `g` of `part`, conformed to `columns` (cached per process)."""
+    key = (part.uri, g, columns)
+    hit = _GROUPS.get(key)
+    if hit is None:
+        loc = Location.parse(part.uri)
+        with loc.fs.open_input_file(loc.path) as fh:
+            pf = pq.ParquetFile(fh)
+            hit = _conformed(pf.read_row_group(g, columns=_present(pf, columns)), columns)
+        while len(_GROUPS) >= _MAX_GROUPS:
+            _GROUPS.pop(next(iter(_GROUPS)))
+        _GROUPS[key] = hit
+    return hit
+
+
+def _groups_of(part: TablePart) -> list[int]:
+    """Row counts of `part`'s row groups (cached per process)."""
+    n = _GROUP_ROWS.get(part.uri)
+    if n is None:
+        loc = Location.parse(part.uri)
+        with loc.fs.open_input_file(loc.path) as fh:
+            meta = pq.ParquetFile(fh).metadata
+            n = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        _GROUP_ROWS[part.uri] = n
+    return n
+
+
+_GROUP_ROWS: dict[str, list[int]] = {}
+
+
+def read_positions(parts: list[TablePart], pos: np.ndarray,
+                   columns: tuple[str, ...] | None = None) -> pa.Table:
+    """The rows numbered `pos` (any order) of the table made of `parts`, in that order; the
+    row groups read are cached per process, so a task's adjacent batches read each once."""
+    starts = [p.start for p in parts]
+    pieces = []
+    for r in np.asarray(pos, dtype=np.int64).tolist():
+        i = bisect.bisect_right(starts, r) - 1
+        if i < 0 or r >= parts[i].start + parts[i].rows:
+            raise DataError(f"row {r} is outside the images table")
+        local, g, g_start = r - parts[i].start, 0, 0
+        sizes = _groups_of(parts[i])
+        while g_start + sizes[g] <= local:
+            g_start += sizes[g]
+            g += 1
+        group = _row_group(parts[i], g, columns)
+        pieces.append(group.slice(local - g_start, 1))
+    return pa.concat_tables(pieces) if pieces else _conformed(IMAGES_SCHEMA.empty_table(), columns)
+
+
 def _present(pf: pq.ParquetFile, columns: tuple[str, ...] | None) -> list[str] | None:
     if columns is None:
         return None

@@ -461,7 +461,7 @@ def test_gpu_decoding_needs_a_gpu_share_beside_the_actors():
 # --- the images table as a handle (what an embed's driver holds) -----------------------------
 
 def test_streamed_scan_gives_the_in_memory_hashes_and_rows(tmp_path, bundled_dir):
-    from flagsim.imagestable import ImagesTable, read_rows
+    from flagsim.imagestable import ImagesTable, read_positions, read_rows
     from flagsim.pipeline.plan import rows_hashes
 
     make_shards(tmp_path / "wds", bundled_dir)
@@ -476,6 +476,8 @@ def test_streamed_scan_gives_the_in_memory_hashes_and_rows(tmp_path, bundled_dir
         assert scan.shard_hashes == rows_hashes(whole, plan_shards(whole.num_rows, size))
     for start, stop in ((0, 8), (2, 7), (3, 6), (5, 6)):
         assert read_rows(handle.parts, start, stop).equals(whole.slice(start, stop - start))
+    pos = np.array([7, 0, 3, 4, 2])
+    assert read_positions(handle.parts, pos).equals(whole.take(pa.array(pos)))
     # an old single-file table (no reference columns) scans to its old hash
     old = tmp_path / "old.parquet"
     folder = from_folder(folder_of(tmp_path / "f", {"Chad": ("png", _good(bundled_dir)["Chad"][1])}))

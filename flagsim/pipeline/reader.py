@@ -113,30 +113,28 @@ def _ragged(images: list[np.ndarray]) -> np.ndarray:
 
 
 def read_shards(
-    batch: dict[str, np.ndarray], parts: list, decode_batch_size: int, max_pixels: int,
+    batch: dict[str, np.ndarray], parts: list, shard_size: int, max_pixels: int,
     jpeg_decoder: str = "pil", decode_device: str = "cpu",
-):
-    """A read task: for each shard descriptor (`shard`, `start`, `stop`), read its rows of the
-    images table (only the row groups that hold them) and yield decoded batches of
-    `decode_batch_size`, each row with its `pos` (row number in the table)."""
-    from flagsim.imagestable import read_rows
+) -> dict[str, np.ndarray]:
+    """A read task's batch: row numbers of the images table (`data`) -> those rows, read from
+    the table's row groups (kept cached per process), decoded; each row with its `pos` (row
+    number) and `shard` (pos // shard_size)."""
+    from flagsim.imagestable import read_positions
 
-    for shard, start, stop in zip(batch[SHARD], batch["start"], batch["stop"], strict=True):
-        rows = read_rows(parts, int(start), int(stop), READ_COLUMNS)
-        for off in range(0, rows.num_rows, decode_batch_size):
-            chunk = rows.slice(off, decode_batch_size)
-            n = chunk.num_rows
-            b = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names}
-            b[SHARD] = np.full(n, int(shard), np.int32)
-            out = decode_batch(b, max_pixels, jpeg_decoder, decode_device)
-            out[POS] = np.arange(int(start) + off, int(start) + off + n, dtype=np.int64)
-            yield out
+    pos = np.asarray(batch["data"], dtype=np.int64)
+    rows = read_positions(parts, pos, READ_COLUMNS)
+    b = {c: rows.column(c).to_numpy(zero_copy_only=False) for c in rows.column_names}
+    b[SHARD] = (pos // shard_size).astype(np.int32)
+    out = decode_batch(b, max_pixels, jpeg_decoder, decode_device)
+    out[POS] = pos
+    return out
 
 
 def build_dataset(
     images,
     plans: list[ShardPlan],
     *,
+    shard_size: int,
     decode_batch_size: int,
     max_pixels: int,
     decode_cpus: float = 1.0,
@@ -146,21 +144,23 @@ def build_dataset(
 ):
     """A Ray dataset over the planned shards: id columns + `pos` + ok/error + decoded `pixels`.
 
-    `images` is an `imagestable.ImagesTable`: the driver sends only shard descriptors (shard,
-    first and last row); each read task reads its shard's rows from the table and the images
-    from where they live, one task per shard, streaming. With `jpeg_decoder="torchvision"` on
+    `images` is an `imagestable.ImagesTable`: the driver sends only the row numbers of the
+    shards to do (one block per shard); each read task reads its rows from the table and the
+    images from where they live, streaming. With `jpeg_decoder="torchvision"` on
     `decode_device="cuda"` each read task asks Ray for `decode_gpus` of a GPU (the model actors
     must leave that much free)."""
     import ray
 
-    items = [{SHARD: p.index, "start": p.start, "stop": p.stop} for p in plans]
-    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
+    # the row numbers of the shards to do, one block per shard (8 bytes a row: the table's
+    # rows themselves are read by the tasks)
+    blocks = [np.arange(p.start, p.stop, dtype=np.int64) for p in plans]
+    ds = ray.data.from_numpy(blocks)
     return ds.map_batches(
         read_shards,
-        fn_kwargs={"parts": list(images.parts), "decode_batch_size": decode_batch_size,
+        fn_kwargs={"parts": list(images.parts), "shard_size": shard_size,
                    "max_pixels": max_pixels, "jpeg_decoder": jpeg_decoder,
                    "decode_device": decode_device},
-        batch_size=1,
+        batch_size=decode_batch_size,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(),
         num_cpus=decode_cpus,

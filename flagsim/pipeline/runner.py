@@ -47,7 +47,7 @@ def run_models(
     res = plan_resources(cfg, mcfgs, todo, resources)
     work = work_shards(plans, todo)
     ds = build_dataset(
-        table, work, decode_batch_size=cfg.embed.decode_batch_size,
+        table, work, shard_size=cfg.embed.shard_size, decode_batch_size=cfg.embed.decode_batch_size,
         max_pixels=cfg.embed.max_image_pixels, decode_cpus=min(cfg.ray.read_cpus, 1.0),
         **decode_options(cfg, res, resources, todo),
     )
