@@ -487,3 +487,29 @@ def test_streamed_scan_gives_the_in_memory_hashes_and_rows(tmp_path, bundled_dir
     pq.write_table(pa.concat_tables([whole.slice(0, 2), whole.slice(0, 1)]), dup)
     with pytest.raises(DataError, match="duplicate image_id"):
         ImagesTable(dup).scan(10)
+
+
+def test_report_thumbnails_read_tar_members(tmp_path, bundled_dir):
+    from flagsim.report.sheet import Thumbnails
+
+    make_shards(tmp_path / "wds", bundled_dir)
+    run = RunDir.at(tmp_path / "run")
+    from_webdataset(str(tmp_path / "wds"), run)
+    thumbs = Thumbnails.for_run(run, width=64)
+    assert thumbs.image("Chad").width == 64 and thumbs.decoded == 1
+    thumbs.image("broken")
+    assert thumbs._placeholder_of["broken"] == "cannot decode image"
+
+
+def test_embed_command_builds_from_the_configured_source(tmp_path, bundled_dir, ray_local, capsys):
+    """`flagsim embed` (the same stages as `jobs/embed.py`) with images.source=parquet set."""
+    from flagsim.cli import main
+
+    good = _good(bundled_dir)
+    _parquet(tmp_path / "imgs.parquet", good, struct=False)
+    rc = main(["embed", "--set", "images.source=parquet", "--set", f"images.path={tmp_path}/imgs.parquet",
+               "--set", "images.image_column=image", "--set", "images.id_column=key",
+               "--set", "ray.read_cpus=1", "--models", "pixels", "--run", str(tmp_path / "run"),
+               "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(read_embeddings(RunDir.at(tmp_path / "run"), "pixels").ids) == sorted(good)
