@@ -153,7 +153,7 @@ def build_dataset(
 
     # the row numbers of the shards to do, one block per shard (8 bytes a row: the table's
     # rows themselves are read by the tasks)
-    blocks = [np.arange(p.start, p.stop, dtype=np.int64) for p in plans]
+    blocks = [np.arange(p.start, p.stop, dtype=np.int64) for p in plans] or [np.empty(0, np.int64)]
     ds = ray.data.from_numpy(blocks)
     return ds.map_batches(
         read_shards,
