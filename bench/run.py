@@ -34,7 +34,7 @@ log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("knn", "preprocess", "memory_format", "efficiency", "original", "many_models", "scale", "gpu",
-           "search_scale", "report_scale")
+           "search_scale", "report_scale", "inputs")
 
 
 def _quiet_logs() -> None:
@@ -89,20 +89,21 @@ def gpu_figure(smoke_budget_s: float, gpu_json: Path | None) -> Figure:
 
 def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
     """Figure key -> function(workspace) -> Figure, with this run's sizes."""
-    from bench import knn, memory_format, preprocess, report_scale, search_scale
+    from bench import inputs, knn, memory_format, preprocess, report_scale, search_scale
     from bench import pipeline as P
 
     if quick:
         eff = [P.EffCase("clip", "CLIP ViT-B/32", 40, 16, 8, False)]
         sizes = {"knn_n": (10_000,), "knn_q": 200, "prep_n": 32, "orig_n": 3, "many_n": 40, "mf_n": 8,
                  "scale": (200, 2_000), "smoke_budget": 120.0,
-                 "report": (2_000, 4_000, 10_000)}
+                 "report": (2_000, 4_000, 10_000), "inputs": ((2_000, 5_000), 2_000, False)}
     else:
         eff = [P.EffCase("clip", "CLIP ViT-B/32", 352, 96, 32, True),
                P.EffCase("vit", "ViT-L/16", 56, 16, 8, False)]
         sizes = {"knn_n": (10_000, 100_000), "knn_q": 1000, "prep_n": 64, "orig_n": 16,
                  "many_n": 394, "mf_n": 32, "scale": (2_000, 20_000), "smoke_budget": 150.0,
-                 "report": (10_000, 20_000, 100_000)}
+                 "report": (10_000, 20_000, 100_000),
+                 "inputs": ((20_000, 50_000, 200_000), 20_000, True)}
     state: dict[str, Figure] = {}
 
     def efficiency(ws):
@@ -119,6 +120,7 @@ def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
             ws, sizes["many_n"], ["efficientnet-lite0", "pixels"]),
         "scale": lambda ws: P.fig_scale(ws, sizes["scale"]),
         "report_scale": lambda ws: report_scale.run(sizes["report"]),
+        "inputs": lambda ws: inputs.run(ws, *sizes["inputs"]),
         "gpu": lambda ws: gpu_figure(sizes["smoke_budget"], REPO / "bench" / "gpu_check.json"),
         "search_scale": lambda ws: search_scale.run(quick=quick),
     }

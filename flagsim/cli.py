@@ -20,7 +20,8 @@ __all__ = ["COMMANDS", "build_parser", "main", "os_error_line"]
 #: has `add_parser(sub)` and `run(args)`; its parser's `help` must equal the one here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "scrape": ("scrape", "download the flags of Wikipedia's 'List of national flags of sovereign states'"),
-    "images": ("images", "build the images table (images.parquet) from a folder, a CSV or the bundled flags"),
+    "images": ("images", "build the images table (images.parquet) from a folder, a CSV, webdataset shards, "
+                          "Parquet, a URL list or the bundled flags"),
     "embed": ("embed", "embed the run's images with each model (Ray Data actor pools) into Parquet shards"),
     "import-csv": ("import_csv",
                    "import embeddings saved by the original notebook (Country,Flag Image,features)"),

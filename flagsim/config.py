@@ -56,12 +56,40 @@ def gpus_per_actor(mcfg: ModelRunConfig, device: str) -> float:
     return mcfg.num_gpus if mcfg.num_gpus > 0 else 1.0
 
 
+class DownloadConfig(_Frozen):
+    """How `images.source: urls` downloads (the scraper's fetcher; see docs/scraper.md)."""
+
+    concurrency: int = Field(default=4, ge=1, le=64)
+    timeout: float = Field(default=30.0, gt=0)
+    deadline: float | None = Field(default=None, gt=0)
+    max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    retries: int = Field(default=3, ge=0, le=20)
+    backoff: float = Field(default=1.0, ge=0)
+    max_wait: float = Field(default=60.0, ge=0)
+    user_agent: str | None = None  # None: the scraper's default
+    allow_hosts: tuple[str, ...] = ()
+    allow_private: bool = False  # tests only
+
+
 class ImagesConfig(_Frozen):
     """Where the images come from when the run directory has no images table yet."""
 
-    source: Literal["bundled", "folder", "csv", "table"] = "bundled"
-    path: str | None = None  # folder, CSV or images.parquet
+    source: Literal["bundled", "folder", "csv", "table", "webdataset", "parquet", "urls"] = "bundled"
+    # folder (path or s3:// / gs:// prefix), CSV, images.parquet, webdataset shard pattern
+    # (`shard-{00000..00099}.tar`), Parquet file or folder, or URL table (CSV or Parquet)
+    path: str | None = None
     image_dir: str | None = None  # for source: csv
+    image_column: str | None = None  # for source: parquet (binary, or an HF {bytes, path} struct)
+    id_column: str | None = None  # for source: parquet or urls
+    name_column: str | None = None  # for source: parquet or urls
+    url_column: str = "url"  # for source: urls
+    download: DownloadConfig = DownloadConfig()  # for source: urls
+
+    @model_validator(mode="after")
+    def _keys(self) -> ImagesConfig:
+        if self.source == "parquet" and not self.image_column:
+            raise ValueError("images.source parquet needs images.image_column")
+        return self
 
 
 class RayConfig(_Frozen):
@@ -81,6 +109,12 @@ class EmbedConfig(_Frozen):
     shard_size: int = Field(default=1000, gt=0, le=10_000_000)
     decode_batch_size: int = Field(default=32, gt=0, le=MAX_DECODE_BATCH_SIZE)
     max_image_pixels: int = Field(default=64_000_000, gt=0)  # decompression-bomb limit
+    # pil: every image with PIL in the CPU read tasks. torchvision: JPEGs with
+    # torchvision.io.decode_jpeg, on the GPU when the models run on one (each read task then
+    # takes decode_gpus of a GPU: give the models num_gpus <= 1 - decode_gpus), other formats
+    # and undecodable files with PIL. Off until measured (scripts/gpu_check.py).
+    jpeg_decoder: Literal["pil", "torchvision"] = "pil"
+    decode_gpus: float = Field(default=0.1, gt=0, le=1)
     defaults: ModelRunConfig = ModelRunConfig()
     model_settings: dict[str, ModelRunConfig] = Field(default_factory=dict, alias="settings")
 

@@ -90,3 +90,70 @@ def to_rgb(im: Image.Image) -> np.ndarray:
     elif im.mode != "RGB":
         im = im.convert("RGB")  # CMYK, YCbCr, L, 1, ...
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def is_jpeg(data: bytes) -> bool:
+    return data[:3] == JPEG_MAGIC
+
+
+def decode_batch_torchvision(
+    datas: list[bytes], device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[np.ndarray | DecodeError]:
+    """Decode a batch: JPEGs with `torchvision.io.decode_jpeg` on `device` (one batched call;
+    nvJPEG on cuda, libjpeg-turbo on cpu), everything else, CMYK JPEGs and any JPEG that
+    torchvision refuses with `decode_image` (PIL). Each result is an HxWx3 uint8 array or the
+    DecodeError that `decode_image` gives (the errors-table reason)."""
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _decode_torchvision(datas, device, max_pixels)
+
+
+def _decode_torchvision(
+    datas: list[bytes], device: str, max_pixels: int
+) -> list[np.ndarray | DecodeError]:
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[np.ndarray | DecodeError | None] = [None] * len(datas)
+    jpegs = []
+    for i, data in enumerate(datas):
+        if is_jpeg(data) and _plain_jpeg(data, max_pixels):
+            jpegs.append(i)
+    tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
+    decoded: list = []
+    if tensors:
+        try:
+            decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device,
+                                  apply_exif_orientation=True)
+        except RuntimeError:  # one bad file fails the batch: decode them one by one
+            decoded = []
+            for t in tensors:
+                try:
+                    decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device,
+                                               apply_exif_orientation=True))
+                except RuntimeError:
+                    decoded.append(None)
+    for i, img in zip(jpegs, decoded, strict=True):
+        if img is not None:
+            out[i] = np.ascontiguousarray(img.permute(1, 2, 0).cpu().numpy())
+    for i, data in enumerate(datas):
+        if out[i] is None:
+            try:
+                out[i] = decode_image(data, max_pixels)
+            except DecodeError as exc:
+                out[i] = exc
+    return out  # type: ignore[return-value]
+
+
+def _plain_jpeg(data: bytes, max_pixels: int) -> bool:
+    """True for a JPEG whose header PIL reads as RGB or greyscale within `max_pixels` (the
+    others, and the bomb guard's refusals, take the PIL path and its reasons)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            return im.format == "JPEG" and im.mode in ("RGB", "L") and 0 < w * h <= max_pixels
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False

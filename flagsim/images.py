@@ -19,8 +19,15 @@ from PIL import Image, UnidentifiedImageError
 
 from flagsim.errors import DataError
 from flagsim.inputfiles import file_problem, open_csv
-from flagsim.rundir import RunDir
-from flagsim.schema import ERRORS_SCHEMA, IMAGES_SCHEMA, check_columns, conform
+from flagsim.rundir import RunDir, shard_index
+from flagsim.schema import (
+    ERRORS_SCHEMA,
+    IMAGE_REF_COLUMNS,
+    IMAGES_SCHEMA,
+    check_columns,
+    conform,
+    with_optional,
+)
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
@@ -275,6 +282,9 @@ def bundled_table() -> pa.Table:
 
 def write_images_table(table: pa.Table, run: RunDir, errors: list[dict] | None = None) -> Location:
     """Write `images.parquet` (and `errors/images.csv`-style rows) atomically into the run."""
+    table = with_optional(table, IMAGES_SCHEMA, IMAGE_REF_COLUMNS)
+    if run.images_table.exists() and not run.images_table.is_file():
+        run.images_table.delete()  # a folder of parts written by a streamed source
     run.images_table.write_parquet(conform(table, IMAGES_SCHEMA))
     if errors is not None:
         err = run.errors_dir("images") / "part-00000.parquet"
@@ -287,13 +297,27 @@ def write_images_table(table: pa.Table, run: RunDir, errors: list[dict] | None =
 
 
 def read_images_table(location: str | os.PathLike | Location) -> pa.Table:
-    """Read and validate an images table (a run directory or a .parquet file)."""
+    """Read and validate an images table (a run directory, a .parquet file, or a folder of
+    `part-NNNNN.parquet` parts, read in part order). Tables written before the reference columns
+    existed read as plain files."""
     loc = location if isinstance(location, Location) else Location.parse(location)
     if not loc.name.endswith(".parquet"):
         loc = RunDir(loc).images_table
     if not loc.exists():
         raise DataError(f"images table not found: {loc} (run `flagsim images` or `flagsim scrape` first)")
-    table = loc.read_parquet()
+    if loc.is_file():
+        table = loc.read_parquet()
+    else:
+        parts = [p for p in loc.list(".parquet") if shard_index(p.name) is not None]
+        if not parts:
+            raise DataError(f"images table {loc} is a folder without part-NNNNN.parquet files")
+        tables = []
+        for part in parts:
+            t = with_optional(part.read_parquet(), IMAGES_SCHEMA, IMAGE_REF_COLUMNS)
+            check_columns(t, IMAGES_SCHEMA, f"images table part {part}")
+            tables.append(conform(t, IMAGES_SCHEMA))
+        table = pa.concat_tables(tables)
+    table = with_optional(table, IMAGES_SCHEMA, IMAGE_REF_COLUMNS)
     check_columns(table, IMAGES_SCHEMA, f"images table {loc}")
     table = conform(table, IMAGES_SCHEMA)
     ids = table.column("image_id").to_pylist()
@@ -303,13 +327,19 @@ def read_images_table(location: str | os.PathLike | Location) -> pa.Table:
 
 
 def images_table_hash(table: pa.Table) -> str:
-    """A hash of the images table's identity columns (ids, paths, content hashes)."""
+    """A hash of the images table's identity columns (ids, paths, content hashes, and the
+    member/offset of rows whose bytes are in a container; plain-file rows hash as before)."""
     h = hashlib.sha256()
-    for i, p, s in zip(
+    n = table.num_rows
+    members = table.column("member").to_pylist() if "member" in table.column_names else [None] * n
+    offsets = table.column("offset").to_pylist() if "offset" in table.column_names else [None] * n
+    for i, p, s, m, o in zip(
         table.column("image_id").to_pylist(),
         table.column("path").to_pylist(),
         table.column("sha256").to_pylist(),
+        members, offsets,
         strict=True,
     ):
-        h.update(f"{i}\t{p}\t{s}\n".encode())
+        ref = f"\t{m}\t{o}" if m is not None else ""
+        h.update(f"{i}\t{p}\t{s}{ref}\n".encode())
     return h.hexdigest()[:16]

@@ -20,8 +20,19 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("format", pa.string()),  # PIL format name, e.g. PNG
+        # Where the bytes live when `path` is not the image file itself (see IMAGE_REF_COLUMNS):
+        pa.field("container", pa.string()),  # None: a plain file; "tar" or "parquet"
+        pa.field("member", pa.string()),  # tar: the member's name; parquet: the image column
+        pa.field("offset", pa.int64()),  # tar: byte offset of the member's data; parquet: row
+        pa.field("size", pa.int64()),  # tar: the member's size in bytes; parquet: None
     ]
 )
+
+#: Columns of IMAGES_SCHEMA that tables written before the inputs issue lack; a reader adds
+#: them as nulls (a plain file per row).
+IMAGE_REF_COLUMNS = ("container", "member", "offset", "size")
+CONTAINER_TAR = "tar"
+CONTAINER_PARQUET = "parquet"
 
 IMAGE_ID_COLUMNS = ("image_id", "name")
 
@@ -124,6 +135,15 @@ def check_columns(table: pa.Table, schema: pa.Schema, what: str) -> None:
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise DataError(f"{what} is missing column(s) {', '.join(missing)}")
+
+
+def with_optional(table: pa.Table, schema: pa.Schema, optional: tuple[str, ...]) -> pa.Table:
+    """`table` with each `optional` column of `schema` it lacks added as nulls."""
+    for name in optional:
+        if name not in table.column_names:
+            field = schema.field(name)
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -154,6 +154,19 @@ def timed_rate(fn, n_items: int, device, min_s: float = 1.0, max_iters: int = 50
             return n_items * iters / dt
 
 
+@contextlib.contextmanager
+def torch_threads_one():
+    """One torch thread meanwhile (the CPU decoders are compared per core, as a read task runs)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
 
@@ -484,6 +497,47 @@ def knn_check(rec: dict[str, Any], n: int, d: int, k: int, device: str, budget: 
 
 # --- report --------------------------------------------------------------------------------------
 
+# --- JPEG decoding: PIL vs torchvision.io.decode_jpeg (embed.jpeg_decoder) ------------------------
+
+def jpeg_check(rec: dict[str, Any], images: list[np.ndarray], device: str, smoke: bool) -> None:
+    """Decode the same JPEG batches with PIL (`flagsim.decode.decode_image`, one CPU thread, what
+    the read tasks run by default) and with `decode_batch_torchvision` on the CPU and, with a
+    GPU, on cuda (what `embed.jpeg_decoder: torchvision` runs); rates and pixel parity."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from flagsim.decode import decode_batch_torchvision, decode_image
+
+    sizes = (320,) if smoke else (320, 1024)
+    n = 16 if smoke else 256
+    rec["cases"] = []
+    for width in sizes:
+        datas = []
+        for im in images[:n]:
+            pil = Image.fromarray(im)
+            if pil.width != width:
+                pil = pil.resize((width, max(1, round(pil.height * width / pil.width))))
+            buf = io.BytesIO()
+            pil.save(buf, "JPEG", quality=90)
+            datas.append(buf.getvalue())
+        ref = [decode_image(d) for d in datas]
+        case: dict[str, Any] = {"width": width, "images": len(datas),
+                                "pil_img_s": timed_rate(lambda datas=datas: [decode_image(d) for d in datas],
+                                                        len(datas), "cpu")}
+        devices = ["cpu"] + (["cuda"] if device == "cuda" and torch.cuda.is_available() else [])
+        for dev in devices:
+            out = decode_batch_torchvision(datas, device=dev)
+            diff = max(int(np.abs(o.astype(np.int16) - r).max()) for o, r in zip(out, ref, strict=True))
+            case[f"torchvision_{dev}_img_s"] = timed_rate(
+                lambda dev=dev, datas=datas: decode_batch_torchvision(datas, device=dev), len(datas), dev)
+            case[f"torchvision_{dev}_max_abs_diff"] = diff
+        rec["cases"].append(case)
+    if device != "cuda":
+        rec["note"] = "no GPU: the cuda decoder was not measured (CPU rows only)"
+
+
 def _f(x: Any, nd: int = 1) -> str:
     if x is None:
         return "n/a"
@@ -562,6 +616,22 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"| {_f(k['projected_total_s'])} | {k.get('checked_rows')} "
                 f"| {_f(k.get('identical_rows'), 4)} | {_f(k.get('recall_at_k'), 4)} "
                 f"| {k.get('reference')} |")
+    j = secs.get("jpeg_decode")
+    if j:
+        lines += ["", "## JPEG decoding: PIL vs torchvision.io.decode_jpeg (embed.jpeg_decoder)", ""]
+        if j.get("status") != "ok":
+            lines.append(f"{j.get('status')}: {j.get('error', '')}")
+        else:
+            lines.append("| width px | images | PIL img/s (1 thread) | torchvision cpu img/s "
+                         "| cpu max abs diff | torchvision cuda img/s | cuda max abs diff |")
+            lines.append("|---|---|---|---|---|---|---|")
+            for c in j.get("cases", []):
+                lines.append(
+                    f"| {c['width']} | {c['images']} | {_f(c['pil_img_s'])} "
+                    f"| {_f(c.get('torchvision_cpu_img_s'))} | {_f(c.get('torchvision_cpu_max_abs_diff'))} "
+                    f"| {_f(c.get('torchvision_cuda_img_s'))} | {_f(c.get('torchvision_cuda_max_abs_diff'))} |")
+            if j.get("note"):
+                lines.append(f"\n{j['note']}")
     failed = [f"{key}: {r.get('error')}" for key, r in secs.items() if r.get("status") == "failed"]
     if failed:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failed]
@@ -630,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
                 if rec is not None:
                     check_model(name, rec, images, device, smoke, budget, reserve, workdir)
             shutil.rmtree(workdir / name, ignore_errors=True)  # a real-size checkpoint is GBs
+        with section(results, "jpeg_decode", budget, need_s=10) as rec:
+            if rec is not None:
+                with torch_threads_one():
+                    jpeg_check(rec, images, device, smoke)
         if not args.skip_knn:
             with section(results, "search", budget, need_s=30) as rec:
                 if rec is not None:

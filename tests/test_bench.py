@@ -182,3 +182,15 @@ def test_search_scale_runs_a_size_only_while_its_predicted_time_fits(monkeypatch
     assert flat["flagsim_s"] == pytest.approx(400.0) and flat["flagsim_s_fitted"]
     assert "predicted" in flat["skipped_because"]
     assert any("projected" in str(row) for row in fig.tables[0].rows)
+
+
+def test_gpu_check_jpeg_section_compares_pil_and_torchvision_on_the_cpu() -> None:
+    gc = _gpu_check()
+    rec: dict = {}
+    gc.jpeg_check(rec, _images(8), "cpu", smoke=True)
+    (case,) = rec["cases"]
+    assert case["images"] == 8 and case["pil_img_s"] > 0 and case["torchvision_cpu_img_s"] > 0
+    assert case["torchvision_cpu_max_abs_diff"] == 0  # the same libjpeg-turbo decode as PIL
+    assert "torchvision_cuda_img_s" not in case and "no GPU" in rec["note"]
+    md = gc.render_markdown({"meta": {}, "sections": {"jpeg_decode": {"status": "ok", **rec}}})
+    assert "| 320 | 8 |" in md

@@ -22,10 +22,14 @@ from flagsim.cli import main
 from flagsim.config import load_config
 from flagsim.images import bundled_table, from_folder, write_images_table
 from flagsim.pipeline.embed import run_embed
+from flagsim.pipeline.reader import read_shards
 from flagsim.rundir import RunDir
 from flagsim.shards import read_embeddings, read_manifest
 
 pytestmark = pytest.mark.ray
+
+#: The read stage's function, in the name of a Ray worker that runs it (fused into an actor).
+READ_STAGE = read_shards.__name__
 
 GOOD = ["Chad", "Romania", "Japan", "Nepal", "Australia", "New_Zealand", "Indonesia", "Monaco"]
 
@@ -90,7 +94,7 @@ def _embed_actors() -> list[tuple[int, str]]:
         cmd = " ".join(p.info.get("cmdline") or [])
         if cmd.startswith("ray::MapWorker") and "EmbedActor" in cmd:
             found.append((p.pid, cmd))
-    return sorted(found, key=lambda a: "decode_batch" not in a[1])
+    return sorted(found, key=lambda a: READ_STAGE not in a[1])
 
 
 def _image_behind_a_pipe(table: pa.Table, row: int, where: Path) -> tuple[pa.Table, Path, Path]:
@@ -152,7 +156,7 @@ def test_killed_actor_still_gives_exactly_one_row_per_image(tmp_path, ray_local)
     t.join(timeout=5)
     assert killed, "the test never found an embedding actor to kill"
     # the premise of this test: the killed actor was the process stuck on the pipe
-    assert "decode_batch" in killed[0][1], (
+    assert READ_STAGE in killed[0][1], (
         f"Ray no longer fuses decoding into the actor ({killed[0][1]!r}): the decode task, not "
         "the killed actor, waited on the pipe; rework how this test holds the job mid-run")
     assert summary.result("efficientnet-lite0").status == "embedded"

@@ -71,6 +71,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
         help="also download a state's second and later flags, as '<Name> (2)' -> <Name>_(2).png "
         "(default: only each state's first flag)",
     )
+    add_download_options(p)
+    p.add_argument("--strict", action="store_true", help="exit with status 1 when any flag failed")
+
+
+def add_download_options(p) -> None:
+    """The fetcher's options (also `flagsim images --from-urls`): concurrency, timeouts, size
+    cap, retries, User-Agent and the host policy."""
     p.add_argument(
         "--concurrency",
         type=int,
@@ -145,7 +152,22 @@ def add_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow every loopback/private/link-local address (tests only; unsafe otherwise)",
     )
-    p.add_argument("--strict", action="store_true", help="exit with status 1 when any flag failed")
+
+
+def download_options_from_args(args: argparse.Namespace) -> ScrapeOptions:
+    """ScrapeOptions from the download options alone (the page options keep their defaults)."""
+    return ScrapeOptions(
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        deadline=args.deadline,
+        max_bytes=args.max_bytes,
+        retries=args.retries,
+        backoff=args.backoff,
+        max_wait=args.max_wait,
+        user_agent=args.user_agent,
+        allow_private=args.allow_private,
+        allow_hosts=tuple(args.allow_hosts),
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> ScrapeOptions:

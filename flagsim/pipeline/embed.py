@@ -5,25 +5,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import pyarrow as pa
-
 from flagsim.config import Config, ModelRunConfig, check_writable
 from flagsim.errors import DataError, WeightsUnavailableError
 from flagsim.images import (
     bundled_table,
     from_csv,
     from_folder,
-    images_table_hash,
     read_images_table,
     write_images_table,
 )
+from flagsim.imagestable import ImagesTable
 from flagsim.pipeline.plan import (
     actor_cpus,
     plan_shards,
     prepare_model,
     repair,
     reusable_manifest,
-    rows_hashes,
     run_key,
     torch_threads,
 )
@@ -35,7 +32,7 @@ from flagsim.pipeline.summary import (
     print_summary,
     summary_table,
 )
-from flagsim.rundir import RunDir
+from flagsim.rundir import RunDir, shard_name
 from flagsim.storage import Location
 
 __all__ = [
@@ -51,15 +48,17 @@ log = logging.getLogger(__name__)
 
 # --- images ----------------------------------------------------------------------------------
 
-def resolve_images(cfg: Config, run: RunDir, images: str | None) -> pa.Table:
-    """The images table for this run: --images, the run's own table, or built from cfg.images."""
+def resolve_images(cfg: Config, run: RunDir, images: str | None) -> ImagesTable:
+    """The images table of this run (a handle: rows are read where needed, never all at once
+    in the driver): --images (copied into the run part by part), the run's own table, or built
+    from cfg.images."""
     if images:
-        table = read_images_table(images)
-        if Location.parse(images).uri != run.images_table.uri:
-            write_images_table(table, run)
-        return table
+        source = ImagesTable(images)
+        if source.location.uri != run.images_table.uri:
+            copy_images_table(source, run)
+        return ImagesTable(run.images_table)
     if run.images_table.exists():
-        return read_images_table(run.images_table)
+        return ImagesTable(run.images_table)
     src = cfg.images
     if src.source == "bundled":
         table = bundled_table()
@@ -67,10 +66,63 @@ def resolve_images(cfg: Config, run: RunDir, images: str | None) -> pa.Table:
         table = from_folder(_need(src.path, "images.path"))
     elif src.source == "csv":
         table = from_csv(_need(src.path, "images.path"), _need(src.image_dir, "images.image_dir"))
+    elif src.source in STREAMED_SOURCES:
+        build_from_source(cfg, run)
+        return ImagesTable(run.images_table)
     else:
-        table = read_images_table(_need(src.path, "images.path"))
+        source = ImagesTable(_need(src.path, "images.path"))
+        copy_images_table(source, run)
+        return ImagesTable(run.images_table)
     write_images_table(table, run)
-    return table
+    return ImagesTable(run.images_table)
+
+
+def copy_images_table(source: ImagesTable, run: RunDir) -> None:
+    """Write `source` as the run's images table: one file when it has one part, else the same
+    parts (each read and written whole: memory holds one part)."""
+    if len(source.parts) == 1:
+        write_images_table(read_images_table(source.location), run)
+        return
+    target = run.images_table
+    tmp = run.staging / "images-copy"
+    tmp.delete()
+    for i, part in enumerate(source.parts):
+        t = read_images_table(Location.parse(part.uri))
+        (tmp / shard_name(i)).write_parquet(t, staging=run.staging)
+    target.delete()
+    for i in range(len(source.parts)):
+        (target / shard_name(i)).write_bytes((tmp / shard_name(i)).read_bytes(), staging=run.staging)
+    tmp.delete()
+
+#: Sources whose builders write the run's images table themselves (streamed, in parts).
+STREAMED_SOURCES = ("webdataset", "parquet", "urls")
+
+
+def build_from_source(cfg: Config, run: RunDir) -> None:
+    """Write the run's images table from a webdataset, Parquet or URL source of `cfg.images`."""
+    from flagsim import sources
+
+    src = cfg.images
+    path = _need(src.path, "images.path")
+    if src.source == "webdataset":
+        sources.from_webdataset(path, run)
+    elif src.source == "parquet":
+        sources.from_parquet(path, _need(src.image_column, "images.image_column"), run,
+                             id_column=src.id_column, name_column=src.name_column)
+    else:
+        sources.from_urls(path, run, download_options(src.download), url_column=src.url_column,
+                          id_column=src.id_column, name_column=src.name_column)
+
+
+def download_options(dl):
+    """The scraper's options for `images.download` (a `DownloadConfig`)."""
+    from flagsim.scrape import ScrapeOptions
+
+    values = dl.model_dump()
+    if values["user_agent"] is None:
+        del values["user_agent"]
+    values["allow_hosts"] = tuple(values["allow_hosts"])
+    return ScrapeOptions(**values)
 
 
 def _need(value: str | None, key: str) -> str:
@@ -114,9 +166,10 @@ def _run_embed(
         raise DataError(f"the images table of {run.root} has no rows: nothing to embed")
     if run.staging.remove_temp_files():
         log.info("removed temporary files of an interrupted write in %s", run.staging)
-    images_hash = images_table_hash(table)
+    scan = table.scan(cfg.embed.shard_size)  # one streamed pass: ids unique, hashes
+    images_hash = scan.images_hash
     plans = plan_shards(table.num_rows, cfg.embed.shard_size)
-    hashes = rows_hashes(table, plans)
+    hashes = scan.shard_hashes
     summary = EmbedSummary(run_dir=run.root.uri, images=table.num_rows)
     log.info("%d images in %d shard(s) of up to %d", table.num_rows, len(plans), cfg.embed.shard_size)
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flagsim.config import Config, ModelRunConfig
 from flagsim.errors import DataError
+from flagsim.imagestable import ImagesTable
 from flagsim.pipeline.plan import ResourcePlan, ShardPlan, plan_resources, work_shards
 from flagsim.pipeline.reader import PIXELS, build_dataset
 from flagsim.pipeline.summary import ModelResult, progress
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def run_models(
     cfg: Config,
     run: RunDir,
-    table: pa.Table,
+    table: ImagesTable,
     plans: list[ShardPlan],
     todo: dict[str, set[int]],
     mcfgs: dict[str, ModelRunConfig],
@@ -35,7 +35,8 @@ def run_models(
     """Embed the shards in `todo` (model -> shard indices) in one stream, then write every
     model's manifest; returns one result per model and the number of undecodable images.
 
-    The stream: the reader decodes each image once (`build_dataset`), one actor pool per model
+    `table` is the images table's handle: the driver sends shard descriptors, the read tasks
+    read the rows. The stream: the reader decodes each image once (`build_dataset`), one actor pool per model
     adds its embedding column, and the driver hands the batches to the `ShardWriter`. A model
     with no shard left to embed gets only its manifest.
     """
@@ -46,8 +47,9 @@ def run_models(
     res = plan_resources(cfg, mcfgs, todo, resources)
     work = work_shards(plans, todo)
     ds = build_dataset(
-        table, work, decode_batch_size=cfg.embed.decode_batch_size,
+        table, work, shard_size=cfg.embed.shard_size, decode_batch_size=cfg.embed.decode_batch_size,
         max_pixels=cfg.embed.max_image_pixels, decode_cpus=min(cfg.ray.read_cpus, 1.0),
+        **decode_options(cfg, res, resources, todo),
     )
     ds = add_model_pools(ds, run, mcfgs, todo, res)
     ds = ds.drop_columns([PIXELS])
@@ -57,6 +59,25 @@ def run_models(
             log.info("%s: all shards present, writing manifest", m)
     seconds = stream_to_writer(ds, run, table, work, live, show_progress)
     return write_manifests(cfg, run, plans, todo, mcfgs, res, images_hash, seconds)
+
+
+def decode_options(cfg: Config, res: ResourcePlan, resources: dict[str, float],
+                   todo: dict[str, set[int]]) -> dict:
+    """The read stage's decoder settings (`embed.jpeg_decoder`); DataError when GPU decoding
+    would find no GPU share left by the model actors."""
+    if cfg.embed.jpeg_decoder != "torchvision":
+        return {}
+    device = "cuda" if res.device == "cuda" else "cpu"
+    if device == "cuda":
+        claimed = sum(res.gpus[m] * cfg.embed.for_model(m).num_actors for m in res.gpus if todo[m])
+        if resources.get("GPU", 0) - claimed < cfg.embed.decode_gpus - 1e-9:
+            raise DataError(
+                f"embed.jpeg_decoder torchvision on cuda needs embed.decode_gpus "
+                f"({cfg.embed.decode_gpus:g}) of a GPU beside the model actors' {claimed:g}; "
+                f"set embed.defaults.num_gpus to {1 - cfg.embed.decode_gpus:g}"
+            )
+    return {"jpeg_decoder": "torchvision", "decode_device": device,
+            "decode_gpus": cfg.embed.decode_gpus}
 
 
 def add_model_pools(
@@ -101,14 +122,14 @@ def add_model_pools(
 
 
 def stream_to_writer(
-    ds, run: RunDir, table: pa.Table, work: list[ShardPlan], live: dict[str, set[int]],
+    ds, run: RunDir, table: ImagesTable | None, work: list[ShardPlan], live: dict[str, set[int]],
     show_progress: bool,
 ) -> float:
     """Iterate the stream, handing every batch to a `ShardWriter`; the stream's wall seconds.
     DataError when a shard never completed."""
     start = time.perf_counter()
     with progress(show_progress, sum(p.rows for p in work)) as advance:
-        writer = ShardWriter(run, table, work, live, on_shard=lambda _s, rows: advance(rows))
+        writer = ShardWriter(run, None, work, live, on_shard=lambda _s, rows: advance(rows))
         if live:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.add(batch)

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from flagsim.pipeline.mapper import embedding_column
 from flagsim.pipeline.plan import ShardPlan
-from flagsim.pipeline.reader import ERROR, OK
+from flagsim.pipeline.reader import ERROR, OK, POS
 from flagsim.rundir import RunDir
 from flagsim.schema import ERRORS_SCHEMA
 from flagsim.shards import embeddings_table, write_shard
@@ -21,21 +21,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Pending:
-    expected: list[str]  # image ids in images-table order
-    rows: dict[str, dict] = field(default_factory=dict)
+    count: int  # rows of the shard
+    ids: list[str] | None = None  # image ids in images-table order, when the table is given
+    rows: dict = field(default_factory=dict)  # by `pos` (row number), else by image id
 
 
 class ShardWriter:
     """Buffers rows by shard; when every row of a shard has arrived, writes that shard.
 
-    Rows are keyed by image id, so a batch retried by Ray (e.g. after an actor died) can
-    never produce a duplicate row. Only (model, shard) pairs in `todo` are written.
+    Rows are keyed by their row number in the images table (the read stage's `pos` column), or
+    by image id when the batches have none and `images` is given, so a batch retried by Ray
+    (e.g. after an actor died) can never produce a duplicate row, and a shard's rows are
+    written in table order. Only (model, shard) pairs in `todo` are written. The driver holds
+    the rows of the shards in flight, never the images table.
     """
 
     def __init__(
         self,
         run: RunDir,
-        images: pa.Table,
+        images: pa.Table | None,
         plans: list[ShardPlan],
         todo: dict[str, set[int]],
         on_shard: Callable[[int, int], None] | None = None,
@@ -43,14 +47,18 @@ class ShardWriter:
         self.run = run
         self.todo = todo
         self.on_shard = on_shard
-        ids = images.column("image_id").to_pylist()
-        self.pending = {p.index: _Pending(ids[p.start : p.stop]) for p in plans}
+        if images is None:
+            self.pending = {p.index: _Pending(p.rows) for p in plans}
+        else:
+            ids = images.column("image_id").to_pylist()
+            self.pending = {p.index: _Pending(p.rows, ids[p.start : p.stop]) for p in plans}
         self.rows_written: dict[str, int] = dict.fromkeys(todo, 0)
         self.errors = 0
         self.shards_done = 0
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         shards = np.asarray(batch["shard"])
+        pos = np.asarray(batch[POS]) if POS in batch else None
         for i in range(len(shards)):
             shard = int(shards[i])
             pend = self.pending.get(shard)
@@ -67,13 +75,16 @@ class ShardWriter:
                 col = embedding_column(model)
                 if col in batch:
                     row[col] = np.asarray(batch[col][i], dtype=np.float32)
-            pend.rows[row["image_id"]] = row
-            if len(pend.rows) == len(pend.expected):
+            pend.rows[int(pos[i]) if pos is not None else row["image_id"]] = row
+            if len(pend.rows) == pend.count:
                 self._flush(shard)
 
     def _flush(self, shard: int) -> None:
         pend = self.pending.pop(shard)
-        rows = [pend.rows[i] for i in pend.expected]
+        if pend.ids is not None and not isinstance(next(iter(pend.rows)), int):
+            rows = [pend.rows[i] for i in pend.ids]
+        else:
+            rows = [pend.rows[k] for k in sorted(pend.rows)]
         good = np.array([r[OK] for r in rows], dtype=bool)
         ids = [r["image_id"] for r in rows if r[OK]]
         names = [r["name"] for r in rows if r[OK]]

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from flagsim.console import plain
 from flagsim.errors import FlagsimError
+from flagsim.refs import ImageRef, read_ref
 from flagsim.report.data import row_models, support
 from flagsim.rundir import RunDir
 from flagsim.search.catalog import ENSEMBLE
@@ -66,11 +67,12 @@ def png_data_uri(im: Image.Image) -> str:
 class Thumbnails:
     """Thumbnails of a run's images by image id; each image is read, decoded and encoded once.
 
-    `paths` maps image_id -> file path or URI (the run's images table). Without it, or when a
-    file is missing or undecodable, a labelled placeholder tile stands in.
+    `paths` maps image_id -> file path or URI, or an `ImageRef` (a tar member, a Parquet cell;
+    the run's images table). Without it, or when a file is missing or undecodable, a labelled
+    placeholder tile stands in.
     """
 
-    def __init__(self, paths: Mapping[str, str] | None, width: int = THUMB_WIDTH) -> None:
+    def __init__(self, paths: Mapping[str, Any] | None, width: int = THUMB_WIDTH) -> None:
         self._paths = paths
         self.width = width
         self._images: dict[str, Image.Image] = {}
@@ -90,7 +92,10 @@ class Thumbnails:
             log.info("%s has no images table; the report shows placeholders", run.root)
             return cls(None, width)
         table = read_images_table(run.images_table)
-        paths = dict(zip(table.column("image_id").to_pylist(), table.column("path").to_pylist(), strict=True))
+        paths: dict[str, Any] = {}
+        for row in table.select(["image_id", "path", "container", "member", "offset", "size"]).to_pylist():
+            ref = ImageRef.from_row(row)
+            paths[row["image_id"]] = ref if ref.container else ref.path
         return cls(paths, width)
 
     def _placeholder(self, reason: str) -> Image.Image:
@@ -110,9 +115,10 @@ class Thumbnails:
         elif image_id not in self._paths:
             reason = "not in images table"
         else:
-            loc = Location.parse(self._paths[image_id])
+            where = self._paths[image_id]
+            loc = where.describe() if not isinstance(where, str) else Location.parse(where)
             try:
-                data = loc.read_bytes()
+                data = read_ref(where) if not isinstance(where, str) else loc.read_bytes()
             except (OSError, FlagsimError) as exc:
                 log.warning("report: cannot read %s (%s): %s", image_id, loc, exc)
                 reason = "image file missing"

@@ -51,9 +51,9 @@ def queries_kind(queries: str) -> str:
     if not loc.exists():
         raise DataError(f"queries not found: {queries}")
     if not loc.is_file():
-        if (loc / "embeddings").exists() and not (loc / "images.parquet").is_file():
+        if (loc / "embeddings").exists() and not (loc / "images.parquet").exists():
             return "run"
-        if (loc / "images.parquet").is_file():
+        if (loc / "images.parquet").exists():
             return "images"
         files = loc.list(".parquet")
         if not files:
