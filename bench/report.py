@@ -209,7 +209,7 @@ def render(results: dict[str, Any], json_path: Path) -> str:
     out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in summary_rows(figs)]
     out.append("")
     order = ("efficiency", "original", "preprocess", "memory_format", "many_models", "scale", "knn",
-             "report_scale", "gpu", "search_scale", "inputs")
+             "report_scale", "gpu", "search_scale", "inputs", "query_one")
     for key in order:
         f = figs.get(key)
         if f is None:

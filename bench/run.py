@@ -34,7 +34,7 @@ log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = ("knn", "preprocess", "memory_format", "efficiency", "original", "many_models", "scale", "gpu",
-           "search_scale", "report_scale", "inputs")
+           "search_scale", "report_scale", "inputs", "query_one")
 
 
 def _quiet_logs() -> None:
@@ -89,7 +89,7 @@ def gpu_figure(smoke_budget_s: float, gpu_json: Path | None) -> Figure:
 
 def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
     """Figure key -> function(workspace) -> Figure, with this run's sizes."""
-    from bench import inputs, knn, memory_format, preprocess, report_scale, search_scale
+    from bench import inputs, knn, memory_format, preprocess, query_one, report_scale, search_scale
     from bench import pipeline as P
 
     if quick:
@@ -123,6 +123,7 @@ def plan(quick: bool) -> dict[str, Callable[[Any], Figure]]:
         "inputs": lambda ws: inputs.run(ws, *sizes["inputs"]),
         "gpu": lambda ws: gpu_figure(sizes["smoke_budget"], REPO / "bench" / "gpu_check.json"),
         "search_scale": lambda ws: search_scale.run(quick=quick),
+        "query_one": lambda ws: query_one.run(((5_000, 64),) if quick else ((300_000, 256), (300_000, 1152))),
     }
 
 

@@ -65,3 +65,9 @@ KNN_EQUAL = Target("share of methods equal to FAISS", at_least=1.0)
 SEARCH_THROUGHPUT = Target("flagsim / bare FAISS throughput", at_least=0.8)
 SEARCH_RECALL = Target("recall@10, automatic approximate index", at_least=0.95)
 SEARCH_DRIVER_MEMORY = Target("driver peak RSS beyond the index, largest / smallest N", below=1.25)
+
+
+# `flagsim query NAME` at 300k images (issue 13): under 1 GB, "about 1 s" (a fresh process,
+# Python start-up and imports included, so the bound is set at 2 s)
+QUERY_RSS_MIB = Target("peak RSS of `flagsim query NAME` (MiB)", below=1024)
+QUERY_WALL_S = Target("wall time of `flagsim query NAME` (s)", below=2.0)

@@ -194,3 +194,14 @@ def test_gpu_check_jpeg_section_compares_pil_and_torchvision_on_the_cpu() -> Non
     assert "torchvision_cuda_img_s" not in case and "no GPU" in rec["note"]
     md = gc.render_markdown({"meta": {}, "sections": {"jpeg_decode": {"status": "ok", **rec}}})
     assert "| 320 | 8 |" in md
+
+
+def test_query_one_figure_measures_a_real_flagsim_query() -> None:
+    from bench import query_one
+
+    fig = query_one.run(((3_000, 32),), repeat=2)
+    (row,) = fig.raw["rows"]
+    assert row["build_rc"] == 0 and row["kind"] == "flat"  # auto: exact below the crossover
+    assert len(row["walls"]) == 2 and all(w > 0 for w in row["walls"])
+    assert all(50 < p < 4096 for p in row["peaks_mib"])  # a real process was measured
+    assert fig.tables[0].rows[0][0] == "3,000 x 32"
