@@ -172,6 +172,9 @@ class ReportConfig(_Frozen):
     queries: tuple[str, ...] = ("Chad", "Australia", "Indonesia", "Ireland", "Denmark", "Japan")
     k: int = Field(default=5, gt=0, le=100)
     pairs: str | None = None  # labelled pairs for `eval` (default: the bundled file)
+    map_max: int = Field(default=5000, ge=10, le=1_000_000)  # maps sample above this many images
+    thumbs_max: int = Field(default=1000, ge=0, le=1_000_000)  # search-box thumbnails embedded
+    projection: Literal["auto", "pca"] = "auto"  # auto: also UMAP / t-SNE when installed
 
 
 class Config(_Frozen):

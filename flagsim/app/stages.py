@@ -150,15 +150,26 @@ def pipeline(
 
     tables = [*ready, ENSEMBLE] if len(ready) >= 2 else ready  # `all` beside the models
     neighbours = write_neighbours(run_dir, cfg.neighbours.k, tables, cfg)
+    _dedup_calibrated(run_dir, ready, cfg)
     paths = None
     if report:
         from flagsim.report import build_report
 
         paths = build_report(
             run_dir, queries=None, k=cfg.report.k, pairs=cfg.report.pairs, models=ready,
-            default_queries=cfg.report.queries,
+            default_queries=cfg.report.queries, map_max=cfg.report.map_max,
+            thumbs_max=cfg.report.thumbs_max, projection=cfg.report.projection,
         )
     return PipelineResult(summary, ready, neighbours, paths)
+
+
+def _dedup_calibrated(run_dir: str, models: Sequence[str], cfg: Config) -> None:
+    """Near-duplicate groups of the models with a calibrated threshold (for the report)."""
+    from flagsim.search.dedup import calibrated_threshold, write_dedup
+
+    calibrated = [m for m in models if calibrated_threshold(m) is not None]
+    if calibrated:
+        write_dedup(run_dir, calibrated, None, cfg)
 
 
 def log_pipeline(result: PipelineResult) -> None:

@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         png=args.png,
         models=args.models,
         default_queries=cfg.report.queries,
+        map_max=cfg.report.map_max,
+        thumbs_max=cfg.report.thumbs_max,
+        projection=cfg.report.projection,
     )
     print(plain(f"report -> {paths.html}"))
     print(plain(f"contact sheet -> {paths.png}"))
