@@ -220,3 +220,30 @@ def test_from_folder_given_a_file_is_one_line(tmp_path, bundled_dir, capsys):
                "--out", str(tmp_path / "run")])
     assert rc == 2
     assert _one_error_line(capsys).endswith("Chad.png is not a directory")
+
+
+def test_a_one_file_images_table_is_copied_into_the_run_in_batches(tmp_path) -> None:
+    """`--images TABLE` of one big file: streamed a batch at a time, equal to the source."""
+    import pyarrow.parquet as pq
+
+    from flagsim.errors import DataError
+    from flagsim.images import bundled_table, read_images_table
+    from flagsim.pipeline.embed import _stream_copy
+    from flagsim.rundir import RunDir
+    from flagsim.storage import Location
+
+    table = bundled_table()
+    src = tmp_path / "big.parquet"
+    pq.write_table(table, src, row_group_size=50)
+    run = RunDir.at(str(tmp_path / "run"))
+    _stream_copy(Location.parse(str(src)), run, batch_rows=7)
+    copied = read_images_table(run.images_table)
+    assert copied.num_rows == table.num_rows == 197
+    assert copied.column("image_id").to_pylist() == table.column("image_id").to_pylist()
+    assert copied.column("path").to_pylist() == table.column("path").to_pylist()
+    assert pq.ParquetFile(str(run.images_table.path)).metadata.num_row_groups > 1  # written in batches
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table.drop_columns(["path"]), bad)
+    with pytest.raises(DataError, match="path"):
+        _stream_copy(Location.parse(str(bad)), RunDir.at(str(tmp_path / "run2")))
+    assert not (tmp_path / "run2" / "images.parquet").exists()  # nothing half-written

@@ -78,10 +78,11 @@ def resolve_images(cfg: Config, run: RunDir, images: str | None) -> ImagesTable:
 
 
 def copy_images_table(source: ImagesTable, run: RunDir) -> None:
-    """Write `source` as the run's images table: one file when it has one part, else the same
-    parts (each read and written whole: memory holds one part)."""
+    """Write `source` as the run's images table: one file when it has one part (streamed a
+    batch of rows at a time), else the same parts (each read and written whole: memory holds
+    one part)."""
     if len(source.parts) == 1:
-        write_images_table(read_images_table(source.location), run)
+        _stream_copy(Location.parse(source.parts[0].uri), run)
         return
     target = run.images_table
     tmp = run.staging / "images-copy"
@@ -93,6 +94,48 @@ def copy_images_table(source: ImagesTable, run: RunDir) -> None:
     for i in range(len(source.parts)):
         (target / shard_name(i)).write_bytes((tmp / shard_name(i)).read_bytes(), staging=run.staging)
     tmp.delete()
+
+def _stream_copy(src: Location, run: RunDir, batch_rows: int = 65_536) -> None:
+    """Copy a one-file images table into the run `batch_rows` rows at a time, each batch checked
+    and conformed to IMAGES_SCHEMA (a million-row file never sits in memory whole); the file is
+    staged and moved into place at the end. Duplicate ids are found by the embed's scan."""
+    import os
+    import tempfile
+    import uuid
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flagsim.schema import (
+        IMAGE_REF_COLUMNS,
+        IMAGES_SCHEMA,
+        check_columns,
+        conform,
+        with_optional,
+    )
+
+    if run.root.is_local:
+        run.staging.mkdirs()
+        tmp = os.path.join(run.staging.path, f"images-{uuid.uuid4().hex}.parquet")
+    else:
+        tmp = os.path.join(tempfile.mkdtemp(prefix="flagsim-images-"), "images.parquet")
+    rows = 0
+    try:
+        with src.fs.open_input_file(src.path) as f, \
+                pq.ParquetWriter(tmp, IMAGES_SCHEMA, compression="zstd") as writer:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                t = with_optional(pa.Table.from_batches([batch]), IMAGES_SCHEMA, IMAGE_REF_COLUMNS)
+                check_columns(t, IMAGES_SCHEMA, f"images table {src}")
+                writer.write_table(conform(t, IMAGES_SCHEMA))
+                rows += t.num_rows
+        if run.images_table.exists() and not run.images_table.is_file():
+            run.images_table.delete()  # a folder of parts written by a streamed source
+        run.images_table.put_file(tmp)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("wrote %s (%d images)", run.images_table, rows)
+
 
 #: Sources whose builders write the run's images table themselves (streamed, in parts).
 STREAMED_SOURCES = ("webdataset", "parquet", "urls")
