@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     for col in ("model", "status", "kind", "vectors", "dim", "recall", "device", "seconds"):
         table.add_column(col, justify="right" if col in ("vectors", "dim", "recall", "seconds") else "left")
     for m in models:
-        state, reason = index_state(run, m, cfg.index)
+        state, reason = index_state(run, m, cfg.index, verify=True)
         idx = None
         if state == "fresh" and not args.force:
             try:

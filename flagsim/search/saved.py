@@ -20,6 +20,7 @@ from flagsim.search.manifest import (
     file_problem,
     read_index_manifest,
     requested,
+    sha256_of,
 )
 from flagsim.search.model_index import ModelIndex
 from flagsim.shards import read_manifest
@@ -76,6 +77,10 @@ def index_state(
         emb = read_manifest(run, model)
         if emb is not None and emb.dim != manifest.dim:
             return "stale", f"{where} is stale: embeddings are now {emb.dim}-d, the index {manifest.dim}-d"
+        rows = sum(int(r) for r in emb.shards.values()) if emb is not None else manifest.count
+        if emb is not None and (rows != manifest.count or emb.rows != manifest.count):
+            return "stale", (f"{where} is stale: the embeddings now hold {rows} rows, the index "
+                             f"{manifest.count}")
     hashes = source_checksums(run, model, manifest.source_models if model == ENSEMBLE and not models
                               else models)
     added = sorted(set(hashes) - set(manifest.shards))
@@ -89,6 +94,13 @@ def index_state(
                 f"{where} is stale: source shard {run.model_dir(owner) / shard} {what} "
                 "since the index was built"
             )
+    if verify:  # the source shards' bytes too (streamed): a shard replaced behind the manifest
+        for key, digest in sorted(hashes.items()):
+            owner, shard = key.split("/", 1) if model == ENSEMBLE else (model, key)
+            loc = run.model_dir(owner) / shard
+            if not loc.exists() or sha256_of(loc) != digest:
+                return "stale", (f"{where} is stale: source shard {loc} does not match the checksum "
+                                 "recorded when it was written")
     if cfg is not None and requested(cfg) != manifest.requested:
         return "stale", f"{where} was built with other index settings"
     return "fresh", f"{root} is up to date"

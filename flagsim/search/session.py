@@ -88,8 +88,18 @@ class RunSearch:
     # --- names ---
     @cached_property
     def catalogue(self) -> Catalogue:
-        """Ids and display names of every image of the session's models (from the indexes)."""
-        return Catalogue.of(self.index(m) for m in self.models)
+        """Ids and display names of every image of the session's models: from the id table of a
+        fresh index, else from the shards' two id columns (a name is resolved, or refused,
+        before any index is built)."""
+        from flagsim.search.saved import index_state
+
+        sets = []
+        for m in self.models:
+            if m in self._indexes or index_state(self.run, m)[0] == "fresh":
+                sets.append(self.index(m))
+            else:
+                sets.append(self.source(m).names_table())
+        return Catalogue.of(sets)
 
     # --- stored vectors ---
     def vectors(self, model: str, image_ids: Sequence[str]) -> np.ndarray:

@@ -46,6 +46,12 @@ def _shard_vectors(loc, table: pa.Table, dim: int) -> np.ndarray:
     return normalise(vec)
 
 
+@dataclass(frozen=True)
+class _IdsNames:
+    ids: pa.ChunkedArray
+    names: pa.ChunkedArray
+
+
 class ModelSource:
     """The verified embedding shards of one model, in shard order."""
 
@@ -94,6 +100,15 @@ class ModelSource:
         assert table is not None
         return Block(shard, table.column("image_id").to_pylist(), table.column("name").to_pylist(),
                      _shard_vectors(loc, table, self.dim))
+
+    def names_table(self) -> _IdsNames:
+        """The `image_id` and `name` columns of every shard (only those two are read)."""
+        ids, names = [], []
+        for shard in self.shards:
+            t = (self.run.model_dir(self.model) / shard).read_parquet(columns=["image_id", "name"])
+            ids.append(t.column("image_id"))
+            names.append(t.column("name"))
+        return _IdsNames(pa.chunked_array(ids, pa.string()), pa.chunked_array(names, pa.string()))
 
     def ids_of(self, shard: str) -> list[str]:
         loc = self.run.model_dir(self.model) / shard
