@@ -14,11 +14,16 @@ import pytest
 from flagsim.cli import main
 from flagsim.errors import DataError
 from flagsim.images import bundled_flags_dir
+from flagsim.rundir import RunDir
 from flagsim.search.batch import read_results, run_search
 from flagsim.search.neighbours import read_neighbours
 from flagsim.shards import read_embeddings
 
 pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _run(path) -> RunDir:
+    return RunDir.at(str(path))
 MODELS = "pixels,colour-layout"  # weight-free: real models without a checkpoint to download
 
 
@@ -39,7 +44,7 @@ def flag_run(tmp_path_factory):
     assert main(["embed", "--run", str(run), "--set", f"embed.models=[{MODELS}]"]) == 0
     assert main(["neighbours", "--run", str(run), "-k", "5"]) == 0
     assert main(["images", "--from-folder", str(root / "new"), "--out", str(root / "queries")]) == 0
-    emb = read_embeddings(RunDirLike(run), "pixels")  # the pixels vectors as a plain Parquet table
+    emb = read_embeddings(_run(run), "pixels")  # the pixels vectors as a plain Parquet table
     pq.write_table(pa.table({"image_id": emb.ids, "name": emb.names,
                              "embedding": pa.array(list(emb.vectors), pa.list_(pa.float32()))}),
                    root / "pixels.parquet")
@@ -59,18 +64,12 @@ def test_new_images_find_themselves_first_in_every_model_and_the_ensemble(flag_r
         assert (first.neighbour_id == first.query_id).all(), model
         np.testing.assert_allclose(first.score, 1.0, atol=1e-5)
     # the queries' embeddings are the run's own for the same images (same weights, same code)
-    q, r = read_embeddings(RunDirLike(out), "pixels"), read_embeddings(RunDirLike(run), "pixels")
+    q, r = read_embeddings(_run(out), "pixels"), read_embeddings(_run(run), "pixels")
     pos = {i: p for p, i in enumerate(r.ids)}
     np.testing.assert_allclose(q.vectors, r.vectors[[pos[i] for i in q.ids]], atol=1e-6)
     # a rerun writes nothing and keeps the parts
     results = run_search(str(run), str(root / "queries" / "images.parquet"), str(out), k=3)
     assert [r.written for r in results] == [0, 0, 0]
-
-
-def RunDirLike(path):  # noqa: N802 - reads like the type it builds
-    from flagsim.rundir import RunDir
-
-    return RunDir.at(str(path))
 
 
 def test_an_embeddings_table_gives_the_neighbour_table_with_the_query_kept(flag_run) -> None:

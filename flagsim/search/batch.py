@@ -17,13 +17,15 @@ from typing import Any
 from flagsim.config import Config
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
-from flagsim.schema import NEIGHBOURS_FILE_SCHEMA
 from flagsim.search.catalog import ENSEMBLE, complete_models, resolve_models
 from flagsim.search.neighbours import (
     NeighboursResult,
     PartWriter,
     TablePlan,
     index_for,
+    marker_matches,
+    query_shards,
+    read_parts,
     shard_checksum,
 )
 from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
@@ -59,9 +61,7 @@ def queries_kind(queries: str) -> str:
         if not files:
             raise DataError(f"{queries} holds no Parquet file (an images table or embeddings)")
         loc = files[0]
-    names = set(loc.read_parquet().schema.names) if loc.size() < (1 << 20) else set(
-        _schema_names(loc))
-    if {"image_id", "path"} <= names:
+    if {"image_id", "path"} <= set(_schema_names(loc)):
         return "images"
     return "embeddings"
 
@@ -144,23 +144,15 @@ def _plan(run: RunDir, qrun: RunDir, out: RunDir, model: str, members: tuple[str
             raise DataError(f"query embeddings of model {m} are {q.dim if q else 'missing'}-d, the "
                             f"run's {r.dim if r else 'missing'}-d")
     checksums = source_checksums(qrun, model, list(members) or None)
-    if members:
-        shards = sorted(set.intersection(*({s.split("/", 1)[1] for s in checksums
-                                            if s.startswith(f"{m}/")} for m in members)))
-    else:
-        shards = sorted(checksums)
+    shards = query_shards(checksums, members)
     sources = {s: hashlib.sha256(f"{qrun.root}|{shard_checksum(checksums, s, members)}".encode())
                .hexdigest() for s in shards}
     plan = TablePlan(model, members, index, shards, sources)
     ident = index_identity(index)
     for s in shards:
-        marker_loc = _meta_dir(out, model) / "parts" / s.replace(".parquet", ".json")
-        part = results_dir(out, model) / s
-        if not marker_loc.exists() or not part.is_file():
-            continue
-        marker = marker_loc.read_json()
-        if isinstance(marker, dict) and marker.get("k") == k and marker.get("index") == ident \
-                and marker.get("source") == sources[s] and part.size() == marker.get("bytes"):
+        marker = marker_matches(_meta_dir(out, model) / "parts" / s.replace(".parquet", ".json"),
+                                results_dir(out, model) / s, k, ident, sources[s])
+        if marker is not None:
             plan.done[s] = marker
     return plan
 
@@ -237,17 +229,7 @@ def _commit(run: RunDir, out: RunDir, plan: TablePlan, k: int, seconds: float, w
 
 def read_results(out_dir: str, model: str):
     """The results table of `model` in a search's OUT, its model as the first column."""
-    import pyarrow as pa
-
-    from flagsim.schema import NEIGHBOURS_SCHEMA, PARTITION_KEY
-
     out = RunDir.at(out_dir)
     if not (_meta_dir(out, model) / "manifest.json").exists():
         raise DataError(f"no search results for model {model} in {out.root} (run `flagsim search`)")
-    parts = [loc.read_parquet().cast(NEIGHBOURS_FILE_SCHEMA)
-             for loc in results_dir(out, model).list(".parquet")]
-    table = pa.concat_tables(parts) if parts else NEIGHBOURS_FILE_SCHEMA.empty_table()
-    return table.add_column(0, pa.field(PARTITION_KEY, pa.string(), nullable=False),
-                            pa.array([model] * table.num_rows, pa.string())).cast(NEIGHBOURS_SCHEMA)
-
-
+    return read_parts(results_dir(out, model), model)

@@ -107,20 +107,34 @@ def index_for(run: RunDir, model: str, members: tuple[str, ...], cfg: Config) ->
 
 def _marker_ok(run: RunDir, model: str, shard: str, k: int, index: str, source: str
                ) -> dict[str, Any] | None:
-    loc = part_marker(run, model, shard)
-    if not loc.exists():
+    return marker_matches(part_marker(run, model, shard), run.neighbours_dir(model) / shard, k,
+                          index, source)
+
+
+def marker_matches(marker_loc: Location, part: Location, k: int, index: str, source: str
+                   ) -> dict[str, Any] | None:
+    """The part's completion marker when it vouches for `part` as it is (same k, index and
+    query shard; a file of the size written), else None."""
+    if not marker_loc.exists():
         return None
     try:
-        marker = loc.read_json()
+        marker = marker_loc.read_json()
     except DataError:
         return None
     if not isinstance(marker, dict) or marker.get("k") != k or marker.get("index") != index \
             or marker.get("source") != source:
         return None
-    part = run.neighbours_dir(model) / shard
     if not part.is_file() or part.size() != marker.get("bytes"):
         return None
     return marker
+
+
+def query_shards(checksums: dict[str, str], members: Sequence[str]) -> list[str]:
+    """The query shards of a table: a model's shards, or those every ensemble member has."""
+    if not members:
+        return sorted(checksums)
+    return sorted(set.intersection(*({s.split("/", 1)[1] for s in checksums if s.startswith(f"{m}/")}
+                                     for m in members)))
 
 
 def plan_table(run: RunDir, model: str, members: tuple[str, ...], k: int, cfg: Config
@@ -130,12 +144,7 @@ def plan_table(run: RunDir, model: str, members: tuple[str, ...], k: int, cfg: C
         raise DataError(f"k={k} is larger than the collection: model {model} has {index.count} "
                         f"images, so at most {index.count - 1} neighbours each")
     checksums = source_checksums(run, model, list(members) or None)
-    if members:
-        common = set.intersection(*({s.split("/", 1)[1] for s in checksums
-                                     if s.startswith(f"{m}/")} for m in members))
-        shards = sorted(common)
-    else:
-        shards = sorted(checksums)
+    shards = query_shards(checksums, members)
     sources = {s: shard_checksum(checksums, s, members) for s in shards}
     plan = TablePlan(model, members, index, shards, sources)
     ident = index_identity(index)
@@ -329,11 +338,15 @@ def _commit(run: RunDir, plan: TablePlan, k: int, seconds: float, written: int
 def read_neighbours(run_dir: str, model: str) -> pa.Table:
     """The neighbour table of `model` (or `all`; every part, in order), its model first."""
     run = RunDir.at(run_dir)
-    target: Location = run.neighbours_dir(model)
     if not run.neighbours_manifest(model).exists():
         raise DataError(f"no neighbour table for model {model} in {run.root} (run `flagsim neighbours`)")
+    return read_parts(run.neighbours_dir(model), model)
+
+
+def read_parts(folder: Location, model: str) -> pa.Table:
+    """Every part of a table folder in the neighbour tables' schema, `model` as the first column."""
     parts = [loc.read_parquet().select(NEIGHBOURS_FILE_SCHEMA.names).cast(NEIGHBOURS_FILE_SCHEMA)
-             for loc in target.list(".parquet")]
+             for loc in folder.list(".parquet")]
     table = pa.concat_tables(parts) if parts else NEIGHBOURS_FILE_SCHEMA.empty_table()
     column = pa.array([model] * table.num_rows, pa.string())
     return table.add_column(0, pa.field(PARTITION_KEY, pa.string(), nullable=False), column).cast(

@@ -145,8 +145,7 @@ def _image_query(session: RunSearch, path: str, k: int, cfg: Config, ensemble: b
             else:
                 vec = embed_like(m, session.manifest(m), pixels)
         except (FlagsimError, OSError) as exc:
-            result.skipped[m] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            log.debug("skipping %s: %s", m, exc)
+            _skip(result, m, exc)
             continue
         idx = session.index(m)
         idx.check_k(k, exclude_self=self_id is not None)
@@ -204,8 +203,7 @@ def query_text(
         try:
             vec = embed_text_like(m, session.manifest(m), text)
         except (FlagsimError, OSError) as exc:
-            result.skipped[m] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            log.debug("skipping %s: %s", m, exc)
+            _skip(result, m, exc)
             continue
         idx = session.index(m)
         idx.check_k(k, exclude_self=False)
@@ -234,6 +232,12 @@ def embed_text_like(model: str, manifest: Manifest, text: str) -> np.ndarray:
             f"the text tower gives {vec.shape[1]}-d vectors, the stored ones are {manifest.dim}-d"
         )
     return vec
+
+
+def _skip(result: QueryResult, model: str, exc: BaseException) -> None:
+    """Record why `model` could not answer (its error's first line)."""
+    result.skipped[model] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    log.debug("skipping %s: %s", model, exc)
 
 
 def _grouped(skipped: dict[str, str]) -> str:

@@ -127,22 +127,14 @@ class RunSearch:
     def _from_shards(self, model: str, positions: Sequence[int]) -> np.ndarray:
         """Rows at index `positions` (= shard order) read from the shards holding them."""
         src = self.source(model)
-        starts, shard_of = [], []
-        offset = 0
-        for shard, rows in sorted(src.shard_rows().items()):
-            starts.append(offset)
-            shard_of.append(shard)
-            offset += rows
-        starts_a = np.asarray(starts)
-        out = np.zeros((len(positions), src.dim), np.float32)
-        wanted: dict[int, list[tuple[int, int]]] = {}
-        for row, p in enumerate(positions):
-            s = int(np.searchsorted(starts_a, p, side="right") - 1)
-            wanted.setdefault(s, []).append((row, p - starts[s]))
-        for s, rows in wanted.items():
-            block = src.read(shard_of[s])
-            for row, r in rows:
-                out[row] = block.vectors[r]
+        shard_of, rows = zip(*sorted(src.shard_rows().items()), strict=True)
+        starts = np.concatenate([[0], np.cumsum(rows)[:-1]])
+        pos = np.asarray(positions, dtype=np.int64)
+        which = np.searchsorted(starts, pos, side="right") - 1  # the shard of each position
+        out = np.zeros((len(pos), src.dim), np.float32)
+        for s in np.unique(which):
+            sel = np.nonzero(which == s)[0]
+            out[sel] = src.read(shard_of[s]).vectors[pos[sel] - starts[s]]
         return normalise(out)
 
     def contains(self, model: str, image_id: str) -> bool:
