@@ -76,6 +76,41 @@ def test_job_equals_brute_force_for_each_model_and_the_ensemble(tmp_path, ray_lo
     assert manifest["index_kind"] == "flat" and manifest["index_recall"] == 1.0
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to tell 2 threads from 1")
+def test_search_actor_uses_its_faiss_threads_on_the_thread_that_calls_it(tmp_path) -> None:
+    """OpenMP's thread count is per thread, and Ray Data may call an actor on another thread
+    than its constructor's, one that starts from Ray's OMP_NUM_THREADS=<num_cpus> (measured:
+    flat search on one core instead of two). The actor sets its count where it searches."""
+    import threading
+
+    import faiss
+
+    from flagsim.search.neighbours_job import SearchActor, index_identity, read_shard
+
+    x = np.random.default_rng(9).normal(size=(150, 8)).astype(np.float32)
+    run = runs.make_run(tmp_path, "a", x, shard_size=150)
+    cfg = load_config(None, ["index.kind=flat"])
+    build_index(str(tmp_path), "a", cfg.index)
+    manifest = read_index_manifest(run, "a")
+    assert manifest is not None
+    actor = SearchActor(str(tmp_path), "a", 0, 1, 5, cfg.index, 2, index_identity(manifest))
+    assert actor.error is None
+    batch = read_shard({"shard": np.array(["part-00000.parquet"], dtype=object)}, str(tmp_path),
+                       "a", [])
+    seen: dict[str, object] = {}
+
+    def ray_data_thread() -> None:
+        faiss.omp_set_num_threads(1)  # what a new thread of a num_cpus=1 Ray worker starts with
+        seen["rows"] = actor(batch)
+        seen["threads"] = faiss.omp_get_max_threads()
+
+    t = threading.Thread(target=ray_data_thread)
+    t.start()
+    t.join()
+    assert seen["threads"] == 2
+    assert seen["rows"].num_rows == 150 * 5
+
+
 def _budget_for_parts(n: int, dim: int, parts: float) -> float:
     """An index.memory_budget_gb that puts a flat index of n x dim into about `parts` parts
     (the build's fixed overhead, see choice.build_overhead_bytes, plus a share of the data)."""

@@ -99,7 +99,8 @@ class SearchActor:
         from flagsim.search.manifest import IDS_FILE, file_problem, read_index_manifest
         from flagsim.search.saved import load_parts
 
-        faiss.omp_set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+        self.threads = max(1, min(threads, os.cpu_count() or 1))
+        faiss.omp_set_num_threads(self.threads)
         run = RunDir.at(run_uri)
         manifest = read_index_manifest(run, model)
         if manifest is None or index_identity(manifest) != identity:
@@ -125,6 +126,12 @@ class SearchActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
         if self.error is not None:
             raise self.error
+        import faiss
+
+        # OpenMP's thread count is a per-thread setting, and Ray Data may call this method on
+        # another thread than the constructor's (where a new thread starts from Ray's
+        # OMP_NUM_THREADS=<num_cpus>): set it where the search runs.
+        faiss.omp_set_num_threads(self.threads)
         vectors = np.ascontiguousarray(batch[VECTOR], dtype=np.float32)
         n = len(vectors)
         found = self.index.search(vectors, min(self.kk, max(self.index.count, 1)))
