@@ -14,7 +14,7 @@ Sizes: `FLAGSIM_BENCH_SEARCH="256:100k,300k,1M;768:100k,300k,1M"` (the default);
 measured only while its wall time, predicted from the sizes measured before it, fits
 `FLAGSIM_BENCH_SEARCH_CASE_S` (default 600 s for flagsim + bare) and the figure's budget
 `FLAGSIM_BENCH_SEARCH_BUDGET_S` (default 1800 s); the others are projected from the fitted
-slope and marked so. `FLAGSIM_BENCH_SEARCH_CLUSTERS` sets the number of clusters (default
+slope and marked so. `FLAGSIM_BENCH_SEARCH_KINDS=approx` (or `flat`) measures one kind only. `FLAGSIM_BENCH_SEARCH_CLUSTERS` sets the number of clusters (default
 1000; 40 with --quick); `FLAGSIM_BENCH_SEARCH_DIR` keeps the work folder (default: a temporary one).
 """
 
@@ -477,7 +477,7 @@ def run(sizes: Sequence[tuple[int, Sequence[int]]] | None = None, quick: bool = 
             gen = Clusters(d, n_clusters=n_clusters)
             for n in ns:
                 todo = []
-                for kind in KINDS:
+                for kind in kinds_to_run():
                     done = _points(rows, d, kind)
                     guess = predict(done, n, kind)
                     if guess is None or (guess[0] <= budget.case_s and guess[0] <= budget.left()):
@@ -536,6 +536,17 @@ def _one_size(root: Path, gen: Clusters, n: int, kinds: Sequence[str], sample_si
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def kinds_to_run() -> tuple[str, ...]:
+    """The index kinds measured (FLAGSIM_BENCH_SEARCH_KINDS, e.g. `approx`; default both), so a
+    large size can be run for one kind alone in an invocation of its own."""
+    want = tuple(k.strip() for k in os.environ.get("FLAGSIM_BENCH_SEARCH_KINDS", "").split(",")
+                 if k.strip())
+    bad = [k for k in want if k not in KINDS]
+    if bad:
+        raise ValueError(f"FLAGSIM_BENCH_SEARCH_KINDS: unknown kind(s) {bad}; valid: {', '.join(KINDS)}")
+    return want or KINDS
 
 
 def shard_rows() -> int:
@@ -687,3 +698,72 @@ def summary_rows(fig: dict[str, Any]) -> list[list[str]]:
         ["8", "neighbours driver peak RSS, largest / smallest N", T.SEARCH_DRIVER_MEMORY.text,
          fmt(v["driver_ratio"]), v["driver"]],
     ]
+
+
+# --- combining invocations ----------------------------------------------------------------------
+
+PRIVATE_KEYS = ("cmd", "stderr_tail")  # local paths and log tails: kept out of committed numbers
+
+
+def combine(figures: Sequence[dict[str, Any]]) -> Figure:
+    """One figure from the rows of several runs of this one (e.g. a large size measured for one
+    kind in an invocation of its own): measured rows are all kept, a projected row only where
+    no run measured that (d, N, kind); projections are redone over the measured rows together.
+    Each measured process's command line and stderr tail are dropped."""
+    if not figures:
+        raise ValueError("combine: no figures given")
+    measured = [_public(r) for f in figures for r in f["raw"]["rows"] if r["measured"]]
+    for r in measured:  # today's definition (runs before it subtracted the index file size)
+        r["driver_beyond_index_mib"] = r["neighbours"]["peak_driver_mib"]
+    have = {(r["d"], r["n"], r["kind"]) for r in measured}
+    rows = list(measured)
+    for f in figures:
+        for r in f["raw"]["rows"]:
+            key = (r["d"], r["n"], r["kind"])
+            if not r["measured"] and key not in have:
+                rows.append({k: r[k] for k in ("n", "d", "kind", "measured", "skipped_because")})
+                have.add(key)
+    fig = Figure("search_scale", figures[0].get("title", "search_scale"))
+    first = figures[0]["raw"]
+    fig.raw.update({k: first[k] for k in ("k", "sample", "n_clusters", "faiss_threads",
+                                          "cpu_count", "shard_rows")})
+    setup = [_public(s) for f in figures for s in f["raw"]["setup"]]
+    fig.raw.update(setup=setup, rows=rows, combined_from=len(figures))
+    _project(rows)
+    _tables(fig, rows, setup)
+    return fig
+
+
+def _public(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _public(v) for k, v in x.items() if k not in PRIVATE_KEYS}
+    if isinstance(x, list):
+        return [_public(v) for v in x]
+    return x
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m bench.search_scale --combine A.json B.json --md OUT.md --json OUT.json`: the
+    search_scale figures of several `bench.run --json` files rendered as one."""
+    import argparse
+
+    from bench.report import table_md
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("--combine", nargs="+", required=True, type=Path)
+    p.add_argument("--md", required=True, type=Path)
+    p.add_argument("--json", required=True, type=Path)
+    a = p.parse_args(argv)
+    figs = [json.loads(x.read_text(encoding="utf-8"))["figures"]["search_scale"] for x in a.combine]
+    fig = combine(figs)
+    lines: list[str] = []
+    for t in fig.tables:
+        lines += table_md(t.__dict__)
+    lines += [f"- {n}" for n in fig.notes]
+    a.md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    a.json.write_text(json.dumps(fig.as_dict(), indent=1, default=str) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -184,6 +184,55 @@ def test_search_scale_runs_a_size_only_while_its_predicted_time_fits(monkeypatch
     assert any("projected" in str(row) for row in fig.tables[0].rows)
 
 
+def test_search_scale_measures_only_the_kinds_named_in_the_environment(monkeypatch, tmp_path) -> None:
+    from bench import search_scale as S
+
+    asked: list[tuple[int, tuple[str, ...]]] = []
+
+    def fake_size(root, gen, n, kinds, sample_size, setup):
+        asked.append((n, tuple(kinds)))
+        return []
+
+    monkeypatch.setattr(S, "_one_size", fake_size)
+    monkeypatch.setenv("FLAGSIM_BENCH_SEARCH_KINDS", "approx")
+    S.run(sizes=[(8, [1000])], case_s=100, total_s=1e6, workdir=str(tmp_path))
+    assert asked == [(1000, ("approx",))]
+    monkeypatch.setenv("FLAGSIM_BENCH_SEARCH_KINDS", "ivf")
+    with pytest.raises(ValueError, match="unknown kind"):
+        S.run(sizes=[(8, [1000])], case_s=100, total_s=1e6, workdir=str(tmp_path))
+
+
+def test_search_scale_combines_runs_keeping_measured_rows_and_dropping_local_paths() -> None:
+    from bench import search_scale as S
+
+    def row(n, kind, measured=True, **extra):
+        base = {"n": n, "d": 8, "kind": kind, "measured": measured}
+        if not measured:
+            return {**base, "skipped_because": "over budget", **extra}
+        return {**base, "flagsim_s": n / 1e3, "bare_s": n / 1e3, "throughput_ratio": 1.0,
+                "flagsim_recall": 1.0, "bare_recall": 1.0, "driver_beyond_index_mib": -5.0,
+                "index_kind": "flat", "factory": "Flat", "params": {}, "manifest_recall": 1.0,
+                "cpu_ratio": 1.0, "max_load": 1.0, "index_file_mib": 1.0,
+                "neighbours": {"peak_driver_mib": 300.0 + n / 1e3, "peak_tree_mib": 1.0,
+                               "cmd": ["/local/python", "-m", "flagsim.cli"]},
+                "index": {"peak_driver_mib": 1.0, "peak_tree_mib": 1.0, "stderr_tail": "/local"}}
+
+    raw = {"k": 10, "sample": 100, "n_clusters": 4, "faiss_threads": 2, "cpu_count": 2,
+           "shard_rows": 10}
+    a = {"raw": {**raw, "setup": [], "rows": [row(1000, "flat"), row(1000, "approx"),
+                                               row(4000, "approx", measured=False)]}}
+    b = {"raw": {**raw, "setup": [], "rows": [row(4000, "approx")]}}
+    fig = S.combine([a, b])
+    rows = fig.raw["rows"]
+    assert sorted((r["n"], r["kind"], r["measured"]) for r in rows) == [
+        (1000, "approx", True), (1000, "flat", True), (4000, "approx", True)]
+    assert "/local" not in json.dumps(fig.as_dict())
+    v = fig.raw["verdicts"]  # driver memory: the neighbours driver's own peak, 304 / 301
+    assert v["driver_ratio"] == pytest.approx(304 / 301)
+    assert [x["slope"] for x in fig.raw["growth"] if x["kind"] == "approx"] == [
+        pytest.approx(1.0), pytest.approx(1.0)]
+
+
 def test_gpu_check_jpeg_section_compares_pil_and_torchvision_on_the_cpu() -> None:
     gc = _gpu_check()
     rec: dict = {}
