@@ -218,6 +218,10 @@ class Measured:
     wall_s: float = 0.0
     peak_driver_mib: float = 0.0
     peak_tree_mib: float = 0.0
+    # the driver's RSS split (sampled, so a spike between samples can be missed): its private
+    # memory (RssAnon) and the shared pages it maps (RssShmem: Ray's object store)
+    peak_driver_anon_mib: float = 0.0
+    peak_driver_shmem_mib: float = 0.0
     max_processes: int = 1
     cpu_s: float = 0.0  # user + system CPU of the whole tree (each process's last reading)
     load_before: float = 0.0  # 1-minute load average when it started and when it ended
@@ -251,6 +255,10 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, interval_s: f
                 with contextlib.suppress(psutil.Error):
                     own = ps.memory_info().rss
                     m.peak_driver_mib = max(m.peak_driver_mib, _hwm(proc.pid) / 2**20)
+                    split = _status(proc.pid, "RssAnon", "RssShmem")
+                    m.peak_driver_anon_mib = max(m.peak_driver_anon_mib, split["RssAnon"] / 2**20)
+                    m.peak_driver_shmem_mib = max(m.peak_driver_shmem_mib,
+                                                  split["RssShmem"] / 2**20)
                     procs = ps.children(recursive=True)
                     tree = own
                     for c in procs:
@@ -297,14 +305,21 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, interval_s: f
 
 def _hwm(pid: int) -> int:
     """The process's peak RSS so far in bytes (VmHWM of /proc/PID/status), 0 when unreadable."""
+    return _status(pid, "VmHWM")["VmHWM"]
+
+
+def _status(pid: int, *keys: str) -> dict[str, int]:
+    """Memory fields of /proc/PID/status in bytes (each 0 when unreadable)."""
+    out = dict.fromkeys(keys, 0)
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                key, _, rest = line.partition(":")
+                if key in out:
+                    out[key] = int(rest.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return out
 
 
 def _env() -> dict[str, str]:
@@ -368,6 +383,7 @@ def run_kind(run: Path, src: Path, gen: Clusters, n: int, kind: str, exact: np.n
     nb = _checked(measure(flagsim_cmd("neighbours", "--run", str(run), "-k", str(K), *sets), env),
                   f"flagsim neighbours ({kind})")
     nman = neighbours_manifest(run) or {}
+    steady = steady_state(run, nb.wall_s)
     flagsim_recall = recall_at_k(exact, table_topk(run, sample))
     params = man.get("params") or {}
     nlist = params.get("nlist")
@@ -400,6 +416,11 @@ def run_kind(run: Path, src: Path, gen: Clusters, n: int, kind: str, exact: np.n
         "cpu_ratio": bare.cpu_s / flagsim_cpu if flagsim_cpu > 0 else None,
         "max_load": max(idx.load_before, idx.load_after, nb.load_after, bare.load_after),
         "search_ratio": bare_times["search_s"] / nb.wall_s,
+        # the steady state: rate of part completion (from the second part on) over the bare
+        # script's search rate (its search phase alone, after training and adding)
+        "steady": steady, "bare_search_rate": n / bare_times["search_s"],
+        "steady_ratio": (steady["rate"] / (n / bare_times["search_s"])
+                         if steady.get("rate") else None),
         "flagsim_recall": flagsim_recall, "bare_recall": bare_recall,
         "index_file_mib": (faiss_file.get("size") or 0) / 2**20 or None,
         # the neighbours driver never loads the index (the search actors map it), so all of
@@ -407,6 +428,34 @@ def run_kind(run: Path, src: Path, gen: Clusters, n: int, kind: str, exact: np.n
         "driver_beyond_index_mib": nb.peak_driver_mib,
         "measured": True,
     }
+
+
+def part_times(run: Path) -> list[tuple[float, int]]:
+    """(completion time, queries) of each neighbour-table part, in completion order: the mtime
+    of its completion marker (written after the part's atomic rename)."""
+    folder = run / "_meta" / "neighbours" / f"model={MODEL}" / "parts"
+    out = []
+    for path in folder.glob("*.json"):
+        marker = _json(path) or {}
+        out.append((path.stat().st_mtime, int(marker.get("queries") or 0)))
+    return sorted(out)
+
+
+def steady_state(run: Path, wall_s: float) -> dict[str, Any]:
+    """The neighbours job's steady rate (queries/s) as figure 1 measures the pipeline's: the
+    least-squares slope of part completion time against queries done, from the second part on
+    (the first carries the job's start); fixed cost = wall time - queries / steady rate."""
+    parts = part_times(run)
+    if len(parts) < 3:
+        return {"parts": len(parts), "rate": None, "fixed_s": None}
+    done = np.cumsum([q for _, q in parts])[1:].astype(float)
+    times = np.array([t for t, _ in parts][1:])
+    slope = float(np.polyfit(done, times, 1)[0])
+    if slope <= 0:
+        return {"parts": len(parts), "rate": None, "fixed_s": None}
+    rate = 1.0 / slope
+    total = float(sum(q for _, q in parts))
+    return {"parts": len(parts), "rate": rate, "fixed_s": wall_s - total / rate}
 
 
 # --- fitting and projecting -------------------------------------------------------------------
@@ -584,10 +633,28 @@ def _mib(x: float | None) -> str:
     return "n/a" if x is None else f"{x:,.0f}"
 
 
+def _steady_cell(r: dict[str, Any]) -> str:
+    steady = r.get("steady") or {}
+    if r.get("steady_ratio") is None:
+        return "n/a"
+    return f"{r['steady_ratio']:.2f} ({fmt(steady.get('fixed_s'))})"
+
+
+def _driver_cell(m: dict[str, Any]) -> str:
+    """All (VmHWM) / private (RssAnon) / object store (RssShmem) peaks, when sampled."""
+    if not m.get("peak_driver_anon_mib"):
+        return _mib(m["peak_driver_mib"])
+    return (f"{_mib(m['peak_driver_mib'])} / {_mib(m['peak_driver_anon_mib'])} / "
+            f"{_mib(m.get('peak_driver_shmem_mib'))}")
+
+
 def _tables(fig: Figure, rows: list[dict[str, Any]], setup: list[dict[str, Any]]) -> None:
     t = Table(["d", "N", "index", "flagsim s (index + neighbours)", "bare FAISS s",
-               "flagsim / bare throughput (CPU-time ratio)", "load avg", "recall@10 flagsim / bare (manifest)",
-               "driver peak MiB (neighbours; index build)", "process tree peak MiB",
+               "flagsim / bare throughput (CPU-time ratio)",
+               "neighbours steady state / bare search (fixed cost s)", "load avg",
+               "recall@10 flagsim / bare (manifest)",
+               "driver peak MiB (neighbours: all / private / object store; index build)",
+               "process tree peak MiB",
                "index file MiB"],
               caption=f"top-{K} of every vector, itself excluded; recall@10 on a fixed sample of "
                       f"{fig.raw['sample']} queries against exact brute force; "
@@ -600,10 +667,10 @@ def _tables(fig: Figure, rows: list[dict[str, Any]], setup: list[dict[str, Any]]
             mr = r.get("manifest_recall")
             t.rows.append([r["d"], fmt(r["n"]), label, fmt(r["flagsim_s"]), fmt(r["bare_s"]),
                            f"{r['throughput_ratio']:.2f} ({fmt(r['cpu_ratio'], 2)})",
-                           f"{r['max_load']:.1f}",
+                           _steady_cell(r), f"{r['max_load']:.1f}",
                            f"{r['flagsim_recall']:.3f} / {r['bare_recall']:.3f}"
                            + (f" ({mr:.3f})" if mr is not None else ""),
-                           f"{_mib(r['neighbours']['peak_driver_mib'])}; "
+                           f"{_driver_cell(r['neighbours'])}; "
                            f"{_mib(r['index']['peak_driver_mib'])}",
                            f"{_mib(max(r['neighbours']['peak_tree_mib'], r['index']['peak_tree_mib']))}",
                            _mib(r["index_file_mib"])])
@@ -611,7 +678,8 @@ def _tables(fig: Figure, rows: list[dict[str, Any]], setup: list[dict[str, Any]]
             how = ("slope fitted" if r.get("flagsim_s_fitted") else "slope assumed")
             t.rows.append([r["d"], fmt(r["n"]), ("exact" if r["kind"] == "flat" else "approximate")
                            + f" (projected, {how})", fmt(r.get("flagsim_s")), fmt(r.get("bare_s")),
-                           "projected", "", "not measured", "not measured", "not measured", "n/a"])
+                           "projected", "", "", "not measured", "not measured", "not measured",
+                           "n/a"])
     fig.tables.append(t)
     g = Table(["d", "index", "system", "sizes measured", "wall time ∝ N^b, b ="],
               caption="Cost growth: least-squares slope of log(wall time) on log(N) over the "
@@ -633,10 +701,17 @@ def _tables(fig: Figure, rows: list[dict[str, Any]], setup: list[dict[str, Any]]
     fig.notes += [
         f"{T.SEARCH_THROUGHPUT.text} (at equal recall: recall@10 within "
         f"{EQUAL_RECALL:g}): worst measured {fmt(v['throughput_worst'])} -> {v['throughput']}.",
-        f"{T.SEARCH_RECALL.text}: lowest measured {fmt(v['recall_worst'])} -> {v['recall']}.",
+        f"{T.SEARCH_STEADY.text}: worst measured {fmt(v['steady_worst'])} -> {v['steady']} "
+        "(parts completed per second from the second part on, over the bare script's search "
+        "phase; the fixed cost is the neighbours wall time minus N over that rate: Python and "
+        "Ray start, the job's planning, the actor's start and index load, the first part).",
+                f"{T.SEARCH_RECALL.text}: lowest measured {fmt(v['recall_worst'])} -> {v['recall']}.",
         f"{T.SEARCH_DRIVER_MEMORY.text}: {fmt(v['driver_ratio'])} -> {v['driver']} "
         "(driver peak RSS of `flagsim neighbours`, per d and kind: the driver holds no index, "
-        "the search actors map it).",
+        "the search actors map it). "
+        f"{T.SEARCH_DRIVER_PRIVATE.text}: {fmt(v['private_ratio'])} -> {v['private']} (RssAnon, "
+        "sampled: the driver's own memory; the rest of its RSS is shared libraries and the "
+        "object-store pages it maps (RssShmem), which the job's `neighbours.buffer_mb` bounds).",
         "Data: a seeded mixture of "
         f"{fig.raw['n_clusters']} Gaussian clusters on the unit sphere, generated in "
         f"{CHUNK:,}-row chunks (a smaller N is a prefix of a larger one), written as Parquet and "
@@ -679,7 +754,20 @@ def verdicts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if len(same) >= 2 and same[0]["driver_beyond_index_mib"] > 0:
                 ratios.append(same[-1]["driver_beyond_index_mib"] / same[0]["driver_beyond_index_mib"])
     drv = max(ratios, default=None)
+    private = []
+    for d in {r["d"] for r in got}:
+        for kind in KINDS:
+            same = sorted((r for r in got if r["d"] == d and r["kind"] == kind
+                           and r["neighbours"].get("peak_driver_anon_mib")), key=lambda r: r["n"])
+            if len(same) >= 2:
+                private.append(same[-1]["neighbours"]["peak_driver_anon_mib"]
+                               / same[0]["neighbours"]["peak_driver_anon_mib"])
+    prv = max(private, default=None)
+    steady = min((r["steady_ratio"] for r in equal if r.get("steady_ratio") is not None),
+                 default=None)
     return {
+        "steady_worst": steady, "steady": T.SEARCH_STEADY.verdict(steady),
+        "private_ratio": prv, "private": T.SEARCH_DRIVER_PRIVATE.verdict(prv),
         "throughput_worst": thr, "throughput": T.SEARCH_THROUGHPUT.verdict(thr),
         "unequal_recall_rows": len(got) - len(equal),
         "recall_worst": rec, "recall": T.SEARCH_RECALL.verdict(rec),
@@ -693,10 +781,14 @@ def summary_rows(fig: dict[str, Any]) -> list[list[str]]:
     return [
         ["8", "neighbour table: flagsim / bare FAISS throughput at equal recall (worst size)",
          T.SEARCH_THROUGHPUT.text, fmt(v["throughput_worst"]), v["throughput"]],
+        ["8", "neighbours job steady state / bare FAISS search (worst size)",
+         T.SEARCH_STEADY.text, fmt(v.get("steady_worst")), v.get("steady", "n/a")],
         ["8", "recall@10 of the automatically chosen approximate index (lowest size)",
          T.SEARCH_RECALL.text, fmt(v["recall_worst"]), v["recall"]],
         ["8", "neighbours driver peak RSS, largest / smallest N", T.SEARCH_DRIVER_MEMORY.text,
          fmt(v["driver_ratio"]), v["driver"]],
+        ["8", "neighbours driver private memory, largest / smallest N",
+         T.SEARCH_DRIVER_PRIVATE.text, fmt(v.get("private_ratio")), v.get("private", "n/a")],
     ]
 
 

@@ -63,9 +63,14 @@ SCALE_THROUGHPUT = Target("throughput-per-image ratio", at_least=0.9)
 KNN_EQUAL = Target("share of methods equal to FAISS", at_least=1.0)
 #: Figure 8: the neighbour table through flagsim's CLI over a bare FAISS script, same index.
 SEARCH_THROUGHPUT = Target("flagsim / bare FAISS throughput", at_least=0.8)
+#: ... in the steady state: the neighbours job's part completion rate over bare FAISS's search
+SEARCH_STEADY = Target("flagsim neighbours steady-state / bare FAISS search throughput",
+                       at_least=0.8)
 SEARCH_RECALL = Target("recall@10, automatic approximate index", at_least=0.95)
 SEARCH_DRIVER_MEMORY = Target("neighbours driver peak RSS (it holds no index), largest / smallest N",
                               below=1.25)
+SEARCH_DRIVER_PRIVATE = Target("neighbours driver private memory (RssAnon), largest / smallest N",
+                               below=1.25)
 
 
 # `flagsim query NAME` at 300k images (issue 13): under 1 GB, "about 1 s" (a fresh process,

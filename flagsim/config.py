@@ -166,6 +166,9 @@ class NeighboursConfig(_Frozen):
     k: int = Field(default=10, gt=0, le=10_000)
     batch_size: int = Field(default=4096, gt=0, le=MAX_QUERY_BATCH_SIZE)  # queries per search
     num_actors: int = Field(default=1, gt=0, le=1024)  # search actors per index part
+    # object store the job may fill at once (query shards read ahead, batches between stages,
+    # rows the driver has not written yet); None: (actors + 3) query shards' worth, >= 64 MiB
+    buffer_mb: float | None = Field(default=None, gt=0)
 
 
 class ReportConfig(_Frozen):

@@ -97,6 +97,8 @@ def test_search_scale_figure_runs_flagsims_cli_next_to_bare_faiss(tmp_path: Path
         assert r["neighbours_manifest"]["rows"] == r["n"] * S.K  # the CLI wrote the whole table
         assert r["neighbours"]["peak_tree_mib"] >= r["neighbours"]["peak_driver_mib"] > 50
         assert r["bare"]["peak_driver_mib"] > 0 and r["flagsim_s"] > 0 and r["bare_s"] > 0
+        # the driver's private memory and the object-store pages it maps are sampled apart
+        assert 0 < r["neighbours"]["peak_driver_anon_mib"] < r["neighbours"]["peak_driver_mib"]
         if r["kind"] == "flat":  # exact: both tables equal the streaming brute force
             assert r["index_kind"] == "flat" and r["flagsim_recall"] == r["bare_recall"] == 1.0
         else:  # flagsim's own approximate choice, and the bare script rebuilt the same index
@@ -108,6 +110,29 @@ def test_search_scale_figure_runs_flagsims_cli_next_to_bare_faiss(tmp_path: Path
     v = fig.raw["verdicts"]
     assert {v["throughput"], v["recall"], v["driver"]} <= {"met", "not met"}
     assert not list(tmp_path.iterdir())  # each size's files are removed after it
+
+
+def test_search_scale_steady_state_is_the_part_completion_slope_after_the_first_part(
+        tmp_path: Path) -> None:
+    import json
+    import os
+
+    from bench import search_scale as S
+
+    parts = tmp_path / "_meta" / "neighbours" / f"model={S.MODEL}" / "parts"
+    parts.mkdir(parents=True)
+    # the first part lands 30 s after the start (the job's start-up), then one every 10 s
+    for i, at in enumerate([1030.0, 1040.0, 1050.0, 1060.0]):
+        path = parts / f"part-{i:05d}.json"
+        path.write_text(json.dumps({"queries": 1000}))
+        os.utime(path, (at, at))
+    got = S.steady_state(tmp_path, wall_s=62.0)
+    assert got["parts"] == 4
+    assert got["rate"] == pytest.approx(100.0)  # 1000 queries per 10 s
+    assert got["fixed_s"] == pytest.approx(62.0 - 4000 / 100.0)
+    (parts / "part-00003.json").unlink()
+    (parts / "part-00002.json").unlink()
+    assert S.steady_state(tmp_path, wall_s=62.0)["rate"] is None  # two parts: no slope
 
 
 def test_search_scale_projects_sizes_over_the_budget_from_the_fitted_slope() -> None:

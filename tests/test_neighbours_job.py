@@ -131,6 +131,55 @@ def test_parted_index_is_searched_part_by_part_exactly(tmp_path, ray_local):
     assert_brute_force(tmp_path, "a", _unit(x), K)
 
 
+def test_buffer_is_a_few_query_shards_of_vectors_and_rows_unless_configured(tmp_path) -> None:
+    from flagsim.search.neighbours import largest_shard
+    from flagsim.search.neighbours_job import MIN_BUFFER_BYTES, ROW_BYTES, JobPlan, buffer_bytes
+
+    cfg = load_config(None, [])
+    plan = JobPlan(run_uri="r", model="a", members=(), shards=("part-00000.parquet",), k=10,
+                   parts=2, index_cfg=cfg.index, num_actors=3, batch_size=64, index_identity="x",
+                   dim=768, shard_rows=10_000)
+    per_shard = 10_000 * (4 * 768 + ROW_BYTES * 11)
+    assert buffer_bytes(plan) == (2 * 3 + 3) * per_shard  # one per actor, three in between
+    small = JobPlan(**{**plan.__dict__, "dim": 8, "shard_rows": 100, "parts": 1, "num_actors": 1})
+    assert buffer_bytes(small) == MIN_BUFFER_BYTES
+    assert buffer_bytes(JobPlan(**{**plan.__dict__, "buffer_mb": 1.5})) == int(1.5 * 2**20)
+    assert buffer_bytes(JobPlan(**{**plan.__dict__, "shard_rows": 0})) is None  # Ray's own
+    runs.make_run(tmp_path, "a", np.ones((150, 4), np.float32), shard_size=64)
+    runs.make_run(tmp_path, "b", np.ones((150, 4), np.float32), shard_size=100)
+    run = RunDir.at(str(tmp_path))
+    assert largest_shard(run, "a", ()) == 64 and largest_shard(run, "all", ("a", "b")) == 100
+    assert largest_shard(run, "missing", ()) == 0
+
+
+def test_a_buffer_smaller_than_one_shard_still_gives_the_exact_table(tmp_path, ray_local,
+                                                                     monkeypatch):
+    """The buffer bounds only this job's dataset (the process's DataContext keeps its limit),
+    and a budget under one block still makes progress through a chain of index parts."""
+    import ray
+
+    x = np.random.default_rng(8).normal(size=(300, 16)).astype(np.float32)
+    runs.make_run(tmp_path, "a", x, shard_size=70)
+    cfg = load_config(None, [f"index.memory_budget_gb={_budget_for_parts(300, 16, 3.5)}",
+                             "neighbours.batch_size=32", "neighbours.buffer_mb=0.001"])
+    build_index(str(tmp_path), "a", cfg.index)
+    seen: list[object] = []
+    real = ray.data.Dataset.iter_batches
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.context.execution_options.resource_limits.object_store_memory)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", spy)
+    before = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
+    (result,) = write_neighbours(str(tmp_path), k=K, models=["a"], cfg=cfg)
+    assert seen == [int(0.001 * 2**20)]
+    after = ray.data.DataContext.get_current().execution_options.resource_limits.object_store_memory
+    assert after == before != seen[0]
+    assert result.written == 5
+    assert_brute_force(tmp_path, "a", _unit(x), K)
+
+
 def test_ivf_recall_is_in_the_manifest_and_the_summary(tmp_path, ray_local, capsys, monkeypatch):
     x = np.random.default_rng(6).normal(size=(1200, 16)).astype(np.float32)
     runs.make_run(tmp_path, "a", x, shard_size=400)

@@ -23,6 +23,7 @@ from flagsim.search.neighbours import (
     PartWriter,
     TablePlan,
     index_for,
+    largest_shard,
     marker_matches,
     query_shards,
     read_parts,
@@ -198,7 +199,10 @@ def run_search(
                           index_cfg=cfg.index, num_actors=cfg.neighbours.num_actors,
                           batch_size=cfg.neighbours.batch_size,
                           index_identity=index_identity(plan.index),
-                          query_run_uri=str(qrun.root), exclude_self=False)
+                          query_run_uri=str(qrun.root), exclude_self=False,
+                          dim=plan.index.dim,
+                          shard_rows=largest_shard(qrun, plan.model, plan.members),
+                          buffer_mb=cfg.neighbours.buffer_mb)
             gpu = cfg.index.use_gpu != "no" and resources.get("GPU", 0.0) >= 1
             run_job(job, resources, gpu, cfg.ray.read_cpus, writer.add)
             writer.finish()

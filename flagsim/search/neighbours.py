@@ -58,6 +58,13 @@ def shard_checksum(checksums: dict[str, str], shard: str, members: Sequence[str]
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
+def largest_shard(run: RunDir, model: str, members: Sequence[str]) -> int:
+    """The most rows of one query shard of a table (from the embedding manifests; 0 if none)."""
+    rows = [n for m in (members or [model]) if (man := read_manifest(run, m)) is not None
+            for n in man.shards.values()]
+    return max(rows, default=0)
+
+
 # --- one table's plan ------------------------------------------------------------------------
 
 @dataclass
@@ -284,7 +291,9 @@ def _search(run: RunDir, plan: TablePlan, k: int, cfg: Config, resources: dict[s
     job = JobPlan(run_uri=str(run.root), model=plan.model, members=plan.members,
                   shards=tuple(plan.todo), k=k, parts=len(index_files(plan.index)),
                   index_cfg=cfg.index, num_actors=cfg.neighbours.num_actors,
-                  batch_size=cfg.neighbours.batch_size, index_identity=index_identity(plan.index))
+                  batch_size=cfg.neighbours.batch_size, index_identity=index_identity(plan.index),
+                  dim=plan.index.dim, shard_rows=largest_shard(run, plan.model, plan.members),
+                  buffer_mb=cfg.neighbours.buffer_mb)
     has_gpu = resources.get("GPU", 0.0) >= 1
     if cfg.index.use_gpu == "yes" and not has_gpu:
         raise ConfigError("index.use_gpu is yes but the Ray cluster has no GPU")

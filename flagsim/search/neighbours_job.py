@@ -42,6 +42,31 @@ class JobPlan:
     index_identity: str  # the index planned for (an actor finding another one refuses it)
     query_run_uri: str | None = None  # where the query shards are (default: the index's run)
     exclude_self: bool = True  # drop each query's own id from its results (neighbour tables)
+    dim: int = 0  # the vectors' dimension (0: unknown)
+    shard_rows: int = 0  # the most rows of one query shard (0: unknown)
+    buffer_mb: float | None = None  # neighbours.buffer_mb (None: from dim and shard_rows)
+
+
+#: bytes of one neighbour row in a result batch (ids, names, rank, score): for the budget only
+ROW_BYTES = 96
+MIN_BUFFER_BYTES = 64 * 2**20
+
+
+def buffer_bytes(plan: JobPlan) -> int | None:
+    """The object-store bytes the job may hold at once: query shards read ahead, batches between
+    the index parts' stages and result rows the driver has not taken yet.
+
+    `neighbours.buffer_mb` when set, else (actors + 3) query shards' worth (vectors and rows),
+    at least 64 MiB; None (Ray Data's own limit) when the shards' size is unknown. Without it
+    the read tasks, much faster than the search, queue every shard in the object store, and
+    the pages the driver maps grow with the collection.
+    """
+    if plan.buffer_mb is not None:
+        return int(plan.buffer_mb * 2**20)
+    if plan.dim <= 0 or plan.shard_rows <= 0:
+        return None
+    per_shard = plan.shard_rows * (4 * plan.dim + ROW_BYTES * (plan.k + 1))
+    return max(MIN_BUFFER_BYTES, (plan.parts * plan.num_actors + 3) * per_shard)
 
 
 def index_identity(manifest: IndexManifest) -> str:
@@ -247,8 +272,13 @@ def run_job(plan: JobPlan, resources: dict[str, float], use_gpu: bool, read_cpus
             compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
             num_cpus=cpus, num_gpus=gpus,
         )
-    log.info("%s: %d query shard(s), %d index part(s) x %d actor(s) (%g CPU, %g GPU each)",
-             plan.model, len(plan.shards), plan.parts, plan.num_actors, cpus, gpus)
+    budget = buffer_bytes(plan)
+    if budget is not None:  # this dataset's own context: other jobs of the process keep theirs
+        opts = ds.context.execution_options
+        opts.resource_limits = opts.resource_limits.copy(object_store_memory=budget)
+    log.info("%s: %d query shard(s), %d index part(s) x %d actor(s) (%g CPU, %g GPU each), "
+             "buffer %s", plan.model, len(plan.shards), plan.parts, plan.num_actors, cpus, gpus,
+             "Ray Data's default" if budget is None else f"{budget / 2**20:.0f} MiB")
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             on_batch(batch)
