@@ -152,6 +152,31 @@ def test_buffer_is_a_few_query_shards_of_vectors_and_rows_unless_configured(tmp_
     assert largest_shard(run, "missing", ()) == 0
 
 
+def test_the_object_store_limit_keeps_the_other_limits_on_this_ray_and_on_dataclass_rays() -> None:
+    from dataclasses import dataclass
+
+    from ray.data import ExecutionResources
+
+    from flagsim.search.neighbours_job import with_object_store_limit
+
+    limits = ExecutionResources(cpu=3, gpu=1, object_store_memory=10)
+    got = with_object_store_limit(limits, 2**26)
+    assert (got.cpu, got.gpu, got.object_store_memory) == (3, 1, 2**26)
+    assert limits.object_store_memory == 10  # a copy: the dataset's limits object is not shared
+
+    @dataclass
+    class OldExecutionResources:  # Ray's ExecutionResources before copy() took overrides
+        cpu: float | None = None
+        gpu: float | None = None
+        object_store_memory: int | None = None
+
+        def copy(self) -> OldExecutionResources:
+            return OldExecutionResources(self.cpu, self.gpu, self.object_store_memory)
+
+    old = with_object_store_limit(OldExecutionResources(cpu=3, gpu=1), 2**26)
+    assert old == OldExecutionResources(cpu=3, gpu=1, object_store_memory=2**26)
+
+
 def test_a_buffer_smaller_than_one_shard_still_gives_the_exact_table(tmp_path, ray_local,
                                                                      monkeypatch):
     """The buffer bounds only this job's dataset (the process's DataContext keeps its limit),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -241,6 +243,13 @@ def actor_resources(resources: dict[str, float], actors: int, use_gpu: bool, rea
     return round(per_cpu, 3), round(per_gpu, 3), threads
 
 
+def with_object_store_limit(limits: Any, budget: int) -> Any:
+    """A copy of Ray Data's `ExecutionResources` limits with `object_store_memory=budget`."""
+    if dataclasses.is_dataclass(limits):  # older Rays: a plain dataclass, copy() takes no overrides
+        return dataclasses.replace(limits, object_store_memory=budget)
+    return limits.copy(object_store_memory=budget)
+
+
 def run_job(plan: JobPlan, resources: dict[str, float], use_gpu: bool, read_cpus: float,
             on_batch: Callable[[pa.Table], None]) -> None:
     """Stream `plan` through Ray Data, handing every batch of neighbour rows to `on_batch`."""
@@ -275,7 +284,7 @@ def run_job(plan: JobPlan, resources: dict[str, float], use_gpu: bool, read_cpus
     budget = buffer_bytes(plan)
     if budget is not None:  # this dataset's own context: other jobs of the process keep theirs
         opts = ds.context.execution_options
-        opts.resource_limits = opts.resource_limits.copy(object_store_memory=budget)
+        opts.resource_limits = with_object_store_limit(opts.resource_limits, budget)
     log.info("%s: %d query shard(s), %d index part(s) x %d actor(s) (%g CPU, %g GPU each), "
              "buffer %s", plan.model, len(plan.shards), plan.parts, plan.num_actors, cpus, gpus,
              "Ray Data's default" if budget is None else f"{budget / 2**20:.0f} MiB")
