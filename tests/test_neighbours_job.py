@@ -170,9 +170,6 @@ def test_the_object_store_limit_keeps_the_other_limits_on_this_ray_and_on_datacl
         gpu: float | None = None
         object_store_memory: int | None = None
 
-        def copy(self) -> OldExecutionResources:
-            return OldExecutionResources(self.cpu, self.gpu, self.object_store_memory)
-
     old = with_object_store_limit(OldExecutionResources(cpu=3, gpu=1), 2**26)
     assert old == OldExecutionResources(cpu=3, gpu=1, object_store_memory=2**26)
 

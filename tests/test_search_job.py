@@ -17,7 +17,7 @@ from flagsim.images import bundled_flags_dir
 from flagsim.rundir import RunDir
 from flagsim.search.batch import read_results, run_search
 from flagsim.search.neighbours import read_neighbours
-from flagsim.shards import read_embeddings
+from flagsim.shards import read_embeddings, read_manifest
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -57,7 +57,7 @@ def test_new_images_find_themselves_first_in_every_model_and_the_ensemble(flag_r
     assert main(["search", "--run", str(run), "--queries", str(root / "queries" / "images.parquet"),
                  "--out", str(out), "-k", "3"]) == 0
     assert "colour-layout" in capsys.readouterr().out
-    dims = {m: read_embeddings(_run(run), m).vectors.shape[1] for m in ("pixels", "colour-layout")}
+    dims = {m: read_manifest(_run(run), m).dim for m in ("pixels", "colour-layout")}
     dims["all"] = sum(dims.values())  # the ensemble concatenates its members
     for model in ("pixels", "colour-layout", "all"):
         t = read_results(str(out), model).to_pandas()
