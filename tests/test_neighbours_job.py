@@ -111,6 +111,21 @@ def test_search_actor_uses_its_faiss_threads_on_the_thread_that_calls_it(tmp_pat
     assert seen["rows"].num_rows == 150 * 5
 
 
+def test_search_actor_outside_ray_asks_for_no_gpu_and_starts_no_ray(monkeypatch) -> None:
+    """Called in one process (tests, benchmarks), the actor's GPU check must not start a local
+    Ray just to learn that the driver was given no GPU (about 5 s on this machine)."""
+    import ray
+
+    from flagsim.search import neighbours_job
+
+    asked: list[int] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: asked.append(1) or [0])
+    assert neighbours_job._has_gpu() is False and asked == []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # inside a Ray worker with a GPU
+    assert neighbours_job._has_gpu() is True and asked == [1]
+
+
 def _budget_for_parts(n: int, dim: int, parts: float) -> float:
     """An index.memory_budget_gb that puts a flat index of n x dim into about `parts` parts
     (the build's fixed overhead, see choice.build_overhead_bytes, plus a share of the data)."""

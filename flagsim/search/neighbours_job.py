@@ -185,11 +185,12 @@ class SearchActor:
 
 
 def _has_gpu() -> bool:
-    """Whether Ray gave this actor a GPU (then FAISS searches on it)."""
+    """Whether Ray gave this actor a GPU (then FAISS searches on it); False outside Ray, where
+    `ray.get_gpu_ids()` would start a local Ray only to answer."""
     try:
         import ray
 
-        return bool(ray.get_gpu_ids())
+        return ray.is_initialized() and bool(ray.get_gpu_ids())
     except Exception:  # noqa: BLE001 - outside Ray (or no GPU support): the CPU
         return False
 
