@@ -71,6 +71,18 @@ def buffer_bytes(plan: JobPlan) -> int | None:
     return max(MIN_BUFFER_BYTES, (plan.parts * plan.num_actors + 3) * per_shard)
 
 
+#: what a read task's worker holds besides its shard (Python, Ray, pyarrow, numpy; Ray Data measured
+#: 214 MiB for one reading 10k x 256 shards and warns above the reservation): for Ray only
+READ_BASE_BYTES = 256 * 2**20
+
+
+def read_memory_bytes(plan: JobPlan) -> int:
+    """The memory a read task reserves from Ray: its worker plus one query shard's table and
+    vectors twice (the Arrow column and the unit float32 rows it becomes)."""
+    per_shard = 2 * plan.shard_rows * 4 * max(plan.dim, 0)
+    return READ_BASE_BYTES + per_shard
+
+
 def index_identity(manifest: IndexManifest) -> str:
     """Which saved index a part was searched in: its build time, size and files' checksums."""
     key = {"created": manifest.created, "count": manifest.count, "kind": manifest.kind,
@@ -263,14 +275,15 @@ def run_job(plan: JobPlan, resources: dict[str, float], use_gpu: bool, read_cpus
     cpus, gpus, threads = actor_resources(resources, actors, use_gpu, read_cpus)
     items = [{SHARD: s} for s in plan.shards]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    read_args = {"num_cpus": min(read_cpus, 1.0)}
     # A task operator of its own: fused into the search actors, one task would bundle a whole
     # search batch of shard names (all the shards, typically), so nothing would be written
-    # before the end. Ray Data never fuses an operator that has a `ray_remote_args_fn`.
+    # before the end. Ray Data fuses two operators only when their remote arguments agree, and
+    # the search actors reserve no memory: the read task's reservation keeps them apart (the
+    # SIGKILL test of tests/test_neighbours_job.py fails when they fuse).
     ds = ds.map_batches(read_shard, batch_size=1, batch_format="numpy",
                         fn_kwargs={"run_uri": plan.query_run_uri or plan.run_uri, "model": plan.model,
                                    "members": list(plan.members)},
-                        ray_remote_args_fn=lambda: dict(read_args), **read_args)
+                        num_cpus=min(read_cpus, 1.0), memory=read_memory_bytes(plan))
     for part in range(plan.parts):
         ds = ds.map_batches(
             SearchActor,
