@@ -28,6 +28,7 @@ from resource_cases import RESOURCE_CASES
 from s3server import LocalS3, patched_environ, running_s3
 
 from flagsim.app.checks import check_resources
+from flagsim.app.stages import task_cpus
 from flagsim.config import load_config
 from flagsim.errors import ConfigError
 
@@ -221,6 +222,18 @@ def test_kuberay_rayjob_manifest_runs_a_job_of_this_repo() -> None:
     assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
 
 
+@pytest.mark.parametrize(("cluster", "nodes", "tasks", "cpus"), [
+    (2, [2], 1, 2),  # one model on a laptop: both cores, not Ray's default of one
+    (2, [2], 6, 1),  # more models than cores: one each, at least
+    (48, [16, 16, 16], 2, 16),  # never more than one node has
+    (48, [16, 16, 16], 5, 9),
+    (3, [3], 2, 1),
+])
+def test_index_tasks_get_an_equal_share_of_the_cluster_within_one_node(
+        cluster: float, nodes: list[float], tasks: int, cpus: int) -> None:
+    assert task_cpus(cluster, nodes, tasks) == cpus
+
+
 # --- a real Ray head ---------------------------------------------------------------------------
 
 
@@ -382,6 +395,8 @@ def test_submitted_index_and_neighbours_jobs_write_tables(cluster_run: dict) -> 
     run_dir = str(cluster_run["run"])
     idx = load_index(run_dir, "pixels", build=False)  # the job's index, fresh
     assert idx.count == 24 and idx.manifest.kind == "flat"
+    # FAISS built it with the task's share (the head's 2 CPUs), not Ray's OMP_NUM_THREADS=1
+    assert idx.manifest.build_threads == 2
     table = read_neighbours(run_dir, "pixels")
     assert table.num_rows == 24 * 3
     df = table.to_pandas()

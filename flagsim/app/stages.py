@@ -195,17 +195,33 @@ def _task_gpus(cfg: Config, resources: dict[str, float]) -> float:
     return 1.0
 
 
+def task_cpus(cluster_cpus: float, node_cpus: Sequence[float], tasks: int) -> int:
+    """CPUs (and FAISS threads) per index task: an equal share of the cluster among `tasks`
+    tasks run at once, at least 1 and at most the largest node's CPUs (a task runs on one node)."""
+    share = int(cluster_cpus // max(tasks, 1))
+    largest = int(max(node_cpus, default=cluster_cpus))
+    return max(1, min(share, largest))
+
+
+def _node_cpus() -> list[float]:
+    import ray
+
+    return [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
 def _per_model(job: Job, resources: dict[str, float], fn: Callable, what: str) -> list:
-    """Run `fn(run_dir, model, cfg)` as one Ray task per model of the run; results in order."""
+    """Run `fn(run_dir, model, cfg, threads)` as one Ray task per model of the run, each with
+    its share of the cluster's CPUs (`task_cpus`; `threads` = that share); results in order."""
     import ray
 
     from flagsim.rundir import RunDir
     from flagsim.search.catalog import resolve_models
 
     models = resolve_models(RunDir.at(job.run_dir), job.explicit)
-    remote = ray.remote(fn).options(num_cpus=1, num_gpus=_task_gpus(job.cfg, resources),
+    cpus = task_cpus(resources.get("CPU", 1.0), _node_cpus(), len(models))
+    remote = ray.remote(fn).options(num_cpus=cpus, num_gpus=_task_gpus(job.cfg, resources),
                                     max_retries=1, name=f"flagsim-{what}")
-    refs = {m: remote.remote(job.run_dir, m, job.cfg) for m in models}
+    refs = {m: remote.remote(job.run_dir, m, job.cfg, cpus) for m in models}
     out = []
     for m, ref in refs.items():
         try:
@@ -218,10 +234,12 @@ def _per_model(job: Job, resources: dict[str, float], fn: Callable, what: str) -
     return out
 
 
-def _index_one(run_dir: str, model: str, cfg: Config, force: bool) -> dict[str, Any]:
+def _index_one(run_dir: str, model: str, cfg: Config, force: bool, threads: int) -> dict[str, Any]:
+    from flagsim.search.backend import set_threads
     from flagsim.search.build import build_index
     from flagsim.search.load import load_index
 
+    set_threads(threads)  # Ray starts a task with OMP_NUM_THREADS = its num_cpus
     if force:
         return build_index(run_dir, model, cfg.index).manifest.to_json()
     return load_index(run_dir, model, cfg.index, rebuild_on_settings=True).manifest.to_json()
@@ -229,8 +247,8 @@ def _index_one(run_dir: str, model: str, cfg: Config, force: bool) -> dict[str, 
 
 def index_tasks(job: Job, resources: dict[str, float], force: bool = False) -> list[dict[str, Any]]:
     """Build (or keep, when fresh) the FAISS index of each model; their manifests."""
-    def one(run_dir: str, model: str, cfg: Config) -> dict[str, Any]:
-        return _index_one(run_dir, model, cfg, force)
+    def one(run_dir: str, model: str, cfg: Config, threads: int) -> dict[str, Any]:
+        return _index_one(run_dir, model, cfg, force, threads)
 
     manifests = _per_model(job, resources, one, "index")
     for m in manifests:

@@ -56,6 +56,24 @@ class VectorIndex(Protocol):
 _GPU_RESOURCES: Any = None
 
 
+def set_threads(threads: int) -> int:
+    """Let FAISS use `threads` OpenMP threads on the calling thread (at most the machine's cores);
+    the number set. A Ray task or actor starts with OMP_NUM_THREADS set to its num_cpus
+    (1 unless asked), so the code that runs FAISS in one sets its own share."""
+    import faiss
+
+    threads = max(1, min(int(threads), os.cpu_count() or 1))
+    faiss.omp_set_num_threads(threads)
+    return threads
+
+
+def build_threads() -> int:
+    """The OpenMP threads FAISS would use on the calling thread now."""
+    import faiss
+
+    return int(faiss.omp_get_max_threads())
+
+
 def gpu_count() -> int:
     import faiss
 

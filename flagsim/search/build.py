@@ -21,7 +21,7 @@ from flagsim.config import IndexConfig
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
 from flagsim.schema import INDEX_IDS_SCHEMA
-from flagsim.search.backend import FaissIndex, gpu_capable, use_gpu
+from flagsim.search.backend import FaissIndex, build_threads, gpu_capable, use_gpu
 from flagsim.search.catalog import ENSEMBLE, model_dim
 from flagsim.search.choice import parts_needed, plan_index
 from flagsim.search.manifest import (
@@ -77,9 +77,10 @@ def build_index(
     kind, factory, params = plan_index(n, dim, cfg)
     nparts = parts_needed(kind, n, dim, params, cfg)
     gpu = use_gpu(cfg) and gpu_capable(kind)
-    start = time.perf_counter()
-    log.info("%s: building %s index (%s) of %d x %d on %s%s", model, kind, factory, n, dim,
-             "GPU" if gpu else "CPU", f" in {nparts} parts" if nparts > 1 else "")
+    start, threads = time.perf_counter(), build_threads()
+    log.info("%s: building %s index (%s) of %d x %d on %s%s (%d CPU thread(s))", model, kind,
+             factory, n, dim, "GPU" if gpu else "CPU", f" in {nparts} parts" if nparts > 1 else "",
+             threads)
     rng = np.random.default_rng(0)
     exact = kind == "flat"
     sample_pos = None if exact else np.sort(rng.choice(n, size=min(cfg.recall_sample, n), replace=False))
@@ -111,6 +112,7 @@ def build_index(
             recall_k=None if exact else k_recall,
             recall_sample=0 if sample_pos is None else len(sample_pos),
             device="gpu" if gpu else "cpu", build_seconds=round(seconds, 3),
+            build_threads=threads,
             index_bytes=sum(p["size"] for p in parts), parts=parts,
             source_models=list(getattr(src, "models", [model])),
         )

@@ -44,6 +44,7 @@ class IndexManifest:
     recall_sample: int = 0  # queries in the recall measurement (0: exact, nothing to measure)
     device: str = "cpu"
     build_seconds: float | None = None
+    build_threads: int | None = None  # FAISS's CPU threads while building (training, adding)
     index_bytes: int | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # index file -> size, sha256
     # the index files, each a contiguous range of positions: file, offset, count, size

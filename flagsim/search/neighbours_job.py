@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from flagsim.config import IndexConfig
 from flagsim.errors import FlagsimError
 from flagsim.rundir import RunDir
 from flagsim.schema import NEIGHBOUR_ROWS_SCHEMA as ROWS_SCHEMA
-from flagsim.search.backend import merge_topk
+from flagsim.search.backend import merge_topk, set_threads
 from flagsim.search.manifest import IndexManifest
 
 log = logging.getLogger(__name__)
@@ -132,14 +131,11 @@ class SearchActor:
 
     def _load(self, run_uri: str, model: str, part: int, parts: int, k: int,
               index_cfg: IndexConfig, threads: int, identity: str) -> None:
-        import faiss
-
         from flagsim.errors import DataError
         from flagsim.search.manifest import IDS_FILE, file_problem, read_index_manifest
         from flagsim.search.saved import load_parts
 
-        self.threads = max(1, min(threads, os.cpu_count() or 1))
-        faiss.omp_set_num_threads(self.threads)
+        self.threads = set_threads(threads)
         run = RunDir.at(run_uri)
         manifest = read_index_manifest(run, model)
         if manifest is None or index_identity(manifest) != identity:
@@ -165,12 +161,10 @@ class SearchActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray] | pa.Table:
         if self.error is not None:
             raise self.error
-        import faiss
-
         # OpenMP's thread count is a per-thread setting, and Ray Data may call this method on
         # another thread than the constructor's (where a new thread starts from Ray's
         # OMP_NUM_THREADS=<num_cpus>): set it where the search runs.
-        faiss.omp_set_num_threads(self.threads)
+        set_threads(self.threads)
         vectors = np.ascontiguousarray(batch[VECTOR], dtype=np.float32)
         n = len(vectors)
         found = self.index.search(vectors, min(self.kk, max(self.index.count, 1)))
