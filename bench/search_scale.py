@@ -16,6 +16,10 @@ measured only while its wall time, predicted from the sizes measured before it, 
 `FLAGSIM_BENCH_SEARCH_BUDGET_S` (default 1800 s); the others are projected from the fitted
 slope and marked so. `FLAGSIM_BENCH_SEARCH_KINDS=approx` (or `flat`) measures one kind only. `FLAGSIM_BENCH_SEARCH_CLUSTERS` sets the number of clusters (default
 1000; 40 with --quick); `FLAGSIM_BENCH_SEARCH_DIR` keeps the work folder (default: a temporary one).
+`FLAGSIM_BENCH_SEARCH_RAY=running` runs flagsim against a Ray head the figure starts once
+(`ray start --head`, as on a cluster where jobs are submitted to a running Ray) instead of the
+embedded local Ray each `flagsim neighbours` starts and stops (`embedded`, the default); the
+head's processes then count in the process tree's memory and CPU.
 """
 
 from __future__ import annotations
@@ -234,14 +238,22 @@ class Measured:
 
 
 def measure(cmd: Sequence[str], env: dict[str, str] | None = None, interval_s: float = 0.1,
-            timeout_s: float | None = None) -> Measured:
+            timeout_s: float | None = None, also: int | None = None) -> Measured:
     """Run `cmd`, sampling with psutil the RSS of the process and the sum over it and all its
     descendants (an embedded Ray's GCS, raylet and workers); the driver's peak is its kernel
     high-water mark (VmHWM, reset by exec), so a spike between two samples is not missed.
-    (wait4's ru_maxrss is not used: on Linux it starts from the parent's RSS at fork.)"""
+    (wait4's ru_maxrss is not used: on Linux it starts from the parent's RSS at fork.)
+    `also`: the pid of a running process (a Ray head) whose descendants count in the tree too,
+    their CPU from the start of `cmd` on."""
     import psutil
 
     m = Measured(list(cmd))
+    head = psutil.Process(also) if also else None
+    base: dict[int, float] = {}  # CPU the head's processes had used before `cmd` started
+    for c in head.children(recursive=True) if head else []:
+        with contextlib.suppress(psutil.Error):
+            t = c.cpu_times()
+            base[c.pid] = t.user + t.system
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=str(REPO))
@@ -260,12 +272,15 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, interval_s: f
                     m.peak_driver_shmem_mib = max(m.peak_driver_shmem_mib,
                                                   split["RssShmem"] / 2**20)
                     procs = ps.children(recursive=True)
+                    if head is not None:
+                        with contextlib.suppress(psutil.Error):
+                            procs += head.children(recursive=True)
                     tree = own
                     for c in procs:
                         with contextlib.suppress(psutil.Error):
                             tree += c.memory_info().rss
                             t = c.cpu_times()
-                            cpu[c.pid] = t.user + t.system
+                            cpu[c.pid] = t.user + t.system - base.get(c.pid, 0.0)
                     m.peak_driver_mib = max(m.peak_driver_mib, own / 2**20)
                     m.peak_tree_mib = max(m.peak_tree_mib, tree / 2**20)
                     m.max_processes = max(m.max_processes, 1 + len(procs))
@@ -322,11 +337,68 @@ def _status(pid: int, *keys: str) -> dict[str, int]:
     return out
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # embedded local Ray only
+def _env(ray_head: RayHead | None = None) -> dict[str, str]:
+    """The subprocesses' environment: an embedded local Ray each, or the figure's running head."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray_head is not None:
+        env.update(RAY_ADDRESS=ray_head.address, RAY_AUTH_MODE="disabled")
     return env
+
+
+def ray_mode() -> str:
+    """FLAGSIM_BENCH_SEARCH_RAY: `embedded` (default) or `running`."""
+    mode = (os.environ.get("FLAGSIM_BENCH_SEARCH_RAY") or "embedded").strip()
+    if mode not in ("embedded", "running"):
+        raise ValueError(f"FLAGSIM_BENCH_SEARCH_RAY: {mode!r}; valid: embedded, running")
+    return mode
+
+
+@dataclass
+class RayHead:
+    address: str  # host:port of its GCS
+    pid: int  # `ray start --block`: its processes are this one's descendants
+
+
+@contextlib.contextmanager
+def running_ray(root: Path, timeout_s: float = 120) -> Iterator[RayHead]:
+    """A local Ray head (`ray start --head --block`, no dashboard, token auth off on loopback)
+    for the whole figure, ready when a driver has connected once; stopped at the end."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**_env(), "RAY_AUTH_MODE": "disabled"}
+    temp = Path(tempfile.mkdtemp(prefix="fsray-"))  # short: Ray's socket paths have a limit
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    cmd = [ray_bin, "start", "--head", "--block", "--num-cpus", str(os.cpu_count() or 1),
+           "--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--port", str(port),
+           "--include-dashboard=false", "--temp-dir", str(temp), "--disable-usage-stats"]
+    with (root / "ray-head.log").open("w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    head = RayHead(f"127.0.0.1:{port}", proc.pid)
+    try:
+        deadline = time.monotonic() + timeout_s
+        probe = [sys.executable, "-c", "import ray; ray.init(); ray.shutdown()"]
+        while subprocess.run(probe, env={**env, "RAY_ADDRESS": head.address},
+                             capture_output=True, timeout=timeout_s).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not start: see {root / 'ray-head.log'}")
+            time.sleep(1)
+        yield head
+    finally:  # this head only (not `ray stop`, which stops every Ray of the machine)
+        import signal
+
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.terminate()  # `ray start --block` stops what it started
+            proc.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def flagsim_cmd(*args: str) -> list[str]:
@@ -374,14 +446,14 @@ def index_settings(kind: str) -> list[str]:
 
 
 def run_kind(run: Path, src: Path, gen: Clusters, n: int, kind: str, exact: np.ndarray,
-             sample: np.ndarray, work: Path) -> dict[str, Any]:
-    env = _env()
+             sample: np.ndarray, work: Path, ray_head: RayHead | None = None) -> dict[str, Any]:
+    env, also = _env(ray_head), (ray_head.pid if ray_head else None)
     sets = index_settings(kind)
-    idx = _checked(measure(flagsim_cmd("index", "--run", str(run), "--force", *sets), env),
-                   f"flagsim index ({kind})")
+    idx = _checked(measure(flagsim_cmd("index", "--run", str(run), "--force", *sets), env,
+                           also=also), f"flagsim index ({kind})")
     man = index_manifest(run)
-    nb = _checked(measure(flagsim_cmd("neighbours", "--run", str(run), "-k", str(K), *sets), env),
-                  f"flagsim neighbours ({kind})")
+    nb = _checked(measure(flagsim_cmd("neighbours", "--run", str(run), "-k", str(K), *sets), env,
+                          also=also), f"flagsim neighbours ({kind})")
     nman = neighbours_manifest(run) or {}
     steady = steady_state(run, nb.wall_s)
     flagsim_recall = recall_at_k(exact, table_topk(run, sample))
@@ -395,7 +467,7 @@ def run_kind(run: Path, src: Path, gen: Clusters, n: int, kind: str, exact: np.n
                 man["factory"], "-k", str(K), "--train", str(ntrain), "--out", str(out)]
     if params.get("nprobe"):
         bare_cmd += ["--nprobe", str(params["nprobe"])]
-    bare = _checked(measure(bare_cmd, env), f"bare FAISS ({kind})")
+    bare = _checked(measure(bare_cmd, _env()), f"bare FAISS ({kind})")
     bare_times = json.loads(bare.stdout.strip().splitlines()[-1])
     bare_ids = np.load(out, mmap_mode="r")
     bare_recall = recall_at_k(exact, np.asarray(bare_ids[sample]))
@@ -405,7 +477,8 @@ def run_kind(run: Path, src: Path, gen: Clusters, n: int, kind: str, exact: np.n
     flagsim_s = idx.wall_s + nb.wall_s
     flagsim_cpu = idx.cpu_s + nb.cpu_s
     return {
-        "n": n, "d": gen.d, "kind": kind, "index_kind": man.get("kind"),
+        "n": n, "d": gen.d, "kind": kind, "ray": "running" if ray_head else "embedded",
+        "index_kind": man.get("kind"),
         "factory": man.get("factory"), "params": params, "device": man.get("device"),
         "manifest_recall": man.get("recall"), "neighbours_manifest": nman,
         "index": idx.as_dict(), "neighbours": nb.as_dict(), "bare": bare.as_dict(),
@@ -520,25 +593,12 @@ def run(sizes: Sequence[tuple[int, Sequence[int]]] | None = None, quick: bool = 
     fig.raw.update(sizes=[[d, list(ns)] for d, ns in sizes], k=K, sample=sample_size,
                    n_clusters=n_clusters, case_budget_s=budget.case_s, budget_s=budget.total_s,
                    faiss_threads=faiss.omp_get_max_threads(), cpu_count=os.cpu_count(),
-                   shard_rows=shard_rows())
+                   shard_rows=shard_rows(), ray=ray_mode())
     try:
-        for d, ns in sizes:
-            gen = Clusters(d, n_clusters=n_clusters)
-            for n in ns:
-                todo = []
-                for kind in kinds_to_run():
-                    done = _points(rows, d, kind)
-                    guess = predict(done, n, kind)
-                    if guess is None or (guess[0] <= budget.case_s and guess[0] <= budget.left()):
-                        todo.append(kind)
-                    else:
-                        rows.append({"n": n, "d": d, "kind": kind, "measured": False,
-                                     "skipped_because": f"predicted {guess[0]:.0f} s for flagsim + "
-                                     f"bare (slope {guess[1]:.2f}) over the case budget "
-                                     f"{budget.case_s:.0f} s or the {max(budget.left(), 0):.0f} s left"})
-                if not todo:
-                    continue
-                rows.extend(_one_size(root, gen, n, todo, sample_size, setup))
+        with contextlib.ExitStack() as stack:
+            ray_head = stack.enter_context(running_ray(root)) if fig.raw["ray"] == "running" \
+                else None
+            _sizes(sizes, budget, n_clusters, sample_size, root, rows, setup, ray_head)
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -547,6 +607,28 @@ def run(sizes: Sequence[tuple[int, Sequence[int]]] | None = None, quick: bool = 
     _project(rows)
     _tables(fig, rows, setup)
     return fig
+
+
+def _sizes(sizes: Sequence[tuple[int, Sequence[int]]], budget: Budget,
+           n_clusters: int, sample_size: int, root: Path, rows: list[dict[str, Any]],
+           setup: list[dict[str, Any]], ray_head: RayHead | None) -> None:
+    """Measure each size in turn while the budget allows (the others are projected later)."""
+    for d, ns in sizes:
+        gen = Clusters(d, n_clusters=n_clusters)
+        for n in ns:
+            todo = []
+            for kind in kinds_to_run():
+                done = _points(rows, d, kind)
+                guess = predict(done, n, kind)
+                if guess is None or (guess[0] <= budget.case_s and guess[0] <= budget.left()):
+                    todo.append(kind)
+                else:
+                    rows.append({"n": n, "d": d, "kind": kind, "measured": False,
+                                 "skipped_because": f"predicted {guess[0]:.0f} s for flagsim + "
+                                 f"bare (slope {guess[1]:.2f}) over the case budget "
+                                 f"{budget.case_s:.0f} s or the {max(budget.left(), 0):.0f} s left"})
+            if todo:
+                rows.extend(_one_size(root, gen, n, todo, sample_size, setup, ray_head))
 
 
 def _points(rows: Sequence[dict[str, Any]], d: int, kind: str) -> list[tuple[int, float]]:
@@ -561,7 +643,7 @@ def _points(rows: Sequence[dict[str, Any]], d: int, kind: str) -> list[tuple[int
 
 
 def _one_size(root: Path, gen: Clusters, n: int, kinds: Sequence[str], sample_size: int,
-              setup: list[dict[str, Any]]) -> list[dict[str, Any]]:
+              setup: list[dict[str, Any]], ray_head: RayHead | None = None) -> list[dict[str, Any]]:
     work = root / f"d{gen.d}-n{n}"
     src, run = work / "source", work / "run"
     shutil.rmtree(work, ignore_errors=True)
@@ -581,7 +663,7 @@ def _one_size(root: Path, gen: Clusters, n: int, kinds: Sequence[str], sample_si
     try:
         for kind in kinds:
             log.info("search_scale: d=%d N=%d %s", gen.d, n, kind)
-            out.append(run_kind(run, src, gen, n, kind, exact, sample, work))
+            out.append(run_kind(run, src, gen, n, kind, exact, sample, work, ray_head))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -622,9 +704,14 @@ def growth(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for d in sorted({r["d"] for r in rows}):
         for kind in KINDS:
             got = [r for r in rows if r["measured"] and r["d"] == d and r["kind"] == kind]
-            for key, who in (("flagsim_s", "flagsim"), ("bare_s", "bare FAISS")):
-                fit = loglog_slope([r["n"] for r in got], [r[key] for r in got])
-                out.append({"d": d, "kind": kind, "system": who, "sizes": [r["n"] for r in got],
+            modes = sorted({r.get("ray", "embedded") for r in got}) or ["embedded"]
+            systems = [("flagsim_s", "flagsim", m) for m in modes] + [("bare_s", "bare FAISS", None)]
+            for key, who, mode in systems:
+                same = [r for r in got if mode is None or r.get("ray", "embedded") == mode]
+                fit = loglog_slope([r["n"] for r in same], [r[key] for r in same])
+                if mode == "running":
+                    who += " (running Ray)"
+                out.append({"d": d, "kind": kind, "system": who, "sizes": [r["n"] for r in same],
                             "slope": None if fit is None else fit[0]})
     return out
 
@@ -664,6 +751,8 @@ def _tables(fig: Figure, rows: list[dict[str, Any]], setup: list[dict[str, Any]]
         if r["measured"]:
             label = r["index_kind"] + (f" {r['factory']}, nprobe {r['params'].get('nprobe')}"
                                        if r["params"].get("nprobe") else "")
+            if r.get("ray") == "running":
+                label += " (running Ray)"
             mr = r.get("manifest_recall")
             t.rows.append([r["d"], fmt(r["n"]), label, fmt(r["flagsim_s"]), fmt(r["bare_s"]),
                            f"{r['throughput_ratio']:.2f} ({fmt(r['cpu_ratio'], 2)})",
@@ -730,6 +819,13 @@ def _tables(fig: Figure, rows: list[dict[str, Any]], setup: list[dict[str, Any]]
         "the tree); on a machine shared with other work (load avg above the core count) it is "
         "steadier than the wall-time ratio the target is stated in.",
     ]
+    if any(r.get("ray") == "running" for r in rows):
+        fig.notes.append(
+            "Ray: rows marked (running Ray) ran `flagsim index` and `flagsim neighbours` against "
+            "one local Ray head started for the figure (`ray start --head --block`, RAY_ADDRESS),"
+            " as on a cluster that takes `ray job submit`: no Ray start or stop per command; that"
+            " head's processes count in the process tree (memory, and CPU from the command's "
+            "start). The other rows start an embedded local Ray in each `flagsim neighbours`.")
     if any(not r["measured"] for r in rows):
         fig.notes.append("Projected rows were not run on this machine: their wall times are "
                          "extrapolated from the measured sizes of the same d and index (slope as "

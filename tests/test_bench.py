@@ -112,6 +112,42 @@ def test_search_scale_figure_runs_flagsims_cli_next_to_bare_faiss(tmp_path: Path
     assert not list(tmp_path.iterdir())  # each size's files are removed after it
 
 
+def test_search_scale_running_ray_mode_uses_one_head_and_counts_its_processes(
+        monkeypatch, tmp_path: Path) -> None:
+    import psutil
+
+    from bench import search_scale as S
+
+    with S.running_ray(tmp_path) as head:
+        probe = S.measure([sys.executable, "-c", "import ray; ray.init(); "
+                           "print(ray.get_runtime_context().gcs_address); ray.shutdown()"],
+                          S._env(head), also=head.pid)
+        assert probe.rc == 0, probe.stderr_tail
+        # the driver joined this head (its GCS port; Ray reports the node's own IP)
+        assert probe.stdout.split()[-1].rsplit(":", 1)[1] == head.address.rsplit(":", 1)[1]
+        assert probe.max_processes > 2  # the head's GCS and raylet count in the tree
+        assert probe.peak_tree_mib > probe.peak_driver_mib
+    assert not psutil.pid_exists(head.pid) or psutil.Process(head.pid).status() == "zombie"
+
+    monkeypatch.setenv("FLAGSIM_BENCH_SEARCH_RAY", "running")
+    monkeypatch.setenv("FLAGSIM_BENCH_SEARCH_KINDS", "approx")
+    fig = S.run(sizes=[(32, [1500])], case_s=600, total_s=600, n_clusters=20,
+                workdir=str(tmp_path / "work"), sample_size=300)
+    (row,) = fig.raw["rows"]
+    assert fig.raw["ray"] == row["ray"] == "running"
+    assert row["neighbours_manifest"]["rows"] == 1500 * S.K
+    assert "(running Ray)" in fig.tables[0].rows[0][2]
+    assert any(n.startswith("Ray: rows marked (running Ray)") for n in fig.notes)
+
+
+def test_search_scale_ray_mode_is_checked(monkeypatch) -> None:
+    from bench import search_scale as S
+
+    monkeypatch.setenv("FLAGSIM_BENCH_SEARCH_RAY", "cluster")
+    with pytest.raises(ValueError, match="valid: embedded, running"):
+        S.ray_mode()
+
+
 def test_search_scale_steady_state_is_the_part_completion_slope_after_the_first_part(
         tmp_path: Path) -> None:
     import json
@@ -185,7 +221,7 @@ def test_search_scale_runs_a_size_only_while_its_predicted_time_fits(monkeypatch
 
     ran: list[tuple[int, int]] = []
 
-    def fake_size(root, gen, n, kinds, sample_size, setup):  # cost n^2 / 1e6 s for both systems
+    def fake_size(root, gen, n, kinds, sample_size, setup, ray_head=None):  # cost n^2 / 1e6 s for both systems
         ran.append((gen.d, n))
         return [{"n": n, "d": gen.d, "kind": k, "measured": True, "flagsim_s": n * n / 1e6,
                  "bare_s": n * n / 1e6, "throughput_ratio": 1.0, "flagsim_recall": 1.0,
@@ -214,7 +250,7 @@ def test_search_scale_measures_only_the_kinds_named_in_the_environment(monkeypat
 
     asked: list[tuple[int, tuple[str, ...]]] = []
 
-    def fake_size(root, gen, n, kinds, sample_size, setup):
+    def fake_size(root, gen, n, kinds, sample_size, setup, ray_head=None):
         asked.append((n, tuple(kinds)))
         return []
 
@@ -256,6 +292,22 @@ def test_search_scale_combines_runs_keeping_measured_rows_and_dropping_local_pat
     assert v["driver_ratio"] == pytest.approx(304 / 301)
     assert [x["slope"] for x in fig.raw["growth"] if x["kind"] == "approx"] == [
         pytest.approx(1.0), pytest.approx(1.0)]
+
+
+def test_search_scale_growth_is_fitted_per_ray_mode() -> None:
+    from bench import search_scale as S
+
+    def row(n: int, flagsim_s: float, ray: str) -> dict:
+        return {"n": n, "d": 8, "kind": "approx", "measured": True, "ray": ray,
+                "flagsim_s": flagsim_s, "bare_s": n / 1e3}
+
+    rows = [row(1000, 10.0, "embedded"), row(4000, 20.0, "embedded"),  # slope 0.5
+            row(1000, 1.0, "running"), row(4000, 4.0, "running")]  # slope 1
+    got = {g["system"]: g for g in S.growth(rows) if g["kind"] == "approx"}
+    assert set(got) == {"flagsim", "flagsim (running Ray)", "bare FAISS"}
+    assert got["flagsim"]["slope"] == pytest.approx(0.5)
+    assert got["flagsim (running Ray)"]["slope"] == pytest.approx(1.0)
+    assert got["bare FAISS"]["sizes"] == [1000, 4000, 1000, 4000]
 
 
 def test_gpu_check_jpeg_section_compares_pil_and_torchvision_on_the_cpu() -> None:
