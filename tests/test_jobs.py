@@ -234,6 +234,21 @@ def test_index_tasks_get_an_equal_share_of_the_cluster_within_one_node(
     assert task_cpus(cluster, nodes, tasks) == cpus
 
 
+def test_a_gpu_index_task_is_sized_by_the_nodes_that_have_a_gpu(monkeypatch) -> None:
+    import ray
+
+    from flagsim.app import stages
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 64.0}},  # a CPU-only head
+             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+             {"Alive": False, "Resources": {"CPU": 96.0, "GPU": 8.0}}]  # gone
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert stages._node_cpus(with_gpu=True) == [8.0]
+    assert stages._node_cpus(with_gpu=False) == [64.0, 8.0]
+    # one model on that cluster: the GPU task asks for what its node has, not the head's 64
+    assert task_cpus(72, stages._node_cpus(with_gpu=True), 1) == 8
+
+
 # --- a real Ray head ---------------------------------------------------------------------------
 
 

@@ -203,10 +203,12 @@ def task_cpus(cluster_cpus: float, node_cpus: Sequence[float], tasks: int) -> in
     return max(1, min(share, largest))
 
 
-def _node_cpus() -> list[float]:
+def _node_cpus(with_gpu: bool) -> list[float]:
+    """CPUs of each live node (of each with a GPU when the task takes one: it runs there)."""
     import ray
 
-    return [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes()
+            if n.get("Alive") and (not with_gpu or n.get("Resources", {}).get("GPU", 0) >= 1)]
 
 
 def _per_model(job: Job, resources: dict[str, float], fn: Callable, what: str) -> list:
@@ -218,8 +220,9 @@ def _per_model(job: Job, resources: dict[str, float], fn: Callable, what: str) -
     from flagsim.search.catalog import resolve_models
 
     models = resolve_models(RunDir.at(job.run_dir), job.explicit)
-    cpus = task_cpus(resources.get("CPU", 1.0), _node_cpus(), len(models))
-    remote = ray.remote(fn).options(num_cpus=cpus, num_gpus=_task_gpus(job.cfg, resources),
+    gpus = _task_gpus(job.cfg, resources)
+    cpus = task_cpus(resources.get("CPU", 1.0), _node_cpus(gpus > 0), len(models))
+    remote = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus,
                                     max_retries=1, name=f"flagsim-{what}")
     refs = {m: remote.remote(job.run_dir, m, job.cfg, cpus) for m in models}
     out = []
