@@ -70,8 +70,9 @@ def buffer_bytes(plan: JobPlan) -> int | None:
     return max(MIN_BUFFER_BYTES, (plan.parts * plan.num_actors + 3) * per_shard)
 
 
-#: what a read task's worker holds besides its shard (Python, Ray, pyarrow, numpy; Ray Data measured
-#: 214 MiB for one reading 10k x 256 shards and warns above the reservation): for Ray only
+#: the memory a read task's worker needs besides its shard: Python, Ray, pyarrow and numpy.
+#: Ray Data measured 214 MiB for a worker reading 10k x 256 shards, and it warns when a task
+#: uses more than it reserved. A reservation for Ray's scheduler only (nothing is allocated).
 READ_BASE_BYTES = 256 * 2**20
 
 
