@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "_lock.json"
 _READ_TRIES = 20  # a lock just created may not hold its JSON yet: re-read it this many times
 _READ_PAUSE_S = 0.05
+_WAIT_PAUSE_S = 0.1  # between looks at a lock `run_lock(wait_for=...)` waits for
 
 
 class RunLockedError(FlagsimError):
@@ -177,15 +178,19 @@ def _remove_stale(lock: Location, seen: dict[str, Any]) -> None:
     os.unlink(aside)
 
 
-def _acquire(run_root: Location, what: str) -> tuple[Location, dict[str, Any]]:
+def _acquire(run_root: Location, what: str, wait_for: str | None = None, wait_s: float = 0.0
+             ) -> tuple[Location, dict[str, Any]]:
     lock = run_root / LOCK_FILE
     record = _holder_record(what)
     create = _create_local if lock.is_local else _create_remote
-    for _ in range(10):  # each pass either takes the lock, fails, or removes one stale lock
+    deadline = time.monotonic() + wait_s
+    changes = 0
+    while changes < 10:  # each pass takes the lock, fails, waits, or sees it change hands
         if create(lock, record):
             return lock, record
         held = _read_record(lock)
         if held is None:
+            changes += 1
             continue  # released meanwhile: try again
         if not held:
             raise RunLockedError(
@@ -202,10 +207,15 @@ def _acquire(run_root: Location, what: str) -> tuple[Location, dict[str, Any]]:
             )
         reason = _stale_reason(held)
         if reason is None:
+            if wait_for and str(held.get("command", "")).startswith(wait_for) \
+                    and time.monotonic() < deadline:
+                time.sleep(_WAIT_PAUSE_S)  # a sibling's short write: wait for it
+                continue
             raise _in_use(run_root, lock, held)
         log.warning("taking over the stale lock %s of '%s' (%s)", lock, held.get("command", "?"),
                     reason)
         _remove_stale(lock, held)
+        changes += 1
     raise RunLockedError(f"could not lock run directory {run_root}: {lock} keeps changing")
 
 
@@ -222,16 +232,19 @@ def _release(lock: Location, record: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(run_root: Location, what: str) -> Iterator[Location]:
+def run_lock(run_root: Location, what: str, wait_for: str | None = None, wait_s: float = 0.0
+             ) -> Iterator[Location]:
     """Hold RUN/_lock.json for the block: the one process writing to `run_root` is `what`.
 
-    A second holder fails at once with RunLockedError naming the holder; a lock left by a dead
+    A second holder fails at once with RunLockedError naming the holder, except that while the
+    holder's command starts with `wait_for` (a sibling of the same kind: the index builds of
+    one command, each committing its own files) it waits for it, up to `wait_s` seconds; a lock left by a dead
     process on this host (its pid gone, or reused by a later process) is logged and taken over;
     a nested acquire by the same process fails too. The lock is removed when the block exits,
     on exceptions and KeyboardInterrupt included. Local disks create it with O_CREAT|O_EXCL;
     object stores only best-effort (see `_create_remote`). Yields the lock's location.
     """
-    lock, record = _acquire(run_root, what)
+    lock, record = _acquire(run_root, what, wait_for, wait_s)
     log.debug("locked %s for '%s'", lock, what)
     try:
         yield lock

@@ -28,7 +28,6 @@ from resource_cases import RESOURCE_CASES
 from s3server import LocalS3, patched_environ, running_s3
 
 from flagsim.app.checks import check_resources
-from flagsim.app.stages import task_cpus
 from flagsim.config import load_config
 from flagsim.errors import ConfigError
 
@@ -220,33 +219,6 @@ def test_kuberay_rayjob_manifest_runs_a_job_of_this_repo() -> None:
         assert any(m["mountPath"] == "/mnt/shared" for m in container["volumeMounts"])
     worker = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
-
-
-@pytest.mark.parametrize(("cluster", "nodes", "tasks", "cpus"), [
-    (2, [2], 1, 2),  # one model on a laptop: both cores, not Ray's default of one
-    (2, [2], 6, 1),  # more models than cores: one each, at least
-    (48, [16, 16, 16], 2, 16),  # never more than one node has
-    (48, [16, 16, 16], 5, 9),
-    (3, [3], 2, 1),
-])
-def test_index_tasks_get_an_equal_share_of_the_cluster_within_one_node(
-        cluster: float, nodes: list[float], tasks: int, cpus: int) -> None:
-    assert task_cpus(cluster, nodes, tasks) == cpus
-
-
-def test_a_gpu_index_task_is_sized_by_the_nodes_that_have_a_gpu(monkeypatch) -> None:
-    import ray
-
-    from flagsim.app import stages
-
-    nodes = [{"Alive": True, "Resources": {"CPU": 64.0}},  # a CPU-only head
-             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
-             {"Alive": False, "Resources": {"CPU": 96.0, "GPU": 8.0}}]  # gone
-    monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    assert stages._node_cpus(with_gpu=True) == [8.0]
-    assert stages._node_cpus(with_gpu=False) == [64.0, 8.0]
-    # one model on that cluster: the GPU task asks for what its node has, not the head's 64
-    assert task_cpus(72, stages._node_cpus(with_gpu=True), 1) == 8
 
 
 # --- a real Ray head ---------------------------------------------------------------------------

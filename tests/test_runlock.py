@@ -154,6 +154,34 @@ def test_nested_acquire_in_one_process_fails_clearly(tmp_path) -> None:
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_an_index_commit_waits_for_a_sibling_index_commit_but_not_for_other_writers(tmp_path
+                                                                                    ) -> None:
+    import threading
+    import time
+
+    root = Location.parse(str(tmp_path))
+    with holder(tmp_path, "flagsim index --models a") as first:
+        threading.Timer(1.0, first.stdin.close).start()  # the sibling's commit ends in 1 s
+        start = time.monotonic()
+        with run_lock(root, "flagsim index --models b", wait_for="flagsim index", wait_s=60):
+            waited = time.monotonic() - start
+            assert _lock(tmp_path)["command"] == "flagsim index --models b"
+        assert 0.8 < waited < 30
+    assert first.stdout.read().strip() == "released"
+    with holder(tmp_path, "flagsim index --models a") as first:
+        start = time.monotonic()  # a sibling that does not finish in time: refused after wait_s
+        with pytest.raises(RunLockedError, match="in use by 'flagsim index --models a'"):
+            with run_lock(root, "flagsim index --models b", wait_for="flagsim index", wait_s=0.5):
+                pass
+        assert time.monotonic() - start >= 0.5
+    with holder(tmp_path, "flagsim embed"):  # another kind of writer: refused at once
+        start = time.monotonic()
+        with pytest.raises(RunLockedError, match="in use by 'flagsim embed'"):
+            with run_lock(root, "flagsim index --models b", wait_for="flagsim index", wait_s=60):
+                pass
+        assert time.monotonic() - start < 5
+
+
 def test_unreadable_lock_is_a_one_line_error(tmp_path) -> None:
     (tmp_path / LOCK_FILE).write_text("{not json")
     with pytest.raises(RunLockedError, match=r"has an unreadable lock .*_lock\.json; remove it if"):

@@ -66,7 +66,8 @@ def index_parser(prog: str) -> argparse.ArgumentParser:
 
 def index(args: argparse.Namespace) -> int:
     job = stages.prepare(args, existing_run=True)
-    stages.index_tasks(job, stages.connect(job, embed_models=()), force=args.force)
+    stages.connect(job, embed_models=())
+    stages.index_tasks(job, force=args.force)
     return 0
 
 

@@ -1,24 +1,24 @@
 """The stages, run alike by `flagsim <command>` and jobs/: embed, index, neighbours, report, pipeline.
 
 `prepare` loads and checks a job (config, models, resources, output) before Ray is imported.
-The index stage of the jobs runs one Ray task per model; the neighbours stage is a Ray Data job
-(`search/neighbours.py`). Both read and write the run directory from the workers, so it must be
-reachable from every node (an object-store URI or a shared filesystem); `pipeline` builds the
-indexes on the driver, as `flagsim pipeline` does.
+The index stage runs one Ray task per model (`search/build_tasks.py`), in `pipeline` too; the
+neighbours stage is a Ray Data job (`search/neighbours.py`). Both read and write the run
+directory from the workers, so it must be reachable from every node (an object-store URI or a
+shared filesystem).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from flagsim.app.checks import check_fit, check_input, check_models, check_output, check_resources
 from flagsim.app.options import config_from_args, with_values
 from flagsim.config import Config
-from flagsim.errors import ConfigError, DataError, FlagsimError
+from flagsim.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,8 @@ def pipeline(
     k is checked against the collection before any work."""
     from flagsim.pipeline.embed import resolve_images, run_embed
     from flagsim.rundir import RunDir
-    from flagsim.search.build import build_index
+    from flagsim.search.build_tasks import ensure_indexes
     from flagsim.search.neighbours import write_neighbours
-    from flagsim.search.saved import index_state
 
     run_dir = run_dir or cfg.run_dir
     run = RunDir.at(run_dir)
@@ -142,10 +141,7 @@ def pipeline(
     if not ready:
         log.warning("no model produced embeddings; nothing to index")
         return PipelineResult(summary, [], [], None)
-    for m in ready:
-        state, _ = index_state(run, m, cfg.index)
-        if force or state != "fresh":
-            build_index(run, m, cfg.index)
+    ensure_indexes(run, [(m, ()) for m in ready], cfg, on_ray=True, force=force)
     from flagsim.search.catalog import ENSEMBLE
 
     tables = [*ready, ENSEMBLE] if len(ready) >= 2 else ready  # `all` beside the models
@@ -183,81 +179,21 @@ def log_pipeline(result: PipelineResult) -> None:
 
 # --- index: one Ray task per model; neighbours: the Ray Data job --------------------------
 
-def _task_gpus(cfg: Config, resources: dict[str, float]) -> float:
-    """GPUs per index/neighbour task: index.use_gpu, `auto` meaning "when the cluster has some"."""
-    want = cfg.index.use_gpu
-    if want == "no":
-        return 0.0
-    if resources.get("GPU", 0.0) < 1:
-        if want == "yes":
-            raise ConfigError("index.use_gpu is yes but the Ray cluster has no GPU")
-        return 0.0
-    return 1.0
-
-
-def task_cpus(cluster_cpus: float, node_cpus: Sequence[float], tasks: int) -> int:
-    """CPUs (and FAISS threads) per index task: an equal share of the cluster among `tasks`
-    tasks run at once, at least 1 and at most the largest node's CPUs (a task runs on one node)."""
-    share = int(cluster_cpus // max(tasks, 1))
-    largest = int(max(node_cpus, default=cluster_cpus))
-    return max(1, min(share, largest))
-
-
-def _node_cpus(with_gpu: bool) -> list[float]:
-    """CPUs of each live node (of each with a GPU when the task takes one: it runs there)."""
-    import ray
-
-    return [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes()
-            if n.get("Alive") and (not with_gpu or n.get("Resources", {}).get("GPU", 0) >= 1)]
-
-
-def _per_model(job: Job, resources: dict[str, float], fn: Callable, what: str) -> list:
-    """Run `fn(run_dir, model, cfg, threads)` as one Ray task per model of the run, each with
-    its share of the cluster's CPUs (`task_cpus`; `threads` = that share); results in order."""
-    import ray
-
+def index_tasks(job: Job, force: bool = False) -> list[dict[str, Any]]:
+    """Build (or keep, when fresh) the FAISS index of each model, one Ray task each
+    (`search/build_tasks.py`); their manifests."""
     from flagsim.rundir import RunDir
+    from flagsim.search.build_tasks import ensure_indexes
     from flagsim.search.catalog import resolve_models
 
     models = resolve_models(RunDir.at(job.run_dir), job.explicit)
-    gpus = _task_gpus(job.cfg, resources)
-    cpus = task_cpus(resources.get("CPU", 1.0), _node_cpus(gpus > 0), len(models))
-    remote = ray.remote(fn).options(num_cpus=cpus, num_gpus=gpus,
-                                    max_retries=1, name=f"flagsim-{what}")
-    refs = {m: remote.remote(job.run_dir, m, job.cfg, cpus) for m in models}
-    out = []
-    for m, ref in refs.items():
-        try:
-            out.append(ray.get(ref))
-        except ray.exceptions.RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, FlagsimError):
-                raise type(cause)(f"{what} {m}: {cause}") from None
-            raise
-    return out
-
-
-def _index_one(run_dir: str, model: str, cfg: Config, force: bool, threads: int) -> dict[str, Any]:
-    from flagsim.search.backend import set_threads
-    from flagsim.search.build import build_index
-    from flagsim.search.load import load_index
-
-    set_threads(threads)  # Ray starts a task with OMP_NUM_THREADS = its num_cpus
-    if force:
-        return build_index(run_dir, model, cfg.index).manifest.to_json()
-    return load_index(run_dir, model, cfg.index, rebuild_on_settings=True).manifest.to_json()
-
-
-def index_tasks(job: Job, resources: dict[str, float], force: bool = False) -> list[dict[str, Any]]:
-    """Build (or keep, when fresh) the FAISS index of each model; their manifests."""
-    def one(run_dir: str, model: str, cfg: Config, threads: int) -> dict[str, Any]:
-        return _index_one(run_dir, model, cfg, force, threads)
-
-    manifests = _per_model(job, resources, one, "index")
-    for m in manifests:
-        log.info("index %s: %s (%s), %d x %d, recall %s, on %s", m["model"], m["kind"],
-                 m["factory"], m["count"], m["dim"], m.get("recall"), m.get("device"))
-    return manifests
+    built = ensure_indexes(job.run_dir, [(m, ()) for m in models], job.cfg, on_ray=True,
+                           force=force)
+    for b in built:
+        m = b.manifest
+        log.info("index %s: %s, %s (%s), %d x %d, recall %s, on %s", m.model, b.status, m.kind,
+                 m.factory, m.count, m.dim, m.recall, m.device)
+    return [b.manifest.to_json() for b in built]
 
 
 def neighbour_tables(job: Job) -> list[dict[str, Any]]:

@@ -35,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     from flagsim.console import plain, safe, stdout_console
     from flagsim.errors import DataError
+    from flagsim.pipeline.ray_session import ray_address
     from flagsim.rundir import RunDir
-    from flagsim.search.build import build_index
+    from flagsim.search.build_tasks import ensure_indexes
     from flagsim.search.catalog import resolve_models
-    from flagsim.search.load import load_index
     from flagsim.search.saved import index_state
 
     cfg = options.config_from_args(args, {"index.kind": args.kind})
@@ -51,29 +51,19 @@ def run(args: argparse.Namespace) -> int:
                 raise DataError(f"{reason}; run `flagsim index --models {m}`")
             print(plain(f"{m}: {reason}"))
         return 0
+    # Connected to a cluster, each build is a Ray task there (as jobs/build_index.py); else
+    # here, in this process: on one machine a Ray task would only add an embedded Ray's start.
+    on_ray = ray_address(cfg) is not None
+    built = ensure_indexes(run, [(m, ()) for m in models], cfg, on_ray=on_ray, force=args.force,
+                           verify=True)
     table = Table(title=f"indexes in {safe(run.root)}")
     for col in ("model", "status", "kind", "vectors", "dim", "recall", "device", "seconds"):
         table.add_column(col, justify="right" if col in ("vectors", "dim", "recall", "seconds") else "left")
-    for m in models:
-        state, reason = index_state(run, m, cfg.index, verify=True)
-        idx = None
-        if state == "fresh" and not args.force:
-            try:
-                idx = load_index(run, m, cfg.index, build=False, verify=True)
-                status = "up to date"
-            except DataError as exc:  # e.g. a file whose sha256 differs from the manifest's
-                log.warning("%s; rebuilding", str(exc).split("; rerun", 1)[0])
-                state = "stale"
-        elif state == "stale":
-            log.info("%s; rebuilding", reason)
-        if idx is None:
-            idx = build_index(run, m, cfg.index)
-            status = "built" if state == "missing" or args.force else "rebuilt"
-        man = idx.manifest
-        assert man is not None
+    for b in built:
+        man = b.manifest
         recall = "exact" if man.exact else (
             f"{man.recall:.4f}@{man.recall_k}" if man.recall is not None else "-")
-        table.add_row(safe(m), status, safe(man.kind), str(man.count), str(man.dim), recall,
+        table.add_row(safe(b.model), b.status, safe(man.kind), str(man.count), str(man.dim), recall,
                       safe(man.device),
                       f"{man.build_seconds:.2f}" if man.build_seconds is not None else "-")
     stdout_console().print(table)

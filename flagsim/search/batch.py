@@ -18,16 +18,17 @@ from flagsim.config import Config
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
 from flagsim.search.catalog import ENSEMBLE, complete_models, resolve_models
+from flagsim.search.manifest import IndexManifest
 from flagsim.search.neighbours import (
     NeighboursResult,
     PartWriter,
     TablePlan,
-    index_for,
     largest_shard,
     marker_matches,
     query_shards,
     read_parts,
     shard_checksum,
+    table_indexes,
 )
 from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
 from flagsim.search.saved import index_files, source_checksums
@@ -131,8 +132,7 @@ def _query_run(run: RunDir, out: RunDir, queries: str, names: list[str], cfg: Co
 
 
 def _plan(run: RunDir, qrun: RunDir, out: RunDir, model: str, members: tuple[str, ...], k: int,
-          cfg: Config) -> TablePlan:
-    index = index_for(run, model, members, cfg)
+          index: IndexManifest) -> TablePlan:
     if k > index.count:
         raise DataError(f"k={k} is larger than the collection: model {model} of {run.root} has "
                         f"{index.count} images")
@@ -181,7 +181,8 @@ def run_search(
     missing = [m for m in names if m not in complete_models(qrun)]
     if missing:
         raise DataError(f"no query embeddings of model {missing[0]} in {qrun.root}")
-    plans = [_plan(run, qrun, out, m, members, k, cfg) for m, members in tables]
+    indexes = table_indexes(run, tables, cfg)
+    plans = [_plan(run, qrun, out, m, members, k, indexes[m]) for m, members in tables]
     resources: dict[str, float] | None = None
     results = []
     for plan in plans:

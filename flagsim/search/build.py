@@ -39,6 +39,12 @@ from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
 
+#: the run lock's command while an index is committed (the part before ` --models <m>`)
+INDEX_LOCK = "flagsim index"
+#: how long a commit waits for another index build's commit (file renames locally; uploads on
+#: an object store, so minutes for a large index)
+COMMIT_WAIT_S = 1800.0
+
 
 def _sha256_file(path: str, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
@@ -246,7 +252,10 @@ def _commit(run: RunDir, root: Location, manifest: IndexManifest, files: dict[st
 
     manifest.files = {name: {"size": os.path.getsize(path), "sha256": _sha256_file(path)}
                       for name, path in files.items()}
-    with run_lock(run.root, f"flagsim index --models {manifest.model}"):
+    # the index builds of one command run at once (search/build_tasks.py) and commit one by
+    # one: a build finding another's commit under way waits for it; any other writer is refused
+    with run_lock(run.root, f"{INDEX_LOCK} --models {manifest.model}", wait_for=INDEX_LOCK,
+                  wait_s=COMMIT_WAIT_S):
         (root / MANIFEST_FILE).delete()
         for name, path in files.items():
             (root / name).put_file(path)

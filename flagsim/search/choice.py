@@ -134,3 +134,16 @@ def build_overhead_bytes(kind: str, n: int, dim: int, params: dict[str, Any]) ->
     if kind in ("ivf", "ivfpq"):
         train = min(n, max(64 * int(params.get("nlist", 1)), 256 * 39 if kind == "ivfpq" else 0))
     return (train + min(n, 1000) + min(n, 65536)) * dim * 4
+
+
+def build_peak_bytes(n: int, dim: int, cfg: IndexConfig) -> int:
+    """The most memory one build of `n` x `dim` holds: one part's index data (the largest, when
+    `parts_needed` splits it) and the training sample, the recall sample and one shard being
+    added. What `parts_needed` keeps within `index.memory_budget_gb`, and what an index build
+    task reserves from Ray."""
+    from flagsim.search.backend import index_nbytes
+
+    kind, _, params = plan_index(n, dim, cfg)
+    parts = parts_needed(kind, n, dim, params, cfg)
+    per_part = math.ceil(n / parts)
+    return index_nbytes(kind, per_part, dim, params) + build_overhead_bytes(kind, n, dim, params)

@@ -18,9 +18,9 @@ from flagsim.errors import ConfigError, DataError
 from flagsim.rundir import RunDir
 from flagsim.schema import NEIGHBOURS_FILE_SCHEMA, NEIGHBOURS_SCHEMA, PARTITION_KEY
 from flagsim.search.catalog import ENSEMBLE, resolve_models
-from flagsim.search.manifest import IndexManifest, read_index_manifest
+from flagsim.search.manifest import IndexManifest
 from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
-from flagsim.search.saved import index_files, index_state, source_checksums
+from flagsim.search.saved import index_files, source_checksums
 from flagsim.shards import read_manifest
 from flagsim.storage import Location
 
@@ -97,19 +97,14 @@ def _tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, tuple[
     return out
 
 
-def index_for(run: RunDir, model: str, members: tuple[str, ...], cfg: Config) -> IndexManifest:
-    """The manifest of `model`'s saved index, built first when it is missing or stale."""
-    from flagsim.search.build import build_index
+def table_indexes(run: RunDir, tables: Sequence[tuple[str, tuple[str, ...]]], cfg: Config
+                  ) -> dict[str, IndexManifest]:
+    """The manifest of each table's saved index, built first where missing or stale: as Ray
+    tasks (`build_tasks.ensure_indexes`), since the search that follows runs on Ray too."""
+    from flagsim.search.build_tasks import ensure_indexes
 
-    state, reason = index_state(run, model, None, models=list(members) or None)
-    if state != "fresh":
-        if state == "stale":
-            log.info("%s; rebuilding", reason)
-        build_index(run, model, cfg.index, models=list(members) or None)
-    manifest = read_index_manifest(run, model)
-    if manifest is None:
-        raise DataError(f"no index of model {model} in {run.root} after building it")
-    return manifest
+    return {b.model: b.manifest
+            for b in ensure_indexes(run, tables, cfg, on_ray=True, on_settings=False)}
 
 
 def _marker_ok(run: RunDir, model: str, shard: str, k: int, index: str, source: str
@@ -144,9 +139,8 @@ def query_shards(checksums: dict[str, str], members: Sequence[str]) -> list[str]
                                      for m in members)))
 
 
-def plan_table(run: RunDir, model: str, members: tuple[str, ...], k: int, cfg: Config
+def plan_table(run: RunDir, model: str, members: tuple[str, ...], k: int, index: IndexManifest
                ) -> TablePlan:
-    index = index_for(run, model, members, cfg)
     if k > index.count - 1:
         raise DataError(f"k={k} is larger than the collection: model {model} has {index.count} "
                         f"images, so at most {index.count - 1} neighbours each")
@@ -265,7 +259,8 @@ def write_neighbours(
                 f"k={k} is larger than the collection: model {m} has {emb.rows} images, "
                 f"so at most {emb.rows - 1} neighbours each"
             )
-    plans = [plan_table(run, m, members, k, cfg) for m, members in tables]
+    indexes = table_indexes(run, tables, cfg)
+    plans = [plan_table(run, m, members, k, indexes[m]) for m, members in tables]
     resources: dict[str, float] | None = None
     out = []
     for plan in plans:

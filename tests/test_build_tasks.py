@@ -1,0 +1,160 @@
+"""Index builds as Ray tasks: sized by the cluster (CPUs, GPU nodes, memory), never run in the
+driver of a command that uses Ray, and a failed build keeps the others'."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import runs
+
+from flagsim.cli import main
+from flagsim.config import IndexConfig, load_config
+from flagsim.errors import DataError
+from flagsim.rundir import RunDir
+from flagsim.search import build_tasks
+from flagsim.search.build_tasks import TASK_BASE_BYTES, ensure_indexes, task_cpus, task_memory
+from flagsim.search.choice import build_peak_bytes, parts_needed, plan_index
+from flagsim.search.manifest import read_index_manifest
+from flagsim.search.neighbours import write_neighbours
+
+
+@pytest.mark.parametrize(("cluster", "nodes", "tasks", "cpus"), [
+    (2, [2], 1, 2),  # one model on a laptop: both cores, not Ray's default of one
+    (2, [2], 6, 1),  # more models than cores: one each, at least
+    (48, [16, 16, 16], 2, 16),  # never more than one node has
+    (48, [16, 16, 16], 5, 9),
+    (3, [3], 2, 1),
+])
+def test_index_tasks_get_an_equal_share_of_the_cluster_within_one_node(
+        cluster: float, nodes: list[float], tasks: int, cpus: int) -> None:
+    assert task_cpus(cluster, nodes, tasks) == cpus
+
+
+def test_a_gpu_index_task_is_sized_by_the_nodes_that_have_a_gpu(monkeypatch) -> None:
+    import ray
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 64.0, "memory": 200e9}},  # a CPU-only head
+             {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0, "memory": 50e9}},
+             {"Alive": False, "Resources": {"CPU": 96.0, "GPU": 8.0, "memory": 900e9}}]  # gone
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert build_tasks.node_cpus(with_gpu=True) == [8.0]
+    assert build_tasks.node_cpus(with_gpu=False) == [64.0, 8.0]
+    assert build_tasks.node_memory(with_gpu=True) == [50e9]
+    # one model on that cluster: the GPU task asks for what its node has, not the head's 64
+    assert task_cpus(72, build_tasks.node_cpus(with_gpu=True), 1) == 8
+
+
+def test_a_build_task_reserves_its_build_peak_within_the_largest_node() -> None:
+    cfg = IndexConfig(kind="flat")
+    n, dim = 100_000, 256
+    assert build_peak_bytes(n, dim, cfg) == n * dim * 4 + (1000 + 65536) * dim * 4
+    assert task_memory(n, dim, cfg, [64e9]) == TASK_BASE_BYTES + build_peak_bytes(n, dim, cfg)
+    # more than any node's Ray memory: capped there, so the task can still be placed
+    assert task_memory(n, dim, cfg, [5e8, 3e8]) == int(5e8)
+    assert task_memory(n, dim, cfg, []) == TASK_BASE_BYTES + build_peak_bytes(n, dim, cfg)
+
+
+def test_the_build_peak_of_a_parted_index_is_one_part_and_stays_within_the_budget() -> None:
+    cfg = IndexConfig(kind="flat", memory_budget_gb=0.09)
+    n, dim = 100_000, 256  # 98 MiB of vectors: more than the 92 MiB budget
+    kind, _, params = plan_index(n, dim, cfg)
+    parts = parts_needed(kind, n, dim, params, cfg)
+    assert parts > 1
+    peak = build_peak_bytes(n, dim, cfg)
+    assert peak <= cfg.memory_budget_gb * 1024**3
+    assert peak < build_peak_bytes(n, dim, IndexConfig(kind="flat"))  # one part, not all
+
+
+def _never_in_the_driver(monkeypatch) -> None:
+    """The driver process may not build an index (a Ray worker imports its own flagsim)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("an index was built in the driver")
+
+    import flagsim.search.build
+    import flagsim.search.load
+
+    monkeypatch.setattr(flagsim.search.build, "build_index", refuse)
+    monkeypatch.setattr(flagsim.search.load, "build_index", refuse)
+
+
+def test_neighbours_build_missing_indexes_in_ray_tasks_not_in_the_driver(tmp_path, ray_local,
+                                                                           monkeypatch) -> None:
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(90, 12)).astype(np.float32)
+    b = rng.normal(size=(90, 5)).astype(np.float32)
+    runs.make_run(tmp_path, "a", a, shard_size=40)
+    runs.make_run(tmp_path, "b", b, shard_size=40)
+    _never_in_the_driver(monkeypatch)
+    results = write_neighbours(str(tmp_path), k=3, cfg=load_config(None, []))
+    assert [(r.model, r.queries, r.written) for r in results] == [
+        ("a", 90, 3), ("b", 90, 3), ("all", 90, 3)]
+    run = RunDir.at(str(tmp_path))
+    for m, dim in (("a", 12), ("b", 5), ("all", 17)):
+        man = read_index_manifest(run, m)
+        assert man is not None and (man.count, man.dim) == (90, dim)
+    assert read_index_manifest(run, "all").source_models == ["a", "b"]
+
+
+def test_the_index_command_on_a_cluster_builds_in_ray_tasks(tmp_path, ray_local, monkeypatch,
+                                                             capsys) -> None:
+    runs.make_run(tmp_path, "a", np.random.default_rng(4).normal(size=(60, 8)).astype(np.float32),
+                  shard_size=25)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # a cluster (here the session's Ray, already up)
+    _never_in_the_driver(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["index", "--run", str(tmp_path)]) == 0
+    assert " built " in capsys.readouterr().out
+    assert read_index_manifest(RunDir.at(str(tmp_path)), "a").count == 60
+    assert main(["index", "--run", str(tmp_path)]) == 0  # fresh: kept
+    assert " up to date " in capsys.readouterr().out
+
+
+def test_the_index_command_without_a_cluster_builds_here_and_starts_no_ray(tmp_path) -> None:
+    runs.make_run(tmp_path, "a", np.random.default_rng(5).normal(size=(60, 8)).astype(np.float32),
+                  shard_size=25)
+    code = ("import sys\nfrom flagsim.cli import main\n"
+            f"assert main(['index', '--run', {str(tmp_path)!r}]) == 0\n"
+            "print('ray imported:', 'ray' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ray imported: False" in out.stdout
+    assert read_index_manifest(RunDir.at(str(tmp_path)), "a").count == 60
+
+
+def test_a_failed_build_is_one_line_and_the_other_builds_finish(tmp_path, ray_local) -> None:
+    rng = np.random.default_rng(6)
+    runs.make_run(tmp_path, "bad", rng.normal(size=(40, 6)).astype(np.float32), shard_size=20,
+                  ids=[f"img{i % 30:05d}" for i in range(40)])  # 10 ids twice
+    runs.make_run(tmp_path, "good", rng.normal(size=(3000, 64)).astype(np.float32),
+                  shard_size=500)
+    cfg = load_config(None, ["index.kind=hnsw"])  # the slower build of the two
+    with pytest.raises(DataError) as err:
+        ensure_indexes(str(tmp_path), [("bad", ()), ("good", ())], cfg, on_ray=True)
+    assert str(err.value).startswith("index bad: ") and "duplicate image ids" in str(err.value)
+    assert "\n" not in str(err.value)
+    run = RunDir.at(str(tmp_path))
+    assert read_index_manifest(run, "bad") is None  # nothing half-written
+    good = read_index_manifest(run, "good")  # finished before ensure_indexes raised
+    assert good is not None and good.count == 3000 and good.kind == "hnsw"
+
+
+def test_the_pipeline_builds_its_indexes_in_ray_tasks(tmp_path, bundled_dir, ray_local,
+                                                      monkeypatch) -> None:
+    folder = tmp_path / "five"
+    folder.mkdir()
+    for p in sorted((bundled_dir / "images").glob("*.png"))[:5]:
+        shutil.copy(p, folder)
+    run = tmp_path / "run"
+    _never_in_the_driver(monkeypatch)
+    assert main(["pipeline", "--set", "embed.models=[pixels]", "--set", "images.source=folder",
+                 "--set", f"images.path={folder}", "--run", str(run), "--no-progress",
+                 "--no-report"]) == 0
+    man = read_index_manifest(RunDir.at(str(run)), "pixels")
+    assert man is not None and man.count == 5
