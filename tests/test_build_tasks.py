@@ -45,6 +45,8 @@ def test_a_gpu_index_task_is_sized_by_the_nodes_that_have_a_gpu(monkeypatch) -> 
     assert build_tasks.node_cpus(with_gpu=True) == [8.0]
     assert build_tasks.node_cpus(with_gpu=False) == [64.0, 8.0]
     assert build_tasks.node_memory(with_gpu=True) == [50e9]
+    # a 16-CPU task can only run on the head: its memory is capped by the head's, not another's
+    assert build_tasks.node_memory(with_gpu=False, min_cpus=16) == [200e9]
     # one model on that cluster: the GPU task asks for what its node has, not the head's 64
     assert task_cpus(72, build_tasks.node_cpus(with_gpu=True), 1) == 8
 
@@ -128,21 +130,58 @@ def test_the_index_command_without_a_cluster_builds_here_and_starts_no_ray(tmp_p
     assert read_index_manifest(RunDir.at(str(tmp_path)), "a").count == 60
 
 
-def test_a_failed_build_is_one_line_and_the_other_builds_finish(tmp_path, ray_local) -> None:
+def test_a_build_task_s_warnings_reach_the_driver_s_log(tmp_path, ray_local, caplog) -> None:
+    import logging
+
+    # `pixels` is 1152-d in the registry: 8-d vectors under its name make the build warn
+    runs.make_run(tmp_path, "pixels", np.random.default_rng(7).normal(size=(30, 8)).astype(
+        np.float32), shard_size=15)
+    with caplog.at_level(logging.WARNING, logger="flagsim"):
+        built = ensure_indexes(str(tmp_path), [("pixels", ())], load_config(None, []), on_ray=True)
+    assert built[0].status == "built" and built[0].manifest.count == 30
+    assert "pixels: 8-d embeddings, the registry's model is 1152-d" in caplog.messages
+
+
+HOLD = """
+import sys
+from flagsim.runlock import run_lock
+from flagsim.storage import Location
+with run_lock(Location.parse(sys.argv[1]), "flagsim index --models other"):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_failed_build_is_one_line_and_the_other_builds_finish_first(tmp_path, ray_local
+                                                                       ) -> None:
+    import threading
+    import time
+
     rng = np.random.default_rng(6)
     runs.make_run(tmp_path, "bad", rng.normal(size=(40, 6)).astype(np.float32), shard_size=20,
                   ids=[f"img{i % 30:05d}" for i in range(40)])  # 10 ids twice
-    runs.make_run(tmp_path, "good", rng.normal(size=(3000, 64)).astype(np.float32),
-                  shard_size=500)
-    cfg = load_config(None, ["index.kind=hnsw"])  # the slower build of the two
-    with pytest.raises(DataError) as err:
-        ensure_indexes(str(tmp_path), [("bad", ()), ("good", ())], cfg, on_ray=True)
+    runs.make_run(tmp_path, "good", rng.normal(size=(300, 16)).astype(np.float32), shard_size=100)
+    # another index commit holds the run lock for 8 s: "good" waits for it to commit, "bad"
+    # fails before it commits anything (its duplicate ids are found while it is built)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        threading.Timer(8.0, holder.stdin.close).start()
+        start = time.monotonic()
+        with pytest.raises(DataError) as err:
+            ensure_indexes(str(tmp_path), [("bad", ()), ("good", ())], load_config(None, []),
+                           on_ray=True)
+        waited = time.monotonic() - start
+    finally:
+        holder.wait(timeout=60)
     assert str(err.value).startswith("index bad: ") and "duplicate image ids" in str(err.value)
     assert "\n" not in str(err.value)
+    assert waited >= 7.5  # raised only once "good" could commit, not when "bad" failed
     run = RunDir.at(str(tmp_path))
     assert read_index_manifest(run, "bad") is None  # nothing half-written
-    good = read_index_manifest(run, "good")  # finished before ensure_indexes raised
-    assert good is not None and good.count == 3000 and good.kind == "hnsw"
+    good = read_index_manifest(run, "good")
+    assert good is not None and good.count == 300
 
 
 def test_the_pipeline_builds_its_indexes_in_ray_tasks(tmp_path, bundled_dir, ray_local,

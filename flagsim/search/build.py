@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 #: the run lock's command while an index is committed (the part before ` --models <m>`)
 INDEX_LOCK = "flagsim index"
 #: how long a commit waits for another index build's commit (file renames locally; uploads on
-#: an object store, so minutes for a large index)
-COMMIT_WAIT_S = 1800.0
+#: an object store, so minutes for a large index; a holder that died on another host, whose
+#: lock cannot be seen to be stale from here, costs this long)
+COMMIT_WAIT_S = 600.0
 
 
 def _sha256_file(path: str, chunk: int = 1 << 22) -> str:

@@ -50,9 +50,9 @@ def ensure_indexes(
 
     Stale is `index_state`'s verdict (with `cfg.index`'s settings when `on_settings`, with the
     files' sha256 when `verify`). With `on_ray` the builds run as Ray tasks, all at once, on the
-    session of `ensure_ray(cfg)` (started only when there is something to build); without, one
-    after another in this process. Every build is waited for before the first failure is
-    raised, so the builds that succeed are kept.
+    session of `ensure_ray(cfg)` (started only when there is something to build), and every
+    task is waited for before the first failure is raised, so the builds that succeed are kept;
+    without, one after another in this process, stopping at the first failure.
     """
     run = run_dir if isinstance(run_dir, RunDir) else RunDir.at(run_dir)
     status: dict[str, str] = {}
@@ -109,9 +109,9 @@ def task_cpus(cluster_cpus: float, node_cpus: Sequence[float], tasks: int) -> in
 
 def task_memory(n: int, dim: int, index_cfg: IndexConfig, node_memory: Sequence[float]) -> int:
     """Bytes of memory an index task reserves: its build's peak (`build_peak_bytes`, within
-    index.memory_budget_gb) and the worker's own, at most the largest node's (so that the task
-    can always be placed; Ray's `memory` is a reservation for its scheduler, nothing is
-    allocated)."""
+    index.memory_budget_gb) and the worker's own, at most the most any eligible node has (so
+    that the task can always be placed). Ray's `memory` is a reservation for its scheduler
+    (it places no more builds on a node than their reservations fit), nothing is allocated."""
     from flagsim.search.choice import build_peak_bytes
 
     want = TASK_BASE_BYTES + build_peak_bytes(n, dim, index_cfg)
@@ -132,9 +132,10 @@ def node_cpus(with_gpu: bool) -> list[float]:
     return [float(r.get("CPU", 0)) for r in _nodes(with_gpu)]
 
 
-def node_memory(with_gpu: bool) -> list[float]:
-    """Ray's `memory` resource (bytes) of each live node (of each with a GPU when `with_gpu`)."""
-    return [float(r.get("memory", 0)) for r in _nodes(with_gpu)]
+def node_memory(with_gpu: bool, min_cpus: float = 0) -> list[float]:
+    """Ray's `memory` resource (bytes) of each live node that has at least `min_cpus` CPUs (and
+    a GPU when `with_gpu`): the nodes a task of that many CPUs can run on."""
+    return [float(r.get("memory", 0)) for r in _nodes(with_gpu) if float(r.get("CPU", 0)) >= min_cpus]
 
 
 def table_shape(run: RunDir, model: str, members: Sequence[str]) -> tuple[int, int]:
@@ -151,14 +152,33 @@ def table_shape(run: RunDir, model: str, members: Sequence[str]) -> tuple[int, i
 
 # --- the tasks ---------------------------------------------------------------------------------
 
+class _Warnings(logging.Handler):
+    """Collects the warnings flagsim logs in a task: a worker's log never reaches the console."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def build_task(run_uri: str, model: str, members: Sequence[str], index_cfg: IndexConfig,
                threads: int) -> dict[str, Any]:
-    """One Ray task: build and save the index of a table; its manifest."""
+    """One Ray task: build and save the index of a table; its manifest, and under `warnings`
+    what the build warned about (the driver logs them)."""
     from flagsim.search.backend import set_threads
     from flagsim.search.build import build_index
 
     set_threads(threads)  # Ray starts a task with OMP_NUM_THREADS = its num_cpus
-    return build_index(run_uri, model, index_cfg, models=list(members) or None).manifest.to_json()
+    warnings = _Warnings()
+    root = logging.getLogger("flagsim")
+    root.addHandler(warnings)
+    try:
+        manifest = build_index(run_uri, model, index_cfg, models=list(members) or None).manifest
+    finally:
+        root.removeHandler(warnings)
+    return {"manifest": manifest.to_json(), "warnings": warnings.lines}
 
 
 def _run_tasks(run: RunDir, todo: Sequence[Table], cfg: Config, resources: dict[str, float]) -> None:
@@ -166,27 +186,38 @@ def _run_tasks(run: RunDir, todo: Sequence[Table], cfg: Config, resources: dict[
 
     gpus = task_gpus(cfg, resources)
     cpus = task_cpus(resources.get("CPU", 1.0), node_cpus(gpus > 0), len(todo))
-    memory = node_memory(gpus > 0)
+    memory = node_memory(gpus > 0, min_cpus=cpus)  # the nodes that have that many CPUs
+    # every table's reservation first (a config error or a missing model fails here, before any
+    # task is submitted), then all the tasks at once
+    reserve = {model: task_memory(*table_shape(run, model, members), cfg.index, memory)
+               for model, members in todo}
     refs = {}
     for model, members in todo:
-        n, dim = table_shape(run, model, members)
-        reserve = task_memory(n, dim, cfg.index, memory)  # also checks the settings, here
         log.info("%s: building its index in a Ray task (%d CPU, %g GPU, %.2f GiB)", model, cpus,
-                 gpus, reserve / 2**30)
-        remote = ray.remote(build_task).options(num_cpus=cpus, num_gpus=gpus, memory=reserve,
-                                                max_retries=1, name="flagsim-index")
+                 gpus, reserve[model] / 2**30)
+        remote = ray.remote(build_task).options(num_cpus=cpus, num_gpus=gpus,
+                                                memory=reserve[model], max_retries=1,
+                                                name="flagsim-index")
         refs[model] = remote.remote(str(run.root), model, list(members), cfg.index, cpus)
     errors: list[BaseException] = []
     for model, ref in refs.items():  # all of them, so that a failure keeps the others' indexes
         try:
-            man = ray.get(ref)
-            log.info("%s: wrote %s (%s, %d vectors, recall %s, %.2fs on %s)", model,
-                     run.index_path(model), man["kind"], man["count"], man.get("recall"),
-                     man.get("build_seconds") or 0.0, man.get("device"))
+            out = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             errors.append(type(cause)(f"index {model}: {cause}") if isinstance(cause, FlagsimError)
                           else exc)
+            continue
+        except ray.exceptions.RayError as exc:  # the worker died (out of memory, killed), ...
+            reason = " ".join(str(exc).split())[:300]
+            errors.append(DataError(f"index {model}: its Ray task failed: {reason}"))
+            continue
+        for line in out["warnings"]:
+            log.warning("%s", line)
+        man = out["manifest"]
+        log.info("%s: wrote %s (%s, %d vectors, recall %s, %.2fs on %s)", model,
+                 run.index_path(model), man["kind"], man["count"], man.get("recall"),
+                 man.get("build_seconds") or 0.0, man.get("device"))
     if errors:
         if len(errors) > 1:
             log.error("%d index builds failed; the first is raised", len(errors))
