@@ -141,10 +141,12 @@ def pipeline(
     if not ready:
         log.warning("no model produced embeddings; nothing to index")
         return PipelineResult(summary, [], [], None)
-    ensure_indexes(run, [(m, ()) for m in ready], cfg, on_ray=True, force=force)
     from flagsim.search.catalog import ENSEMBLE
 
     tables = [*ready, ENSEMBLE] if len(ready) >= 2 else ready  # `all` beside the models
+    # every index in one round of Ray tasks, the ensemble's beside the models'
+    ensure_indexes(run, [(m, tuple(ready) if m == ENSEMBLE else ()) for m in tables], cfg,
+                   on_ray=True, force=force)
     neighbours = write_neighbours(run_dir, cfg.neighbours.k, tables, cfg)
     _dedup_calibrated(run_dir, ready, cfg)
     paths = None

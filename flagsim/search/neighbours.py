@@ -17,6 +17,7 @@ from flagsim.config import Config
 from flagsim.errors import ConfigError, DataError
 from flagsim.rundir import RunDir
 from flagsim.schema import NEIGHBOURS_FILE_SCHEMA, NEIGHBOURS_SCHEMA, PARTITION_KEY
+from flagsim.search.build_tasks import Table, ensure_indexes
 from flagsim.search.catalog import ENSEMBLE, resolve_models
 from flagsim.search.manifest import IndexManifest
 from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
@@ -97,11 +98,9 @@ def _tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, tuple[
     return out
 
 
-def table_indexes(run: RunDir, tables: Sequence[tuple[str, tuple[str, ...]]], cfg: Config
-                  ) -> dict[str, IndexManifest]:
+def table_indexes(run: RunDir, tables: Sequence[Table], cfg: Config) -> dict[str, IndexManifest]:
     """The manifest of each table's saved index, built first where missing or stale: as Ray
     tasks (`build_tasks.ensure_indexes`), since the search that follows runs on Ray too."""
-    from flagsim.search.build_tasks import ensure_indexes
 
     return {b.model: b.manifest
             for b in ensure_indexes(run, tables, cfg, on_ray=True, on_settings=False)}
