@@ -324,3 +324,26 @@ def test_a_corrupt_index_file_is_one_line_from_the_search_actor(tmp_path, ray_lo
                       f"{index_file.parent / '_manifest.json'} (corrupt or replaced); rerun "
                       "`flagsim index --models a`"]
     assert not RunDir.at(str(tmp_path)).neighbours_manifest("a").exists()
+
+
+def test_neighbour_rows_gather_ids_and_names_and_keep_a_placeholder_for_a_query_without_hits(
+) -> None:
+    import pyarrow as pa
+
+    from flagsim.search.neighbours_job import EXPECTED, ROW, SHARD, neighbour_rows
+
+    ids = pa.array(["a", "b", "c", "d"])
+    names = pa.array(["A", None, "C", "D"])
+    batch = {SHARD: np.array(["part-00003.parquet"] * 3, dtype=object),
+             ROW: np.array([0, 1, 2]), EXPECTED: np.array([3, 3, 3]),
+             "query_id": np.array(["a", "b", "x"], dtype=object),
+             "query": np.array(["A", "", "X"], dtype=object)}
+    pos = np.array([[2, 1, 3], [0, -1, -1], [-1, -1, -1]])
+    scores = np.array([[0.9, 0.8, 0.7], [0.5, np.nan, np.nan], [np.nan] * 3], np.float32)
+    rows = neighbour_rows(batch, scores, pos, ids, names).to_pylist()
+    got = [(r["query_id"], r["row"], r["rank"], r["neighbour_id"], r["neighbour"]) for r in rows]
+    assert got == [("a", 0, 1, "c", "C"), ("a", 0, 2, "b", None), ("a", 0, 3, "d", "D"),
+                   ("b", 1, 1, "a", "A"), ("x", 2, 0, None, None)]  # rank 0: no hit at all
+    assert {r["shard"] for r in rows} == {"part-00003.parquet"}
+    assert [r["expected"] for r in rows] == [3] * 5
+    assert [r["score"] for r in rows[:4]] == pytest.approx([0.9, 0.8, 0.7, 0.5])

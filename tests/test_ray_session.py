@@ -115,6 +115,37 @@ def test_ray_address_connects_to_the_cluster(foreign_head: Head) -> None:
     assert "ray.num_cpus only size an embedded local Ray; ignored" in err
 
 
+EXIT = """
+import os, sys, ray
+import ray._private.worker as worker
+from flagsim.config import load_config
+from flagsim.pipeline.ray_session import ensure_ray
+ensure_ray(load_config(None, ["ray.num_cpus=1"]))
+real = ray.shutdown
+def spy(*args, **kwargs):  # Ray's own exit hook holds the real function, not this name
+    print("SHUTDOWN", worker.global_worker.mode == ray.SCRIPT_MODE, kwargs, flush=True)
+    return real(*args, **kwargs)
+ray.shutdown = spy
+print("GCS", ray.get_runtime_context().gcs_address, flush=True)
+"""
+
+
+@pytest.mark.ray
+def test_an_embedded_ray_is_shut_down_by_flagsims_exit_hook_before_rays(tmp_path: Path) -> None:
+    """At exit flagsim stops its embedded Ray itself; Ray's own hook, which would first sleep
+    half a second for worker logs (flagsim sends none to the driver), then finds it stopped."""
+    import socket
+
+    proc = subprocess.run([sys.executable, "-c", EXIT], env=_env(RAY_USAGE_STATS_ENABLED="0"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "SHUTDOWN True {}" in lines  # called at exit, while the driver was connected
+    host, port = next(ln for ln in lines if ln.startswith("GCS ")).split()[1].rsplit(":", 1)
+    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
+        pass  # the embedded GCS is gone with the process
+
+
 # --- an unreachable cluster --------------------------------------------------------------------
 
 

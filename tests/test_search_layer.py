@@ -76,6 +76,38 @@ def test_ivf_parts_share_one_quantiser_and_record_recall(tmp_path) -> None:
     assert (pos == want_p).mean() > 0.99  # ties aside, the same neighbours
 
 
+def test_an_ivf_build_reads_each_shard_once_when_its_rows_fit_the_budget(tmp_path, monkeypatch
+                                                                         ) -> None:
+    from flagsim.search import source
+    from flagsim.search.choice import build_peak_bytes, held_vectors_bytes, plan_index
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    run = make_run(tmp_path, "m", x, shard_size=250)  # 8 shards
+    reads: list[str] = []
+    real_read = source.ModelSource.read
+    monkeypatch.setattr(source.ModelSource, "read",
+                        lambda self, shard: reads.append(shard) or real_read(self, shard))
+    roomy = IndexConfig(kind="ivf", nlist=8, nprobe=2, recall_sample=100)
+    kind, _, params = plan_index(2000, 16, roomy)
+    held = held_vectors_bytes(kind, 2000, 16, params, roomy)
+    assert held >= 2000 * 16 * 4
+    one = build_index(run, "m", roomy)
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 8  # one pass: sample and fill
+    # a budget with room for the build but not for holding every row: the shards are read twice
+    tight = tiny_budget(build_peak_bytes(2000, 16, roomy) - held + held // 2, kind="ivf", nlist=8,
+                        nprobe=2, recall_sample=100)
+    assert held_vectors_bytes(kind, 2000, 16, params, tight) == 0
+    reads.clear()
+    two = build_index(run, "m", tight)
+    assert len(reads) == 16 and len(two.manifest.parts) == 1
+    assert two.manifest.recall == one.manifest.recall and two.manifest.count == 2000
+    s1, p1 = one.search(x[:40], 5)
+    s2, p2 = two.search(x[:40], 5)
+    np.testing.assert_array_equal(p1, p2)  # the same seeded sample and rows: the same index
+    np.testing.assert_allclose(s1, s2, atol=1e-6)
+
+
 def test_more_parts_than_max_parts_is_one_config_line(tmp_path) -> None:
     x = np.random.default_rng(7).normal(size=(600, 16)).astype(np.float32)
     run = make_run(tmp_path, "m", x)

@@ -212,8 +212,20 @@ def ensure_ray(cfg: Config) -> dict[str, float]:
         except (ConnectionError, TimeoutError) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise RayConnectError(f"cannot reach Ray at {address}: {reason}") from None
+        atexit.register(_shutdown_at_exit)
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
+
+
+def _shutdown_at_exit() -> None:
+    """At exit, ahead of Ray's own exit hook (registered when `ray` was imported, so it runs
+    later and then finds nothing to do): shut Ray down without the half second that hook
+    sleeps for worker logs to reach the console, which flagsim's workers do not send
+    (`log_to_driver=False`). An embedded Ray is stopped, a cluster is left running."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def quiet_ray_data(show_ray_progress: bool = False) -> None:

@@ -9,7 +9,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from flagsim.rundir import RunDir
 from flagsim.schema import INDEX_IDS_SCHEMA
 from flagsim.search.backend import FaissIndex, build_threads, gpu_capable, use_gpu
 from flagsim.search.catalog import ENSEMBLE, model_dim
-from flagsim.search.choice import parts_needed, plan_index
+from flagsim.search.choice import held_vectors_bytes, parts_needed, plan_index
 from flagsim.search.manifest import (
     IDS_FILE,
     MANIFEST_FILE,
@@ -34,7 +34,7 @@ from flagsim.search.manifest import (
 )
 from flagsim.search.model_index import ModelIndex
 from flagsim.search.saved import open_index
-from flagsim.search.source import VectorSource, source_of
+from flagsim.search.source import Block, VectorSource, source_of
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
@@ -96,19 +96,26 @@ def build_index(
         ntrain = min(n, max(64 * params["nlist"], 256 * 39 if kind == "ivfpq" else 0))
         train_pos = np.sort(rng.choice(n, size=ntrain, replace=False))
     train, samples = (None, None)
+    blocks: Iterable[Block] = src  # what fills the index: the shards, read again, or held rows
     if train_pos is not None or sample_pos is not None:
-        train, samples = _gather(src, dim, train_pos, sample_pos)
+        hold = held_vectors_bytes(kind, n, dim, params, cfg) > 0
+        train, samples, held = _gather(src, dim, train_pos, sample_pos, hold=hold)
+        if held is not None:
+            blocks = held
 
     staging = _staging_dir(run)
     try:
         try:
-            built = _fill(src, kind, factory, params, nparts, gpu, train, samples, sample_pos, staging)
+            built = _fill(src, blocks, kind, factory, params, nparts, gpu, train, samples,
+                          sample_pos, staging)
         except (RuntimeError, AttributeError) as exc:  # e.g. a PQ size the GPU kernels lack
             if not gpu:
                 raise
             log.warning("%s: cannot build on GPU (%s); building on CPU", model, _first_line(exc))
             gpu = False
-            built = _fill(src, kind, factory, params, nparts, False, train, samples, sample_pos, staging)
+            built = _fill(src, blocks, kind, factory, params, nparts, False, train, samples,
+                          sample_pos, staging)
+        del blocks, train
         files, parts, recall, last = built
         seconds = time.perf_counter() - start
         k_recall = min(RECALL_K, n - 1)
@@ -139,11 +146,12 @@ def build_index(
 
 
 def _fill(
-    src: VectorSource, kind: str, factory: str, params: dict[str, Any], nparts: int, gpu: bool,
-    train: np.ndarray | None, samples: np.ndarray | None, sample_pos: np.ndarray | None,
-    staging: str,
+    src: VectorSource, blocks: Iterable[Block], kind: str, factory: str, params: dict[str, Any],
+    nparts: int, gpu: bool, train: np.ndarray | None, samples: np.ndarray | None,
+    sample_pos: np.ndarray | None, staging: str,
 ) -> tuple[dict[str, str], list[dict[str, Any]], float | None, FaissIndex | None]:
-    """Create, train and fill the parts; ({file name: staged path}, parts, recall, last part).
+    """Create, train and fill the parts with `blocks` (`src`'s rows in order); ({file name:
+    staged path}, parts, recall, last part).
 
     Vectors go into part `p` while their global position is below its end; each full part is
     saved and released before the next is filled. The exact top-k of the recall sample is kept
@@ -182,7 +190,7 @@ def _fill(
         parts.append({"file": name, "offset": start, "count": index.count, "size": size})
 
     try:
-        for block in src:
+        for block in blocks:
             vec, lo = block.vectors, 0
             writer.write_table(pa.Table.from_arrays(
                 [pa.array(block.ids, pa.string()), pa.array(block.names, pa.string())],
@@ -267,13 +275,18 @@ def _commit(run: RunDir, root: Location, manifest: IndexManifest, files: dict[st
 
 
 def _gather(
-    src: VectorSource, dim: int, train_pos: np.ndarray | None, sample_pos: np.ndarray | None
-) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The rows at the given global positions (one pass over the shards)."""
+    src: VectorSource, dim: int, train_pos: np.ndarray | None, sample_pos: np.ndarray | None,
+    hold: bool = False,
+) -> tuple[np.ndarray | None, np.ndarray | None, list[Block] | None]:
+    """(training rows, recall sample rows, every block when `hold`, else None): the rows at
+    the given global positions, in one pass over the shards."""
     want = {"train": train_pos, "sample": sample_pos}
     got: dict[str, list[np.ndarray]] = {k: [] for k in want}
+    held: list[Block] | None = [] if hold else None
     offset = 0
     for block in src:
+        if held is not None:
+            held.append(block)
         vec = block.vectors
         lo, hi = offset, offset + len(vec)
         for key, positions in want.items():
@@ -289,7 +302,7 @@ def _gather(
             return None
         return np.ascontiguousarray(np.concatenate(got[key]) if got[key] else np.zeros((0, dim), np.float32))
 
-    return cat("train"), cat("sample")
+    return cat("train"), cat("sample"), held
 
 
 def _recall(approx_pos: np.ndarray, exact_pos: np.ndarray, sample_pos: np.ndarray, k: int) -> float:

@@ -136,14 +136,36 @@ def build_overhead_bytes(kind: str, n: int, dim: int, params: dict[str, Any]) ->
     return (train + min(n, 1000) + min(n, 65536)) * dim * 4
 
 
+#: kinds whose build reads the vectors before filling the index (training or recall sample)
+SAMPLED_KINDS = ("ivf", "ivfpq", "hnsw")
+#: a held row's id and name as Python strings, about (for the budget only)
+HELD_ROW_BYTES = 160
+
+
+def held_vectors_bytes(kind: str, n: int, dim: int, params: dict[str, Any], cfg: IndexConfig
+                       ) -> int:
+    """Memory a build keeps from its sampling pass so that it fills the index without reading
+    the shards a second time: every row (vectors, ids, names) when the index is one part and
+    they fit `index.memory_budget_gb` beside the build's peak, else 0 (the shards are read
+    twice). Exact `flat` builds read the shards once anyway."""
+    from flagsim.search.backend import index_nbytes
+
+    if kind not in SAMPLED_KINDS or parts_needed(kind, n, dim, params, cfg) > 1:
+        return 0
+    held = n * (dim * 4 + HELD_ROW_BYTES)
+    peak = index_nbytes(kind, n, dim, params) + build_overhead_bytes(kind, n, dim, params)
+    return held if peak + held <= cfg.memory_budget_gb * 1024**3 else 0
+
+
 def build_peak_bytes(n: int, dim: int, cfg: IndexConfig) -> int:
     """The most memory one build of `n` x `dim` holds: one part's index data (the largest, when
-    `parts_needed` splits it) and the training sample, the recall sample and one shard being
-    added. What `parts_needed` keeps within `index.memory_budget_gb`, and what an index build
-    task reserves from Ray."""
+    `parts_needed` splits it), the training sample, the recall sample, one shard being added
+    and the rows held from the sampling pass (`held_vectors_bytes`). Within
+    `index.memory_budget_gb`, and what an index build task reserves from Ray."""
     from flagsim.search.backend import index_nbytes
 
     kind, _, params = plan_index(n, dim, cfg)
     parts = parts_needed(kind, n, dim, params, cfg)
     per_part = math.ceil(n / parts)
-    return index_nbytes(kind, per_part, dim, params) + build_overhead_bytes(kind, n, dim, params)
+    return (index_nbytes(kind, per_part, dim, params) + build_overhead_bytes(kind, n, dim, params)
+            + held_vectors_bytes(kind, n, dim, params, cfg))

@@ -153,9 +153,11 @@ class SearchActor:
             if problem:
                 raise DataError(f"{problem}; rerun `flagsim index --models {model}`")
             table = (root / IDS_FILE).read_parquet()
-            self.ids = np.asarray(table.column("image_id").to_pylist(), dtype=object)
-            self.names = np.asarray(table.column("name").to_pylist(), dtype=object)
-            self.pos = {str(i): p for p, i in enumerate(self.ids)}
+            # Arrow arrays: the rows' neighbour ids and names are gathered with `take`, without
+            # a Python string per hit
+            self.ids = table.column("image_id").combine_chunks()
+            self.names = table.column("name").combine_chunks()
+            self.pos = {i: p for p, i in enumerate(self.ids.to_pylist())}
         log.info("%s: index part %d/%d loaded (%d vectors, %s)", model, part + 1, parts,
                  self.index.count, self.index.device)
 
@@ -185,7 +187,7 @@ class SearchActor:
         from flagsim.search.model_index import finish_hits
 
         assert self.pos is not None
-        excl = np.array([self.pos.get(str(q), -2) for q in batch["query_id"]], dtype=np.int64) \
+        excl = np.array([self.pos.get(q, -2) for q in batch["query_id"]], dtype=np.int64) \
             if self.exclude_self else None
         scores, pos = finish_hits(scores, pos.astype(np.int64), excl, self.k)
         return neighbour_rows(batch, scores, pos, self.ids, self.names) if n else _empty_rows()
@@ -207,10 +209,11 @@ def _empty_rows() -> pa.Table:
 
 
 def neighbour_rows(batch: dict[str, np.ndarray], scores: np.ndarray, pos: np.ndarray,
-                   ids: np.ndarray, names: np.ndarray) -> pa.Table:
+                   ids: pa.Array, names: pa.Array) -> pa.Table:
     """The neighbour table's rows of a batch (ROWS_SCHEMA), missing hits left out; a query
     without any hit keeps one rank-0 row so that its shard is known complete (dropped when the
-    part is written)."""
+    part is written). Every string column is gathered with Arrow's `take` (a null position
+    gives a null id and name)."""
     nq, k = pos.shape
     valid = pos >= 0
     empty = ~valid.any(axis=1)
@@ -218,21 +221,23 @@ def neighbour_rows(batch: dict[str, np.ndarray], scores: np.ndarray, pos: np.nda
     if empty.any():  # rank 0, position -1: a placeholder
         valid[empty, 0] = True
         rank[empty, 0] = 0
-    qi = np.nonzero(valid)[0]
+    qi = pa.array(np.nonzero(valid)[0])
     p = pos[valid]
-    hit = p >= 0
-    nid = np.where(hit, ids[np.where(hit, p, 0)], None)
-    nname = np.where(hit, names[np.where(hit, p, 0)], None)
+    hits = pa.array(p, pa.int64(), mask=p < 0)
+
+    def queries(column: str) -> pa.Array:
+        return pa.array(batch[column], pa.string()).take(qi)
+
     return pa.Table.from_arrays(
         [
-            pa.array(np.asarray(batch[SHARD], dtype=object)[qi].tolist(), pa.string()),
-            pa.array(np.asarray(batch[ROW])[qi], pa.int64()),
-            pa.array(np.asarray(batch[EXPECTED])[qi], pa.int64()),
-            pa.array(np.asarray(batch["query_id"], dtype=object)[qi].tolist(), pa.string()),
-            pa.array(np.asarray(batch["query"], dtype=object)[qi].tolist(), pa.string()),
+            queries(SHARD),
+            pa.array(np.asarray(batch[ROW]), pa.int64()).take(qi),
+            pa.array(np.asarray(batch[EXPECTED]), pa.int64()).take(qi),
+            queries("query_id"),
+            queries("query"),
             pa.array(rank[valid], pa.int32()),
-            pa.array(nid.tolist(), pa.string()),
-            pa.array(nname.tolist(), pa.string()),
+            ids.take(hits).cast(pa.string()),
+            names.take(hits).cast(pa.string()),
             pa.array(scores[valid].astype(np.float32), pa.float32()),
         ],
         schema=ROWS_SCHEMA,
