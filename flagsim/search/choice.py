@@ -148,13 +148,19 @@ def held_vectors_bytes(kind: str, n: int, dim: int, params: dict[str, Any], cfg:
     the shards a second time: every row (vectors, ids, names) when the index is one part and
     they fit `index.memory_budget_gb` beside the build's peak, else 0 (the shards are read
     twice). Exact `flat` builds read the shards once anyway."""
-    from flagsim.search.backend import index_nbytes
-
     if kind not in SAMPLED_KINDS or parts_needed(kind, n, dim, params, cfg) > 1:
         return 0
     held = n * (dim * 4 + HELD_ROW_BYTES)
-    peak = index_nbytes(kind, n, dim, params) + build_overhead_bytes(kind, n, dim, params)
-    return held if peak + held <= cfg.memory_budget_gb * 1024**3 else 0
+    fits = _part_peak_bytes(kind, n, dim, params, 1) + held <= cfg.memory_budget_gb * 1024**3
+    return held if fits else 0
+
+
+def _part_peak_bytes(kind: str, n: int, dim: int, params: dict[str, Any], parts: int) -> int:
+    """One part's index data (the largest of `parts`) and the build's overhead."""
+    from flagsim.search.backend import index_nbytes
+
+    return (index_nbytes(kind, math.ceil(n / parts), dim, params)
+            + build_overhead_bytes(kind, n, dim, params))
 
 
 def build_peak_bytes(n: int, dim: int, cfg: IndexConfig) -> int:
@@ -162,10 +168,7 @@ def build_peak_bytes(n: int, dim: int, cfg: IndexConfig) -> int:
     `parts_needed` splits it), the training sample, the recall sample, one shard being added
     and the rows held from the sampling pass (`held_vectors_bytes`). Within
     `index.memory_budget_gb`, and what an index build task reserves from Ray."""
-    from flagsim.search.backend import index_nbytes
-
     kind, _, params = plan_index(n, dim, cfg)
     parts = parts_needed(kind, n, dim, params, cfg)
-    per_part = math.ceil(n / parts)
-    return (index_nbytes(kind, per_part, dim, params) + build_overhead_bytes(kind, n, dim, params)
-            + held_vectors_bytes(kind, n, dim, params, cfg))
+    return _part_peak_bytes(kind, n, dim, params, parts) + held_vectors_bytes(kind, n, dim,
+                                                                               params, cfg)
