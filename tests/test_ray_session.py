@@ -116,7 +116,7 @@ def test_ray_address_connects_to_the_cluster(foreign_head: Head) -> None:
 
 
 EXIT = """
-import os, sys, ray
+import ray
 import ray._private.worker as worker
 from flagsim.config import load_config
 from flagsim.pipeline.ray_session import ensure_ray
@@ -131,7 +131,7 @@ print("GCS", ray.get_runtime_context().gcs_address, flush=True)
 
 
 @pytest.mark.ray
-def test_an_embedded_ray_is_shut_down_by_flagsims_exit_hook_before_rays(tmp_path: Path) -> None:
+def test_an_embedded_ray_is_shut_down_by_flagsims_exit_hook_before_rays() -> None:
     """At exit flagsim stops its embedded Ray itself; Ray's own hook, which would first sleep
     half a second for worker logs (flagsim sends none to the driver), then finds it stopped."""
     import socket
