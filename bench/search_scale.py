@@ -595,9 +595,8 @@ def run(sizes: Sequence[tuple[int, Sequence[int]]] | None = None, quick: bool = 
                    faiss_threads=faiss.omp_get_max_threads(), cpu_count=os.cpu_count(),
                    shard_rows=shard_rows(), ray=ray_mode())
     try:
-        with contextlib.ExitStack() as stack:
-            ray_head = stack.enter_context(running_ray(root)) if fig.raw["ray"] == "running" \
-                else None
+        head = running_ray(root) if fig.raw["ray"] == "running" else contextlib.nullcontext()
+        with head as ray_head:
             _sizes(sizes, budget, n_clusters, sample_size, root, rows, setup, ray_head)
     finally:
         if not keep:

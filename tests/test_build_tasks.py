@@ -116,6 +116,26 @@ def test_the_index_command_on_a_cluster_builds_in_ray_tasks(tmp_path, ray_local,
     assert " up to date " in capsys.readouterr().out
 
 
+def test_query_on_a_cluster_builds_a_missing_index_in_a_ray_task(tmp_path, ray_local, monkeypatch,
+                                                                  capsys) -> None:
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=(50, 8)).astype(np.float32)
+    runs.make_run(tmp_path, "a", a, shard_size=20)
+    runs.make_run(tmp_path, "b", rng.normal(size=(50, 4)).astype(np.float32), shard_size=20)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    _never_in_the_driver(monkeypatch)
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["query", "--run", str(tmp_path), "img00007", "-k", "3"]) == 0
+    out = capsys.readouterr().out
+    run = RunDir.at(str(tmp_path))
+    for m in ("a", "b", "all"):  # the models' and the ensemble's indexes, built and saved
+        assert read_index_manifest(run, m).count == 50
+    unit = a / np.linalg.norm(a, axis=1, keepdims=True)
+    scores = unit @ unit[7]
+    scores[7] = -np.inf
+    assert f"img{int(np.argmax(scores)):05d}" in out  # model a's first hit, from that index
+
+
 def test_the_index_command_without_a_cluster_builds_here_and_starts_no_ray(tmp_path) -> None:
     runs.make_run(tmp_path, "a", np.random.default_rng(5).normal(size=(60, 8)).astype(np.float32),
                   shard_size=25)
@@ -182,6 +202,74 @@ def test_a_failed_build_is_one_line_and_the_other_builds_finish_first(tmp_path, 
     assert read_index_manifest(run, "bad") is None  # nothing half-written
     good = read_index_manifest(run, "good")
     assert good is not None and good.count == 300
+
+
+def _task_workers(title: str) -> set[int]:
+    """Pids of the live processes whose title is `title` (a Ray worker running that task)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")[0].decode(errors="replace").strip()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cmd == title and state not in ("Z", "X"):
+            found.add(int(entry))
+    return found
+
+
+def test_a_build_task_whose_worker_dies_is_retried_once_then_fails_in_one_line(tmp_path, ray_local
+                                                                              ) -> None:
+    import signal
+    import threading
+    import time
+
+    rng = np.random.default_rng(9)
+    runs.make_run(tmp_path, "doomed", rng.normal(size=(60, 8)).astype(np.float32), shard_size=20)
+    runs.make_run(tmp_path, "good", rng.normal(size=(60, 8)).astype(np.float32), shard_size=20)
+    # a held run lock keeps both builds waiting to commit, so their workers can be found
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    raised: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            ensure_indexes(str(tmp_path), [("doomed", ()), ("good", ())], load_config(None, []),
+                           on_ray=True)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            raised.append(exc)
+
+    title = "ray::" + build_tasks.task_name("doomed")
+    killed: list[int] = []
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        driver = threading.Thread(target=build)
+        driver.start()
+        for _ in range(2):  # the task's first run, then Ray's one retry (max_retries=1)
+            deadline = time.monotonic() + 120
+            while not (workers := _task_workers(title) - set(killed)):
+                assert time.monotonic() < deadline, f"no worker titled {title}"
+                time.sleep(0.05)
+            pid = workers.pop()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        holder.stdin.close()  # "good" may commit now
+        driver.join(timeout=300)
+    finally:
+        holder.stdin.close() if not holder.stdin.closed else None
+        holder.wait(timeout=60)
+    assert not driver.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], DataError), raised
+    message = str(raised[0])
+    assert message.startswith("index doomed: its Ray task failed: ") and "\n" not in message
+    run = RunDir.at(str(tmp_path))
+    assert read_index_manifest(run, "doomed") is None  # nothing half-written
+    assert read_index_manifest(run, "good").count == 60  # the other build kept
+    assert not list((tmp_path / "index").glob("model=doomed/*"))
 
 
 def test_the_pipeline_builds_its_indexes_in_ray_tasks(tmp_path, bundled_dir, ray_local,

@@ -67,7 +67,7 @@ def set_threads(threads: int) -> int:
     return threads
 
 
-def build_threads() -> int:
+def omp_threads() -> int:
     """The OpenMP threads FAISS would use on the calling thread now."""
     import faiss
 

@@ -21,7 +21,7 @@ from flagsim.config import IndexConfig
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
 from flagsim.schema import INDEX_IDS_SCHEMA
-from flagsim.search.backend import FaissIndex, build_threads, gpu_capable, use_gpu
+from flagsim.search.backend import FaissIndex, gpu_capable, omp_threads, use_gpu
 from flagsim.search.catalog import ENSEMBLE, model_dim
 from flagsim.search.choice import held_vectors_bytes, parts_needed, plan_index
 from flagsim.search.manifest import (
@@ -84,7 +84,7 @@ def build_index(
     kind, factory, params = plan_index(n, dim, cfg)
     nparts = parts_needed(kind, n, dim, params, cfg)
     gpu = use_gpu(cfg) and gpu_capable(kind)
-    start, threads = time.perf_counter(), build_threads()
+    start, threads = time.perf_counter(), omp_threads()
     log.info("%s: building %s index (%s) of %d x %d on %s%s (%d CPU thread(s))", model, kind,
              factory, n, dim, "GPU" if gpu else "CPU", f" in {nparts} parts" if nparts > 1 else "",
              threads)

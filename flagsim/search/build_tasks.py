@@ -181,6 +181,12 @@ def build_task(run_uri: str, model: str, members: Sequence[str], index_cfg: Inde
     return {"manifest": manifest.to_json(), "warnings": warnings.lines}
 
 
+def task_name(model: str) -> str:
+    """The name of a table's build task: in Ray's task list, and its worker's process title
+    (`ray::flagsim-index-<model>`) while it runs."""
+    return f"flagsim-index-{model}"
+
+
 def _run_tasks(run: RunDir, todo: Sequence[Table], cfg: Config, resources: dict[str, float]) -> None:
     import ray
 
@@ -197,7 +203,7 @@ def _run_tasks(run: RunDir, todo: Sequence[Table], cfg: Config, resources: dict[
                  gpus, reserve[model] / 2**30)
         remote = ray.remote(build_task).options(num_cpus=cpus, num_gpus=gpus,
                                                 memory=reserve[model], max_retries=1,
-                                                name="flagsim-index")
+                                                name=task_name(model))
         refs[model] = remote.remote(str(run.root), model, list(members), cfg.index, cpus)
     errors: list[BaseException] = []
     for model, ref in refs.items():  # all of them, so that a failure keeps the others' indexes

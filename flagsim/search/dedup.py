@@ -169,7 +169,7 @@ def write_dedup(
     names = dedup_models(run, models, threshold)
     present = complete_models(run)
     thresholds = {m: _threshold(m, threshold, present) for m in names}  # all checked first
-    session = RunSearch(run, None, cfg.index)
+    session = RunSearch(run, None, cfg)
     missing = [m for m in names if not run.neighbours_manifest(m).exists()]
     if missing:
         from flagsim.search.neighbours import write_neighbours

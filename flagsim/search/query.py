@@ -98,7 +98,7 @@ def query(
     """
     cfg = cfg or Config()
     run = RunDir.at(run_dir)
-    session = RunSearch(run, models, cfg.index)
+    session = RunSearch(run, models, cfg)
     cat = session.catalogue
     image = is_image_query(text, cat) if as_image is None else as_image
     if image:
@@ -114,7 +114,7 @@ def query(
         result.results[m] = session.hits(m, [image_id], k)[0]
         answered.append(m)
     if ensemble and len(answered) > 1:
-        ens_session = session if answered == session.models else RunSearch(run, answered, cfg.index)
+        ens_session = session if answered == session.models else RunSearch(run, answered, cfg)
         ens = ens_session.index(ENSEMBLE)
         if image_id in ens:
             ens.check_k(k)
@@ -154,7 +154,7 @@ def _image_query(session: RunSearch, path: str, k: int, cfg: Config, ensemble: b
         vectors[m] = vec
     if ensemble and len(vectors) > 1:
         answered = list(vectors)
-        ens_session = session if answered == session.models else RunSearch(run, answered, cfg.index)
+        ens_session = session if answered == session.models else RunSearch(run, answered, cfg)
         ens = ens_session.index(ENSEMBLE)
         ens.check_k(k, exclude_self=self_id is not None)
         result.results[ENSEMBLE] = ens.hits(
@@ -190,14 +190,14 @@ def query_text(
         if not has_text_tower(m):
             raise no_text_tower(m)
     if not named:
-        present = RunSearch(run, None, cfg.index).models
+        present = RunSearch(run, None, cfg).models
         named = [m for m in present if has_text_tower(m)]
         if not named:
             raise DataError(
                 f"no model of {run.root} has a text tower (text queries work with: "
                 f"{', '.join(text_models()) or 'none'}; models present: {', '.join(present)})"
             )
-    session = RunSearch(run, named, cfg.index)
+    session = RunSearch(run, named, cfg)
     result = QueryResult(text, "text", None, None, k, session.models)
     for m in session.models:
         try:

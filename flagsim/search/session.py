@@ -14,7 +14,7 @@ from functools import cached_property
 
 import numpy as np
 
-from flagsim.config import IndexConfig
+from flagsim.config import Config, IndexConfig
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
 from flagsim.search.backend import FaissIndex
@@ -32,10 +32,14 @@ class RunSearch:
     """Search the models of one run (and their ensemble `all`)."""
 
     def __init__(self, run: RunDir | str, models: Sequence[str] | None = None,
-                 cfg: IndexConfig | None = None, *, build: bool = True) -> None:
+                 cfg: Config | IndexConfig | None = None, *, build: bool = True) -> None:
         self.run = run if isinstance(run, RunDir) else RunDir.at(run)
         self.models = resolve_models(self.run, models)
-        self.cfg = cfg or IndexConfig()
+        # the whole configuration says where a missing index is built: on its Ray cluster
+        # (RAY_ADDRESS or ray.address) as a task, else here; index settings alone build here
+        # unless RAY_ADDRESS is set
+        self.config = cfg if isinstance(cfg, Config) else Config(index=cfg or IndexConfig())
+        self.cfg = self.config.index
         self.build = build
         self._indexes: dict[str, ModelIndex] = {}
         self._sources: dict[str, ModelSource] = {}
@@ -47,7 +51,8 @@ class RunSearch:
             if model == ENSEMBLE:
                 self._indexes[model] = self._ensemble_index()
             else:
-                self._indexes[model] = load_index(self.run, model, self.cfg, build=self.build)
+                self._indexes[model] = load_index(self.run, model, self.cfg, build=self.build,
+                                                   cluster=self.config)
         return self._indexes[model]
 
     @property
@@ -63,7 +68,7 @@ class RunSearch:
 
             return dataclasses.replace(self.index(self.models[0]), model=ENSEMBLE)
         if sorted(self.models) == sorted(complete_models(self.run)):
-            return load_index(self.run, ENSEMBLE, self.cfg, build=self.build)
+            return load_index(self.run, ENSEMBLE, self.cfg, build=self.build, cluster=self.config)
         src = EnsembleSource(self.run, self.models)
         ids: list[str] = []
         names: list[str] = []
