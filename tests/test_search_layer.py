@@ -165,6 +165,43 @@ def test_the_ensemble_index_ranks_by_mean_cosine_and_is_saved(tmp_path) -> None:
     assert json.loads((run.index_path(ENSEMBLE) / "_manifest.json").read_text())["created"] == created
 
 
+def test_the_ensemble_of_a_subset_streams_its_shards_and_ranks_by_mean_cosine(tmp_path,
+                                                                              monkeypatch) -> None:
+    from flagsim.search import source
+    from flagsim.search.compare import compare
+    from flagsim.search.streamed import StreamedIndex
+
+    run, a, b = _two_models(tmp_path, n=230)
+    c = np.random.default_rng(11).normal(size=(230, 7)).astype(np.float32)
+    make_run(tmp_path, "c", c, shard_size=50)
+    session = RunSearch(run, ["a", "c"])  # not every model: no saved index to use
+    ens = session.index(ENSEMBLE)
+    assert isinstance(ens.index, StreamedIndex) and ens.index.nbytes() == 0  # holds no vectors
+    assert ens.count == 230 and ens.dim == 19 and ens.ids[229] == "img00229"
+    assert not run.index_path(ENSEMBLE).exists()  # nothing saved for a subset
+    session.index("a"), session.index("c")  # the models' own (flat) indexes, built before counting
+    read: list[str] = []
+    real = source.ModelSource.read
+    monkeypatch.setattr(source.ModelSource, "read",
+                        lambda self, shard: read.append(f"{self.model}/{shard}") or real(self, shard))
+    ids = [f"img{i:05d}" for i in range(230)]
+    scores, pos = session.search(ENSEMBLE, ids, 6)
+    mean_cos = (normalise(a) @ normalise(a).T + normalise(c) @ normalise(c).T) / 2
+    np.fill_diagonal(mean_cos, -np.inf)
+    want = np.argsort(-mean_cos, axis=1, kind="stable")[:, :6]
+    np.testing.assert_array_equal(pos, want)
+    np.testing.assert_allclose(scores, np.take_along_axis(mean_cos, want, 1), atol=1e-5)
+    # one pass: each of the 5 shards of a and c once (the queries' own vectors come from the
+    # models' flat indexes)
+    assert sorted(read) == sorted(f"{m}/part-{s:05d}.parquet" for m in "ac" for s in range(5))
+    read.clear()
+    got = compare(str(tmp_path), ["img00003", "img00100"], k=3, models=["a", "c"], session=session)
+    first, second = (got.results[q][ENSEMBLE] for q in got.queries)
+    assert [h.image_id for h in first] == [ids[p] for p in want[3, :3]]
+    assert [h.image_id for h in second] == [ids[p] for p in want[100, :3]]
+    assert len(read) == 10  # both queries' ensemble hits in one pass
+
+
 def test_the_ensemble_goes_stale_when_a_model_is_added(tmp_path) -> None:
     run, a, b = _two_models(tmp_path)
     RunSearch(run).index(ENSEMBLE)

@@ -85,6 +85,10 @@ def compare(
             query_ids[display] = image_id
     ensemble = session.index(ENSEMBLE)
     k = clamp_k(k, [*indexes.values(), ensemble])
+    # the ensemble's hits in one search: a subset's ensemble streams its shards once a search
+    in_ensemble = [query_ids[q] for q in resolved if query_ids[q] in ensemble]
+    ensemble_hits = dict(zip(in_ensemble, session.hits(ENSEMBLE, in_ensemble, k), strict=True)) \
+        if in_ensemble else {}
     results: dict[str, dict[str, list[Hit]]] = {}
     for q in resolved:
         image_id = query_ids[q]
@@ -94,8 +98,8 @@ def compare(
                 per[m] = session.hits(m, [image_id], k)[0]
             else:
                 log.warning("%s is not among model %s's embeddings", q, m)
-        if image_id in ensemble:
-            per[ENSEMBLE] = session.hits(ENSEMBLE, [image_id], k)[0]
+        if image_id in ensemble_hits:
+            per[ENSEMBLE] = ensemble_hits[image_id]
         results[q] = per
     agreement = agreement_matrix(session, [str(i) for i in ensemble.ids], k)
     return Comparison(names, resolved, query_ids, results, agreement, k)

@@ -17,11 +17,11 @@ import numpy as np
 from flagsim.config import Config, IndexConfig
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
-from flagsim.search.backend import FaissIndex
 from flagsim.search.catalog import ENSEMBLE, Catalogue, complete_models, resolve_models
 from flagsim.search.load import load_index
 from flagsim.search.model_index import Hit, ModelIndex
 from flagsim.search.source import EnsembleSource, ModelSource
+from flagsim.search.streamed import StreamedIndex
 from flagsim.search.vectors import ensemble_vectors, normalise
 from flagsim.shards import Manifest
 
@@ -61,8 +61,9 @@ class RunSearch:
 
     def _ensemble_index(self) -> ModelIndex:
         """The run's saved `all` index when the session covers every model; for a subset of
-        the models an exact in-memory ensemble of just those (not saved, so it never replaces
-        the run's own). With one model, that model's index under the ensemble's name."""
+        the models an exact ensemble of just those (not saved, so it never replaces
+        the run's own), searched by streaming their shards (`StreamedIndex`). With one model,
+        that model's index under the ensemble's name."""
         if not self.has_ensemble:  # the mean cosine of one model is its own ranking
             import dataclasses
 
@@ -70,16 +71,11 @@ class RunSearch:
         if sorted(self.models) == sorted(complete_models(self.run)):
             return load_index(self.run, ENSEMBLE, self.cfg, build=self.build, cluster=self.config)
         src = EnsembleSource(self.run, self.models)
-        ids: list[str] = []
-        names: list[str] = []
-        index = FaissIndex.create(src.dim, "flat", "Flat", {})
-        for block in src:
-            index.add(block.vectors)
-            ids += block.ids
-            names += block.names
+        ids, names = src.ids_names()
         if not ids:
             raise DataError(f"no image is present in all of the models {', '.join(self.models)}")
-        return ModelIndex(ENSEMBLE, index, np.array(ids, dtype=object), np.array(names, dtype=object))
+        # exact and streamed: the driver holds the ids and names, never the vectors
+        return ModelIndex(ENSEMBLE, StreamedIndex(src, len(ids)), ids, names)
 
     def source(self, model: str) -> ModelSource:
         if model not in self._sources:

@@ -160,14 +160,28 @@ class EnsembleSource:
     @cached_property
     def _kept(self) -> dict[str, list[str]]:
         """shard -> ids present in every model's shard (first model's order); ids only are read."""
-        out: dict[str, list[str]] = {}
+        return {shard: self._kept_ids(shard, self.parts[0].ids_of(shard)) for shard in self.shards}
+
+    def _kept_ids(self, shard: str, first: list[str]) -> list[str]:
+        common = set(first)
+        for p in self.parts[1:]:
+            common &= set(p.ids_of(shard))
+        return [i for i in first if i in common]
+
+    def ids_names(self) -> tuple[list[str], list[str]]:
+        """Ids and names of the ensemble's rows in `read` order (only those columns are read)."""
+        ids: list[str] = []
+        names: list[str] = []
         for shard in self.shards:
-            first = self.parts[0].ids_of(shard)
-            common = set(first)
-            for p in self.parts[1:]:
-                common &= set(p.ids_of(shard))
-            out[shard] = [i for i in first if i in common]
-        return out
+            t = (self.run.model_dir(self.parts[0].model) / shard).read_parquet(
+                columns=["image_id", "name"])
+            first = t.column("image_id").to_pylist()
+            kept = set(self._kept_ids(shard, first))
+            for i, name in zip(first, t.column("name").to_pylist(), strict=True):
+                if i in kept:
+                    ids.append(i)
+                    names.append(name)
+        return ids, names
 
     @property
     def rows(self) -> int:
