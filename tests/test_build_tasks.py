@@ -225,6 +225,7 @@ def _task_workers(title: str) -> set[int]:
 def test_a_build_task_whose_worker_dies_is_retried_once_then_fails_in_one_line(tmp_path, ray_local
                                                                               ) -> None:
     import signal
+    import socket
     import threading
     import time
 
@@ -244,6 +245,7 @@ def test_a_build_task_whose_worker_dies_is_retried_once_then_fails_in_one_line(t
             raised.append(exc)
 
     title = "ray::" + build_tasks.task_name("doomed")
+    staging = tmp_path / "_tmp"
     killed: list[int] = []
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -255,6 +257,10 @@ def test_a_build_task_whose_worker_dies_is_retried_once_then_fails_in_one_line(t
                 assert time.monotonic() < deadline, f"no worker titled {title}"
                 time.sleep(0.05)
             pid = workers.pop()
+            # killed once its build has staged files (it then waits for the lock to commit)
+            while not list(staging.glob(f"index-{socket.gethostname()}-{pid}-*/*")):
+                assert time.monotonic() < deadline, f"the build in pid {pid} staged nothing"
+                time.sleep(0.05)
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
         holder.stdin.close()  # "good" may commit now
@@ -270,6 +276,12 @@ def test_a_build_task_whose_worker_dies_is_retried_once_then_fails_in_one_line(t
     assert read_index_manifest(run, "doomed") is None  # nothing half-written
     assert read_index_manifest(run, "good").count == 60  # the other build kept
     assert not list((tmp_path / "index").glob("model=doomed/*"))
+    # what a killed build staged is left behind until the next build starts: Ray's retry
+    # removed the first run's, the rerun below removes the retry's
+    assert len(list(staging.glob("index-*"))) == 1
+    built = ensure_indexes(str(tmp_path), [("doomed", ())], load_config(None, []), on_ray=True)
+    assert built[0].status == "built" and built[0].manifest.count == 60
+    assert not list(staging.glob("index-*"))
 
 
 def test_the_pipeline_builds_its_indexes_in_ray_tasks(tmp_path, bundled_dir, ray_local,

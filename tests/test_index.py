@@ -4,6 +4,7 @@ bad or stale inputs give one-line errors, and indexes live on object stores too.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -448,3 +449,29 @@ def test_gpu_failure_falls_back_to_cpu(tmp_path, monkeypatch, caplog) -> None:
     assert "cannot build on GPU (no GPU kernel for this index); building on CPU" in caplog.text
     loaded = load_index(run, "m", IndexConfig(use_gpu="yes"), build=False)
     assert loaded.index.device == "cpu" and loaded.count == 300
+
+
+def test_a_build_removes_what_builds_that_died_on_this_host_staged_and_nothing_else(tmp_path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    run = make_run(tmp_path, "m", np.random.default_rng(12).normal(size=(30, 4)).astype(np.float32))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid is free now
+    host = socket.gethostname()
+    staging = tmp_path / "_tmp"
+    names = {
+        "dead": f"index-{host}-{gone.pid}-ab12cd34",
+        "live": f"index-{host}-{os.getpid()}-ef56gh78",  # a build running now (this process)
+        "other host": f"index-{host}x-{gone.pid}-ab12cd34",
+        "host with a dash": f"index-{host}-{gone.pid}-{gone.pid}-ab12cd34",  # host `<host>-<pid>`
+        "not a build": "images-0123.parquet.d",
+    }
+    for name in names.values():
+        (staging / name).mkdir(parents=True)
+        (staging / name / "index.faiss").write_bytes(b"partial")
+    build_index(run, "m", IndexConfig(kind="flat"))
+    left = {what for what, name in names.items() if (staging / name).exists()}
+    assert left == {"live", "other host", "host with a dash", "not a build"}
+    assert not [p for p in staging.iterdir() if p.name not in names.values()]  # its own removed

@@ -6,9 +6,11 @@ import hashlib
 import logging
 import math
 import os
+import re
+import shutil
+import socket
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,6 +22,7 @@ import pyarrow.parquet as pq
 from flagsim.config import IndexConfig
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
+from flagsim.runlock import pid_alive
 from flagsim.schema import INDEX_IDS_SCHEMA
 from flagsim.search.backend import FaissIndex, gpu_capable, omp_threads, use_gpu
 from flagsim.search.catalog import ENSEMBLE, model_dim
@@ -103,6 +106,7 @@ def build_index(
         if held is not None:
             blocks = held
 
+    remove_dead_staging(run)
     staging = _staging_dir(run)
     try:
         try:
@@ -232,13 +236,44 @@ def _fill(
     return files, parts, recall, current if nparts == 1 else None
 
 
-def _staging_dir(run: RunDir) -> str:
-    """A fresh local directory for the files being built (the run's `_tmp/` when local)."""
+def _staging_place(run: RunDir) -> tuple[str, str]:
+    """(directory, name prefix) of a build's staging folders: the run's `_tmp/` when the run is
+    local, else the system's temporary directory. The prefix names this host and process, so
+    that a later build can tell the folders of a build that died (`remove_dead_staging`)."""
+    owner = f"{socket.gethostname()}-{os.getpid()}-"
     if run.root.is_local:
-        path = os.path.join(run.staging.path, f"index-{uuid.uuid4().hex}")
-        os.makedirs(path)
-        return path
-    return tempfile.mkdtemp(prefix="flagsim-index-")
+        return run.staging.path, f"index-{owner}"
+    return tempfile.gettempdir(), f"flagsim-index-{owner}"
+
+
+def _staging_dir(run: RunDir) -> str:
+    """A fresh local directory for the files being built."""
+    where, prefix = _staging_place(run)
+    os.makedirs(where, exist_ok=True)
+    return tempfile.mkdtemp(prefix=prefix, dir=where)
+
+
+def remove_dead_staging(run: RunDir) -> int:
+    """Delete the staging folders that builds on this host left when their process died
+    (killed, out of memory: the `finally` that removes them never ran); the folders of a live
+    build, or of another host, are left alone. How many were removed."""
+    where, prefix = _staging_place(run)
+    mine = prefix[: -len(f"{os.getpid()}-")]  # `index-<host>-`: this host's builds
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        # `<pid>-<mkdtemp's suffix>` after the host: a host whose name goes on with `-...` differs
+        found = re.fullmatch(r"(\d+)-[a-z0-9_]+", name[len(mine):]) if name.startswith(mine) else None
+        if found is None or pid_alive(int(found.group(1))):
+            continue
+        shutil.rmtree(os.path.join(where, name), ignore_errors=True)
+        removed += 1
+    if removed:
+        log.info("removed %d staging folder(s) of index builds that died, in %s", removed, where)
+    return removed
 
 
 def _remove_dir(path: str) -> None:
