@@ -258,7 +258,7 @@ def test_a_build_task_whose_worker_dies_is_retried_once_then_fails_in_one_line(t
                 time.sleep(0.05)
             pid = workers.pop()
             # killed once its build has staged files (it then waits for the lock to commit)
-            while not list(staging.glob(f"index-{socket.gethostname()}-{pid}-*/*")):
+            while not list(staging.glob(f"index-{socket.gethostname()}-{pid}-*/*.parquet")):
                 assert time.monotonic() < deadline, f"the build in pid {pid} staged nothing"
                 time.sleep(0.05)
             os.kill(pid, signal.SIGKILL)

@@ -4,7 +4,6 @@ bad or stale inputs give one-line errors, and indexes live on object stores too.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -451,27 +450,45 @@ def test_gpu_failure_falls_back_to_cpu(tmp_path, monkeypatch, caplog) -> None:
     assert loaded.index.device == "cpu" and loaded.count == 300
 
 
-def test_a_build_removes_what_builds_that_died_on_this_host_staged_and_nothing_else(tmp_path) -> None:
-    import socket
+def test_a_build_removes_what_builds_that_died_staged_and_nothing_else(tmp_path) -> None:
     import subprocess
     import sys
 
+    from flagsim.search.build import OWNER_FILE, remove_dead_staging
+
     run = make_run(tmp_path, "m", np.random.default_rng(12).normal(size=(30, 4)).astype(np.float32))
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # its pid is free now
-    host = socket.gethostname()
     staging = tmp_path / "_tmp"
-    names = {
-        "dead": f"index-{host}-{gone.pid}-ab12cd34",
-        "live": f"index-{host}-{os.getpid()}-ef56gh78",  # a build running now (this process)
-        "other host": f"index-{host}x-{gone.pid}-ab12cd34",
-        "host with a dash": f"index-{host}-{gone.pid}-{gone.pid}-ab12cd34",  # host `<host>-<pid>`
-        "not a build": "images-0123.parquet.d",
-    }
-    for name in names.values():
-        (staging / name).mkdir(parents=True)
-        (staging / name / "index.faiss").write_bytes(b"partial")
-    build_index(run, "m", IndexConfig(kind="flat"))
-    left = {what for what, name in names.items() if (staging / name).exists()}
-    assert left == {"live", "other host", "host with a dash", "not a build"}
-    assert not [p for p in staging.iterdir() if p.name not in names.values()]  # its own removed
+    folders = {what: staging / f"index-{what}" for what in ("dead", "live", "old", "other")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+        (folder / "index.faiss").write_bytes(b"partial")
+    for what in ("dead", "live"):
+        (folders[what] / OWNER_FILE).touch()
+    (staging / "images-0123.parquet.tmp").mkdir()  # not an index build's
+    (folders["other"] / "note").write_text("no owner file: a build from before owner files")
+    folders["old"].rename(staging / "index-0123abcd")  # the naming before owner files
+    # a live build: a process holding its owner file's lock (any pid namespace or host sharing
+    # the filesystem looks the same); the dead build's lock was released when it exited
+    hold = ("import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n")
+    for what in ("dead", "live"):
+        proc = subprocess.Popen([sys.executable, "-c", hold, str(folders[what] / OWNER_FILE)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "locked"
+        if what == "dead":
+            proc.kill()
+            proc.wait()
+        else:
+            live = proc
+    try:
+        build_index(run, "m", IndexConfig(kind="flat"))  # removes the dead build's first
+        left = sorted(p.name for p in staging.iterdir())
+        assert left == ["images-0123.parquet.tmp", "index-0123abcd", "index-live", "index-other"]
+    finally:
+        live.stdin.close()
+        live.wait()
+    assert remove_dead_staging(run) == 1  # the live build has ended: its folder goes now
+    assert not (staging / "index-live").exists()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import math
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 from flagsim.config import IndexConfig
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
-from flagsim.runlock import pid_alive
 from flagsim.schema import INDEX_IDS_SCHEMA
 from flagsim.search.backend import FaissIndex, gpu_capable, omp_threads, use_gpu
 from flagsim.search.catalog import ENSEMBLE, model_dim
@@ -107,7 +106,8 @@ def build_index(
             blocks = held
 
     remove_dead_staging(run)
-    staging = _staging_dir(run)
+    stage = _Staging(run)
+    staging = stage.path
     try:
         try:
             built = _fill(src, blocks, kind, factory, params, nparts, gpu, train, samples,
@@ -140,7 +140,7 @@ def build_index(
         root = run.index_path(model)
         _commit(run, root, manifest, files)
     finally:
-        _remove_dir(staging)
+        stage.close()
     log.info("%s: wrote %s (%s, %d vectors, %.2fs)", model, root, kind, n, seconds)
     if last is not None:  # one part: the index just built, without reading it back
         ids_table = (root / IDS_FILE).read_parquet()
@@ -236,41 +236,72 @@ def _fill(
     return files, parts, recall, current if nparts == 1 else None
 
 
+#: in each build's staging folder: the build holds an exclusive flock on it while it runs
+OWNER_FILE = ".owner"
+
+
 def _staging_place(run: RunDir) -> tuple[str, str]:
-    """(directory, name prefix) of a build's staging folders: the run's `_tmp/` when the run is
-    local, else the system's temporary directory. The prefix names this host and process, so
-    that a later build can tell the folders of a build that died (`remove_dead_staging`)."""
-    owner = f"{socket.gethostname()}-{os.getpid()}-"
+    """(directory, name prefix) of the builds' staging folders: the run's `_tmp/` when the run
+    is local, else the system's temporary directory."""
     if run.root.is_local:
-        return run.staging.path, f"index-{owner}"
-    return tempfile.gettempdir(), f"flagsim-index-{owner}"
+        return run.staging.path, "index-"
+    return tempfile.gettempdir(), "flagsim-index-"
 
 
-def _staging_dir(run: RunDir) -> str:
-    """A fresh local directory for the files being built."""
-    where, prefix = _staging_place(run)
-    os.makedirs(where, exist_ok=True)
-    return tempfile.mkdtemp(prefix=prefix, dir=where)
+class _Staging:
+    """A fresh local folder for the files being built, `<prefix><host>-<pid>-<random>`, locked
+    for the build's lifetime: an exclusive flock on its owner file, which the kernel releases
+    when the process dies however it dies, so `remove_dead_staging` can tell a dead build's
+    folder from a live one's on any host and in any pid namespace."""
+
+    def __init__(self, run: RunDir) -> None:
+        where, prefix = _staging_place(run)
+        os.makedirs(where, exist_ok=True)
+        # made and locked under a name no cleaner looks at, then renamed into view
+        new = tempfile.mkdtemp(prefix=".new-", dir=where)
+        self.fd = os.open(os.path.join(new, OWNER_FILE), os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a filesystem without locks: never removed by another build
+            log.debug("no flock on %s: its staging folder is removed only by this build", where)
+        self.path = os.path.join(
+            where, f"{prefix}{socket.gethostname()}-{os.getpid()}-{os.path.basename(new)[5:]}")
+        os.rename(new, self.path)
+
+    def close(self) -> None:
+        try:
+            _remove_dir(self.path)
+        finally:
+            os.close(self.fd)
 
 
 def remove_dead_staging(run: RunDir) -> int:
-    """Delete the staging folders that builds on this host left when their process died
-    (killed, out of memory: the `finally` that removes them never ran); the folders of a live
-    build, or of another host, are left alone. How many were removed."""
+    """Delete the staging folders that builds left when their process died (killed, out of
+    memory: the `finally` that removes them never ran): those whose owner file is not locked.
+    A live build's folder, and a folder without an owner file, are left alone. How many were
+    removed."""
     where, prefix = _staging_place(run)
-    mine = prefix[: -len(f"{os.getpid()}-")]  # `index-<host>-`: this host's builds
     try:
-        names = os.listdir(where)
+        names = [n for n in os.listdir(where) if n.startswith(prefix)]
     except OSError:
         return 0
     removed = 0
     for name in names:
-        # `<pid>-<mkdtemp's suffix>` after the host: a host whose name goes on with `-...` differs
-        found = re.fullmatch(r"(\d+)-[a-z0-9_]+", name[len(mine):]) if name.startswith(mine) else None
-        if found is None or pid_alive(int(found.group(1))):
+        path = os.path.join(where, name)
+        try:
+            fd = os.open(os.path.join(path, OWNER_FILE), os.O_RDWR)
+        except OSError:
             continue
-        shutil.rmtree(os.path.join(where, name), ignore_errors=True)
-        removed += 1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its build runs (or locks are not supported here)
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        finally:
+            os.close(fd)
     if removed:
         log.info("removed %d staging folder(s) of index builds that died, in %s", removed, where)
     return removed
