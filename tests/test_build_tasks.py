@@ -136,6 +136,27 @@ def test_query_on_a_cluster_builds_a_missing_index_in_a_ray_task(tmp_path, ray_l
     assert f"img{int(np.argmax(scores)):05d}" in out  # model a's first hit, from that index
 
 
+def test_compare_and_eval_build_on_the_config_s_ray_cluster(tmp_path, ray_local, monkeypatch
+                                                             ) -> None:
+    from flagsim.search.compare import compare
+    from flagsim.search.evaluate import evaluate
+
+    rng = np.random.default_rng(10)
+    runs.make_run(tmp_path, "a", rng.normal(size=(40, 6)).astype(np.float32), shard_size=20)
+    runs.make_run(tmp_path, "b", rng.normal(size=(40, 3)).astype(np.float32), shard_size=20)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    _never_in_the_driver(monkeypatch)
+    cfg = load_config(None, ["ray.address=auto"])  # the cluster named by the config alone
+    got = compare(str(tmp_path), ["img00003"], k=2, cfg=cfg)
+    assert set(got.results[got.queries[0]]) == {"a", "b", "all"}
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("query,similar\nimg00001,img00002\n")
+    scores = evaluate(str(tmp_path), str(pairs), cfg=cfg)
+    assert list(scores["model"]) == ["a", "b", "all"] and (scores["pairs"] == 1).all()
+    run = RunDir.at(str(tmp_path))
+    assert [read_index_manifest(run, m).count for m in ("a", "b", "all")] == [40, 40, 40]
+
+
 def test_the_index_command_without_a_cluster_builds_here_and_starts_no_ray(tmp_path) -> None:
     runs.make_run(tmp_path, "a", np.random.default_rng(5).normal(size=(60, 8)).astype(np.float32),
                   shard_size=25)
@@ -204,22 +225,13 @@ def test_a_failed_build_is_one_line_and_the_other_builds_finish_first(tmp_path, 
     assert good is not None and good.count == 300
 
 
-def _task_workers(title: str) -> set[int]:
-    """Pids of the live processes whose title is `title` (a Ray worker running that task)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")[0].decode(errors="replace").strip()
-            with open(f"/proc/{entry}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if cmd == title and state not in ("Z", "X"):
-            found.add(int(entry))
-    return found
+def _title(pid: int) -> str:
+    """The process title of `pid` (a Ray worker's is `ray::<task name>` while it runs a task)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def test_a_build_task_whose_worker_dies_is_retried_once_then_fails_in_one_line(tmp_path, ray_local
@@ -245,24 +257,27 @@ def test_a_build_task_whose_worker_dies_is_retried_once_then_fails_in_one_line(t
             raised.append(exc)
 
     title = "ray::" + build_tasks.task_name("doomed")
-    staging = tmp_path / "_tmp"
+    staging, mine = tmp_path / "_tmp", f"index-{socket.gethostname()}-"
     killed: list[int] = []
     try:
         assert holder.stdout.readline().strip() == "locked"
         driver = threading.Thread(target=build)
         driver.start()
         for _ in range(2):  # the task's first run, then Ray's one retry (max_retries=1)
+            # the workers of this test's builds, from their staging folders (named after their
+            # pid) once they staged files (a build then waits for the lock to commit); the
+            # doomed one by its title
             deadline = time.monotonic() + 120
-            while not (workers := _task_workers(title) - set(killed)):
-                assert time.monotonic() < deadline, f"no worker titled {title}"
+            while True:
+                pids = {int(f.name[len(mine):].split("-")[0]) for f in staging.glob(f"{mine}*")
+                        if list(f.glob("*.parquet"))} - set(killed)
+                doomed = [pid for pid in pids if _title(pid) == title]
+                if doomed:
+                    break
+                assert time.monotonic() < deadline, f"no worker titled {title} staged files"
                 time.sleep(0.05)
-            pid = workers.pop()
-            # killed once its build has staged files (it then waits for the lock to commit)
-            while not list(staging.glob(f"index-{socket.gethostname()}-{pid}-*/*.parquet")):
-                assert time.monotonic() < deadline, f"the build in pid {pid} staged nothing"
-                time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            os.kill(doomed[0], signal.SIGKILL)
+            killed.append(doomed[0])
         holder.stdin.close()  # "good" may commit now
         driver.join(timeout=300)
     finally:

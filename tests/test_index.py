@@ -450,7 +450,9 @@ def test_gpu_failure_falls_back_to_cpu(tmp_path, monkeypatch, caplog) -> None:
     assert loaded.index.device == "cpu" and loaded.count == 300
 
 
-def test_a_build_removes_what_builds_that_died_staged_and_nothing_else(tmp_path) -> None:
+def test_a_build_removes_what_builds_that_died_on_this_host_staged_and_nothing_else(tmp_path
+                                                                                  ) -> None:
+    import socket
     import subprocess
     import sys
 
@@ -458,37 +460,41 @@ def test_a_build_removes_what_builds_that_died_staged_and_nothing_else(tmp_path)
 
     run = make_run(tmp_path, "m", np.random.default_rng(12).normal(size=(30, 4)).astype(np.float32))
     staging = tmp_path / "_tmp"
-    folders = {what: staging / f"index-{what}" for what in ("dead", "live", "old", "other")}
-    for folder in folders.values():
-        folder.mkdir(parents=True)
-        (folder / "index.faiss").write_bytes(b"partial")
-    for what in ("dead", "live"):
-        (folders[what] / OWNER_FILE).touch()
-    (staging / "images-0123.parquet.tmp").mkdir()  # not an index build's
-    (folders["other"] / "note").write_text("no owner file: a build from before owner files")
-    folders["old"].rename(staging / "index-0123abcd")  # the naming before owner files
-    # a live build: a process holding its owner file's lock (any pid namespace or host sharing
-    # the filesystem looks the same); the dead build's lock was released when it exited
+    host = socket.gethostname()
+    folders = {
+        "dead": f"index-{host}-4242-ab12cd34",
+        "live": f"index-{host}-4343-ef56gh78",
+        "other host": f"index-{host}x-4242-ab12cd34",  # unlocked, but not this host's to judge
+        "host with a dash": f"index-{host}-7-4242-ab12cd34",  # host `<host>-7`
+        "no owner file": f"index-{host}-4444-ij90kl12",  # one from before owner files
+        "not a build": "images-0123.parquet.d",
+    }
+    for what, name in folders.items():
+        (staging / name).mkdir(parents=True)
+        (staging / name / "index.faiss").write_bytes(b"partial")
+        if what != "no owner file":
+            (staging / name / OWNER_FILE).touch()
+    # a live build: a process holding its owner file's lock; the dead build's holder was killed
     hold = ("import fcntl, os, sys\n"
             "fd = os.open(sys.argv[1], os.O_RDWR)\n"
             "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
             "print('locked', flush=True)\n"
             "sys.stdin.read()\n")
+    holders = {}
     for what in ("dead", "live"):
-        proc = subprocess.Popen([sys.executable, "-c", hold, str(folders[what] / OWNER_FILE)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "locked"
-        if what == "dead":
-            proc.kill()
-            proc.wait()
-        else:
-            live = proc
+        holders[what] = subprocess.Popen(
+            [sys.executable, "-c", hold, str(staging / folders[what] / OWNER_FILE)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holders[what].stdout.readline().strip() == "locked"
+    holders["dead"].kill()
+    holders["dead"].wait()
     try:
         build_index(run, "m", IndexConfig(kind="flat"))  # removes the dead build's first
-        left = sorted(p.name for p in staging.iterdir())
-        assert left == ["images-0123.parquet.tmp", "index-0123abcd", "index-live", "index-other"]
+        left = {what for what, name in folders.items() if (staging / name).exists()}
+        assert left == set(folders) - {"dead"}
+        assert sorted(p.name for p in staging.iterdir()) == sorted(folders[w] for w in left)
     finally:
-        live.stdin.close()
-        live.wait()
+        holders["live"].stdin.close()
+        holders["live"].wait()
     assert remove_dead_staging(run) == 1  # the live build has ended: its folder goes now
-    assert not (staging / "index-live").exists()
+    assert not (staging / folders["live"]).exists()

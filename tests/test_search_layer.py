@@ -200,6 +200,19 @@ def test_the_ensemble_of_a_subset_streams_its_shards_and_ranks_by_mean_cosine(tm
     assert [h.image_id for h in first] == [ids[p] for p in want[3, :3]]
     assert [h.image_id for h in second] == [ids[p] for p in want[100, :3]]
     assert len(read) == 10  # both queries' ensemble hits in one pass
+    # the report's top-k of every image: the images streamed once as queries, and the streamed
+    # ensemble searched in batches as large as its byte budget allows (one pass here), not
+    # one pass per SEARCH_BATCH rows (5 passes at 50 rows)
+    from flagsim.report import explore
+
+    monkeypatch.setattr(explore, "SEARCH_BATCH", 50)
+    read.clear()
+    table = explore.search_table(session, 3)
+    # a's and c's shards as their own queries (10), the ensemble's queries (10) and one pass of
+    # its streamed search (10); a pass per 50 rows would make it 70
+    assert table.sources[ENSEMBLE] == "searched" and len(read) == 30
+    got_ids = [[table.ids[p] for p in row] for row in table.neighbours[ENSEMBLE]]
+    assert got_ids == [[ids[p] for p in row[:3]] for row in want]
 
 
 def test_the_ensemble_goes_stale_when_a_model_is_added(tmp_path) -> None:

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = options.config_from_args(args)
     run_dir = options.run_dir_from(args, cfg)
     queries = args.queries or list(ORIGINAL_CHECKS)
-    c = compare(run_dir, queries, k=args.k, models=args.models)
+    c = compare(run_dir, queries, k=args.k, models=args.models, cfg=cfg)
     if args.json:
         print(json.dumps(c.to_json(), indent=2, ensure_ascii=False))
         return 0

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = options.config_from_args(args)
     run_dir = options.run_dir_from(args, cfg)
-    df = evaluate(run_dir, args.pairs or cfg.report.pairs, args.models)
+    df = evaluate(run_dir, args.pairs or cfg.report.pairs, args.models, cfg=cfg)
     if args.json:
         print(json.dumps(json.loads(df.to_json(orient="records")), indent=2))
         return 0

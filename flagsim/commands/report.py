@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         map_max=cfg.report.map_max,
         thumbs_max=cfg.report.thumbs_max,
         projection=cfg.report.projection,
+        cfg=cfg,
     )
     print(plain(f"report -> {paths.html}"))
     print(plain(f"contact sheet -> {paths.png}"))

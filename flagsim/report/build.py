@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from flagsim.config import Config
 from flagsim.errors import FlagsimError
 from flagsim.report.data import image_ids, report_data
 from flagsim.report.explore import (
@@ -89,6 +90,7 @@ def build_report(
     map_max: int = MAP_MAX,
     thumbs_max: int = THUMBS_MAX,
     projection: str = "auto",
+    cfg: Config | None = None,
 ) -> ReportPaths:
     """Compare models on `queries`, evaluate them, and write the HTML page and PNG contact sheet.
 
@@ -99,10 +101,12 @@ def build_report(
 
     The page also carries every image's top-k (search box), a map per model of at most `map_max`
     images (PCA; plus UMAP/t-SNE when installed and `projection` is "auto"; "pca" for PCA only)
-    and thumbnails of the shown images and the first `thumbs_max` of the run.
+    and thumbnails of the shown images and the first `thumbs_max` of the run. `cfg`: the index
+    settings and Ray cluster with which a missing index is built (default: RAY_ADDRESS only).
     """
     run = RunDir.at(run_dir)
-    data = report_data(run_dir, queries, k, pairs=pairs, models=models, default_queries=default_queries)
+    data = report_data(run_dir, queries, k, pairs=pairs, models=models,
+                       default_queries=default_queries, cfg=cfg)
     comparison = data.comparison
 
     thumbs = Thumbnails.for_run(run)

@@ -14,6 +14,7 @@ from flagsim.search.catalog import ENSEMBLE
 if TYPE_CHECKING:
     import pandas as pd
 
+    from flagsim.config import Config
     from flagsim.search.catalog import Catalogue
     from flagsim.search.compare import Comparison
     from flagsim.search.session import RunSearch
@@ -40,6 +41,7 @@ def report_data(
     pairs: str | None = None,
     models: Sequence[str] | None = None,
     default_queries: Sequence[str] | None = None,
+    cfg: Config | None = None,
 ) -> ReportData:
     """Resolve the queries, compare the models on them, and evaluate the models (an evaluation
     that cannot run becomes a note, never a failure).
@@ -58,7 +60,7 @@ def report_data(
         wanted = list(queries)
     else:
         wanted = list(default_queries if default_queries is not None else ReportConfig().queries)
-    session = RunSearch(run, models)  # one load of every index, shared by compare and eval
+    session = RunSearch(run, models, cfg)  # one load of every index, shared by compare and eval
     present, skipped, notes = resolve_queries(wanted, session.catalogue, explicit)
     comparison = compare(run_dir, present, k=k, models=models, session=session)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,8 @@ import pyarrow.compute as pc
 
 from flagsim.errors import FlagsimError, UnknownNameError
 from flagsim.search.catalog import ENSEMBLE
+from flagsim.search.source import Block
+from flagsim.search.streamed import StreamedIndex
 
 if TYPE_CHECKING:
     from flagsim.search.session import RunSearch
@@ -26,6 +29,9 @@ MAP_MAX = 5000
 PCA_FIT = 20_000
 #: Images whose neighbours are searched per call when a model has no neighbour table.
 SEARCH_BATCH = 4096
+#: query bytes per search of a streamed index (the ensemble of a subset of the models): each
+#: search reads its shards once, so every image's top-k reads them N x 4 x dim / this times
+STREAMED_QUERY_BYTES = 256 * 2**20
 #: Record of the last `flagsim embed` (skipped models and reasons), under the run's `_meta/`.
 EMBED_RECORD = "embed.json"
 
@@ -118,19 +124,33 @@ def _searched(session: RunSearch, model: str, ids: pa.Array, k: int) -> tuple[np
     to_cat = _positions(pa.array(index.ids.tolist(), pa.string()), ids)
     to_cat = np.where(np.isnan(to_cat), -1, to_cat).astype(np.int64)
     src = source_of(session.run, model, session.models) if model == ENSEMBLE else session.source(model)
-    for block in src:
-        rows = _positions(pa.array(block.ids, pa.string()), ids)
-        for start in range(0, len(block.ids), SEARCH_BATCH):
-            stop = start + SEARCH_BATCH
-            scores, pos = index.search(block.vectors[start:stop], kk, exclude=block.ids[start:stop],
-                                       normalised=True)
-            r = rows[start:stop]
-            ok = ~np.isnan(r)
-            valid = pos >= 0
-            mapped = np.where(valid, to_cat[np.clip(pos, 0, None)], -1)
-            nb[r[ok].astype(np.int64), :kk] = mapped[ok]
-            sc[r[ok].astype(np.int64), :kk] = np.where(valid, scores, 0)[ok]
+    batch = SEARCH_BATCH
+    if isinstance(index.index, StreamedIndex):  # each search is a pass over its shards
+        batch = max(SEARCH_BATCH, STREAMED_QUERY_BYTES // (4 * max(index.dim, 1)))
+    for qids, vectors in _batches(src, batch):
+        scores, pos = index.search(vectors, kk, exclude=qids, normalised=True)
+        r = _positions(pa.array(qids, pa.string()), ids)
+        ok = ~np.isnan(r)
+        valid = pos >= 0
+        mapped = np.where(valid, to_cat[np.clip(pos, 0, None)], -1)
+        nb[r[ok].astype(np.int64), :kk] = mapped[ok]
+        sc[r[ok].astype(np.int64), :kk] = np.where(valid, scores, 0)[ok]
     return nb, sc
+
+
+def _batches(blocks: Iterable[Block], rows: int) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, vectors) of `blocks` regrouped into batches of `rows` (the last one shorter)."""
+    ids: list[str] = []
+    parts: list[np.ndarray] = []
+    for block in blocks:
+        ids += block.ids
+        parts.append(block.vectors)
+        while len(ids) >= rows:
+            vectors = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            yield ids[:rows], vectors[:rows]
+            ids, parts = ids[rows:], [vectors[rows:]]
+    if ids:
+        yield ids, np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def search_table(session: RunSearch, k: int) -> SearchTable:

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -251,8 +252,9 @@ def _staging_place(run: RunDir) -> tuple[str, str]:
 class _Staging:
     """A fresh local folder for the files being built, `<prefix><host>-<pid>-<random>`, locked
     for the build's lifetime: an exclusive flock on its owner file, which the kernel releases
-    when the process dies however it dies, so `remove_dead_staging` can tell a dead build's
-    folder from a live one's on any host and in any pid namespace."""
+    when the process dies however it dies, so `remove_dead_staging` on the same host can tell a
+    dead build's folder from a live one's, in any pid namespace (containers sharing the host's
+    name) and without trusting a pid that may have been reused."""
 
     def __init__(self, run: RunDir) -> None:
         where, prefix = _staging_place(run)
@@ -276,13 +278,17 @@ class _Staging:
 
 
 def remove_dead_staging(run: RunDir) -> int:
-    """Delete the staging folders that builds left when their process died (killed, out of
-    memory: the `finally` that removes them never ran): those whose owner file is not locked.
-    A live build's folder, and a folder without an owner file, are left alone. How many were
-    removed."""
+    """Delete the staging folders that builds on this host left when their process died
+    (killed, out of memory: the `finally` that removes them never ran): those whose owner file
+    is not locked. A live build's folder, a folder without an owner file and another host's
+    (on a shared filesystem whose locks may be local to each node) are left alone. How many
+    were removed."""
     where, prefix = _staging_place(run)
+    mine = f"{prefix}{socket.gethostname()}-"
     try:
-        names = [n for n in os.listdir(where) if n.startswith(prefix)]
+        # `<pid>-<mkdtemp's suffix>` after this host's name (a host `<name>-...` differs)
+        names = [n for n in os.listdir(where)
+                 if n.startswith(mine) and re.fullmatch(r"\d+-[a-z0-9_]+", n[len(mine):])]
     except OSError:
         return 0
     removed = 0

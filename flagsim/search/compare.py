@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from flagsim.config import Config
 from flagsim.errors import DataError
 from flagsim.search.catalog import ENSEMBLE
 from flagsim.search.model_index import Hit, ModelIndex
@@ -56,7 +57,7 @@ class Comparison:
 
 def compare(
     run_dir: str, queries: Sequence[str], k: int = 5, models: Sequence[str] | None = None,
-    session: RunSearch | None = None,
+    session: RunSearch | None = None, cfg: Config | None = None,
 ) -> Comparison:
     """Each query's top-k for every model and the ensemble, and the models' agreement matrix.
 
@@ -65,11 +66,12 @@ def compare(
     present in all models (a seeded sample of AGREEMENT_SAMPLE when there are more).
     A `k` larger than the collection allows is clamped to the most neighbours every model has,
     with a warning (compare and the report show what they can). `session`: search through an
-    open RunSearch (the report shares one between compare and eval).
+    open RunSearch (the report shares one between compare and eval); else one with `cfg`
+    (index settings, and the Ray cluster a missing index is built on).
     """
     if not queries:
         raise DataError("compare needs at least one query name")
-    session = session or RunSearch(run_dir, models)
+    session = session or RunSearch(run_dir, models, cfg)
     names = session.models
     indexes = {m: session.index(m) for m in names}
     cat = session.catalogue

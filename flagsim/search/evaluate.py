@@ -12,6 +12,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
+from flagsim.config import Config
 from flagsim.errors import DataError, UnknownNameError
 from flagsim.search.catalog import ENSEMBLE, Catalogue
 from flagsim.search.model_index import ModelIndex
@@ -70,7 +71,7 @@ def _resolve(cat: Catalogue, name: str, where: str) -> str | None:
 
 def evaluate(
     run_dir: str, pairs: str | None = None, models: Sequence[str] | None = None,
-    session: RunSearch | None = None,
+    session: RunSearch | None = None, cfg: Config | None = None,
 ) -> pd.DataFrame:
     """One row per model plus "all" (the ensemble): model, pairs, hit@1, hit@5.
 
@@ -78,7 +79,7 @@ def evaluate(
     image present); hit@k is the fraction of them with a labelled similar image among the
     query's top-k neighbours (the query itself excluded).
     """
-    session = session or RunSearch(run_dir, models)
+    session = session or RunSearch(run_dir, models, cfg)
     run = session.run
     where = pairs or default_pairs_path()
     labelled = read_pairs(pairs)

@@ -52,10 +52,11 @@ def finish_hits(scores: np.ndarray, pos: np.ndarray, excl: np.ndarray | None, k:
 
 @dataclass
 class ModelIndex:
-    """A searchable cosine index of one model (or of the ensemble, kept in memory)."""
+    """A searchable cosine index of one model (or of the ensemble)."""
 
     model: str
-    index: VectorIndex  # a FaissIndex (searching on its GPU copy when it has one)
+    index: VectorIndex  # a FaissIndex (on its GPU copy when it has one), a PartedIndex
+    # or, for the ensemble of a subset of the models, a StreamedIndex
     ids: Column  # image ids in index order (any sequence given is kept as an Arrow column)
     names: Column  # display names
     manifest: IndexManifest | None = None

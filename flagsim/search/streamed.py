@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
+from flagsim.errors import DataError
 from flagsim.search.backend import merge_topk
 from flagsim.search.source import Block
 
@@ -77,4 +78,7 @@ class StreamedIndex:
                                   min(k, n), metric=faiss.METRIC_INNER_PRODUCT)
                 best = merge_topk([best, found], [0, offset], k)
             offset += n
+        if offset != self._count:  # the shards changed since the ids were read
+            raise DataError(f"the shards of {getattr(self.source, 'name', 'the source')} hold "
+                            f"{offset} rows, not the {self._count} read before; run the command again")
         return best
