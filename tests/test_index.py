@@ -403,6 +403,29 @@ def test_cli_index_builds_reports_and_checks(tmp_path, capsys) -> None:
     assert json.loads((run.index_path("m") / MANIFEST_FILE).read_text())["kind"] == "hnsw"
 
 
+def test_index_force_rebuilds_without_hashing_the_index_it_replaces(tmp_path, capsys,
+                                                                     monkeypatch) -> None:
+    from flagsim.search import build_tasks
+
+    run = make_run(tmp_path, "m", np.random.default_rng(13).normal(size=(40, 8)).astype(np.float32))
+    assert main(["index", "--run", str(tmp_path)]) == 0
+    path = run.index_path("m").local_path() / MANIFEST_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "old": True}))  # gone on a rebuild
+    checked: list[str] = []
+    real = build_tasks.index_state
+    monkeypatch.setattr(build_tasks, "index_state",
+                        lambda run, model, *a, **kw: checked.append(model) or real(run, model, *a, **kw))
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    assert main(["index", "--run", str(tmp_path), "--force"]) == 0
+    assert " built " in capsys.readouterr().out
+    assert checked == []  # --force: the old index's sha256 is not worth computing
+    manifest = json.loads(path.read_text())
+    assert "old" not in manifest and manifest["count"] == 40
+    assert main(["index", "--run", str(tmp_path)]) == 0  # without --force: checked, kept
+    assert checked == ["m"] and " up to date " in capsys.readouterr().out
+
+
 def test_index_on_an_object_store_run() -> None:
     from s3server import patched_environ, running_s3
 

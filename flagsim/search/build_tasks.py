@@ -58,14 +58,18 @@ def ensure_indexes(
     status: dict[str, str] = {}
     todo: list[Table] = []
     for model, members in tables:
+        if force:  # rebuilt whatever its state: no need to hash what is replaced
+            status[model] = "built"
+            todo.append((model, members))
+            continue
         state, reason = index_state(run, model, cfg.index if on_settings else None,
                                     verify=verify, models=list(members) or None)
-        if state == "fresh" and not force:
+        if state == "fresh":
             status[model] = "up to date"
             continue
         if state == "stale":
             log.info("%s; rebuilding", reason)
-        status[model] = "built" if state == "missing" or force else "rebuilt"
+        status[model] = "built" if state == "missing" else "rebuilt"
         todo.append((model, members))
     if todo and on_ray:
         from flagsim.pipeline.ray_session import ensure_ray
