@@ -274,7 +274,7 @@ def _can_mount_read_only(tmp_path: Path) -> bool:
         (["index", "--force"], "is not writable"),
         (["report", "--queries", "Albania"], "is not writable"),
         # the index is built on demand: its files stage under _tmp/ first
-        (["query", "Albania"], "cannot write {run}/_tmp/index-"),
+        (["query", "Albania"], "cannot write {run}/_tmp/.index-"),
     ],
 )
 def test_read_only_run_is_one_line_and_changes_nothing(tmp_path, argv, expected):

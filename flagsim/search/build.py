@@ -259,16 +259,16 @@ class _Staging:
     def __init__(self, run: RunDir) -> None:
         where, prefix = _staging_place(run)
         os.makedirs(where, exist_ok=True)
-        # made and locked under a name no cleaner looks at, then renamed into view
-        new = tempfile.mkdtemp(prefix=".new-", dir=where)
-        self.fd = os.open(os.path.join(new, OWNER_FILE), os.O_CREAT | os.O_RDWR, 0o600)
+        # made and locked under a hidden name no cleaner looks at, then renamed into view
+        hidden = tempfile.mkdtemp(prefix=f".{prefix}{socket.gethostname()}-{os.getpid()}-",
+                                  dir=where)
+        self.fd = os.open(os.path.join(hidden, OWNER_FILE), os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # a filesystem without locks: never removed by another build
             log.debug("no flock on %s: its staging folder is removed only by this build", where)
-        self.path = os.path.join(
-            where, f"{prefix}{socket.gethostname()}-{os.getpid()}-{os.path.basename(new)[5:]}")
-        os.rename(new, self.path)
+        self.path = os.path.join(where, os.path.basename(hidden)[1:])
+        os.rename(hidden, self.path)
 
     def close(self) -> None:
         try:
