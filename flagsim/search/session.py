@@ -72,7 +72,7 @@ class RunSearch:
             return load_index(self.run, ENSEMBLE, self.cfg, build=self.build, cluster=self.config)
         src = EnsembleSource(self.run, self.models)
         ids, names = src.ids_names()
-        if not ids:
+        if len(ids) == 0:
             raise DataError(f"no image is present in all of the models {', '.join(self.models)}")
         # exact and streamed: the driver holds the ids and names, never the vectors
         return ModelIndex(ENSEMBLE, StreamedIndex(src, len(ids)), ids, names)

@@ -9,6 +9,7 @@ from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
@@ -110,10 +111,6 @@ class ModelSource:
             names.append(t.column("name"))
         return _IdsNames(pa.chunked_array(ids, pa.string()), pa.chunked_array(names, pa.string()))
 
-    def ids_of(self, shard: str) -> list[str]:
-        loc = self.run.model_dir(self.model) / shard
-        return loc.read_parquet(columns=["image_id"]).column("image_id").to_pylist()
-
     def __iter__(self) -> Iterator[Block]:
         """Every shard, after checking the shard files are exactly the manifest's."""
         found = {loc.name for loc in shard_files(self.run, self.model).values()}
@@ -157,38 +154,34 @@ class EnsembleSource:
     def checksums(self) -> dict[str, str]:
         return {f"{p.model}/{s}": h for p in self.parts for s, h in p.checksums().items()}
 
-    @cached_property
-    def _kept(self) -> dict[str, list[str]]:
-        """shard -> ids present in every model's shard (first model's order); ids only are read."""
-        return {shard: self._kept_ids(shard, self.parts[0].ids_of(shard)) for shard in self.shards}
-
-    def _kept_ids(self, shard: str, first: list[str]) -> list[str]:
-        common = set(first)
+    def _kept(self, shard: str, columns: Sequence[str]) -> pa.Table:
+        """The first model's `columns` of `shard` (`image_id` among them) for the rows whose id
+        every model has in that shard, in the first model's order; only those columns are read."""
+        table = (self.run.model_dir(self.parts[0].model) / shard).read_parquet(columns=list(columns))
         for p in self.parts[1:]:
-            common &= set(p.ids_of(shard))
-        return [i for i in first if i in common]
+            other = (self.run.model_dir(p.model) / shard).read_parquet(columns=["image_id"])
+            table = table.filter(pc.is_in(table.column("image_id"),
+                                          value_set=other.column("image_id").combine_chunks()))
+        return table
 
-    def ids_names(self) -> tuple[list[str], list[str]]:
-        """Ids and names of the ensemble's rows in `read` order (only those columns are read)."""
-        ids: list[str] = []
-        names: list[str] = []
-        for shard in self.shards:
-            t = (self.run.model_dir(self.parts[0].model) / shard).read_parquet(
-                columns=["image_id", "name"])
-            first = t.column("image_id").to_pylist()
-            kept = set(self._kept_ids(shard, first))
-            for i, name in zip(first, t.column("name").to_pylist(), strict=True):
-                if i in kept:
-                    ids.append(i)
-                    names.append(name)
-        return ids, names
+    @cached_property
+    def _kept_rows(self) -> dict[str, int]:
+        return {shard: self._kept(shard, ["image_id"]).num_rows for shard in self.shards}
 
     @property
     def rows(self) -> int:
-        return sum(len(v) for v in self._kept.values())
+        return sum(self._kept_rows.values())
 
     def shard_rows(self) -> dict[str, int]:
-        return {s: len(v) for s, v in self._kept.items()}
+        return dict(self._kept_rows)
+
+    def ids_names(self) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+        """Ids and names of the ensemble's rows in `read` order (only those columns are read)."""
+        tables = [self._kept(shard, ["image_id", "name"]) for shard in self.shards]
+        ids = [t.column("image_id") for t in tables]
+        names = [t.column("name") for t in tables]
+        return (pa.chunked_array([c for col in ids for c in col.chunks], pa.string()),
+                pa.chunked_array([c for col in names for c in col.chunks], pa.string()))
 
     def read(self, shard: str) -> Block:
         blocks = [p.read(shard) for p in self.parts]
