@@ -297,3 +297,25 @@ def test_k_above_the_gpu_limit_runs_on_the_cpu_copy_with_one_log_line(caplog) ->
     assert big.shape == (2, GPU_MAX_K + 1) and (big[:, :10] == small).all()
     lines = [r.getMessage() for r in caplog.records if "GPU limit" in r.getMessage()]
     assert lines == [f"k={GPU_MAX_K + 1} is above FAISS's GPU limit of {GPU_MAX_K}: searching on the CPU"]
+
+
+def test_a_streamed_index_whose_source_changed_since_its_ids_were_read_is_one_line() -> None:
+    from flagsim.errors import DataError
+    from flagsim.search.source import Block
+    from flagsim.search.streamed import StreamedIndex
+
+    class Shards:  # two shards of 3 unit rows; the session had counted 7 rows
+        name = "all"
+        dim = 2
+
+        def __iter__(self):
+            for s in range(2):
+                yield Block(f"part-{s:05d}.parquet", [f"i{s}{r}" for r in range(3)],
+                            [f"n{s}{r}" for r in range(3)], np.eye(3, 2, dtype=np.float32))
+
+    scores, pos = StreamedIndex(Shards(), 6).search(np.eye(1, 2, dtype=np.float32), 2)
+    assert sorted(pos[0].tolist()) == [0, 3] and np.allclose(scores, 1.0)  # exact, global positions
+    with pytest.raises(DataError) as err:
+        StreamedIndex(Shards(), 7).search(np.eye(1, 2, dtype=np.float32), 2)
+    assert str(err.value) == ("the shards of all hold 6 rows, not the 7 read before; "
+                              "run the command again")
