@@ -161,6 +161,12 @@ class IndexConfig(_Frozen):
     hnsw_m: int = Field(default=32, gt=0)
     pq_m: int | None = Field(default=None, gt=0)
 
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yaml_yes_no(cls, v: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads the documented `use_gpu: yes` / `no` unquoted as booleans
+        return {True: "yes", False: "no"}.get(v, v) if isinstance(v, bool) else v
+
 
 class NeighboursConfig(_Frozen):
     k: int = Field(default=10, gt=0, le=10_000)

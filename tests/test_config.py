@@ -64,6 +64,16 @@ def test_overrides_are_parsed_as_yaml_and_validated():
         load_config(None, ["embed.shard_size"])
 
 
+@pytest.mark.parametrize(("written", "value"), [("no", "no"), ("yes", "yes"), ("'no'", "no"),
+                                                ("off", "no"), ("auto", "auto")])
+def test_use_gpu_written_unquoted_in_yaml(tmp_path, written, value):
+    # YAML 1.1 reads the documented `use_gpu: no` as a boolean; the file and --set both work
+    assert load_config(_write(tmp_path, f"index:\n  use_gpu: {written}\n")).index.use_gpu == value
+    assert load_config(None, [f"index.use_gpu={written}"]).index.use_gpu == value
+    with pytest.raises(ConfigError, match="index.use_gpu"):
+        load_config(None, ["index.use_gpu=maybe"])
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
