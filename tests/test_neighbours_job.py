@@ -76,6 +76,26 @@ def test_job_equals_brute_force_for_each_model_and_the_ensemble(tmp_path, ray_lo
     assert manifest["index_kind"] == "flat" and manifest["index_recall"] == 1.0
 
 
+def test_the_ensemble_table_is_right_whatever_order_the_models_are_named_in(tmp_path, ray_local):
+    """`--models b,a,all` on a run whose `all` index joins a then b: the query shards are joined
+    in the index's order too (they were joined b-first and the table was silently wrong)."""
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(150, 24)).astype(np.float32)
+    b = rng.normal(size=(150, 9)).astype(np.float32)
+    runs.make_run(tmp_path, "a", a, shard_size=64)
+    runs.make_run(tmp_path, "b", b, shard_size=64)
+    ensemble = np.concatenate([_unit(a), _unit(b)], axis=1) / math.sqrt(2)  # mean cosine
+    write_neighbours(str(tmp_path), k=K)
+    assert_brute_force(tmp_path, "all", ensemble, K)
+    run = RunDir.at(str(tmp_path))
+    shutil.rmtree(run.neighbours_dir("all").path)
+    shutil.rmtree(Path(run.neighbours_manifest("all").path).parent)
+    results = write_neighbours(str(tmp_path), k=K, models=["b", "a", "all"])
+    assert [(r.model, r.written) for r in results] == [("b", 0), ("a", 0), ("all", 3)]
+    assert_brute_force(tmp_path, "all", ensemble, K)
+    assert run.neighbours_manifest("all").read_json()["source_models"] == ["a", "b"]
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores to tell 2 threads from 1")
 def test_search_actor_uses_its_faiss_threads_on_the_thread_that_calls_it(tmp_path) -> None:
     """OpenMP's thread count is per thread, and Ray Data may call an actor on another thread

@@ -215,6 +215,46 @@ def test_the_ensemble_of_a_subset_streams_its_shards_and_ranks_by_mean_cosine(tm
     assert got_ids == [[ids[p] for p in row[:3]] for row in want]
 
 
+def test_the_ensemble_is_the_same_whatever_order_the_models_are_named_in(tmp_path) -> None:
+    """The run's `all` index joins a's and b's vectors in one order; a session, query or
+    comparison naming the models as `b,a` must line its vectors up the same way (it once
+    joined them b-first and searched garbage without an error)."""
+    from flagsim.search.compare import compare
+    from flagsim.search.query import query
+
+    run, a, b = _two_models(tmp_path)
+    mean_cos = (normalise(a) @ normalise(a).T + normalise(b) @ normalise(b).T) / 2
+    np.fill_diagonal(mean_cos, -np.inf)
+    want = np.argsort(-mean_cos, axis=1, kind="stable")[:, :5]
+    ids = [f"img{i:05d}" for i in range(240)]
+    RunSearch(run).index(ENSEMBLE)  # the run's saved ensemble, built over a then b
+    for order in (["b", "a"], ["a", "b"]):
+        session = RunSearch(run, order)
+        assert session.models == order  # the user's order is kept for display
+        scores, pos = session.search(ENSEMBLE, ids, 5)
+        np.testing.assert_array_equal(pos, want)
+        np.testing.assert_allclose(scores, np.take_along_axis(mean_cos, want, 1), atol=1e-5)
+        hits = query(str(tmp_path), "img00007", k=5, models=[*order, ENSEMBLE])
+        assert [h.image_id for h in hits.results[ENSEMBLE]] == [ids[p] for p in want[7]]
+        got = compare(str(tmp_path), ["img00011"], k=5, models=order)
+        assert [h.image_id for h in got.results[got.queries[0]][ENSEMBLE]] == [ids[p] for p in want[11]]
+    assert ensemble_vectors({"b": b[:2], "a": a[:2]}).tobytes() == \
+        ensemble_vectors({"a": a[:2], "b": b[:2]}).tobytes()
+
+
+def test_a_saved_ensemble_joined_in_another_order_is_stale_and_rebuilt(tmp_path) -> None:
+    run, a, b = _two_models(tmp_path)
+    RunSearch(run).index(ENSEMBLE)
+    path = run.index_path(ENSEMBLE) / "_manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["source_models"] = ["b", "a"]  # as an older flagsim wrote for `--models b,a,all`
+    path.write_text(json.dumps(manifest))
+    state, reason = index_state(run, ENSEMBLE)
+    assert state == "stale" and "another order" in reason and "(b, a)" in reason
+    assert RunSearch(run).index(ENSEMBLE).manifest.source_models == ["a", "b"]
+    assert index_state(run, ENSEMBLE)[0] == "fresh"
+
+
 def test_the_ensemble_goes_stale_when_a_model_is_added(tmp_path) -> None:
     run, a, b = _two_models(tmp_path)
     RunSearch(run).index(ENSEMBLE)

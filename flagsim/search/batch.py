@@ -17,7 +17,7 @@ from typing import Any
 from flagsim.config import Config
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
-from flagsim.search.catalog import ENSEMBLE, complete_models, resolve_models
+from flagsim.search.catalog import ENSEMBLE, complete_models, model_order, resolve_models
 from flagsim.search.manifest import IndexManifest
 from flagsim.search.neighbours import (
     NeighboursResult,
@@ -82,7 +82,7 @@ def _tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, tuple[
     names = resolve_models(run, models)
     out: list[tuple[str, tuple[str, ...]]] = [(m, ()) for m in names]
     if ((not explicit) or ENSEMBLE in (models or [])) and len(names) >= 2:
-        out.append((ENSEMBLE, tuple(names)))
+        out.append((ENSEMBLE, tuple(model_order(names))))
     return out
 
 

@@ -33,22 +33,29 @@ def model_dim(model: str) -> int | None:
         return None
 
 
-def complete_models(run: RunDir) -> list[str]:
-    """Models of the run whose embeddings are complete (have a manifest), in a stable order.
+def model_order(models: Iterable[str]) -> list[str]:
+    """`models` in flagsim's one stable order: registered models in registry order, then the
+    others alphabetically (duplicates dropped).
 
-    Registered models come in registry order, then the others alphabetically.
+    The ensemble's vectors are its models' vectors concatenated in this order, whatever order
+    the models were named in, so that every query, index and table of `all` agrees.
     """
-    found = [m for m in run.embedded_models() if run.manifest(m).exists()]
-    incomplete = sorted(set(run.embedded_models()) - set(found))
-    for m in incomplete:
-        log.warning("skipping %s: its embeddings are incomplete (no _manifest.json)", m)
     try:
         from flagsim.models import list_models
 
         order = {name: i for i, name in enumerate(list_models())}
     except ImportError:
         order = {}
-    return sorted(found, key=lambda m: (order.get(m, len(order)), m))
+    return sorted(set(models), key=lambda m: (order.get(m, len(order)), m))
+
+
+def complete_models(run: RunDir) -> list[str]:
+    """Models of the run whose embeddings are complete (have a manifest), in `model_order`."""
+    found = [m for m in run.embedded_models() if run.manifest(m).exists()]
+    incomplete = sorted(set(run.embedded_models()) - set(found))
+    for m in incomplete:
+        log.warning("skipping %s: its embeddings are incomplete (no _manifest.json)", m)
+    return model_order(found)
 
 
 def resolve_models(run: RunDir, models: Sequence[str] | None) -> list[str]:

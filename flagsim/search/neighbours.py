@@ -18,7 +18,7 @@ from flagsim.errors import ConfigError, DataError
 from flagsim.rundir import RunDir
 from flagsim.schema import NEIGHBOURS_FILE_SCHEMA, NEIGHBOURS_SCHEMA, PARTITION_KEY
 from flagsim.search.build_tasks import Table, ensure_indexes
-from flagsim.search.catalog import ENSEMBLE, resolve_models
+from flagsim.search.catalog import ENSEMBLE, model_order, resolve_models
 from flagsim.search.manifest import IndexManifest
 from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
 from flagsim.search.saved import index_files, source_checksums
@@ -92,7 +92,7 @@ def _tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, tuple[
     out = [(m, ()) for m in names]
     if want_ensemble:
         if len(names) >= 2:
-            out.append((ENSEMBLE, tuple(names)))
+            out.append((ENSEMBLE, tuple(model_order(names))))
         elif explicit:
             raise DataError(f"the ensemble {ENSEMBLE} needs at least two models, got {', '.join(names)}")
     return out

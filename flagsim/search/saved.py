@@ -11,7 +11,7 @@ from flagsim.config import IndexConfig
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
 from flagsim.search.backend import FaissIndex, PartedIndex, VectorIndex, gpu_capable, use_gpu
-from flagsim.search.catalog import ENSEMBLE, complete_models
+from flagsim.search.catalog import ENSEMBLE, complete_models, model_order
 from flagsim.search.manifest import (
     IDS_FILE,
     INDEX_FILE,
@@ -70,9 +70,12 @@ def index_state(
             return "stale", problem
     where = root / MANIFEST_FILE
     if model == ENSEMBLE:
-        now = list(models) if models else complete_models(run)
+        now = model_order(models) if models else complete_models(run)
         if sorted(now) != sorted(manifest.source_models):
             return "stale", f"{where} is stale: the ensemble was built over other models"
+        if now != list(manifest.source_models):  # built before the order was fixed
+            return "stale", (f"{where} is stale: its vectors join the models in another order "
+                             f"({', '.join(manifest.source_models)}) than flagsim's ({', '.join(now)})")
     else:
         emb = read_manifest(run, model)
         if emb is not None and emb.dim != manifest.dim:

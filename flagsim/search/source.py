@@ -127,13 +127,16 @@ class EnsembleSource:
 
     Shards are aligned by file name (every `flagsim embed` run shards all models the same way);
     an image takes part when every model has it in that shard, in the first model's order.
+    The models are kept in `catalog.model_order` (the order their vectors are concatenated in).
     """
 
     def __init__(self, run: RunDir, models: Sequence[str]) -> None:
-        if len(models) < 2:
+        from flagsim.search.catalog import model_order
+
+        self.models = model_order(models)
+        if len(self.models) < 2:
             raise DataError("the ensemble needs at least two models")
         self.run = run
-        self.models = list(models)
         self.parts = [ModelSource(run, m) for m in self.models]
 
     @property

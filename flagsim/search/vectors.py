@@ -28,10 +28,16 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 def ensemble_vectors(per_model: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Concatenated normalised vectors scaled by 1/sqrt(M): their inner product = mean cosine."""
+    """Concatenated normalised vectors scaled by 1/sqrt(M): their inner product = mean cosine.
+
+    Concatenated in `catalog.model_order`, not the mapping's order, so that a query's vector
+    lines up with the index's however the models were named.
+    """
+    from flagsim.search.catalog import model_order
+
     if not per_model:
         raise ValueError("no models to ensemble")
     scale = np.float32(1.0 / math.sqrt(len(per_model)))
     return np.ascontiguousarray(
-        np.concatenate([normalise(v) * scale for v in per_model.values()], axis=1)
+        np.concatenate([normalise(per_model[m]) * scale for m in model_order(per_model)], axis=1)
     )
