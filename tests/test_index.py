@@ -356,6 +356,35 @@ def test_flipped_byte_in_the_index_file_is_one_line_on_load_and_check(tmp_path, 
     _assert_exact(run, vectors)
 
 
+def test_flagsim_index_builds_checks_and_repairs_the_ensemble_index_too(tmp_path, capsys) -> None:
+    """`all`'s index is one `flagsim neighbours` searches: `flagsim index` builds it with the
+    models', `--check` verifies it, and the fix its error names (`--models all`) repairs it."""
+    from flagsim.search.catalog import ENSEMBLE
+
+    rng = np.random.default_rng(25)
+    run = make_run(tmp_path, "a", rng.normal(size=(40, 8)).astype(np.float32))
+    make_run(tmp_path, "b", rng.normal(size=(40, 5)).astype(np.float32))
+    assert main(["index", "--run", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "│ all " in out and "│ a " in out and "│ b " in out
+    assert index_state(run, ENSEMBLE, verify=True)[0] == "fresh"
+    loc = run.index_path(ENSEMBLE) / INDEX_FILE
+    data = bytearray(loc.read_bytes())
+    data[len(data) - 7] ^= 0x10
+    loc.write_bytes(bytes(data))
+    err = _check_line(tmp_path, capsys)
+    assert "model=all" in err and err.endswith("run `flagsim index --models all`")
+    assert main(["index", "--run", str(tmp_path), "--models", "all"]) == 0
+    assert "rebuilt" in capsys.readouterr().out
+    assert main(["index", "--run", str(tmp_path), "--check"]) == 0
+    assert "all: " in capsys.readouterr().out
+    # one model named: no ensemble; the ensemble named over one model: one line
+    assert main(["index", "--run", str(tmp_path), "--models", "a", "--check"]) == 0
+    assert "all:" not in capsys.readouterr().out
+    assert main(["index", "--run", str(tmp_path), "--models", "a,all"]) == 2
+    assert "needs at least two models" in capsys.readouterr().err
+
+
 def test_index_manifest_without_file_records_is_stale_and_rebuilt(tmp_path) -> None:
     vectors = np.random.default_rng(24).normal(size=(20, 8)).astype(np.float32)
     run = make_run(tmp_path, "m", vectors)

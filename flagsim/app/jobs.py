@@ -59,7 +59,8 @@ def embed(args: argparse.Namespace) -> int:
 
 
 def index_parser(prog: str) -> argparse.ArgumentParser:
-    p = parser(prog, "Build the FAISS index of every embedded model (one Ray task each).")
+    p = parser(prog, "Build the FAISS index of every embedded model and of their ensemble `all` "
+               "(one Ray task each).")
     p.add_argument("--force", action="store_true", help="rebuild even when an index is fresh")
     return p
 

@@ -182,15 +182,14 @@ def log_pipeline(result: PipelineResult) -> None:
 # --- index: one Ray task per model; neighbours: the Ray Data job --------------------------
 
 def index_tasks(job: Job, force: bool = False) -> list[dict[str, Any]]:
-    """Build (or keep, when fresh) the FAISS index of each model, one Ray task each
-    (`search/build_tasks.py`); their manifests."""
+    """Build (or keep, when fresh) the FAISS index of each model and of their ensemble `all`,
+    one Ray task each (`search/build_tasks.py`); their manifests."""
     from flagsim.rundir import RunDir
     from flagsim.search.build_tasks import ensure_indexes
-    from flagsim.search.catalog import resolve_models
+    from flagsim.search.catalog import search_tables
 
-    models = resolve_models(RunDir.at(job.run_dir), job.explicit)
-    built = ensure_indexes(job.run_dir, [(m, ()) for m in models], job.cfg, on_ray=True,
-                           force=force)
+    tables = search_tables(RunDir.at(job.run_dir), job.explicit)
+    built = ensure_indexes(job.run_dir, tables, job.cfg, on_ray=True, force=force)
     for b in built:
         m = b.manifest
         log.info("index %s: %s, %s (%s), %d x %d, recall %s, on %s", m.model, b.status, m.kind,

@@ -13,11 +13,13 @@ log = logging.getLogger(__name__)
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "index",
-        help="build a FAISS cosine index per model (exact by default; IVF/HNSW/IVF-PQ for large runs)",
+        help="build a FAISS cosine index per model and for their ensemble 'all' (exact by default; "
+        "IVF/HNSW/IVF-PQ for large runs)",
         description="Normalise each model's embeddings and save a FAISS inner-product index with "
-        "its id map and a manifest under index/model=<name>/. Up-to-date indexes are kept; one "
+        "its id map and a manifest under index/model=<name>/, and the same for the ensemble "
+        "'all' of two or more models (mean cosine). Up-to-date indexes are kept; one "
         "whose source shards changed, or that was built with other settings, is rebuilt. "
-        "index.kind=auto picks exact search up to index.exact_max_rows within "
+        "index.kind=auto picks exact search up to the measured crossover (or index.exact_max_rows) within "
         "index.memory_budget_gb, else IVF or IVF-PQ, and records the measured recall.",
     )
     options.add_run_options(p, models="models to index (default: every model with embeddings)")
@@ -38,15 +40,16 @@ def run(args: argparse.Namespace) -> int:
     from flagsim.pipeline.ray_session import ray_address
     from flagsim.rundir import RunDir
     from flagsim.search.build_tasks import ensure_indexes
-    from flagsim.search.catalog import resolve_models
+    from flagsim.search.catalog import search_tables
     from flagsim.search.saved import index_state
 
     cfg = options.config_from_args(args, {"index.kind": args.kind})
     run = RunDir.at(options.run_dir_from(args, cfg, writable=not args.check))
-    models = resolve_models(run, args.models)
+    # the models' indexes and the ensemble `all`'s (as `flagsim neighbours` searches them)
+    tables = search_tables(run, args.models)
     if args.check:
-        for m in models:
-            state, reason = index_state(run, m, verify=True)
+        for m, members in tables:
+            state, reason = index_state(run, m, verify=True, models=list(members) or None)
             if state != "fresh":
                 raise DataError(f"{reason}; run `flagsim index --models {m}`")
             print(plain(f"{m}: {reason}"))
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     # Connected to a cluster, each build is a Ray task there (as jobs/build_index.py); else
     # here, in this process: on one machine a Ray task would only add an embedded Ray's start.
     on_ray = ray_address(cfg) is not None
-    built = ensure_indexes(run, [(m, ()) for m in models], cfg, on_ray=on_ray, force=args.force,
+    built = ensure_indexes(run, tables, cfg, on_ray=on_ray, force=args.force,
                            verify=True)
     table = Table(title=f"indexes in {safe(run.root)}")
     for col in ("model", "status", "kind", "vectors", "dim", "recall", "device", "seconds"):

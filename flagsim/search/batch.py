@@ -17,7 +17,7 @@ from typing import Any
 from flagsim.config import Config
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
-from flagsim.search.catalog import ENSEMBLE, complete_models, model_order, resolve_models
+from flagsim.search.catalog import complete_models, search_tables
 from flagsim.search.manifest import IndexManifest
 from flagsim.search.neighbours import (
     NeighboursResult,
@@ -73,17 +73,6 @@ def _schema_names(loc: Location) -> list[str]:
 
     with loc.fs.open_input_file(loc.path) as f:
         return pq.ParquetFile(f).schema_arrow.names
-
-
-def _tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, tuple[str, ...]]]:
-    """(model, ensemble members): the models asked for (default: all of the run's), and `all`
-    when it is named or, by default, when the run has two or more models."""
-    explicit = bool(models) and list(models or []) != [ENSEMBLE]
-    names = resolve_models(run, models)
-    out: list[tuple[str, tuple[str, ...]]] = [(m, ()) for m in names]
-    if ((not explicit) or ENSEMBLE in (models or [])) and len(names) >= 2:
-        out.append((ENSEMBLE, tuple(model_order(names))))
-    return out
 
 
 def _embed_queries(run: RunDir, out_dir: str, queries: str, names: list[str], cfg: Config,
@@ -175,7 +164,7 @@ def run_search(
         raise DataError("--out must be another directory than --run (it becomes the queries' run)")
     if k < 1:
         raise DataError(f"k must be at least 1, got {k}")
-    tables = _tables(run, models)
+    tables = search_tables(run, models)
     names = [m for m, members in tables if not members]
     qrun = _query_run(run, out, queries, names, cfg, show_progress)
     missing = [m for m in names if m not in complete_models(qrun)]

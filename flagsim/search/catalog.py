@@ -80,6 +80,21 @@ def resolve_models(run: RunDir, models: Sequence[str] | None) -> list[str]:
     return out
 
 
+def search_tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, tuple[str, ...]]]:
+    """(table, ensemble members) in order: the models asked for (default: every complete
+    model), then `all` over them (members in `model_order`) when it is named or, by default,
+    when there are two or more. The tables `flagsim index`, `neighbours` and `search` make."""
+    explicit = bool(models) and list(models or []) != [ENSEMBLE]
+    names = resolve_models(run, models)
+    out: list[tuple[str, tuple[str, ...]]] = [(m, ()) for m in names]
+    if (not explicit) or ENSEMBLE in (models or []):
+        if len(names) >= 2:
+            out.append((ENSEMBLE, tuple(model_order(names))))
+        elif explicit:
+            raise DataError(f"the ensemble {ENSEMBLE} needs at least two models, got {', '.join(names)}")
+    return out
+
+
 # --- names -----------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from flagsim.errors import ConfigError, DataError
 from flagsim.rundir import RunDir
 from flagsim.schema import NEIGHBOURS_FILE_SCHEMA, NEIGHBOURS_SCHEMA, PARTITION_KEY
 from flagsim.search.build_tasks import Table, ensure_indexes
-from flagsim.search.catalog import ENSEMBLE, model_order, resolve_models
+from flagsim.search.catalog import search_tables
 from flagsim.search.manifest import IndexManifest
 from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
 from flagsim.search.saved import index_files, source_checksums
@@ -82,20 +82,6 @@ class TablePlan:
     @property
     def todo(self) -> list[str]:
         return [s for s in self.shards if s not in self.done]
-
-
-def _tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, tuple[str, ...]]]:
-    """(table, ensemble members) in order: the models, then `all` (see `write_neighbours`)."""
-    explicit = bool(models) and list(models or []) != [ENSEMBLE]
-    names = resolve_models(run, models)
-    want_ensemble = (not explicit) or ENSEMBLE in (models or [])
-    out = [(m, ()) for m in names]
-    if want_ensemble:
-        if len(names) >= 2:
-            out.append((ENSEMBLE, tuple(model_order(names))))
-        elif explicit:
-            raise DataError(f"the ensemble {ENSEMBLE} needs at least two models, got {', '.join(names)}")
-    return out
 
 
 def table_indexes(run: RunDir, tables: Sequence[Table], cfg: Config) -> dict[str, IndexManifest]:
@@ -250,7 +236,7 @@ def write_neighbours(
     cfg = cfg or Config()
     k = k if k is not None else cfg.neighbours.k
     run = RunDir.at(run_dir)
-    tables = _tables(run, models)
+    tables = search_tables(run, models)
     for m, members in tables:  # check k everywhere before building or writing anything
         emb = read_manifest(run, m) if not members else None
         if emb is not None and k > emb.rows - 1:
