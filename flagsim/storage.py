@@ -119,7 +119,11 @@ class Location:
             if self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
                 raise DataError(f"{self.uri} is a directory, not a Parquet file")
             with self.fs.open_input_file(self.path) as f:  # no pyarrow.dataset: a file is a file
-                return pq.ParquetFile(f).read(columns=columns)
+                table = pq.ParquetFile(f).read(columns=columns)
+            # Parquet does not check its strings are UTF-8 (a flipped byte in a name would fail
+            # later, deep in a compute kernel); checking costs ~0.2 ms of a 30 ms shard read
+            table.validate(full=True)
+            return table
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"{self.uri} is not a readable Parquet file: {exc}") from exc
 

@@ -228,3 +228,27 @@ def test_image_query_with_only_pixels_builds_no_network_model(flag_run, tmp_path
     top, heavy = _in_subprocess(probe)
     assert heavy == []
     assert top == "Chad"  # itself: this run has no images table to recognise its bytes by
+
+
+def test_a_name_that_is_not_utf8_in_a_shard_is_one_line_naming_the_file(tmp_path, capsys) -> None:
+    """Parquet does not check UTF-8: a flipped byte inside a name used to surface as a pyarrow
+    traceback from the catalogue's case folding. Every Parquet read now validates its strings."""
+    import pyarrow.parquet as pq
+    from runs import make_run
+
+    from flagsim.errors import DataError
+    from flagsim.storage import Location
+
+    make_run(tmp_path, "m", np.random.default_rng(3).normal(size=(20, 4)).astype(np.float32))
+    shard = tmp_path / "embeddings" / "model=m" / "part-00000.parquet"
+    pq.write_table(pq.read_table(shard), shard, compression="none", use_dictionary=False)
+    data = bytearray(shard.read_bytes())
+    data[data.index(b"Image img00003")] = 0xFF  # no longer UTF-8, same length
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="part-00000.parquet is not a readable Parquet file: .*UTF"):
+        Location.parse(str(shard)).read_parquet(columns=["image_id", "name"])
+    capsys.readouterr()
+    assert main(["query", "img00001", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flagsim: error:") and "part-00000.parquet" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
