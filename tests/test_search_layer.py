@@ -10,7 +10,7 @@ import pytest
 from runs import make_run
 
 from flagsim.config import IndexConfig
-from flagsim.errors import ConfigError
+from flagsim.errors import ConfigError, DataError
 from flagsim.search.backend import GPU_MAX_K, FaissIndex, VectorIndex, merge_topk
 from flagsim.search.build import build_index
 from flagsim.search.catalog import ENSEMBLE
@@ -253,6 +253,29 @@ def test_a_saved_ensemble_joined_in_another_order_is_stale_and_rebuilt(tmp_path)
     assert state == "stale" and "another order" in reason and "(b, a)" in reason
     assert RunSearch(run).index(ENSEMBLE).manifest.source_models == ["a", "b"]
     assert index_state(run, ENSEMBLE)[0] == "fresh"
+
+
+def test_an_ensemble_of_models_sharded_differently_warns_that_it_lines_up_partly(tmp_path,
+                                                                                 caplog) -> None:
+    rng = np.random.default_rng(12)
+    run = make_run(tmp_path, "a", rng.normal(size=(240, 6)).astype(np.float32), shard_size=50)
+    make_run(tmp_path, "b", rng.normal(size=(240, 5)).astype(np.float32), shard_size=240)
+    with caplog.at_level("WARNING"):
+        built = build_index(run, ENSEMBLE)
+    assert built.count == 50  # a's first shard: the only rows both part-00000 files hold
+    warned = [r.getMessage() for r in caplog.records if "line up only partly" in r.getMessage()]
+    assert warned and "holds 50 images, fewer than a's 240" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the streamed ensemble of a subset says so too
+        make_run(tmp_path, "c", rng.normal(size=(240, 3)).astype(np.float32), shard_size=50)
+        assert RunSearch(run, ["a", "b"]).index(ENSEMBLE).count == 50
+    assert any("holds 50 images" in r.getMessage() for r in caplog.records)
+    # models with no image in common: one line that says so
+    other = make_run(tmp_path / "x", "a", rng.normal(size=(20, 6)).astype(np.float32))
+    make_run(tmp_path / "x", "b", rng.normal(size=(20, 5)).astype(np.float32),
+             ids=[f"other{i}" for i in range(20)])
+    with pytest.raises(DataError, match="no image of .* is in every one of the models a, b"):
+        build_index(other, ENSEMBLE)
 
 
 def test_the_ensemble_goes_stale_when_a_model_is_added(tmp_path) -> None:

@@ -37,7 +37,7 @@ from flagsim.search.manifest import (
 )
 from flagsim.search.model_index import ModelIndex
 from flagsim.search.saved import open_index
-from flagsim.search.source import Block, VectorSource, source_of
+from flagsim.search.source import Block, EnsembleSource, VectorSource, source_of
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,12 @@ def build_index(
         if expected_dim is not None and src.dim != expected_dim:
             log.warning("%s: %d-d embeddings, the registry's model is %d-d", model, src.dim, expected_dim)
     n, dim = src.rows, src.dim
+    if isinstance(src, EnsembleSource):
+        if n < 1:
+            raise DataError(f"no image of {run.root} is in every one of the models "
+                            f"{', '.join(src.models)} (in shard files of the same name)")
+        if short := src.shortfall(n):
+            log.warning("%s", short)
     if n < 1:
         raise DataError(f"model {model} has no embeddings to index in {run.root}")
     kind, factory, params = plan_index(n, dim, cfg)

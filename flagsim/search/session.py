@@ -74,6 +74,8 @@ class RunSearch:
         ids, names = src.ids_names()
         if len(ids) == 0:
             raise DataError(f"no image is present in all of the models {', '.join(self.models)}")
+        if short := src.shortfall(len(ids)):
+            log.warning("%s", short)
         # exact and streamed: the driver holds the ids and names, never the vectors
         return ModelIndex(ENSEMBLE, StreamedIndex(src, len(ids)), ids, names)
 

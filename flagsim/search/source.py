@@ -178,6 +178,18 @@ class EnsembleSource:
     def shard_rows(self) -> dict[str, int]:
         return dict(self._kept_rows)
 
+    def shortfall(self, count: int) -> str | None:
+        """A warning when the ensemble's `count` rows are fewer than its smallest model's: its
+        models hold other images, or the same images in shard files of other names (embedded
+        or imported with another shard size), which line up only partly."""
+        fewest = min(self.parts, key=lambda p: p.rows)
+        if count >= fewest.rows:
+            return None
+        return (f"the ensemble {ENSEMBLE} of {', '.join(self.models)} holds {count} images, "
+                f"fewer than {fewest.model}'s {fewest.rows}: an image takes part when every "
+                "model has it in the shard file of the same name, so models sharded differently "
+                "(e.g. imported with another --shard-size) line up only partly")
+
     def ids_names(self) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
         """Ids and names of the ensemble's rows in `read` order (only those columns are read)."""
         tables = [self._kept(shard, ["image_id", "name"]) for shard in self.shards]
