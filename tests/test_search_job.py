@@ -104,3 +104,7 @@ def test_bad_search_requests_are_one_line(flag_run) -> None:
         run_search(str(run), str(root / "pixels.parquet"), str(root / "o3"))
     with pytest.raises(DataError, match="queries not found"):
         run_search(str(run), str(root / "nope.parquet"), str(root / "o4"))
+    # k beyond the collection is refused before the queries are embedded (nothing in OUT)
+    with pytest.raises(DataError, match="k=500 is larger than the collection: model pixels"):
+        run_search(str(run), str(root / "queries" / "images.parquet"), str(root / "o5"), k=500)
+    assert not (root / "o5").exists()

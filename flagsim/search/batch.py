@@ -166,6 +166,11 @@ def run_search(
         raise DataError(f"k must be at least 1, got {k}")
     tables = search_tables(run, models)
     names = [m for m, members in tables if not members]
+    for m in names:  # before the queries are embedded (the index's own count is checked below)
+        man = read_manifest(run, m)
+        if man is not None and k > man.rows:
+            raise DataError(f"k={k} is larger than the collection: model {m} of {run.root} has "
+                            f"{man.rows} images")
     qrun = _query_run(run, out, queries, names, cfg, show_progress)
     missing = [m for m in names if m not in complete_models(qrun)]
     if missing:
