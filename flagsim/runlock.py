@@ -109,6 +109,19 @@ def _in_use(run_root: Location, lock: Location, record: dict[str, Any]) -> RunLo
     )
 
 
+def in_use_by(run_root: Location) -> str | None:
+    """Who holds the run's lock now ("'flagsim embed' (pid 123 on host h since 12:00:01)"), or
+    None when nobody does (no lock, or a stale one). For messages: it takes nothing."""
+    lock = run_root / LOCK_FILE
+    if not lock.exists():
+        return None
+    record = _read_record(lock)
+    if not record or _stale_reason(record):
+        return None
+    return (f"'{record.get('command', '?')}' (pid {record.get('pid', '?')} on host "
+            f"{record.get('host', '?')} since {_since(record)})")
+
+
 def _read_record(lock: Location) -> dict[str, Any] | None:
     """The lock's JSON; None when it vanished; {} when it stays unreadable (a torn write)."""
     for attempt in range(_READ_TRIES):

@@ -207,3 +207,23 @@ def test_lock_on_an_object_store_run() -> None:
         with run_lock(root, "flagsim index"):
             assert lock.read_json()["command"] == "flagsim index"
         assert not lock.exists()
+
+
+def test_commands_on_a_run_whose_first_embed_is_running_name_the_embed(tmp_path, capsys) -> None:
+    """`flagsim index` (or query, neighbours) while the run's first `flagsim embed` writes it:
+    no model is complete yet, and the error says who is writing instead of 'run flagsim embed'."""
+    from flagsim.cli import main
+
+    shard_dir = tmp_path / "embeddings" / "model=pixels"
+    shard_dir.mkdir(parents=True)  # shards being written, no manifest yet
+    with holder(tmp_path, "flagsim embed --models pixels"):
+        assert main(["index", "--run", str(tmp_path)]) == 2
+        lines = capsys.readouterr().err.splitlines()
+        errors = [ln for ln in lines if "error" in ln]
+        assert len(errors) == 1 and errors[0].startswith("flagsim: error: no embeddings in")
+        err = errors[0]
+        assert "is in use by 'flagsim embed --models pixels' (pid" in err and "wait for it" in err
+        warned = [ln for ln in lines if "skipping pixels" in ln]
+        assert warned and str(tmp_path / "_meta" / "embeddings" / "model=pixels") in warned[0]
+    assert main(["index", "--run", str(tmp_path)]) == 2  # released: the usual advice
+    assert "run `flagsim embed` or `flagsim import-csv` first" in capsys.readouterr().err

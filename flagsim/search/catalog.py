@@ -53,9 +53,20 @@ def complete_models(run: RunDir) -> list[str]:
     """Models of the run whose embeddings are complete (have a manifest), in `model_order`."""
     found = [m for m in run.embedded_models() if run.manifest(m).exists()]
     incomplete = sorted(set(run.embedded_models()) - set(found))
-    for m in incomplete:
-        log.warning("skipping %s: its embeddings are incomplete (no _manifest.json)", m)
+    if incomplete:
+        holder = _in_use(run)
+        for m in incomplete:
+            log.warning("skipping %s: its embeddings are incomplete (no %s)%s", m, run.manifest(m),
+                        f"; {holder}" if holder else "")
     return model_order(found)
+
+
+def _in_use(run: RunDir) -> str:
+    """"the run is in use by <holder>" while another process holds its lock, else ""."""
+    from flagsim.runlock import in_use_by
+
+    holder = in_use_by(run.root)
+    return f"{run.root} is in use by {holder}" if holder else ""
 
 
 def resolve_models(run: RunDir, models: Sequence[str] | None) -> list[str]:
@@ -63,9 +74,10 @@ def resolve_models(run: RunDir, models: Sequence[str] | None) -> list[str]:
     available = complete_models(run)
     if not models or list(models) == [ENSEMBLE]:
         if not available:
-            raise DataError(
-                f"no embeddings in {run.root} (run `flagsim embed` or `flagsim import-csv` first)"
-            )
+            holder = _in_use(run)
+            raise DataError(f"no embeddings in {run.root} (" + (
+                f"{holder}: wait for it" if holder else
+                "run `flagsim embed` or `flagsim import-csv` first") + ")")
         return available
     out: list[str] = []
     for m in models:
