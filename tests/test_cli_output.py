@@ -335,3 +335,22 @@ def test_os_error_from_pyarrow_names_the_file():
     exc = OSError(errno.EROFS, "Failed to open local file '/r/x.parquet'. Detail: [errno 30] "
                   "Read-only file system")
     assert os_error_line(exc) == "cannot write /r/x.parquet: Read-only file system"
+
+
+# stdout is a pipe whose reader has gone (`flagsim models --json | head -c 100`), the read end
+# closed before anything is written, so the write fails every time (a real `| head` races)
+CUT_PIPE = """
+import os, sys
+read, write = os.pipe()
+os.close(read)
+os.dup2(write, 1)
+from flagsim.cli import main
+sys.exit(main(["models", "--json"]))
+"""
+
+
+def test_output_cut_short_by_its_reader_exits_quietly_as_sigpipe() -> None:
+    proc = subprocess.run([sys.executable, "-c", CUT_PIPE], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 141, proc.stderr  # 128 + SIGPIPE, as `git log | head` ends
+    assert proc.stderr == ""  # no "flagsim: error: Broken pipe", no flush error at exit

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import re
+import select
 import sys
 from collections.abc import Callable
 
@@ -35,6 +36,21 @@ def os_error_line(exc: OSError) -> str:
     return f"{path}: {reason}" if path else reason
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout's reader has gone; if so stdout is pointed at /dev/null, so that Python's
+    own flush at exit does not print a second error."""
+    try:  # a pipe whose reader closed polls as an error on its write end
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        closed = any(event & select.POLLERR for _, event in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real stdout, or no poll (Windows)
+        return False
+    if closed:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return closed
+
+
 def run_guarded(
     prog: str, body: Callable[[argparse.Namespace], int | None], args: argparse.Namespace,
     resume: str,
@@ -47,6 +63,11 @@ def run_guarded(
     except FlagsimError as exc:
         print(f"{prog}: error: {plain(exc)}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError as exc:
+        if _stdout_closed():  # `flagsim models --json | head`: the reader has what it wanted
+            return 128 + 13  # as a process killed by SIGPIPE (a shell's `| head` ignores it)
+        print(f"{prog}: error: {plain(os_error_line(exc))}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"{prog}: error: {plain(os_error_line(exc))}", file=sys.stderr)
         return 2
