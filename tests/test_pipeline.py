@@ -312,6 +312,11 @@ def test_strict_config_fails_on_missing_weights(tmp_path):
     cfg = _cfg(**{"embed.models": "[clip,pixels]", "embed.strict": "true"})
     with pytest.raises(WeightsUnavailableError, match="clip"):
         run_embed(cfg, run_dir=str(run), show_progress=False)
+    # a new run: refused before its images table (the bundled flags by default) is written
+    fresh = tmp_path / "fresh"
+    with pytest.raises(WeightsUnavailableError, match="clip"):
+        run_embed(cfg, run_dir=str(fresh), show_progress=False)
+    assert not (fresh / "images.parquet").exists() and not (fresh / "embeddings").exists()
 
 
 def test_unsupported_uri_row_is_an_error_row_and_good_rows_are_embedded(

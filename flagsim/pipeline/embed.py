@@ -204,6 +204,11 @@ def _run_embed(
 ) -> EmbedSummary:
     from flagsim.models import check_weights
 
+    # weights first: `embed.strict` fails before the images table is written
+    missing = {name: check_weights(name, cfg.embed.for_model(name).weights,
+                                   cfg.embed.for_model(name).revision) for name in names}
+    if cfg.embed.strict and (reason := next((r for r in missing.values() if r), None)):
+        raise WeightsUnavailableError(reason)
     table = resolve_images(cfg, run, images)
     if table.num_rows == 0:
         raise DataError(f"the images table of {run.root} has no rows: nothing to embed")
@@ -220,10 +225,8 @@ def _run_embed(
     mcfgs: dict[str, ModelRunConfig] = {}
     for name in names:
         mcfg = cfg.embed.for_model(name)
-        reason = check_weights(name, mcfg.weights, mcfg.revision)
+        reason = missing[name]
         if reason:
-            if cfg.embed.strict:
-                raise WeightsUnavailableError(reason)
             log.warning("skipping %s", reason)
             summary.results.append(ModelResult(name, "skipped", reason=reason))
             continue
