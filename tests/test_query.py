@@ -252,3 +252,33 @@ def test_a_name_that_is_not_utf8_in_a_shard_is_one_line_naming_the_file(tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("flagsim: error:") and "part-00000.parquet" in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_an_image_query_skips_a_model_whose_weights_are_unavailable_without_loading_it(
+        tmp_path, monkeypatch) -> None:
+    """The same check as `flagsim models` (seconds), not a load that retries an unreachable hub
+    for half a minute and then blames the repository; the reason is named once per model."""
+    import dataclasses
+
+    from runs import make_run
+
+    import flagsim.models
+    from flagsim.errors import DataError
+    from flagsim.shards import read_manifest
+
+    run = make_run(tmp_path, "vit", np.random.default_rng(2).normal(size=(5, 1024)).astype(np.float32))
+    man = read_manifest(run, "vit")
+    write_manifest(run, dataclasses.replace(man, checkpoint="google/vit-large-patch16-224-in21k",
+                                            source="flagsim import-csv x.csv"))
+    image = tmp_path / "q.png"
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(image)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights that are not there must not be loaded")
+
+    monkeypatch.setattr(flagsim.models, "create_embedder", no_load)
+    with pytest.raises(DataError) as info:
+        query(str(tmp_path), str(image), k=2)
+    msg = str(info.value)
+    assert "vit: weights google/vit-large-patch16-224-in21k are not in the local Hugging Face cache" in msg
+    assert "vit: vit:" not in msg and "\n" not in msg

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from flagsim.config import Config
-from flagsim.errors import DataError, FlagsimError
+from flagsim.errors import DataError, FlagsimError, WeightsUnavailableError
 from flagsim.images import IMAGE_SUFFIXES
 from flagsim.rundir import RunDir
 from flagsim.search.catalog import ENSEMBLE, Catalogue
@@ -236,7 +236,8 @@ def embed_text_like(model: str, manifest: Manifest, text: str) -> np.ndarray:
 
 def _skip(result: QueryResult, model: str, exc: BaseException) -> None:
     """Record why `model` could not answer (its error's first line)."""
-    result.skipped[model] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    result.skipped[model] = line.removeprefix(f"{model}: ")  # listed under the model's name
     log.debug("skipping %s: %s", model, exc)
 
 
@@ -276,9 +277,14 @@ def embed_like(model: str, manifest: Manifest, pixels: np.ndarray) -> np.ndarray
             "embeddings were imported without --checkpoint, so the weights that made them are unknown"
         )
     try:
-        from flagsim.models import create_embedder
+        from flagsim.models import check_weights, create_embedder
     except ImportError as exc:  # pragma: no cover - the registry is part of the package
         raise DataError(f"{model}: model registry unavailable ({exc})") from None
+    # the same answer as `flagsim models`, within seconds: loading would retry an unreachable
+    # hub for half a minute and then blame the repository
+    reason = check_weights(model, manifest.checkpoint, manifest.revision)
+    if reason:
+        raise WeightsUnavailableError(reason)
     embedder = create_embedder(
         model, weights=manifest.checkpoint, revision=manifest.revision, device="cpu"
     )
