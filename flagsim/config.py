@@ -265,6 +265,8 @@ def load_config(
     items = overrides.items() if isinstance(overrides, dict) else (
         parse_override(o) for o in (overrides or [])
     )
+    if overrides:  # where a bad value may come from, for the error line
+        source = "--set" if path is None else f"{path} and --set"
     for key, value in items:
         if value is not None:
             _set_dotted(data, key, value)

@@ -100,7 +100,7 @@ def test_deprecation_line_is_not_added_to_an_error(tmp_path, capsys):
     rc = main(["embed", "--set", "embed.bogus=1", "--out", str(tmp_path / "r")])
     assert rc == 2
     assert capsys.readouterr().err.splitlines() == [
-        "flagsim: error: defaults: embed.bogus: unknown key"]
+        "flagsim: error: --set: embed.bogus: unknown key"]
 
 
 def test_images_table_missing_a_column(tmp_path, capsys):

@@ -119,7 +119,7 @@ def test_batch_sizes_are_capped(override, key, limit):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     msg = str(info.value)
-    assert msg == f"defaults: {key}: Input should be less than or equal to {limit}"
+    assert msg == f"--set: {key}: Input should be less than or equal to {limit}"
     ok = load_config(None, [f"{override.split('=')[0]}={limit}"])  # the cap itself is allowed
     assert ok is not None
 
