@@ -211,3 +211,31 @@ def test_ray_notices_are_kept_at_debug_verbosity(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert NOISE["progress notice"] in proc.stderr
     assert NOISE["core worker line"] in proc.stderr
+
+
+def test_a_failed_connection_is_one_line_without_rays_client_warning(monkeypatch) -> None:
+    """A port that answers but is not Ray's client server: Ray warns (several lines) and then
+    raises; the user sees flagsim's one line only (Ray's own client is simulated: a real one
+    retries for 30 s)."""
+    import socket
+    import warnings
+
+    import ray
+
+    from flagsim.config import load_config
+    from flagsim.pipeline.ray_session import RayConnectError, ensure_ray
+
+    def client_times_out(**kwargs):
+        warnings.warn("Ray Client connection timed out. Ensure that the Ray Client port on the "
+                      "head node is reachable\nfrom your local machine.", UserWarning, stacklevel=1)
+        raise ConnectionError("ray client connection timeout")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", client_times_out)
+    with socket.create_server(("127.0.0.1", 0)) as server, warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning that got out would fail the test
+        address = f"ray://127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(RayConnectError) as info:
+            ensure_ray(load_config(None, [f"ray.address={address}"]))
+    assert str(info.value) == f"cannot reach Ray at {address}: ray client connection timeout"

@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from urllib.parse import urlsplit
 
 from flagsim.config import Config
@@ -207,11 +208,18 @@ def ensure_ray(cfg: Config) -> dict[str, float]:
             probe(address, cfg.ray.connect_timeout_s)
             kwargs["address"] = address
         filter_native_stderr()
-        try:
-            ray.init(**kwargs)
-        except (ConnectionError, TimeoutError) as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise RayConnectError(f"cannot reach Ray at {address}: {reason}") from None
+        # Ray's client warns (a Python warning, several lines) before it raises: the failure is
+        # said in one line below, and what it warns about on success is logged
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            try:
+                ray.init(**kwargs)
+            except (ConnectionError, TimeoutError) as exc:
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise RayConnectError(f"cannot reach Ray at {address}: {reason}") from None
+        for w in said:
+            if not issubclass(w.category, DeprecationWarning):
+                log.warning("ray: %s", str(w.message).splitlines()[0] if str(w.message) else w.category)
         atexit.register(_shutdown_at_exit)
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
