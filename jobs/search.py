@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . --runtime-env configs/runtime_env.yaml \\
         -- python jobs/search.py --config configs/cluster-gpu.yaml --run s3://bucket/run \\
-           --queries s3://bucket/new/images.parquet --search-out s3://bucket/searches/new
+           --queries s3://bucket/new/images.parquet --out s3://bucket/searches/new
 
 The queries are embedded by the embed pipeline (each model's recorded weights) into the output
 directory, then searched by the neighbours job; parts already written are kept (resumable).

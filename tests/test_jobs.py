@@ -86,6 +86,33 @@ def test_every_job_rejects_a_bad_config_file(script: str, tmp_path: Path) -> Non
     assert not (tmp_path / "raytmp").exists()
 
 
+def test_the_search_job_takes_out_as_flagsim_search_does_and_searches(tmp_path: Path) -> None:
+    """`jobs/search.py --run RUN --queries TABLE --out OUT`, the `flagsim search` spelling (its
+    --out once meant the run and the results needed --search-out); a run's own embeddings as
+    the queries find themselves first (the query is kept in this mode)."""
+    import runs
+
+    from flagsim.search.batch import read_results
+
+    vectors = np.random.default_rng(6).normal(size=(30, 8)).astype(np.float32)
+    runs.make_run(tmp_path / "run", "m", vectors, shard_size=16)
+    out = tmp_path / "out"
+    env = {**_job_env(tmp_path), "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray")}  # short socket paths
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(JOBS / "search.py"), "--run", str(tmp_path / "run"),
+             "--queries", str(tmp_path / "run"), "--out", str(out), "--models", "m", "-k", "3"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    df = read_results(str(out), "m").to_pandas()
+    assert len(df) == 30 * 3
+    first = df[df["rank"] == 1]
+    assert (first["neighbour_id"] == first["query_id"]).all()
+    assert not (tmp_path / "run" / "results").exists()  # --out is the results, not the run
+
+
 def test_unwritable_output_fails_before_ray(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

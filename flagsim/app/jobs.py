@@ -86,9 +86,12 @@ def neighbours(args: argparse.Namespace) -> int:
 
 def search_parser(prog: str) -> argparse.ArgumentParser:
     p = parser(prog, "Search a table of images (or embeddings) in the run's indexes: OUT gets the "
-               "queries' embeddings and results/model=<name>/ (the neighbours job, resumable).")
+               "queries' embeddings and results/model=<name>/ (the neighbours job, resumable).",
+               run_dir=False)
+    add_run_arg(p)  # --out is the results here, as in `flagsim search` (not the old --run)
     p.add_argument("--queries", required=True, metavar="TABLE", help="images or embeddings table")
-    p.add_argument("--search-out", required=True, metavar="OUT", help="output directory")
+    p.add_argument("--out", "--search-out", dest="search_out", required=True, metavar="OUT",
+                   help="output directory: the queries' embeddings and results/model=<name>/")
     p.add_argument("-k", type=int, default=None, metavar="K", help="results per query")
     return p
 

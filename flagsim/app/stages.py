@@ -42,7 +42,7 @@ def prepare(args: argparse.Namespace, *, images: str | None = None, existing_run
     if run_dir != cfg.run_dir:
         cfg = cfg.model_copy(update={"run_dir": run_dir})
     explicit = list(args.models) if getattr(args, "models", None) else None
-    if explicit:
+    if explicit and not existing_run:
         check_models(explicit)
     models = tuple(explicit or cfg.embed.models)
     check_resources(cfg, models)
@@ -51,6 +51,12 @@ def prepare(args: argparse.Namespace, *, images: str | None = None, existing_run
         check_input(images, "images table")
     if existing_run:
         check_input(run_dir, "run directory")
+        if explicit:  # the run's models, imported ones and `all` included (as the CLI takes them)
+            from flagsim.rundir import RunDir
+            from flagsim.search.catalog import ENSEMBLE, resolve_models
+
+            models = tuple(resolve_models(RunDir.at(run_dir), explicit))
+            explicit = [*models, *([ENSEMBLE] if ENSEMBLE in explicit else [])]
     return Job(cfg=cfg, run_dir=run_dir, models=models, explicit=explicit, args=args)
 
 
