@@ -966,7 +966,7 @@ def _download_all(
         raise interrupted
     if not ordered:
         raise DataError(
-            f"none of the {len(items)} flags could be downloaded; reasons in {result.errors_csv}"
+            f"none of the {len(items)} images could be downloaded; reasons in {result.errors_csv}"
         )
     return result
 

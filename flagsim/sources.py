@@ -9,7 +9,7 @@ import logging
 import re
 import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -402,26 +402,33 @@ def _parquet_row(
 def read_url_table(path: str, url_column: str = "url", id_column: str | None = None,
                    name_column: str | None = None) -> list[dict]:
     """Rows `{url, image_id, name}` of a CSV (plain or gzipped) or Parquet list of image URLs;
-    rows without a URL are skipped, ids default to the safe stem of the name or URL's file."""
+    rows without a URL are skipped, ids default to the safe stem of the name or URL's file.
+    Names come from `name_column`, else from a column called `name` when there is one."""
     from urllib.parse import unquote, urlsplit
 
     from flagsim.images import unique_stems
     from flagsim.inputfiles import open_csv
 
     loc = Location.parse(path)
-    wanted = [c for c in (url_column, id_column, name_column) if c]
+
+    def wanted(cols: Sequence[str]) -> list[str]:
+        nonlocal name_column
+        if name_column is None and "name" in cols:  # as import-embeddings reads its names
+            name_column = "name"
+        return [c for c in (url_column, id_column, name_column) if c]
+
     if loc.name.endswith(".parquet"):
         check_input_file(loc, "URL table")
         table = loc.read_parquet()
         cols = table.column_names
         records: list[dict] = []
-        missing = [c for c in wanted if c not in cols]
+        missing = [c for c in wanted(cols) if c not in cols]
         if not missing:
-            records = table.select(list(dict.fromkeys(wanted))).to_pylist()
+            records = table.select(list(dict.fromkeys(wanted(cols)))).to_pylist()
     else:
         with open_csv(loc, "URL table") as reader:
-            cols = reader.fieldnames
-            missing = [c for c in wanted if c not in cols]
+            cols = reader.fieldnames or []
+            missing = [c for c in wanted(cols) if c not in cols]
             records = [] if missing else list(reader)
     if missing:
         raise DataError(f"{loc} has no column {missing[0]!r} (columns: {', '.join(cols) or 'none'})")

@@ -355,6 +355,19 @@ def test_url_table_without_its_column_is_one_line(tmp_path):
     assert rows == [{"url": "http://x/a.png", "image_id": "a", "name": "a"}]
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_url_table_names_come_from_its_name_column_by_default(tmp_path, fmt):
+    """As import-embeddings reads `name`; --name-column still picks another one."""
+    from flagsim.sources import read_url_table
+
+    table = pd.DataFrame({"url": ["http://x/chad_flag.png"], "name": ["Chad"], "label": ["TD"]})
+    path = tmp_path / f"u.{fmt}"
+    table.to_csv(path, index=False) if fmt == "csv" else table.to_parquet(path)
+    assert read_url_table(str(path)) == [{"url": "http://x/chad_flag.png", "image_id": "Chad",
+                                          "name": "Chad"}]
+    assert read_url_table(str(path), name_column="label")[0]["name"] == "TD"
+
+
 # --- object stores ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--image-column", metavar="COL",
                    help="binary or HF {bytes, path} struct column (with --from-parquet)")
     p.add_argument("--id-column", metavar="C", help="image_id column (--from-parquet, --from-urls)")
-    p.add_argument("--name-column", metavar="C", help="display-name column (--from-parquet, --from-urls)")
+    p.add_argument("--name-column", metavar="C", help="display-name column (--from-parquet, --from-urls; "
+                   "--from-urls reads a column called name by default)")
     p.add_argument("--url-column", metavar="C", default="url", help="URL column (default: url)")
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="run/data directory (path or URI)")
     from flagsim.commands.scrape import add_download_options
