@@ -14,8 +14,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="For each model, and for the ensemble `all` (mean cosine over the models) "
         "when there are two or more, search its index (built or rebuilt when needed) with every "
         "image's own embedding and write neighbours/model=<name>/part-NNNNN.parquet (one part "
-        "per embedding shard) with columns model, query_id, query, rank, neighbour_id, "
-        "neighbour, score (cosine); the image itself is excluded. A Ray Data job: search actors "
+        "per embedding shard) with columns query_id, query, rank, neighbour_id, neighbour, "
+        "score (cosine), and model from the folder name when the table is read whole; the image "
+        "itself is excluded. A Ray Data job: search actors "
         "hold the index (neighbours.num_actors per index part), queries go in batches of "
         "neighbours.batch_size; parts already written are kept, so a rerun resumes. With "
         "--models, `all` is written only when named (e.g. --models clip,dinov2,all).",
