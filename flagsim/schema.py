@@ -147,5 +147,16 @@ def with_optional(table: pa.Table, schema: pa.Schema, optional: tuple[str, ...])
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """Select and cast `table`'s columns to `schema` (same column order)."""
-    return table.select([f.name for f in schema]).cast(schema)
+    """Select and cast `table`'s columns to `schema` (same column order); a null in a column
+    the schema requires, or a value that does not cast, is a DataError naming the column."""
+    from flagsim.errors import DataError
+
+    table = table.select([f.name for f in schema])
+    for f in schema:
+        if not f.nullable and table.column(f.name).null_count:
+            raise DataError(f"column {f.name!r} has {table.column(f.name).null_count} empty (null) "
+                            "value(s); every row needs one")
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
+        raise DataError(f"the columns do not fit the table's schema: {str(exc).splitlines()[0]}") from None

@@ -170,6 +170,21 @@ class Manifest:
             raise DataError(f"{where} is not a valid manifest: {exc}") from exc
         if not isinstance(manifest.shards, dict) or not isinstance(manifest.checksums, dict):
             raise DataError(f"{where} is not a valid manifest: 'shards' is not a mapping")
+
+        def count(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        redo = f"; re-embed with `flagsim embed --force --models {data.get('model', 'M')}`"
+        if not count(manifest.dim) or manifest.dim < 1 or not count(manifest.rows):
+            raise DataError(f"{where} is not a valid manifest: 'dim' and 'rows' must be whole "
+                            f"numbers (dim {manifest.dim!r}, rows {manifest.rows!r}){redo}")
+        if not all(count(n) for n in manifest.shards.values()):
+            raise DataError(f"{where} is not a valid manifest: a shard's row count is not a whole "
+                            f"number{redo}")
+        held = sum(manifest.shards.values())
+        if held != manifest.rows:  # e.g. an edited file: an index would be sized wrongly
+            raise DataError(f"{where} is not a valid manifest: its shards hold {held} rows but "
+                            f"'rows' says {manifest.rows}{redo}")
         return manifest
 
 

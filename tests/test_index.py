@@ -4,6 +4,7 @@ bad or stale inputs give one-line errors, and indexes live on object stores too.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -383,6 +384,29 @@ def test_flagsim_index_builds_checks_and_repairs_the_ensemble_index_too(tmp_path
     assert "all:" not in capsys.readouterr().out
     assert main(["index", "--run", str(tmp_path), "--models", "a,all"]) == 2
     assert "needs at least two models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("field", "value", "expected"), [
+    ("rows", 29, "its shards hold 30 rows but 'rows' says 29"),  # once an endless build loop
+    ("rows", True, "'dim' and 'rows' must be whole numbers"),
+    ("dim", "8", "'dim' and 'rows' must be whole numbers"),
+    ("shards", {"part-00000.parquet": "30"}, "a shard's row count is not a whole number"),
+])
+def test_an_edited_embedding_manifest_is_one_line_not_a_hang(tmp_path, capsys, field, value,
+                                                              expected) -> None:
+    run = make_run(tmp_path, "m", np.random.default_rng(26).normal(size=(30, 8)).astype(np.float32))
+    loc = tmp_path / "_meta" / "embeddings" / "model=m" / "manifest.json"
+    data = json.loads(loc.read_text())
+    data[field] = value
+    loc.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=re.escape(expected)):
+        build_index(run, "m")
+    for argv in (["index", "--run", str(tmp_path)], ["query", "img00001", "--run", str(tmp_path)]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1
+        assert err.endswith("re-embed with `flagsim embed --force --models m`")
 
 
 def test_index_manifest_without_file_records_is_stale_and_rebuilt(tmp_path) -> None:

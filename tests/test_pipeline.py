@@ -347,3 +347,32 @@ def test_unsupported_uri_row_is_an_error_row_and_good_rows_are_embedded(
     for i, image_id in enumerate(emb.ids):
         ref = pixels([decode_image((bundled_dir / "images" / f"{image_id}.png").read_bytes())])[0]
         np.testing.assert_allclose(emb.vectors[i], ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["duplicate ids", "no rows", "null id"])
+def test_a_bad_images_table_never_replaces_the_runs_own(tmp_path, capsys, bad):
+    """`flagsim embed --images BAD` on a run that has a good table: one line, and the run's
+    table is the one it had (it was replaced before being checked)."""
+    import pyarrow as pa
+
+    from flagsim.cli import main
+
+    run = tmp_path / "run"
+    write_images_table(bundled_table().slice(0, 5), RunDir.at(run))
+    before = (run / "images.parquet").read_bytes()
+    table = bundled_table().slice(0, 3)
+    if bad == "duplicate ids":
+        table = pa.concat_tables([table, table.slice(0, 1)])
+    elif bad == "no rows":
+        table = table.slice(0, 0)
+    else:
+        ids = pa.array([None, *table.column("image_id").to_pylist()[1:]], pa.string())
+        table = table.set_column(table.schema.get_field_index("image_id"), "image_id", ids)
+    pq.write_table(table, tmp_path / "bad.parquet")
+    capsys.readouterr()
+    rc = main(["embed", "--run", str(run), "--images", str(tmp_path / "bad.parquet"),
+               "--models", "pixels"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("flagsim: error:"), err
+    assert "Traceback" not in err[0]
+    assert (run / "images.parquet").read_bytes() == before

@@ -55,6 +55,10 @@ def resolve_images(cfg: Config, run: RunDir, images: str | None) -> ImagesTable:
     if images:
         source = ImagesTable(images)
         if source.location.uri != run.images_table.uri:
+            # checked before it replaces the run's table (which a bad one must not destroy)
+            if source.num_rows == 0:
+                raise DataError(f"the images table {images} has no rows: nothing to embed")
+            source.scan(cfg.embed.shard_size)  # ids unique, values readable
             copy_images_table(source, run)
         return ImagesTable(run.images_table)
     if run.images_table.exists():

@@ -215,6 +215,9 @@ def _fill(
                         faiss.clone_index(trained_cpu), kind, params)
                     part_start = offset + lo
                 take = min(len(vec) - lo, part_start + per_part - (offset + lo))
+                if take <= 0:  # the last part is full: the shards hold more rows than counted
+                    raise DataError(f"model {src.name}: the shards hold more rows than the {n} "
+                                    "its manifest counts")
                 current.add(vec[lo:lo + take])
                 lo += take
                 if current.count == per_part and len(parts) < nparts - 1:
