@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-embeddings": ("import_embeddings",
                           "import embeddings made elsewhere (a Parquet table, or clip-retrieval's output)"),
     "index": ("index",
-              "build a FAISS cosine index per model (exact by default; IVF/HNSW/IVF-PQ for large runs)"),
+              "build a FAISS cosine index per model and for their ensemble 'all' (exact by "
+              "default; IVF/HNSW/IVF-PQ for large runs)"),
     "neighbours": ("neighbours", "write the top-k neighbours of every image for every model (Parquet)"),
     "search": ("search",
                "search a table of images (or embeddings) in a run's indexes: top-k of every query (Parquet)"),

@@ -98,7 +98,7 @@ def test_an_embeddings_table_gives_the_neighbour_table_with_the_query_kept(flag_
 
 def test_bad_search_requests_are_one_line(flag_run) -> None:
     root, run = flag_run
-    with pytest.raises(DataError, match="--out must be another directory"):
+    with pytest.raises(DataError, match="must be a directory of its own"):
         run_search(str(run), str(run), str(run))
     with pytest.raises(DataError, match="name it with --models"):
         run_search(str(run), str(root / "pixels.parquet"), str(root / "o3"))
@@ -108,3 +108,19 @@ def test_bad_search_requests_are_one_line(flag_run) -> None:
     with pytest.raises(DataError, match="k=500 is larger than the collection: model pixels"):
         run_search(str(run), str(root / "queries" / "images.parquet"), str(root / "o5"), k=500)
     assert not (root / "o5").exists()
+    # OUT is a folder of its own: never the run through a link, inside it, or other work
+    (root / "link").symlink_to(run)
+    for out in (root / "link", run / "embeddings", root):
+        with pytest.raises(DataError, match="must be a directory of its own"):
+            run_search(str(run), str(root / "queries" / "images.parquet"), str(out), k=3)
+    other = root / "other-work"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="already holds other files and is not the output of a "
+                                        "flagsim search"):
+        run_search(str(run), str(root / "queries" / "images.parquet"), str(other), k=3)
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    assert read_manifest(_run(run), "pixels").rows == 40  # the run as it was
+    (root / "garbage.parquet").write_bytes(b"PAR1x")
+    with pytest.raises(DataError, match="garbage.parquet is not a readable Parquet file"):
+        run_search(str(run), str(root / "garbage.parquet"), str(root / "o6"), models=["pixels"])

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
+
+import pyarrow as pa
 
 from flagsim.config import Config
 from flagsim.errors import DataError
@@ -48,6 +51,29 @@ def _meta_dir(out: RunDir, model: str) -> Location:
     return out.meta / RESULTS / f"model={model}"
 
 
+#: written into OUT when a search starts: what tells a search's own output (resumed, or searched
+#: again) from a folder holding other work, which `flagsim search` never writes into
+SEARCH_MARKER = "search.json"
+
+
+def _where(loc: Location) -> str:
+    """`loc` with symbolic links resolved (local), for comparing two folders."""
+    return os.path.realpath(loc.path) if loc.is_local else loc.uri.rstrip("/")
+
+
+def check_out(run: RunDir, out: RunDir) -> None:
+    """OUT must be a folder of its own: not RUN (through a link too), not inside it or around
+    it, and either new, empty, or an earlier search's output (its `_meta/search.json`)."""
+    r, o = _where(run.root), _where(out.root)
+    if o == r or o.startswith(r.rstrip("/") + "/") or r.startswith(o.rstrip("/") + "/"):
+        raise DataError(f"--out {out.root} must be a directory of its own, not {run.root}, inside "
+                        "it or around it (it becomes the queries' run)")
+    if out.root.exists() and not (out.meta / SEARCH_MARKER).exists() and (
+            out.root.list() or out.root.dirs()):
+        raise DataError(f"--out {out.root} already holds other files and is not the output of "
+                        "a flagsim search; give a new or empty directory")
+
+
 def queries_kind(queries: str) -> str:
     """`images` (an images table: image_id, name, path), `run` (a flagsim run with embeddings)
     or `embeddings` (a Parquet file or folder with an id and a vector column)."""
@@ -71,8 +97,11 @@ def queries_kind(queries: str) -> str:
 def _schema_names(loc: Location) -> list[str]:
     import pyarrow.parquet as pq
 
-    with loc.fs.open_input_file(loc.path) as f:
-        return pq.ParquetFile(f).schema_arrow.names
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            return pq.ParquetFile(f).schema_arrow.names
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{loc} is not a readable Parquet file: {str(exc).splitlines()[0]}") from None
 
 
 def _embed_queries(run: RunDir, out_dir: str, queries: str, names: list[str], cfg: Config,
@@ -160,8 +189,7 @@ def run_search(
     cfg = cfg or Config()
     k = k if k is not None else cfg.neighbours.k
     run, out = RunDir.at(run_dir), RunDir.at(out_dir)
-    if out.root.uri == run.root.uri:
-        raise DataError("--out must be another directory than --run (it becomes the queries' run)")
+    check_out(run, out)
     if k < 1:
         raise DataError(f"k must be at least 1, got {k}")
     tables = search_tables(run, models)
@@ -171,6 +199,8 @@ def run_search(
         if man is not None and k > man.rows:
             raise DataError(f"k={k} is larger than the collection: model {m} of {run.root} has "
                             f"{man.rows} images")
+    if not (out.meta / SEARCH_MARKER).exists():
+        (out.meta / SEARCH_MARKER).write_json({"run": run.root.uri, "queries": queries})
     qrun = _query_run(run, out, queries, names, cfg, show_progress)
     missing = [m for m in names if m not in complete_models(qrun)]
     if missing:
