@@ -620,6 +620,11 @@ def test_search_data_from_the_neighbour_tables(run_dir, tmp_path):
         assert (table.neighbours[m] == searched.neighbours[m]).all()
         assert np.allclose(table.scores[m], searched.scores[m], atol=1e-5)
     assert (table.neighbours["clip"][table.ids.index("Chad")] >= 0).all()
+    # a part gone: that table is out of date, searched again instead of read with holes
+    sorted((run / "neighbours" / "model=pixels").glob("*.parquet"))[-1].unlink()
+    table = search_table(RunSearch(str(run)), 4)
+    assert table.sources["pixels"] == "searched" and table.sources["clip"] == "neighbour table"
+    assert (table.neighbours["pixels"] == searched.neighbours["pixels"]).all()
 
 
 def test_embed_records_skipped_models(tmp_path):

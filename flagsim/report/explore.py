@@ -155,8 +155,8 @@ def _batches(blocks: Iterable[Block], rows: int) -> Iterator[tuple[list[str], np
 
 def search_table(session: RunSearch, k: int) -> SearchTable:
     """Every image's top-k for each model and `all`, from the neighbour tables where the run has
-    them (no search again), else searched through `session` in batches."""
-    from flagsim.search.neighbours import read_neighbours
+    them up to date (no search again), else searched through `session` in batches."""
+    from flagsim.search.neighbours import read_neighbours, table_problem
 
     cat = session.catalogue
     ids = cat.ids
@@ -165,10 +165,15 @@ def search_table(session: RunSearch, k: int) -> SearchTable:
     for m in rows:
         table = None
         if session.run.neighbours_manifest(m).exists():
+            problem = table_problem(session.run, m, session.models)
             try:
-                table = read_neighbours(session.run.root.uri, m)
+                if problem is None:
+                    table = read_neighbours(session.run.root.uri, m)
             except FlagsimError as exc:
-                log.warning("report: neighbour table of %s unreadable (%s); searching instead", m, exc)
+                problem = f"unreadable ({exc})"
+            if problem is not None:
+                log.warning("report: the neighbour table of %s is %s; searching instead "
+                            "(`flagsim neighbours` brings it up to date)", m, problem)
         if table is not None and table.num_rows and int(pc.max(table.column("rank")).as_py()) >= k:
             neighbours[m], scores[m] = _from_table(table, ids, k)
             sources[m] = "neighbour table"

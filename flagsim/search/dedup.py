@@ -170,12 +170,17 @@ def write_dedup(
     present = complete_models(run)
     thresholds = {m: _threshold(m, threshold, present) for m in names}  # all checked first
     session = RunSearch(run, None, cfg)
-    missing = [m for m in names if not run.neighbours_manifest(m).exists()]
-    if missing:
-        from flagsim.search.neighbours import write_neighbours
+    from flagsim.search.neighbours import table_problem, write_neighbours
 
-        log.info("no neighbour table for %s yet: writing it first", ", ".join(missing))
-        write_neighbours(run_dir, cfg.neighbours.k, missing, cfg)
+    # the pairs come from the neighbour tables: each one missing or out of date is (re)written
+    problems = {m: p for m in names if (p := table_problem(run, m, present))}
+    if problems:
+        log.info("neighbour tables to write first: %s", "; ".join(
+            f"{m} ({p})" for m, p in problems.items()))
+        # `all` alone means every model and their ensemble (over fewer it would be another)
+        todo = None if ENSEMBLE in problems else list(problems)
+        k = _k_of(run, next(iter(problems))) or cfg.neighbours.k
+        write_neighbours(run_dir, k, todo, cfg)
     out = []
     for m in names:
         start = time.perf_counter()

@@ -141,6 +141,38 @@ def plan_table(run: RunDir, model: str, members: tuple[str, ...], k: int, index:
     return plan
 
 
+def table_problem(run: RunDir, model: str, members: Sequence[str] = ()) -> str | None:
+    """Why the written neighbour table of `model` (or `all` over `members`) is not the one
+    `flagsim neighbours` would write now, or None when it is: a part missing, changed or made
+    from other embeddings or another index. Reads the manifests and part markers, no part."""
+    from flagsim.search.catalog import ENSEMBLE, model_order
+    from flagsim.search.manifest import read_index_manifest
+    from flagsim.search.saved import index_state
+
+    loc = run.neighbours_manifest(model)
+    if not loc.exists():
+        return "not written"
+    try:
+        manifest = loc.read_json()
+        k = int(manifest["k"])
+    except (DataError, KeyError, TypeError, ValueError):
+        return f"{loc} is not a valid manifest"
+    members = tuple(model_order(members)) if model == ENSEMBLE else ()
+    if model == ENSEMBLE and list(manifest.get("source_models") or []) != list(members):
+        return "made over other models"
+    index = read_index_manifest(run, model)
+    state = index_state(run, model, models=list(members) or None)[0] if index else "missing"
+    if index is None or state != "fresh":
+        return f"made with an index that is now {state}"
+    try:
+        plan = plan_table(run, model, members, k, index)
+    except DataError as exc:
+        return str(exc)
+    if plan.todo:
+        return f"{len(plan.todo)} of its {len(plan.shards)} parts missing or out of date"
+    return None
+
+
 # --- the driver's writer ---------------------------------------------------------------------
 
 @dataclass
