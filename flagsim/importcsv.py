@@ -46,6 +46,17 @@ ORIGINAL_LABELS = {
 }
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+
+def check_model_name(model: str) -> None:
+    """An imported model's name: letters, digits and . _ + -, and not `all` (the ensemble's)."""
+    if not _MODEL_NAME.match(model):
+        raise DataError(
+            f"invalid model name {model!r}: use letters, digits and . _ + - (at most 64 characters)"
+        )
+    if model.lower() == "all":
+        raise DataError(f"the model name {model!r} is reserved for the ensemble of a run's models; "
+                        "choose another")
 _NUMBER_SPLIT = re.compile(r"[\s,\[\]]+")
 SOURCE_PREFIX = "flagsim import-csv"
 
@@ -215,10 +226,7 @@ def import_csv(
     flags when every imported id is among them. The manifest records the file's sha256 and
     size: importing the same bytes again is a no-op ("up to date"); other bytes need `force`.
     """
-    if not _MODEL_NAME.match(model):
-        raise DataError(
-            f"invalid model name {model!r}: use letters, digits and . _ + - (at most 64 characters)"
-        )
+    check_model_name(model)
     src = Location.parse(file)
     check_input_file(src, "embedding file")
     stamp = file_stamp(src)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from flagsim.errors import ConfigError, DataError
 from flagsim.images import images_table_hash, read_images_table
-from flagsim.importcsv import _MODEL_NAME, ImportResult, _images_table
+from flagsim.importcsv import ImportResult, _images_table, check_model_name
 from flagsim.rundir import RunDir, shard_index, shard_name
 from flagsim.schema import SCHEMA_VERSION
 from flagsim.shards import Manifest, discard_model, embeddings_table, write_manifest, write_shard
@@ -446,10 +446,7 @@ def import_embeddings(
     """
     from flagsim.search.catalog import model_dim
 
-    if not _MODEL_NAME.match(model):
-        raise DataError(
-            f"invalid model name {model!r}: use letters, digits and . _ + - (at most 64 characters)"
-        )
+    check_model_name(model)
     if shard_size < 1:
         raise ConfigError(f"shard size must be at least 1, got {shard_size}")
     src = Location.parse(source)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from flagsim.cli import main
@@ -111,6 +112,16 @@ def test_unregistered_model_name_is_imported_as_external(tmp_path) -> None:
     np.testing.assert_allclose(emb.vectors, np.stack([v for _, v in rows]), rtol=1e-6)
     with pytest.raises(DataError, match="invalid model name"):
         import_csv(str(path), "../evil", str(tmp_path / "run"))
+    for reserved in ("all", "ALL"):  # the ensemble's name: as a model it broke index and neighbours
+        with pytest.raises(DataError, match="reserved for the ensemble"):
+            import_csv(str(path), reserved, str(tmp_path / "run"))
+    from flagsim.importemb import import_embeddings
+
+    pq_path = tmp_path / "v.parquet"
+    pa.table({"image_id": ["a", "b"], "embedding": [[1.0, 0.0], [0.0, 1.0]]}).to_pandas().to_parquet(pq_path)
+    with pytest.raises(DataError, match="reserved for the ensemble"):
+        import_embeddings(str(pq_path), "all", str(tmp_path / "run2"))
+    assert not (tmp_path / "run2").exists()
 
 
 def test_reimporting_the_same_file_is_up_to_date_and_another_needs_force(tmp_path) -> None:
