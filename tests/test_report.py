@@ -437,6 +437,23 @@ def test_cli_report_unknown_queries_is_one_line_error(run_dir, tmp_path, capsys)
     assert not (tmp_path / "r.html").exists()
 
 
+def test_cli_report_never_writes_into_the_runs_data(run_dir, tmp_path, capsys):
+    """--out / --png onto a shard, into a table folder, onto images.parquet or onto each other:
+    one line, nothing written (a report once replaced an embedding shard)."""
+    from flagsim.cli import main
+
+    shard = sorted((run_dir / "embeddings").glob("model=*/part-*.parquet"))[0]
+    before = shard.read_bytes()
+    for args in (["--out", str(shard)], ["--png", str(run_dir / "neighbours" / "x.png")],
+                 ["--out", str(run_dir / "images.parquet")],
+                 ["--out", str(tmp_path / "same"), "--png", str(tmp_path / "same")]):
+        capsys.readouterr()
+        assert main(["report", "--run", str(run_dir), "--queries", "Chad", *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ("inside the run's data" in err or "same file" in err)
+    assert shard.read_bytes() == before and not (tmp_path / "same").exists()
+
+
 def test_report_is_written_when_evaluation_is_impossible(run_dir, tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("query,similar\nAtlantis,Lemuria\n")

@@ -33,12 +33,34 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def check_outputs(run_dir: str, out: str | None, png: str | None) -> None:
+    """The page and the sheet go outside the run's data: not into its table folders or onto
+    images.parquet (they replaced a shard), and not onto each other."""
+    from flagsim.errors import ConfigError
+    from flagsim.storage import is_uri
+
+    if png and out and os.path.realpath(png) == os.path.realpath(out):
+        raise ConfigError("--out and --png name the same file; give the contact sheet its own")
+    if is_uri(run_dir):
+        return
+    root = os.path.realpath(run_dir)
+    for opt, path in (("--out", out), ("--png", png)):
+        if not path:
+            continue
+        target = os.path.realpath(path)
+        inside = os.path.dirname(target) != root and target.startswith(root + os.sep)
+        if inside or target == os.path.join(root, "images.parquet") or target == root:
+            raise ConfigError(f"{opt} {path} is inside the run's data; write the report next to "
+                              f"it (the default) or outside {run_dir}")
+
+
 def run(args: argparse.Namespace) -> int:
     from flagsim.console import plain
     from flagsim.report import build_report
 
     cfg = options.config_from_args(args, {"report.k": args.k})
     run_dir = options.run_dir_from(args, cfg)
+    check_outputs(run_dir, args.out, args.png)
     html_dir = (os.path.dirname(args.out) or ".") if args.out else run_dir
     check_writable(html_dir)
     if args.png:
