@@ -193,6 +193,8 @@ def _local_image_files(root: str) -> list[str]:
     seen_dirs: set[tuple[int, int]] = set()
     found: dict[tuple[int, int], tuple[bool, str]] = {}  # file -> (via a symlink, path)
     paths = revisits = 0
+    not_utf8: list[str] = []
+    broken: list[str] = []
     real: list[tuple[str, bool]] = [("", False)]
     linked: list[tuple[str, bool]] = []
     while real or linked:
@@ -212,8 +214,15 @@ def _local_image_files(root: str) -> list[str]:
         for name, is_link in entries:
             child = f"{rel}/{name}" if rel else name
             try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes: no table or filesystem API takes it
+                not_utf8.append(child)
+                continue
+            try:
                 cst = os.stat(os.path.join(root, child))  # follows symlinks
             except OSError:
+                if is_link:
+                    broken.append(child)
                 continue  # a broken symlink, or gone meanwhile
             if stat.S_ISDIR(cst.st_mode):
                 (linked if via_link or is_link else real).append((child, via_link or is_link))
@@ -221,6 +230,10 @@ def _local_image_files(root: str) -> list[str]:
                 paths += 1
                 key, pick = (cst.st_dev, cst.st_ino), (via_link or is_link, child)
                 found[key] = min(found.get(key, pick), pick)
+    for what, names in (("names that are not UTF-8 text (rename them)", not_utf8),
+                        ("symlinks to nothing", broken)):
+        if names:
+            log.warning("%s: skipped %d %s, e.g. %s", root, len(names), what, ascii(names[0]))
     if revisits or paths > len(found):
         log.info(
             "%s: %d folder(s) reached again through symlinks and %d duplicate path(s) skipped",

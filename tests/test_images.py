@@ -247,3 +247,20 @@ def test_a_one_file_images_table_is_copied_into_the_run_in_batches(tmp_path) -> 
     with pytest.raises(DataError, match="path"):
         _stream_copy(Location.parse(str(bad)), RunDir.at(str(tmp_path / "run2")))
     assert not (tmp_path / "run2" / "images.parquet").exists()  # nothing half-written
+
+
+def test_folder_names_that_are_not_utf8_and_dangling_symlinks_are_skipped_with_a_warning(
+        tmp_path, bundled_dir, caplog):
+    """One file named with undecodable bytes used to end the whole listing in a traceback."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    src = next(iter(sorted((bundled_dir / "images").glob("*.png"))))
+    shutil.copy(src, folder / "good.png")
+    shutil.copy(src, os.path.join(os.fsencode(folder), b"bad\xffname.png"))
+    os.symlink(tmp_path / "nothing.png", folder / "dangling.png")
+    with caplog.at_level("WARNING"):
+        table = from_folder(str(folder))
+    assert table.column("image_id").to_pylist() == ["good"]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipped 1 names that are not UTF-8 text" in said and "bad\\udcffname.png" in said
+    assert "skipped 1 symlinks to nothing" in said

@@ -63,6 +63,9 @@ def run_guarded(
     except FlagsimError as exc:
         print(f"{prog}: error: {plain(exc)}", file=sys.stderr)
         return exc.exit_code
+    except UnicodeEncodeError as exc:  # a path with undecodable bytes (from the command line)
+        print(f"{prog}: error: {ascii(exc.object)} is not UTF-8 text; rename it", file=sys.stderr)
+        return 2
     except BrokenPipeError as exc:
         if _stdout_closed():  # `flagsim models --json | head`: the reader has what it wanted
             return 128 + 13  # as a process killed by SIGPIPE (a shell's `| head` ignores it)
