@@ -409,6 +409,24 @@ def test_an_edited_embedding_manifest_is_one_line_not_a_hang(tmp_path, capsys, f
         assert err.endswith("re-embed with `flagsim embed --force --models m`")
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("files", None), ("kind", "x"), ("params", []), ("parts", [None]), ("shards", "abc"),
+    ("count", "30"), ("files", {"index.faiss": 5})])
+def test_an_edited_index_manifest_is_one_line(tmp_path, capsys, field, value) -> None:
+    make_run(tmp_path, "m", np.random.default_rng(27).normal(size=(30, 8)).astype(np.float32))
+    assert main(["index", "--run", str(tmp_path)]) == 0
+    capsys.readouterr()
+    loc = tmp_path / "index" / "model=m" / MANIFEST_FILE
+    data = json.loads(loc.read_text())
+    data[field] = value
+    loc.write_text(json.dumps(data))
+    assert main(["query", "img00001", "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a valid index manifest" in err and len(err.splitlines()) == 1
+    assert err.endswith("rebuild it with `flagsim index --force --models m`")
+    assert main(["index", "--run", str(tmp_path), "--force"]) == 0  # what the line says works
+
+
 def test_index_manifest_without_file_records_is_stale_and_rebuilt(tmp_path) -> None:
     vectors = np.random.default_rng(24).normal(size=(20, 8)).astype(np.float32)
     run = make_run(tmp_path, "m", vectors)

@@ -185,3 +185,17 @@ def test_a_second_embed_into_the_same_run_fails_at_once_naming_the_holder(
     finally:
         os.killpg(first.pid, 9)
         first.wait(timeout=30)
+
+
+def test_a_rerun_with_other_settings_keeps_the_finished_embeddings_until_forced(run30, capsys):
+    """Another shard size (or weights) re-embeds every image: never done silently (the shards
+    were discarded with one info line); --force does it."""
+    rd = RunDir.at(run30)
+    before = {p.name: p.read_bytes() for p in (run30 / "embeddings" / "model=pixels").iterdir()}
+    capsys.readouterr()
+    assert main(["embed", "--run", str(run30), *EMBED[:-1], "embed.shard_size=20"]) == 2
+    (err,) = _errors(capsys)
+    assert "made with other settings (shard_size 10 -> 20)" in err and "--force" in err
+    assert {p.name: p.read_bytes() for p in (run30 / "embeddings" / "model=pixels").iterdir()} == before
+    assert main(["embed", "--run", str(run30), *EMBED[:-1], "embed.shard_size=20", "--force"]) == 0
+    assert sorted(read_manifest(rd, "pixels").shards.values()) == [10, 20]

@@ -128,6 +128,14 @@ def prepare_model_dir(
     re-embeds its own shard, not the whole run)."""
     mdir = run.model_dir(model)
     old = None if force else read_run_marker(run, model)
+    if old is not None and old.get("key") != key and shard_files(run, model):
+        # finished work is replaced only when asked: a changed shard size or weights re-embeds
+        # every image of the model
+        was = old.get("key") if isinstance(old.get("key"), dict) else {}
+        diff = ", ".join(f"{k} {was.get(k)!r} -> {v!r}" for k, v in key.items() if was.get(k) != v)
+        raise DataError(f"{model}: the embeddings in {mdir} were made with other settings "
+                        f"({diff or 'unknown'}); rerun with --force to replace them, or with the "
+                        "settings they were made with")
     wipe = force or (old is not None and old.get("key") != key)
     wipe = wipe or (old is None and bool(shard_files(run, model)))  # shards of unknown origin
     if wipe:

@@ -61,9 +61,36 @@ class IndexManifest:
         if not isinstance(data, dict):
             raise DataError(f"{where} is not a valid index manifest")
         try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+            manifest = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         except TypeError as exc:
             raise DataError(f"{where} is not a valid index manifest: {exc}") from exc
+        problem = manifest._type_problem()
+        if problem:
+            raise DataError(f"{where} is not a valid index manifest: {problem}; rebuild it with "
+                            f"`flagsim index --force --models {manifest.model}`")
+        return manifest
+
+    def _type_problem(self) -> str | None:
+        """The first field whose type is not what flagsim writes (an edited or damaged file)."""
+        def whole(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        if not isinstance(self.model, str) or not whole(self.dim) or not whole(self.count):
+            return "'model', 'dim' or 'count' has the wrong type"
+        if self.kind not in ("flat", "ivf", "hnsw", "ivfpq") or not isinstance(self.factory, str):
+            return f"unknown index kind {self.kind!r}"
+        for name in ("shards", "params", "requested", "files"):
+            if not isinstance(getattr(self, name), dict):
+                return f"{name!r} is not a mapping"
+        if not all(isinstance(f, dict) for f in self.files.values()):
+            return "'files' holds a record that is not a mapping"
+        if not isinstance(self.parts, list) or not all(
+                isinstance(p, dict) and isinstance(p.get("file"), str) and whole(p.get("offset"))
+                and whole(p.get("count")) for p in self.parts):
+            return "'parts' is not a list of {file, offset, count} records"
+        if not isinstance(self.source_models, list):
+            return "'source_models' is not a list"
+        return None
 
 
 def requested(cfg: IndexConfig) -> dict[str, Any]:
