@@ -239,3 +239,38 @@ def test_a_failed_connection_is_one_line_without_rays_client_warning(monkeypatch
         with pytest.raises(RayConnectError) as info:
             ensure_ray(load_config(None, [f"ray.address={address}"]))
     assert str(info.value) == f"cannot reach Ray at {address}: ray client connection timeout"
+
+
+# a command body that starts its embedded Ray, says so, and waits to be stopped
+WAITS_ON_RAY = """
+import argparse, sys, time
+from flagsim.app.entry import run_guarded
+from flagsim.config import load_config
+from flagsim.pipeline.ray_session import ensure_ray
+
+def body(args):
+    ensure_ray(load_config(None, ["ray.num_cpus=1"]))
+    print("ready", flush=True)
+    time.sleep(120)
+
+sys.exit(run_guarded("flagsim", body, argparse.Namespace(), "rerun the same command to resume"))
+"""
+
+
+@pytest.mark.ray
+def test_sigterm_stops_a_command_with_one_line_like_ctrl_c(tmp_path: Path) -> None:
+    """Ray's native handler printed stack dumps (about 10 lines) and exited 15; a scheduler's
+    SIGTERM now ends the command as Ctrl-C does, with its own exit status."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", WAITS_ON_RAY], env=_env(), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == ["flagsim: terminated; rerun the same command to resume"]

@@ -74,9 +74,10 @@ def run_guarded(
     except OSError as exc:
         print(f"{prog}: error: {plain(os_error_line(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; {resume}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = type(exc).__name__ == "Terminated"  # SIGTERM (pipeline.ray_session)
+        print(f"{prog}: {'terminated' if terminated else 'interrupted'}; {resume}", file=sys.stderr)
+        return 143 if terminated else 130
     for note in getattr(args, "deprecations", None) or ():
         log.warning("%s", note)
     return int(result or 0)
