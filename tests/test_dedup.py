@@ -161,3 +161,15 @@ def test_the_report_lists_the_groups(tmp_path) -> None:
     for members in planted.values():
         for i in members:
             assert f'data-id="{i}"' in html
+
+
+def test_dedup_of_a_collection_smaller_than_k_takes_as_many_neighbours_as_it_has(tmp_path) -> None:
+    """Six images and the default k=10: it refused with a k error (as `pipeline` clamps it)."""
+    x = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
+    x[5] = x[0] * 2  # a copy of image 0 (same direction)
+    run = make_run(tmp_path, "m", x)
+    (result,) = write_dedup(str(run.root), threshold=0.9999)
+    assert result.groups == 1
+    assert sorted(read_dedup(str(run.root), "m").column("image_id").to_pylist()) == [
+        "img00000", "img00005"]
+    assert run.neighbours_manifest("m").read_json()["k"] == 5

@@ -17,6 +17,7 @@ from flagsim.rundir import RunDir
 from flagsim.schema import DEDUP_FILE_SCHEMA, PARTITION_KEY
 from flagsim.search.catalog import ENSEMBLE, complete_models
 from flagsim.search.session import RunSearch
+from flagsim.shards import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,11 @@ def write_dedup(
         # `all` alone means every model and their ensemble (over fewer it would be another)
         todo = None if ENSEMBLE in problems else list(problems)
         k = _k_of(run, next(iter(problems))) or cfg.neighbours.k
+        smallest = min((man.rows for m in present if (man := read_manifest(run, m))), default=k + 1)
+        if k > smallest - 1 >= 1:  # a small collection: as many neighbours as it has
+            log.warning("neighbours.k=%d clamped to %d (the collection has %d images)", k,
+                        smallest - 1, smallest)
+            k = smallest - 1
         write_neighbours(run_dir, k, todo, cfg)
     out = []
     for m in names:
