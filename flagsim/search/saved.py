@@ -81,7 +81,7 @@ def index_state(
         if emb is not None and emb.dim != manifest.dim:
             return "stale", f"{where} is stale: embeddings are now {emb.dim}-d, the index {manifest.dim}-d"
         rows = sum(int(r) for r in emb.shards.values()) if emb is not None else manifest.count
-        if emb is not None and (rows != manifest.count or emb.rows != manifest.count):
+        if emb is not None and rows != manifest.count:
             return "stale", (f"{where} is stale: the embeddings now hold {rows} rows, the index "
                              f"{manifest.count}")
     hashes = source_checksums(run, model, manifest.source_models if model == ENSEMBLE and not models

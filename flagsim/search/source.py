@@ -71,7 +71,9 @@ class ModelSource:
 
     @property
     def rows(self) -> int:
-        return int(self.manifest.rows)
+        """The rows of the shards as the manifest lists them (each read checks its own count);
+        not the manifest's total, which an edit could make disagree and size an index wrongly."""
+        return sum(int(r) for r in self.manifest.shards.values())
 
     @property
     def dim(self) -> int:
