@@ -62,7 +62,7 @@ def complete_models(run: RunDir) -> list[str]:
 
 
 def _in_use(run: RunDir) -> str:
-    """"the run is in use by <holder>" while another process holds its lock, else ""."""
+    """`RUN is in use by <holder>` while another process holds the run's lock, else ''."""
     from flagsim.runlock import in_use_by
 
     holder = in_use_by(run.root)
