@@ -221,15 +221,42 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`embed.models=[a,b]` → ("embed.models", ["a", "b"]); values parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {text!r}: no key before '=' (write key.path=value)")
+    if any(not part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: key {key.strip()!r} has an empty part")
+    if not raw.strip():
+        raise ConfigError(
+            f"override {text!r} has no value; leave the --set out to keep the default"
+        )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: {exc}") from exc
+        raise ConfigError(f"override {text!r}: not a valid YAML value") from exc
     return key.strip(), value
 
 
@@ -243,16 +270,21 @@ def load_config(
     if path is not None:
         source = str(path)
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        if p.is_dir():
+            raise ConfigError(f"{source}: is a directory, not a config file")
+        try:  # any readable file: /dev/null (the defaults) and `<(...)` pipes included
+            loaded = _load_yaml(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
             raise ConfigError(
                 f"{source}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
             ) from None
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+        except yaml.constructor.ConstructorError as exc:  # a key given twice
+            line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
+            raise ConfigError(f"{source}: line {line}: {exc.problem}") from None
         except yaml.YAMLError as exc:
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
@@ -262,14 +294,14 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: top level must be a mapping")
         data = loaded
-    items = overrides.items() if isinstance(overrides, dict) else (
-        parse_override(o) for o in (overrides or [])
-    )
+    if isinstance(overrides, dict):  # options: None means "not given on the command line"
+        items = [(k, v) for k, v in overrides.items() if v is not None]
+    else:  # --set key=value: an explicit null is a value, for the validation to judge
+        items = [parse_override(o) for o in (overrides or [])]
     if overrides:  # where a bad value may come from, for the error line
         source = "--set" if path is None else f"{path} and --set"
     for key, value in items:
-        if value is not None:
-            _set_dotted(data, key, value)
+        _set_dotted(data, key, value)
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

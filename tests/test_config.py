@@ -77,6 +77,47 @@ def test_use_gpu_written_unquoted_in_yaml(tmp_path, written, value):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+def test_config_from_dev_null_is_the_defaults():
+    # any readable file counts (so do `--config <(...)` pipes): /dev/null is empty, the defaults
+    assert load_config("/dev/null") == load_config(None)
+
+
+def test_key_given_twice_in_yaml_is_an_error(tmp_path):
+    # PyYAML keeps the last one silently; a config with two answers to one question is a mistake
+    text = "embed:\n  shard_size: 10\n  models: [pixels]\n  shard_size: 20\n"
+    with pytest.raises(ConfigError, match=r"line 4: key 'shard_size' given twice"):
+        load_config(_write(tmp_path, text))
+    # the same key in two different mappings is fine
+    cfg = load_config(_write(tmp_path, "embed:\n  settings:\n    pixels: {batch_size: 2}\n"
+                                       "    clip: {batch_size: 2}\n"))
+    assert cfg.embed.for_model("pixels").batch_size == 2
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("embed.shard_size=", "has no value; leave the --set out"),
+    ("embed.shard_size=  ", "has no value"),
+    ("=3", "no key before '='"),
+    ("embed..shard_size=3", "has an empty part"),
+])
+def test_override_without_key_or_value_is_an_error(override, expected):
+    # `--set key=` used to keep the default silently
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_override_to_null_sets_null():
+    # an explicit null is a value: it resets an optional key and is refused where one is needed
+    base = load_config(None, ["embed.settings.pixels.batch_size=3"])
+    assert base.embed.for_model("pixels").batch_size == 3
+    cfg = load_config(None, ["embed.settings.pixels.batch_size=3",
+                             "embed.settings.pixels.batch_size=null"])
+    assert cfg.embed.for_model("pixels").batch_size is None
+    with pytest.raises(ConfigError, match="embed.shard_size"):
+        load_config(None, ["embed.shard_size=null"])
 
 
 def test_cli_bad_config_fails_fast_before_ray(tmp_path):
