@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -56,7 +57,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DecodeError(f"decompression bomb refused: {exc}") from None
+        # Pillow's text names its error threshold, twice ours; say the limit that was enforced
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(m.group(1)):,} pixels" if m else "the image"
+        raise DecodeError(
+            f"decompression bomb refused: {size} exceeds the limit of {max_pixels:,} pixels"
+        ) from None
     except UnidentifiedImageError:
         raise DecodeError("not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from imagegen import DECODABLE, bad_corpus, exif_rotated_jpeg, png_bytes
+from imagegen import DECODABLE, bad_corpus, bomb_png, exif_rotated_jpeg, png_bytes
 from PIL import Image
 
 from flagsim.decode import DecodeError, decode_image
@@ -84,3 +84,13 @@ def test_pixel_limit_is_configurable_both_ways():
     with pytest.raises(DecodeError, match="bomb|too large"):
         decode_image(big, max_pixels=100_000)
     assert decode_image(big, max_pixels=200_000).shape == (300, 400, 3)
+
+
+@pytest.mark.parametrize("side", [9000, 30000])  # over the limit, and over Pillow's own 2x error
+def test_bomb_message_names_the_enforced_limit(side):
+    # Pillow's message names its error threshold (twice the limit), not the limit we enforce
+    with pytest.raises(DecodeError) as info:
+        decode_image(bomb_png(side, side), max_pixels=64_000_000)
+    msg = str(info.value)
+    assert f"{side * side:,} pixels" in msg and "limit of 64,000,000 pixels" in msg, msg
+    assert "128000000" not in msg and "\n" not in msg
