@@ -400,10 +400,12 @@ def _parquet_row(
 # --- URL lists -------------------------------------------------------------------------------
 
 def read_url_table(path: str, url_column: str = "url", id_column: str | None = None,
-                   name_column: str | None = None) -> list[dict]:
+                   name_column: str | None = None,
+                   blanks: list[dict] | None = None) -> list[dict]:
     """Rows `{url, image_id, name}` of a CSV (plain or gzipped) or Parquet list of image URLs;
-    rows without a URL are skipped, ids default to the safe stem of the name or URL's file.
-    Names come from `name_column`, else from a column called `name` when there is one."""
+    ids default to the safe stem of the name or URL's file. Names come from `name_column`, else
+    from a column called `name` when there is one. Rows without a URL are left out; with
+    `blanks`, each is appended to it as `{row, name}` (row: 1-based, after the header)."""
     from urllib.parse import unquote, urlsplit
 
     from flagsim.images import unique_stems
@@ -433,13 +435,15 @@ def read_url_table(path: str, url_column: str = "url", id_column: str | None = N
     if missing:
         raise DataError(f"{loc} has no column {missing[0]!r} (columns: {', '.join(cols) or 'none'})")
     rows = []
-    for rec in records:
+    for number, rec in enumerate(records, 1):
         url = str(rec.get(url_column) or "").strip()
-        if not url:
-            continue
-        base = unquote(urlsplit(url).path.rsplit("/", 1)[-1]).rsplit(".", 1)[0] or "image"
         name = str(rec.get(name_column) or "").strip() if name_column else ""
         ident = str(rec.get(id_column) or "").strip() if id_column else ""
+        if not url:
+            if blanks is not None:
+                blanks.append({"row": number, "name": name or ident or None})
+            continue
+        base = unquote(urlsplit(url).path.rsplit("/", 1)[-1]).rsplit(".", 1)[0] or "image"
         rows.append({"url": url, "image_id": ident, "name": name or ident or base.replace("_", " ")})
     if not rows:
         raise DataError(f"{loc} lists no URLs in column {url_column!r}")
@@ -466,11 +470,18 @@ def from_urls(path: str, run: RunDir, opts: Any, url_column: str = "url",
     """Download every URL of a list into the run's `images/` with the scraper's fetcher (its host
     policy, timeouts, size cap, retries, User-Agent and bounded concurrency: `opts` is a
     `ScrapeOptions`) and write the images table; resumable like `flagsim scrape` (a file whose
-    URL and sha256 match the previous table is not fetched again). Failures go to
-    `errors/images/` (and the scraper's `errors.csv`)."""
+    URL and sha256 match the previous table is not fetched again). Failures, and rows without
+    a URL, go to `errors/images/` (download failures also to the scraper's `errors.csv`)."""
     from flagsim.scrape import Fetcher, FlagEntry, PlannedImage, _download_all
 
-    rows = read_url_table(path, url_column, id_column, name_column)
+    blanks: list[dict] = []
+    rows = read_url_table(path, url_column, id_column, name_column, blanks)
+    no_url = [{"image_id": None, "name": b["name"], "path": None, "stage": "download",
+               "model": None, "reason": f"row {b['row']} of {path}: no URL in column {url_column!r}"}
+              for b in blanks]
+    if no_url:
+        log.warning("%d row(s) of %s have no URL in column %r (first: row %d); see errors/images/",
+                    len(no_url), path, url_column, blanks[0]["row"])
     items = [PlannedImage(FlagEntry(r["name"], r["url"], "urls", 1), r["image_id"], r["url"])
              for r in rows]
     fetcher = Fetcher(opts)
@@ -478,13 +489,13 @@ def from_urls(path: str, run: RunDir, opts: Any, url_column: str = "url",
     try:
         result = _download_all(run, items, fetcher, opts)
     except DataError:
-        errors = _url_errors(read_errors(run))
+        errors = no_url + _url_errors(read_errors(run))
         if errors:
             err.write_parquet(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
         raise
     finally:
         fetcher.close()
-    errors = _url_errors(result.errors)
+    errors = no_url + _url_errors(result.errors)
     if errors:
         err.write_parquet(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
     elif err.exists():

@@ -356,6 +356,30 @@ def test_url_table_without_its_column_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_url_rows_without_a_url_are_error_rows(tmp_path, fmt, capsys):
+    """A blank (CSV) or null (Parquet) URL is reported, not dropped silently."""
+    from flagserver import flag_server
+
+    from flagsim.cli import main
+
+    with flag_server() as server:
+        table = pd.DataFrame({"url": [f"{server.base}/files/Chad.png", None],
+                              "name": ["Chad", "Peru"]})
+        path = tmp_path / f"u.{fmt}"
+        table.to_csv(path, index=False) if fmt == "csv" else table.to_parquet(path)
+        run = tmp_path / "data"
+        assert main(["images", "--from-urls", str(path), "--allow-host", "127.0.0.1",
+                     "--out", str(run)]) == 0
+    assert read_images_table(run).column("name").to_pylist() == ["Chad"]
+    errors = _errors(run, "images")
+    assert errors[["name", "stage"]].values.tolist() == [["Peru", "download"]]
+    assert errors["reason"][0] == f"row 2 of {path}: no URL in column 'url'"
+    out = capsys.readouterr()
+    assert "1 row(s) of" in out.err and "(first: row 2)" in out.err
+    assert "failed 1: see errors/images/" in out.out
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_url_table_names_come_from_its_name_column_by_default(tmp_path, fmt):
     """As import-embeddings reads `name`; --name-column still picks another one."""
     from flagsim.sources import read_url_table
