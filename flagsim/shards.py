@@ -6,6 +6,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,13 +61,53 @@ def run_id(run: RunDir) -> str:
     """This run directory's id (created on first use): stamped into every shard it writes."""
     loc = run.meta / "run.json"
     if loc.exists():
-        data = loc.read_json()
-        if isinstance(data, dict) and isinstance(data.get("run_id"), str):
+        try:
+            data = loc.read_json()
+        except DataError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("run_id"), str) and data["run_id"]:
             return data["run_id"]
-        raise DataError(f"{loc} is not a valid run file; delete it to give the run a new id")
+        raise DataError(f"{loc} is not a valid run file; repair with `flagsim embed --repair`")
     rid = uuid.uuid4().hex
     loc.write_json({"run_id": rid, "schema_version": SCHEMA_VERSION})
     return rid
+
+
+def repair_run_id(run: RunDir) -> str | None:
+    """Rewrite a damaged `_meta/run.json` with the id its manifests and shard markers carry.
+
+    Returns what was done (None: the file was fine or absent). With no recorded id a new one is
+    made (every shard then counts as another run's and is redone); with several, the manifests'
+    most common one is kept (shards of the others are redone by the repair that follows).
+    """
+    loc = run.meta / "run.json"
+    if not loc.exists():
+        return None
+    try:
+        run_id(run)
+        return None
+    except DataError:
+        pass
+    seen: Counter[str] = Counter()
+    folder = run.meta / "embeddings"
+    for model_dir in folder.dirs() if folder.exists() else []:
+        model = model_dir.name.partition("=")[2]
+        try:
+            manifest = read_manifest(run, model)
+        except DataError:
+            manifest = None
+        if manifest is not None and isinstance(manifest.run_id, str) and manifest.run_id:
+            seen[manifest.run_id] += 1_000_000  # a manifest outweighs any number of markers
+        markers = model_dir / "shards"
+        for loc_marker in markers.list(".json") if markers.exists() else []:
+            idx = shard_index(loc_marker.name.replace(".json", ".parquet"))
+            marker = read_marker(run, model, idx) if idx is not None else None
+            if marker is not None and isinstance(marker.get("run_id"), str):
+                seen[marker["run_id"]] += 1
+    rid, how = (seen.most_common(1)[0][0], "the id its manifests and shards record") if seen \
+        else (uuid.uuid4().hex, "a new id (none was recorded)")
+    loc.write_json({"run_id": rid, "schema_version": SCHEMA_VERSION})
+    return f"{loc} was damaged; rewritten with {how}"
 
 
 # --- shards and their completion markers -----------------------------------------------------

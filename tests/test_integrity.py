@@ -135,6 +135,26 @@ def test_a_run_marker_that_is_not_an_object_is_one_line(run30, capsys) -> None:
     assert main(["embed", "--run", str(run30), "--force", *EMBED]) == 0
 
 
+@pytest.mark.parametrize("damage", ["{bad", "[]", '{"run_id": ""}'])
+def test_a_damaged_run_file_is_one_line_and_repair_restores_its_id(run30, capsys, damage) -> None:
+    rd = RunDir.at(run30)
+    rid = read_manifest(rd, "pixels").run_id
+    (run30 / "_meta" / "run.json").write_text(damage)
+    shard = run30 / "embeddings" / "model=pixels" / "part-00000.parquet"
+    mtime = shard.stat().st_mtime_ns
+    rd.manifest("pixels").delete()  # re-planned: its shards are matched to the run's id
+    rc = main(["embed", "--run", str(run30), *EMBED])
+    err = _errors(capsys)
+    assert rc != 0 and len(err) == 1, err
+    assert "run.json is not a valid run file; repair with `flagsim embed --repair`" in err[0]
+    assert main(["embed", "--run", str(run30), "--repair", *EMBED]) == 0
+    assert "was damaged; rewritten with the id its manifests and shards record" in (
+        capsys.readouterr().err)
+    assert json.loads((run30 / "_meta" / "run.json").read_text())["run_id"] == rid
+    assert shard.stat().st_mtime_ns == mtime  # the shards were kept, not embedded again
+    assert read_manifest(rd, "pixels").run_id == rid
+
+
 def test_an_empty_images_table_is_one_line(tmp_path, capsys) -> None:
     run = tmp_path / "run"
     write_images_table(bundled_table().slice(0, 0), RunDir.at(run))

@@ -33,6 +33,7 @@ from flagsim.pipeline.summary import (
     summary_table,
 )
 from flagsim.rundir import RunDir, shard_name
+from flagsim.shards import repair_run_id
 from flagsim.storage import Location
 
 __all__ = [
@@ -213,6 +214,8 @@ def _run_embed(
                                    cfg.embed.for_model(name).revision) for name in names}
     if cfg.embed.strict and (reason := next((r for r in missing.values() if r), None)):
         raise WeightsUnavailableError(reason)
+    if repair_shards and (repaired := repair_run_id(run)):
+        log.warning("repair: %s", repaired)
     table = resolve_images(cfg, run, images)
     if table.num_rows == 0:
         raise DataError(f"the images table of {run.root} has no rows: nothing to embed")
