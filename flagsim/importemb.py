@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "parquet", "clip-retrieval")
 SOURCE_PREFIX = "flagsim import-embeddings"
+STAGE_PREFIX = "import-"  # + a uuid4 hex: an import's staging folder under the run's `_tmp/`
 ID_COLUMN = "image_id"
 NAME_COLUMN = "name"
 VECTOR_COLUMN = "embedding"
@@ -408,6 +409,20 @@ def _detect_format(src: Location, fmt: str) -> str:
     return "parquet"
 
 
+def _remove_dead_stages(run: RunDir) -> None:
+    """Delete the staging folders of imports that died (killed: their `finally` never ran).
+
+    Called with the run's lock held, and an import holds that lock for as long as its staging
+    folder exists, so every `import-*` folder found then belongs to a process that is gone.
+    """
+    dead = [d for d in run.staging.dirs()
+            if d.name.startswith(STAGE_PREFIX) and re.fullmatch(r"[0-9a-f]{32}", d.name[len(STAGE_PREFIX):])]
+    for d in dead:
+        d.delete()
+    if dead:
+        log.info("removed %d staging folder(s) of imports that died, in %s", len(dead), run.staging)
+
+
 def _remove_if_empty(loc: Location) -> None:
     if loc.is_local:
         with contextlib.suppress(OSError):
@@ -487,8 +502,9 @@ def import_embeddings(
 def _import_locked(run: RunDir, src: Location, model: str, kind: str, chunks: Iterator[_Chunk],
                    nfiles: int, shard_size: int, force: bool, images: bool,
                    expected: int | None) -> EmbeddingsImport:
+    _remove_dead_stages(run)
     rid = _run_id_of(run) or uuid.uuid4().hex
-    stage = RunDir(run.staging / f"import-{uuid.uuid4().hex}")
+    stage = RunDir(run.staging / f"{STAGE_PREFIX}{uuid.uuid4().hex}")
     try:
         (stage.meta / "run.json").write_json({"run_id": rid, "schema_version": SCHEMA_VERSION})
         sink = _Sink(stage, model, shard_size, expected)

@@ -311,3 +311,55 @@ def test_npy_rows_stream_from_a_non_local_filesystem(tmp_path):
     floc = Location(fs, "f.npy", "sub://f.npy")
     with pytest.raises(DataError, match="Fortran-order"):
         list(_npy_rows(floc, _npy_info(floc)))
+
+
+def test_an_import_killed_midway_leaves_nothing_the_next_import_keeps(tmp_path, capsys, cli_main):
+    """SIGKILL while shards are staged: the run is unchanged, and the next import under the
+    run's lock removes the dead import's staging folder (it used to stay, a whole model's
+    shards in `_tmp/`)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "emb.parquet"
+    ids = _keys("x", 20)
+    pq.write_table(pa.table({"image_id": ids, "embedding": list(_vectors(20))}), src)
+    run_dir = tmp_path / "run"
+    held = tmp_path / "held"
+    # a child that stages two shards, then waits forever in its third (until killed)
+    script = f"""
+import time
+from pathlib import Path
+from flagsim import cli, importemb
+importemb.BATCH_ROWS = 3
+add = importemb._Sink.add
+def slow_add(self, chunk):
+    if self.rows >= 8:
+        Path({str(held)!r}).touch()
+        time.sleep(600)
+    add(self, chunk)
+importemb._Sink.add = slow_add
+cli.main(["import-embeddings", {str(src)!r}, "--model", "ext", "--run", {str(run_dir)!r},
+          "--shard-size", "4"])
+"""
+    child = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 120
+        while not held.exists():
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        staged = [p for p in (run_dir / "_tmp").iterdir() if p.name.startswith("import-")]
+        assert len(staged) == 1 and list(staged[0].rglob("part-*.parquet"))
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert not (run_dir / "embeddings").exists()  # nothing committed
+    keep = run_dir / "_tmp" / "import-notes"  # not a staging folder's name: left alone
+    keep.mkdir()
+    assert cli_main(["import-embeddings", str(src), "--model", "ext", "--run", str(run_dir),
+                     "--shard-size", "4"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (run_dir / "_tmp").iterdir()) == ["import-notes"]
+    assert read_embeddings(RunDir.at(str(run_dir)), "ext").ids == ids
