@@ -30,3 +30,21 @@ class DataError(FlagsimError):
 
 class UnknownNameError(FlagsimError):
     """A query names an image that is not in the run."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill` or `ray job stop` stopping the command), raised where the
+    program is, so that it stops the way Ctrl-C does: what finished is kept, exit 143."""
+
+
+def terminate_like_an_interrupt() -> None:
+    """Make SIGTERM raise `Terminated` in the main thread (elsewhere: left as it is)."""
+    import signal
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import email.utils
 import hashlib
@@ -10,12 +11,12 @@ import ipaddress
 import logging
 import random
 import re
+import signal
 import socket
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
@@ -27,7 +28,7 @@ from bs4.element import Tag
 from PIL import Image, UnidentifiedImageError
 
 from flagsim import __version__
-from flagsim.errors import ConfigError, DataError
+from flagsim.errors import ConfigError, DataError, Terminated
 from flagsim.images import ImageInfo, probe_image, table_from_rows, unique_stems, write_images_table
 from flagsim.inputfiles import read_regular
 from flagsim.rundir import RunDir
@@ -474,9 +475,10 @@ def retry_delay(attempt: int, retry_after: float | None, backoff: float, cap: fl
 class _HostGate:
     """Shared per-host pause: after a 429 with Retry-After, every worker waits it out."""
 
-    def __init__(self) -> None:
+    def __init__(self, stopped: threading.Event | None = None) -> None:
         self._until: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._stopped = stopped or threading.Event()
 
     def hold(self, host: str, seconds: float) -> None:
         with self._lock:
@@ -486,9 +488,8 @@ class _HostGate:
         while True:
             with self._lock:
                 left = self._until.get(host, 0.0) - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self._stopped.wait(min(left, 1.0)):
                 return
-            time.sleep(min(left, 1.0))
 
 
 @dataclass
@@ -502,11 +503,12 @@ class Fetched:
 class Fetcher:
     """HTTP GETs with safety checks, size cap, timeouts and retries; one Session per thread."""
 
-    def __init__(self, opts: ScrapeOptions, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, opts: ScrapeOptions, sleep: Callable[[float], None] | None = None) -> None:
         self.opts = opts
         self.policy = HostPolicy(opts.allow_private, opts.allow_hosts)
-        self.gate = _HostGate()
-        self._sleep = sleep
+        self.stopped = threading.Event()  # set on an interrupt: no new attempt, no back-off wait
+        self.gate = _HostGate(self.stopped)
+        self._sleep = sleep or self.stopped.wait
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -522,6 +524,10 @@ class Fetcher:
                 self._sessions.append(s)
         return s
 
+    def stop(self) -> None:
+        """End every retry loop and back-off now (an interrupt); requests in flight finish."""
+        self.stopped.set()
+
     def close(self) -> None:
         with self._lock:
             for s in self._sessions:
@@ -533,6 +539,8 @@ class Fetcher:
         host = (urlsplit(url).hostname or "").lower()
         for attempt in range(self.opts.retries + 1):
             self.gate.wait(host)
+            if self.stopped.is_set():
+                raise FetchError("interrupted", "the download was stopped before this attempt")
             try:
                 fetched = self._once(url, max_bytes, accept)
                 fetched.attempts = attempt + 1
@@ -920,48 +928,62 @@ def _download_all(
                 errors[item.image_id] = _error(item, exc, kept)
             log.warning("%s: %s (%s)", item.entry.name, exc, item.fetch_url)
 
-    interrupted: BaseException | None = None
-    pool = ThreadPoolExecutor(max_workers=opts.concurrency, thread_name_prefix="scrape")
-    try:
-        futures: set[Future] = {pool.submit(work, item) for item in todo}
-        while futures:
-            done, futures = wait(futures, return_when=FIRST_COMPLETED)
-            for f in done:
-                f.result()
-    except BaseException as exc:  # KeyboardInterrupt: keep what finished, then re-raise
-        interrupted = exc
-        pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        pool.shutdown(wait=True)
+    # a previous row to keep for an image whose refresh fails or never runs: the file on disk
+    # still matches it (hashed once, here, not at every checkpoint)
+    keepable = {item.image_id: previous[item.image_id] for item in todo
+                if _still_valid(previous.get(item.image_id), images_dir / f"{item.image_id}.png")}
 
-    ordered: list[dict] = []
-    for item in items:
-        if item.image_id in rows:
-            ordered.append(rows[item.image_id])
-            continue
-        path = images_dir / f"{item.image_id}.png"
-        prev = previous.get(item.image_id)
-        data = _still_valid(prev, path)
-        if data is not None and prev is not None:  # refresh failed or was interrupted: keep
-            ordered.append({**prev, "path": str(path), "name": item.entry.name})
-    gone = sorted(set(previous) - {i.image_id for i in items})
-    if gone:
-        log.info(
-            "%d image(s) of the previous table are no longer selected (files kept): %s",
-            len(gone),
-            ", ".join(gone[:10]),
+    def table_rows() -> list[dict]:
+        with lock:
+            done = dict(rows)
+        out = []
+        for item in items:
+            if item.image_id in done:
+                out.append(done[item.image_id])
+            elif item.image_id in keepable:  # refresh failed or was interrupted: keep
+                path = images_dir / f"{item.image_id}.png"
+                out.append({**keepable[item.image_id], "path": str(path), "name": item.entry.name})
+        return out
+
+    checkpoints = 0
+
+    def checkpoint() -> None:  # a SIGKILL or OOM kill loses at most CHECKPOINT_S of downloads
+        nonlocal checkpoints
+        with lock:
+            finished = len(rows) + len(errors)
+        if finished > checkpoints and (now := table_rows()):
+            write_images_table(table_from_rows(now), run)
+            checkpoints = finished
+
+    interrupted: BaseException | None = None
+    try:
+        _run_workers(work, todo, opts.concurrency, fetcher.stopped, checkpoint)
+    except BaseException as exc:  # KeyboardInterrupt, Terminated: keep what finished, re-raise
+        interrupted = exc
+        fetcher.stop()  # retries and back-offs end now; a request in flight is abandoned
+        log.info("interrupted: writing the %d image(s) downloaded so far", len(rows))
+
+    with _interrupts_deferred():  # a second Ctrl-C must not stop the table half written
+        ordered = table_rows()
+        with lock:
+            error_rows = [errors[i.image_id] for i in items if i.image_id in errors]
+        gone = sorted(set(previous) - {i.image_id for i in items})
+        if gone:
+            log.info(
+                "%d image(s) of the previous table are no longer selected (files kept): %s",
+                len(gone),
+                ", ".join(gone[:10]),
+            )
+        result = ScrapeResult(
+            table=table_from_rows(ordered),
+            errors=error_rows,
+            listed=len(items),
+            **counts,
         )
-    error_rows = [errors[i.image_id] for i in items if i.image_id in errors]
-    result = ScrapeResult(
-        table=table_from_rows(ordered),
-        errors=error_rows,
-        listed=len(items),
-        **counts,
-    )
-    if ordered:
-        result.images_table = write_images_table(result.table, run)
-    result.errors_csv = run.root / "errors.csv"
-    result.errors_csv.write_text(errors_csv_text(error_rows))
+        if ordered:
+            result.images_table = write_images_table(result.table, run)
+        result.errors_csv = run.root / "errors.csv"
+        result.errors_csv.write_text(errors_csv_text(error_rows))
     if interrupted is not None:
         raise interrupted
     if not ordered:
@@ -969,6 +991,58 @@ def _download_all(
             f"none of the {len(items)} images could be downloaded; reasons in {result.errors_csv}"
         )
     return result
+
+
+#: how often a long download writes the images table of what it has so far
+CHECKPOINT_S = 30.0
+
+
+def _run_workers(work: Callable[[PlannedImage], None], todo: list[PlannedImage], concurrency: int,
+                 stopped: threading.Event, checkpoint: Callable[[], None]) -> None:
+    """`work(item)` for every item on `concurrency` daemon threads; the calling thread calls
+    `checkpoint()` every CHECKPOINT_S and takes interrupts (KeyboardInterrupt, Terminated).
+    Daemon threads, unlike an executor's, do not hold the process at exit for a download that
+    is still in flight after an interrupt."""
+    queue = list(reversed(todo))
+    take = threading.Lock()
+
+    def worker() -> None:
+        while not stopped.is_set():
+            with take:
+                if not queue:
+                    return
+                item = queue.pop()
+            work(item)
+
+    threads = [threading.Thread(target=worker, name=f"scrape-{i}", daemon=True)
+               for i in range(min(concurrency, len(todo)))]
+    for t in threads:
+        t.start()
+    last = time.monotonic()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+            if time.monotonic() - last >= CHECKPOINT_S:
+                checkpoint()
+                last = time.monotonic()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done (then raise as they would have)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    olds = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
+            for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in olds.items():
+            signal.signal(sig, old)
+        if got:
+            raise Terminated() if got[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 __all__ = [

@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,104 @@ def test_url_list_downloads_records_failures_and_resumes(tmp_path, bundled_dir, 
     for i, image_id in enumerate(emb.ids):
         ref = pixels([decode_image((bundled_dir / "images" / f"{image_id}.png").read_bytes())])[0]
         np.testing.assert_allclose(emb.vectors[i], ref, rtol=0, atol=1e-6)
+
+
+def _url_list(tmp_path, server, stems) -> Path:
+    path = tmp_path / "urls.csv"
+    pd.DataFrame({"url": [f"{server.base}/files/{s}.png" for s in stems], "name": stems}).to_csv(
+        path, index=False)
+    return path
+
+
+def _wait_for(cond, what: str, proc, limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {limit} s"
+        time.sleep(0.05)
+
+
+def test_sigterm_during_downloads_keeps_what_finished_without_waiting_for_the_rest(tmp_path):
+    """SIGTERM (a scheduler, `kill`) while one download is in flight for a minute and another
+    waits a minute to retry: exit 143 at once with the finished rows written (before, the
+    process died with nothing written; Ctrl-C waited out the slow download and the back-off)."""
+    import signal
+    import subprocess
+    import sys
+
+    from flagserver import Reply, flag_server
+
+    done = ["Chad", "Japan", "Peru"]
+    run = tmp_path / "data"
+    with flag_server() as server:
+        server.script("/files/Mali.png", Reply(delay=60.0))
+        server.script("/files/Italy.png", *[Reply(status=500, body=b"busy")] * 4)
+        urls = _url_list(tmp_path, server, [*done, "Mali", "Italy"])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flagsim", "images", "--from-urls", str(urls),
+             "--allow-host", "127.0.0.1", "--timeout", "120", "--retries", "3", "--backoff", "60",
+             "--max-wait", "60", "--concurrency", "5", "--out", str(run)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for(lambda: all((run / "images" / f"{s}.png").exists() for s in done)
+                      and server.hits_for("Mali.png") and server.hits_for("Italy.png"),
+                      "the three quick downloads", proc)
+            time.sleep(0.5)  # the quick ones' rows are recorded just after their files
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+            waited = time.monotonic() - t0
+        finally:
+            proc.kill()
+        assert proc.returncode == 143, err
+        assert err.strip().splitlines()[-1] == (
+            "flagsim: terminated; rerun the same command to resume")
+        assert waited < 30  # not the minute of the slow download nor the back-off
+        assert read_images_table(run).column("image_id").to_pylist() == done
+        assert len(server.hits_for("Italy.png")) == 1  # no retry after the signal
+
+        server.clear()
+        from flagsim.cli import main
+        assert main(["images", "--from-urls", str(urls), "--allow-host", "127.0.0.1",
+                     "--out", str(run)]) == 0
+        fetched = {h.path.rsplit("/", 1)[-1] for h in server.flag_hits()}
+    assert fetched == {"Mali.png", "Italy.png"}  # the rerun fetches only the rest
+    assert read_images_table(run).column("image_id").to_pylist() == [*done, "Mali", "Italy"]
+
+
+def test_a_killed_download_keeps_the_rows_of_its_last_checkpoint(tmp_path):
+    """SIGKILL (or the OOM killer) cannot be caught: the images table written every
+    CHECKPOINT_S is what a rerun starts from (before, it downloaded everything again)."""
+    import signal
+    import subprocess
+    import sys
+
+    from flagserver import Reply, flag_server
+
+    done = ["Chad", "Japan", "Peru"]
+    run = tmp_path / "data"
+    with flag_server() as server:
+        server.script("/files/Mali.png", Reply(delay=60.0))
+        urls = _url_list(tmp_path, server, [*done, "Mali"])
+        script = ("import sys; import flagsim.scrape as s; s.CHECKPOINT_S = 0.2; "
+                  "from flagsim.cli import main; sys.exit(main(sys.argv[1:]))")
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, "images", "--from-urls", str(urls), "--allow-host",
+             "127.0.0.1", "--timeout", "120", "--concurrency", "4", "--out", str(run)])
+        try:
+            table = run / "images.parquet"
+            _wait_for(lambda: table.exists() and len(read_images_table(run)) == 3,
+                      "a checkpoint with the three quick downloads", proc)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        server.clear()
+        from flagsim.cli import main
+        assert main(["images", "--from-urls", str(urls), "--allow-host", "127.0.0.1",
+                     "--out", str(run)]) == 0
+        fetched = {h.path.rsplit("/", 1)[-1] for h in server.flag_hits()}
+    assert fetched == {"Mali.png"}
+    assert read_images_table(run).column("image_id").to_pylist() == [*done, "Mali"]
 
 
 def test_url_table_without_its_column_is_one_line(tmp_path):

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from flagsim.console import plain
-from flagsim.errors import FlagsimError
+from flagsim.errors import FlagsimError, Terminated, terminate_like_an_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def run_guarded(
     """Run `body(args)`: its exit code, 2 (or the error's code) after a one-line error, 130 when
     interrupted (`resume` says how to go on). Deprecated spellings in `args` are warned about
     once the body has run, so that an error stays one line."""
+    terminate_like_an_interrupt()  # every command, Ray or not: SIGTERM keeps what finished
     try:
         result = body(args)
     except FlagsimError as exc:
@@ -75,7 +76,7 @@ def run_guarded(
         print(f"{prog}: error: {plain(os_error_line(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        terminated = type(exc).__name__ == "Terminated"  # SIGTERM (pipeline.ray_session)
+        terminated = isinstance(exc, Terminated)
         print(f"{prog}: {'terminated' if terminated else 'interrupted'}; {resume}", file=sys.stderr)
         return 143 if terminated else 130
     for note in getattr(args, "deprecations", None) or ():

@@ -14,7 +14,7 @@ import warnings
 from urllib.parse import urlsplit
 
 from flagsim.config import Config
-from flagsim.errors import FlagsimError
+from flagsim.errors import FlagsimError, terminate_like_an_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -221,27 +221,9 @@ def ensure_ray(cfg: Config) -> dict[str, float]:
             if not issubclass(w.category, DeprecationWarning):
                 log.warning("ray: %s", str(w.message).splitlines()[0] if str(w.message) else w.category)
         atexit.register(_shutdown_at_exit)
-        _terminate_like_an_interrupt()
+        terminate_like_an_interrupt()  # Ray's own handler prints stack dumps and exits
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler or `kill` stopping the command), raised where the program is."""
-
-
-def _terminate_like_an_interrupt() -> None:
-    """SIGTERM stops flagsim as Ctrl-C does (the one-line "interrupted" message, Ray shut down,
-    exit 143) instead of Ray's native handler, which prints stack dumps and exits at once."""
-    import signal
-
-    def on_term(signum: int, frame: object) -> None:
-        raise Terminated()
-
-    try:
-        signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread: leave the handler as it is
-        pass
 
 
 def _shutdown_at_exit() -> None:
