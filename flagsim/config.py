@@ -60,12 +60,13 @@ class DownloadConfig(_Frozen):
     """How `images.source: urls` downloads (the scraper's fetcher; see docs/scraper.md)."""
 
     concurrency: int = Field(default=4, ge=1, le=64)
-    timeout: float = Field(default=30.0, gt=0)
-    deadline: float | None = Field(default=None, gt=0)
+    # seconds, at most a day (as the scraper's options; NaN and inf refused)
+    timeout: float = Field(default=30.0, gt=0, le=86_400)
+    deadline: float | None = Field(default=None, gt=0, le=86_400)
     max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     retries: int = Field(default=3, ge=0, le=20)
-    backoff: float = Field(default=1.0, ge=0)
-    max_wait: float = Field(default=60.0, ge=0)
+    backoff: float = Field(default=1.0, ge=0, le=86_400)
+    max_wait: float = Field(default=60.0, ge=0, le=86_400)
     user_agent: str | None = None  # None: the scraper's default
     allow_hosts: tuple[str, ...] = ()
     allow_private: bool = False  # tests only

@@ -25,7 +25,7 @@ import requests
 import urllib3
 from bs4 import BeautifulSoup
 from bs4.element import Tag
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flagsim import __version__
 from flagsim.errors import ConfigError, DataError, Terminated
@@ -76,6 +76,9 @@ MAX_GRID_CELLS = 200_000
 # --------------------------------------------------------------------------------------------
 # Options and results
 # --------------------------------------------------------------------------------------------
+DAY_S = 86_400  # the longest timeout or wait an option may ask for (time_t overflows near 1e9)
+
+
 @dataclass(frozen=True)
 class ScrapeOptions:
     """Everything `scrape` needs besides the output location; validated on creation."""
@@ -102,15 +105,15 @@ class ScrapeOptions:
         checks: list[tuple[bool, str]] = [
             (self.width < 1 or self.width > 10_000, f"--width must be 1..10000, got {self.width}"),
             (self.concurrency < 1 or self.concurrency > 64, "--concurrency must be 1..64"),
-            (not self.timeout > 0, f"--timeout must be positive, got {self.timeout}"),
+            (not 0 < self.timeout <= DAY_S, f"--timeout must be 0 < s <= {DAY_S}, got {self.timeout}"),
             (
-                self.deadline is not None and not self.deadline > 0,
-                f"--deadline must be positive, got {self.deadline}",
+                self.deadline is not None and not 0 < self.deadline <= DAY_S,
+                f"--deadline must be 0 < s <= {DAY_S}, got {self.deadline}",
             ),
             (self.max_bytes < 1, f"--max-bytes must be positive, got {self.max_bytes}"),
             (self.retries < 0 or self.retries > 20, "--retries must be 0..20"),
-            (self.backoff < 0, "--backoff must not be negative"),
-            (self.max_wait < 0, "--max-wait must not be negative"),
+            (not 0 <= self.backoff <= DAY_S, f"--backoff must be 0..{DAY_S} s, got {self.backoff}"),
+            (not 0 <= self.max_wait <= DAY_S, f"--max-wait must be 0..{DAY_S} s, got {self.max_wait}"),
             (self.max_redirects < 0, "max_redirects must not be negative"),
             (not self.user_agent.strip(), "--user-agent must not be empty"),
             (any(c in self.user_agent for c in "\r\n"), "--user-agent must be one line"),
@@ -118,7 +121,12 @@ class ScrapeOptions:
         for bad, message in checks:
             if bad:
                 raise ConfigError(message)
-        if urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).hostname:
+        try:
+            parts = urlsplit(self.url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:  # e.g. "Invalid IPv6 URL"
+            ok = False
+        if not ok:
             raise ConfigError(f"--url must be an http(s) URL, got {self.url!r}")
 
     @property
@@ -206,9 +214,12 @@ def clean_image_url(src: str, base_url: str) -> str | None:
 
     None for anything but http(s) (data: URIs, javascript:, ...).
     """
-    url = urljoin(base_url, src.strip())
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        url = urljoin(base_url, src.strip())
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return None
+    except ValueError:  # unparseable (e.g. "Invalid IPv6 URL"): the caller's "bad url" row
         return None
     query = [
         (k, v)
@@ -425,7 +436,11 @@ class HostPolicy:
 
     def check(self, url: str, what: str = "URL") -> None:
         """Raise FetchError unless `url` is http(s) on an allowed host."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.hostname  # noqa: B018 - parsing the netloc is what may fail
+        except ValueError as exc:
+            raise FetchError("bad url", f"{what} {url} cannot be parsed: {exc}") from None
         if parts.scheme not in ("http", "https"):
             raise FetchError("scheme refused", f"{what} {url} is not http(s)")
         host = (parts.hostname or "").lower()
@@ -672,6 +687,9 @@ def _short(exc: BaseException) -> str:
     return text[:300]
 
 
+_PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
+
+
 def check_image(body: bytes, content_type: str = "", max_pixels: int = 50_000_000) -> bytes:
     """PNG bytes for `body` if it is a complete PNG/JPEG/GIF/WebP image; raise FetchError if not.
 
@@ -693,8 +711,13 @@ def check_image(body: bytes, content_type: str = "", max_pixels: int = 50_000_00
             im.load()
             if im.format == "PNG":
                 return body
+            # the PNG keeps what decoding the original would give: EXIF orientation applied
+            # (a PNG copy has no EXIF), modes PNG cannot hold (CMYK, YCbCr, ...) as RGB(A)
+            fixed = ImageOps.exif_transpose(im)
+            if fixed.mode not in _PNG_MODES:
+                fixed = fixed.convert("RGBA" if "A" in fixed.getbands() else "RGB")
             out = io.BytesIO()
-            im.save(out, format="PNG")
+            fixed.save(out, format="PNG")
             return out.getvalue()
     except FetchError:
         raise
@@ -717,12 +740,11 @@ def plan_images(entries: list[FlagEntry], width: int, exact: bool = False) -> li
     stems = unique_stems(e.name for e in entries)
     out = []
     for entry, stem in zip(entries, stems, strict=True):
-        parts = urlsplit(entry.image_url)
-        url = (
-            thumbnail_url(entry.image_url, width, exact)
-            if parts.scheme in ("http", "https")
-            else None
-        )
+        try:
+            usable = urlsplit(entry.image_url).scheme in ("http", "https")
+        except ValueError:  # unparseable: a "bad url" error row
+            usable = False
+        url = thumbnail_url(entry.image_url, width, exact) if usable else None
         out.append(PlannedImage(entry, stem, url))
     return out
 

@@ -401,11 +401,12 @@ def _parquet_row(
 
 def read_url_table(path: str, url_column: str = "url", id_column: str | None = None,
                    name_column: str | None = None,
-                   blanks: list[dict] | None = None) -> list[dict]:
+                   rejected: list[dict] | None = None) -> list[dict]:
     """Rows `{url, image_id, name}` of a CSV (plain or gzipped) or Parquet list of image URLs;
     ids default to the safe stem of the name or URL's file. Names come from `name_column`, else
-    from a column called `name` when there is one. Rows without a URL are left out; with
-    `blanks`, each is appended to it as `{row, name}` (row: 1-based, after the header)."""
+    from a column called `name` when there is one. Rows without a URL, or with one that cannot
+    be parsed, are left out; with `rejected`, each is appended to it as `{row, name, reason}`
+    (row: 1-based, after the header)."""
     from urllib.parse import unquote, urlsplit
 
     from flagsim.images import unique_stems
@@ -436,14 +437,18 @@ def read_url_table(path: str, url_column: str = "url", id_column: str | None = N
         raise DataError(f"{loc} has no column {missing[0]!r} (columns: {', '.join(cols) or 'none'})")
     rows = []
     for number, rec in enumerate(records, 1):
-        url = str(rec.get(url_column) or "").strip()
-        name = str(rec.get(name_column) or "").strip() if name_column else ""
-        ident = str(rec.get(id_column) or "").strip() if id_column else ""
-        if not url:
-            if blanks is not None:
-                blanks.append({"row": number, "name": name or ident or None})
+        url = _text(rec.get(url_column), url_column, loc)
+        name = _text(rec.get(name_column), name_column, loc) if name_column else ""
+        ident = _text(rec.get(id_column), id_column, loc) if id_column else ""
+        try:
+            base = unquote(urlsplit(url).path.rsplit("/", 1)[-1]).rsplit(".", 1)[0] or "image"
+            problem = None if url else f"no URL in column {url_column!r}"
+        except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+            problem = f"{url!r} is not a URL ({exc})"
+        if problem is not None:
+            if rejected is not None:
+                rejected.append({"row": number, "name": name or ident or None, "reason": problem})
             continue
-        base = unquote(urlsplit(url).path.rsplit("/", 1)[-1]).rsplit(".", 1)[0] or "image"
         rows.append({"url": url, "image_id": ident, "name": name or ident or base.replace("_", " ")})
     if not rows:
         raise DataError(f"{loc} lists no URLs in column {url_column!r}")
@@ -451,6 +456,21 @@ def read_url_table(path: str, url_column: str = "url", id_column: str | None = N
     for r, stem in zip(rows, stems, strict=True):
         r["image_id"] = stem
     return rows
+
+
+def _text(value: object, column: str, loc: object) -> str:
+    """A cell of a URL table's id, name or URL column as text: None is empty, 0 is "0",
+    bytes are decoded as UTF-8; a list, map or struct cell is an error naming the column."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{loc}: column {column!r} holds bytes that are not UTF-8 text") from None
+    elif isinstance(value, (list, tuple, dict)):
+        raise DataError(f"{loc}: column {column!r} holds {type(value).__name__}s, not text")
+    return str(value).strip()
 
 
 @dataclass
@@ -474,14 +494,14 @@ def from_urls(path: str, run: RunDir, opts: Any, url_column: str = "url",
     a URL, go to `errors/images/` (download failures also to the scraper's `errors.csv`)."""
     from flagsim.scrape import Fetcher, FlagEntry, PlannedImage, _download_all
 
-    blanks: list[dict] = []
-    rows = read_url_table(path, url_column, id_column, name_column, blanks)
-    no_url = [{"image_id": None, "name": b["name"], "path": None, "stage": "download",
-               "model": None, "reason": f"row {b['row']} of {path}: no URL in column {url_column!r}"}
-              for b in blanks]
+    rejected: list[dict] = []
+    rows = read_url_table(path, url_column, id_column, name_column, rejected)
+    no_url = [{"image_id": None, "name": r["name"], "path": None, "stage": "download",
+               "model": None, "reason": f"row {r['row']} of {path}: {r['reason']}"}
+              for r in rejected]
     if no_url:
-        log.warning("%d row(s) of %s have no URL in column %r (first: row %d); see errors/images/",
-                    len(no_url), path, url_column, blanks[0]["row"])
+        log.warning("%d row(s) of %s have no usable URL (first: row %d, %s); see errors/images/",
+                    len(no_url), path, rejected[0]["row"], rejected[0]["reason"])
     items = [PlannedImage(FlagEntry(r["name"], r["url"], "urls", 1), r["image_id"], r["url"])
              for r in rows]
     fetcher = Fetcher(opts)
@@ -500,8 +520,9 @@ def from_urls(path: str, run: RunDir, opts: Any, url_column: str = "url",
         err.write_parquet(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
     elif err.exists():
         err.delete()
-    return UrlResult(result.table.num_rows, result.listed, result.downloaded, result.unchanged,
-                     result.reused, errors)
+    # rows without a usable URL are listed too, as failed: "N of M" counts every row
+    return UrlResult(result.table.num_rows, result.listed + len(no_url), result.downloaded,
+                     result.unchanged, result.reused, errors)
 
 
 def read_errors(run: RunDir) -> list[dict]:

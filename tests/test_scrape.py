@@ -7,6 +7,7 @@ import email.utils
 import hashlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,12 +17,15 @@ import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from bs4 import BeautifulSoup
 from flagserver import FILE_MAP, FIXTURE, Reply, bundled_png, flag_server
+from imagegen import DECODABLE, bad_corpus
 from PIL import Image
 
 from flagsim.cli import main
+from flagsim.decode import decode_image
 from flagsim.images import read_images_table
 from flagsim.scrape import (
     DE_FACTO,
@@ -177,6 +181,23 @@ def test_image_urls_are_absolute_without_tracking_parameters():
     assert clean_image_url("javascript:alert(1)", PAGE) is None
 
 
+def test_an_unparseable_image_url_is_an_error_row_not_the_end_of_the_scrape(tmp_path, capsys):
+    # urljoin / urlsplit raise ValueError ("Invalid IPv6 URL"): a traceback, nothing downloaded
+    assert clean_image_url("http://[::1:80/x.png", PAGE) is None
+    with pytest.raises(FetchError) as info:
+        HostPolicy().check("http://[::1:80/x.png")
+    assert info.value.reason == "bad url"
+    html = FIXTURE.read_text(encoding="utf-8")
+    chad = re.search(r'src="(//upload[^"]*Flag_of_Chad[^"]*)"', html).group(1)
+    data = tmp_path / "data"
+    with flag_server(html.replace(chad, "http://[::1:80/x.png")) as server:
+        assert main(scrape_args(server, data)) == 0
+    names = read_images_table(data).column("name").to_pylist()
+    assert "Chad" not in names and len(names) == len(SOVEREIGN_NAMES) - 1
+    (chad_row,) = read_errors_csv(data / "errors.csv")
+    assert (chad_row["name"], chad_row["reason"]) == ("Chad", "bad url")
+
+
 def test_thumbnail_url_rewrites_the_width_and_snaps_to_wikimedia_steps():
     local = "http://127.0.0.1:9/wikipedia/commons/thumb/c/cd/F_(1).svg/250px-F_(1).svg.png"
     assert thumbnail_url(local, 512).endswith("/512px-F_(1).svg.png")
@@ -218,6 +239,17 @@ def test_retry_after_is_parsed_and_waits_are_capped():
     assert retry_delay(10, None, backoff=1.0, cap=5.0) == 5.0
 
 
+@pytest.mark.parametrize("case", sorted(DECODABLE))
+def test_a_downloaded_image_decodes_as_the_original_would(case, bundled_dir):
+    """The PNG a download stores decodes to the same pixels as the file it came from: EXIF
+    orientation applied (the PNG copy has none), CMYK kept (it was refused: "cannot write
+    mode CMYK as PNG")."""
+    original = bad_corpus(bundled_dir / "images" / "Chad.png")[case]
+    stored = check_image(original)
+    assert stored.startswith(b"\x89PNG")
+    np.testing.assert_array_equal(decode_image(stored), decode_image(original))
+
+
 def test_check_image_accepts_complete_images_only():
     png = bundled_png("Chad").read_bytes()
     assert check_image(png) == png
@@ -237,8 +269,12 @@ def test_check_image_accepts_complete_images_only():
 def test_options_are_validated():
     from flagsim.errors import ConfigError
 
+    inf, nan = float("inf"), float("nan")
     for bad in ({"width": 0}, {"concurrency": 0}, {"timeout": 0}, {"url": "ftp://x/y"},
-                {"user_agent": " "}, {"max_bytes": 0}, {"deadline": 0}):  # fmt: skip
+                {"user_agent": " "}, {"max_bytes": 0}, {"deadline": 0},
+                # inf / 1e12 overflowed time_t in a traceback; NaN failed every retry later
+                {"timeout": inf}, {"timeout": 1e12}, {"deadline": nan}, {"backoff": nan},
+                {"backoff": inf}, {"max_wait": nan}, {"url": "http://[::1:80/page"}):  # fmt: skip
         with pytest.raises(ConfigError):
             ScrapeOptions(**bad)
     assert ScrapeOptions(timeout=7).attempt_deadline == 7

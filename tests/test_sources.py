@@ -474,8 +474,31 @@ def test_url_rows_without_a_url_are_error_rows(tmp_path, fmt, capsys):
     assert errors[["name", "stage"]].values.tolist() == [["Peru", "download"]]
     assert errors["reason"][0] == f"row 2 of {path}: no URL in column 'url'"
     out = capsys.readouterr()
-    assert "1 row(s) of" in out.err and "(first: row 2)" in out.err
-    assert "failed 1: see errors/images/" in out.out
+    assert "1 row(s) of" in out.err and "(first: row 2, no URL" in out.err
+    assert "1 of 2 images" in out.out and "failed 1: see errors/images/" in out.out
+
+
+def test_url_table_cells_are_read_as_text_whatever_their_type(tmp_path):
+    """An id 0 stays "0" (it was taken as missing), binary cells are UTF-8 text (they were
+    `b'...'` reprs), an unparseable URL is a rejected row (it was a traceback), a list column
+    is one line."""
+    from flagsim.sources import read_url_table
+
+    table = pa.table({
+        "url": pa.array([b"http://x/a.png", b"http://[::1:80/b.png", b"http://x/c.png"]),
+        "id": [0, 1, 2],
+        "name": pa.array([b"Zero", b"One", b"Two"], pa.binary()),
+    })
+    pq.write_table(table, tmp_path / "u.parquet")
+    rejected: list[dict] = []
+    rows = read_url_table(str(tmp_path / "u.parquet"), id_column="id", rejected=rejected)
+    assert rows == [{"url": "http://x/a.png", "image_id": "0", "name": "Zero"},
+                    {"url": "http://x/c.png", "image_id": "2", "name": "Two"}]
+    assert [(r["row"], r["name"]) for r in rejected] == [(2, "One")]
+    assert "is not a URL (Invalid IPv6 URL)" in rejected[0]["reason"]
+    pq.write_table(pa.table({"url": ["http://x/a.png"], "id": [[1, 2]]}), tmp_path / "l.parquet")
+    with pytest.raises(DataError, match=r"column 'id' holds lists, not text"):
+        read_url_table(str(tmp_path / "l.parquet"), id_column="id")
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
