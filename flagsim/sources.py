@@ -378,13 +378,13 @@ def _parquet_row(
     image_column: str, id_column: str | None, name_column: str | None,
 ) -> None:
     where = f"{loc}#row={row}"
-    image_id = data[id_column][i] if id_column else f"{stem}/{row}"
-    if image_id is None or str(image_id).strip() == "":
-        writer.error(None, None, where, f"null {id_column!r} (the id column)")
+    raw = data[id_column][i] if id_column else f"{stem}/{row}"
+    image_id = _text(raw, id_column or "", loc)
+    if not image_id.strip():
+        what = "null" if raw is None else "empty"
+        writer.error(None, None, where, f"{what} {id_column!r} (the id column)")
         return
-    image_id = str(image_id)
-    name = data[name_column][i] if name_column else None
-    name = str(name) if name is not None else image_id
+    name = (_text(data[name_column][i], name_column, loc) if name_column else "") or image_id
     try:
         body = cell_bytes(data[image_column][i], str(loc))
     except (DataError, OSError) as exc:
@@ -437,9 +437,9 @@ def read_url_table(path: str, url_column: str = "url", id_column: str | None = N
         raise DataError(f"{loc} has no column {missing[0]!r} (columns: {', '.join(cols) or 'none'})")
     rows = []
     for number, rec in enumerate(records, 1):
-        url = _text(rec.get(url_column), url_column, loc)
-        name = _text(rec.get(name_column), name_column, loc) if name_column else ""
-        ident = _text(rec.get(id_column), id_column, loc) if id_column else ""
+        url = _text(rec.get(url_column), url_column, loc).strip()
+        name = _text(rec.get(name_column), name_column, loc).strip() if name_column else ""
+        ident = _text(rec.get(id_column), id_column, loc).strip() if id_column else ""
         try:
             base = unquote(urlsplit(url).path.rsplit("/", 1)[-1]).rsplit(".", 1)[0] or "image"
             problem = None if url else f"no URL in column {url_column!r}"
@@ -470,7 +470,7 @@ def _text(value: object, column: str, loc: object) -> str:
             raise DataError(f"{loc}: column {column!r} holds bytes that are not UTF-8 text") from None
     elif isinstance(value, (list, tuple, dict)):
         raise DataError(f"{loc}: column {column!r} holds {type(value).__name__}s, not text")
-    return str(value).strip()
+    return str(value)
 
 
 @dataclass

@@ -237,6 +237,35 @@ def test_parquet_bad_columns_are_one_line_errors(tmp_path, bundled_dir):
         _cfg("images.source=parquet", "images.path=x.parquet")
 
 
+def test_parquet_id_and_name_cells_are_text_whatever_their_type(tmp_path, bundled_dir):
+    """Binary id/name cells (byte arrays written without the UTF-8 annotation) are decoded, not
+    `b'Chad'`; an id 0 stays "0"; an empty id is named as empty (it said null); a list id
+    column or bytes that are not text are one line."""
+    chad = _encoded(bundled_dir, "Chad", "png")
+    table = pa.table({"image": pa.array([chad] * 4),
+                      "key": pa.array([b"Chad", b"", b"Mali", None], pa.binary()),
+                      "n": [0, 1, 2, 3]})
+    pq.write_table(table, tmp_path / "k.parquet")
+    run = RunDir.at(tmp_path / "run")
+    writer = from_parquet(str(tmp_path / "k.parquet"), "image", run, id_column="key",
+                          name_column="key")
+    got = read_images_table(tmp_path / "run")
+    assert got.column("image_id").to_pylist() == ["Chad", "Mali"]
+    assert got.column("name").to_pylist() == ["Chad", "Mali"]
+    assert [e["reason"] for e in writer.errors] == ["empty 'key' (the id column)",
+                                                    "null 'key' (the id column)"]
+    run2 = RunDir.at(tmp_path / "run2")
+    from_parquet(str(tmp_path / "k.parquet"), "image", run2, id_column="n")
+    assert read_images_table(tmp_path / "run2").column("image_id").to_pylist() == ["0", "1", "2", "3"]
+    with pytest.raises(DataError, match=r"column 'image' holds bytes that are not UTF-8 text"):
+        from_parquet(str(tmp_path / "k.parquet"), "image", RunDir.at(tmp_path / "r3"),
+                     id_column="image")
+    pq.write_table(pa.table({"image": [chad], "ids": [[1, 2]]}), tmp_path / "l.parquet")
+    with pytest.raises(DataError, match=r"column 'ids' holds lists, not text"):
+        from_parquet(str(tmp_path / "l.parquet"), "image", RunDir.at(tmp_path / "r4"),
+                     id_column="ids")
+
+
 def test_parquet_default_ids_and_a_corrupt_cell(tmp_path, bundled_dir, ray_local):
     table = pa.table({"image": pa.array([_encoded(bundled_dir, "Chad", "png"), b"garbage"])})
     pq.write_table(table, tmp_path / "two.parquet")
