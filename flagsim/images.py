@@ -293,6 +293,24 @@ def bundled_table() -> pa.Table:
     return pa.concat_tables([main, de_facto])
 
 
+def bundled_table_in(run: RunDir) -> pa.Table:
+    """The bundled flags copied into the run's `images/` (a file already there with the same
+    bytes is kept), the table's paths pointing at the copies. The run owns its images: the
+    package's own folder may be a temporary one (a Ray job's unpacked working dir, removed with
+    its session), and a run that points into it loses its images when it goes."""
+    table = bundled_table()
+    copies = []
+    for path in table.column("path").to_pylist():
+        src = Path(path)
+        dst = run.images_dir / src.name
+        data = src.read_bytes()
+        if not (dst.is_file() and dst.size() == len(data) and dst.read_bytes() == data):
+            dst.write_bytes(data)
+        copies.append(dst.uri)
+    return table.set_column(table.schema.get_field_index("path"), "path",
+                            pa.array(copies, pa.string()))
+
+
 def write_images_table(table: pa.Table, run: RunDir, errors: list[dict] | None = None) -> Location:
     """Write `images.parquet` (and `errors/images.csv`-style rows) atomically into the run."""
     table = with_optional(table, IMAGES_SCHEMA, IMAGE_REF_COLUMNS)

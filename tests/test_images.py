@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -33,6 +35,32 @@ def test_bundled_table_has_all_197_real_flags():
     assert rows["São_Tomé_and_Príncipe"]["format"] == "PNG"
     assert rows["Kosovo"]["width"] == 320
     assert len(rows["Chad"]["sha256"]) == 64
+
+
+def test_a_run_of_the_bundled_flags_holds_its_own_copies(tmp_path, capsys):
+    """The package's folder can be temporary (a Ray job's unpacked working dir, gone with its
+    session): a run pointing into it lost every image. `images --bundled` and an embed of
+    the bundled source copy them into RUN/images/ and point there; a rerun rewrites none."""
+    from flagsim.config import load_config
+    from flagsim.pipeline.embed import resolve_images
+    from flagsim.rundir import RunDir
+
+    assert main(["images", "--bundled", "--out", str(tmp_path / "a")]) == 0
+    run = RunDir.at(tmp_path / "b")
+    resolve_images(load_config(None), run, None)
+    for root in (tmp_path / "a", tmp_path / "b"):
+        table = read_images_table(root)
+        assert table.num_rows == 197
+        paths = [Path(p) for p in table.column("path").to_pylist()]
+        assert all(p.parent == root / "images" for p in paths)
+        want = {r["image_id"]: r["sha256"] for r in bundled_table().to_pylist()}
+        got = {r["image_id"]: hashlib.sha256(Path(r["path"]).read_bytes()).hexdigest()
+               for r in table.to_pylist()}
+        assert got == want
+    chad = tmp_path / "a" / "images" / "Chad.png"
+    before = chad.stat().st_mtime_ns
+    assert main(["images", "--bundled", "--out", str(tmp_path / "a")]) == 0
+    assert chad.stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize(

@@ -155,6 +155,28 @@ def test_a_damaged_run_file_is_one_line_and_repair_restores_its_id(run30, capsys
     assert read_manifest(rd, "pixels").run_id == rid
 
 
+def test_an_embed_where_every_image_fails_is_an_error_not_an_empty_model(
+    tmp_path, capsys, ray_local
+) -> None:
+    """Images gone (e.g. a run that pointed into a Ray job's temporary working dir): the embed
+    exited 0 with a 0-row model that read "up to date" from then on, and `--force` had
+    replaced good vectors with it."""
+    run = tmp_path / "run"
+    table = bundled_table().slice(0, 12).to_pylist()
+    for row in table:
+        row["path"] = str(tmp_path / "gone" / f"{row['image_id']}.png")
+    import pyarrow as pa
+
+    from flagsim.schema import IMAGES_SCHEMA
+    write_images_table(pa.Table.from_pylist(table, schema=IMAGES_SCHEMA), RunDir.at(run))
+    for _ in range(2):  # and again: still an error, never "up to date"
+        rc = main(["embed", "--run", str(run), *EMBED])
+        err = _errors(capsys)
+        assert rc == 2 and len(err) == 1, err
+        assert "pixels: none of the 12 images could be read (12 errors" in err[0]
+        assert read_manifest(RunDir.at(run), "pixels") is None
+
+
 def test_an_empty_images_table_is_one_line(tmp_path, capsys) -> None:
     run = tmp_path / "run"
     write_images_table(bundled_table().slice(0, 0), RunDir.at(run))

@@ -7,7 +7,7 @@ import logging
 
 from flagsim.config import check_writable
 from flagsim.errors import ConfigError
-from flagsim.images import bundled_table, from_csv_with_missing, from_folder, write_images_table
+from flagsim.images import bundled_table_in, from_csv_with_missing, from_folder, write_images_table
 from flagsim.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--from-csv needs --image-dir DIR")
         table, errors = from_csv_with_missing(args.from_csv, args.image_dir)
     else:
-        table = bundled_table()
+        table = bundled_table_in(rund)
     loc = write_images_table(table, rund, errors)
     print(f"{table.num_rows} images -> {loc}" + (f" ({len(errors)} missing, see errors/)" if errors else ""))
     return 0

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from flagsim.config import Config, ModelRunConfig, check_writable
 from flagsim.errors import DataError, WeightsUnavailableError
 from flagsim.images import (
-    bundled_table,
+    bundled_table_in,
     from_csv,
     from_folder,
     read_images_table,
@@ -66,7 +66,7 @@ def resolve_images(cfg: Config, run: RunDir, images: str | None) -> ImagesTable:
         return ImagesTable(run.images_table)
     src = cfg.images
     if src.source == "bundled":
-        table = bundled_table()
+        table = bundled_table_in(run)
     elif src.source == "folder":
         table = from_folder(_need(src.path, "images.path"))
     elif src.source == "csv":

@@ -160,6 +160,11 @@ def write_manifests(
             missing = sorted(expected - set(shards))
             raise DataError(f"{name}: shard(s) {', '.join(missing[:3])} missing after the run; rerun")
         rows = sum(shards.values())
+        if rows == 0:  # no manifest: an empty model must not read as "up to date" from now on
+            raise DataError(
+                f"{name}: none of the {sum(p.rows for p in plans)} images could be read "
+                f"({errors} errors, reasons in {run.errors_dir('embed')}); nothing was embedded"
+            )
         dim = _dim(run, name)
         processed = sum(p.rows for p in plans if p.index in todo[name])
         described = _described(run, name)
