@@ -76,7 +76,8 @@ def test_new_images_find_themselves_first_in_every_model_and_the_ensemble(flag_r
     assert [r.written for r in results] == [0, 0, 0]
 
 
-def test_an_embeddings_table_gives_the_neighbour_table_with_the_query_kept(flag_run) -> None:
+def test_an_embeddings_table_gives_the_neighbour_table_with_the_query_kept(flag_run, monkeypatch
+                                                                         ) -> None:
     root, run = flag_run
     out = root / "out-emb"
     results = run_search(str(run), str(root / "pixels.parquet"), str(out), models=["pixels"], k=6)
@@ -94,6 +95,16 @@ def test_an_embeddings_table_gives_the_neighbour_table_with_the_query_kept(flag_
     run_search(str(run), str(run), str(out2), models=["pixels"], k=6)
     again = read_results(str(out2), "pixels").to_pandas().sort_values(["query_id", "rank"])
     assert list(again.neighbour_id) == list(got.sort_values(["query_id", "rank"]).neighbour_id)
+    # OUT belongs to one search: other queries are refused (their results sat beside these,
+    # read as one table, and _meta/search.json kept naming the first queries)
+    with pytest.raises(DataError, match=r"holds the results of searching .*pixels\.parquet in "):
+        run_search(str(run), str(root / "queries" / "images.parquet"), str(out), models=["pixels"],
+                   k=6)
+    assert read_results(str(out), "pixels").num_rows == len(got)
+    # the same run and queries, spelled another way, resume (nothing written)
+    monkeypatch.chdir(root)
+    again = run_search("run", "pixels.parquet", str(out), models=["pixels"], k=6)
+    assert [r.written for r in again] == [0]
 
 
 def test_bad_search_requests_are_one_line(flag_run) -> None:

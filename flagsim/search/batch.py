@@ -74,6 +74,30 @@ def check_out(run: RunDir, out: RunDir) -> None:
                         "a flagsim search; give a new or empty directory")
 
 
+def _claim_out(run: RunDir, out: RunDir, queries: str) -> None:
+    """Mark OUT as the output of searching `queries` in `run`; an OUT marked for another run or
+    other queries is refused (its results would sit beside the new ones, read as one table)."""
+    marker = out.meta / SEARCH_MARKER
+    here = {"run": _where(run.root), "queries": _where(Location.parse(queries))}
+    if marker.exists():
+        try:
+            was = marker.read_json()
+        except DataError:
+            was = None
+        if not isinstance(was, dict):
+            raise DataError(f"{marker} is not a search marker; give a new --out directory")
+        same = all(was.get(key) in (here[key], given) for key, given in
+                   (("run", run.root.uri), ("queries", queries)))
+        if not same:
+            raise DataError(
+                f"--out {out.root} holds the results of searching {was.get('queries')} in "
+                f"{was.get('run')}; give a new directory for {queries} in {run.root} (or the same "
+                "--run and --queries to resume or add models)")
+        if was == here:
+            return
+    marker.write_json(here)
+
+
 def queries_kind(queries: str) -> str:
     """`images` (an images table: image_id, name, path), `run` (a flagsim run with embeddings)
     or `embeddings` (a Parquet file or folder with an id and a vector column)."""
@@ -199,8 +223,7 @@ def run_search(
         if man is not None and k > man.rows:
             raise DataError(f"k={k} is larger than the collection: model {m} of {run.root} has "
                             f"{man.rows} images")
-    if not (out.meta / SEARCH_MARKER).exists():
-        (out.meta / SEARCH_MARKER).write_json({"run": run.root.uri, "queries": queries})
+    _claim_out(run, out, queries)
     qrun = _query_run(run, out, queries, names, cfg, show_progress)
     missing = [m for m in names if m not in complete_models(qrun)]
     if missing:
