@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from flagsim import __version__
@@ -184,6 +185,7 @@ class Manifest:
     images_hash: str
     shards: dict[str, int]  # shard file -> rows
     checksums: dict[str, str] = field(default_factory=dict)  # shard file -> sha256 of its bytes
+    sizes: dict[str, int] = field(default_factory=dict)  # shard file -> bytes (a listing checks them)
     run_id: str | None = None
     checkpoint: str | None = None
     revision: str | None = None
@@ -209,7 +211,7 @@ class Manifest:
             manifest = cls(**known)
         except TypeError as exc:
             raise DataError(f"{where} is not a valid manifest: {exc}") from exc
-        if not isinstance(manifest.shards, dict) or not isinstance(manifest.checksums, dict):
+        if not all(isinstance(m, dict) for m in (manifest.shards, manifest.checksums, manifest.sizes)):
             raise DataError(f"{where} is not a valid manifest: 'shards' is not a mapping")
 
         def count(v: Any) -> bool:
@@ -219,7 +221,7 @@ class Manifest:
         if not count(manifest.dim) or manifest.dim < 1 or not count(manifest.rows):
             raise DataError(f"{where} is not a valid manifest: 'dim' and 'rows' must be whole "
                             f"numbers (dim {manifest.dim!r}, rows {manifest.rows!r}){redo}")
-        if not all(count(n) for n in manifest.shards.values()):
+        if not all(count(n) for n in (*manifest.shards.values(), *manifest.sizes.values())):
             raise DataError(f"{where} is not a valid manifest: a shard's row count is not a whole "
                             f"number{redo}")
         return manifest
@@ -228,17 +230,31 @@ class Manifest:
 def write_manifest(run: RunDir, manifest: Manifest) -> Location:
     """Write the manifest last; checksums not given are taken from the shards' markers."""
     for name in manifest.shards:
-        if name not in manifest.checksums:
+        if name not in manifest.checksums or name not in manifest.sizes:
             idx = shard_index(name)
             marker = read_marker(run, manifest.model, idx) if idx is not None else None
             if marker is None:
+                if name in manifest.checksums:
+                    continue
                 raise DataError(f"{run.model_dir(manifest.model) / name} has no completion marker; "
                                 "it was not written by flagsim")
-            manifest.checksums[name] = marker["sha256"]
+            manifest.checksums.setdefault(name, marker["sha256"])
+            manifest.sizes.setdefault(name, marker["bytes"])
     manifest.run_id = manifest.run_id or run_id(run)
     loc = run.manifest(manifest.model)
     loc.write_json(manifest.to_json())
     return loc
+
+
+def missing_or_resized(run: RunDir, manifest: Manifest) -> list[str]:
+    """The manifest's shards that are gone from the model's folder or no longer have the size
+    they were written with (truncated, replaced): one listing, nothing read. Sizes are checked
+    where the manifest records them (older manifests record only checksums)."""
+    folder = run.model_dir(manifest.model)
+    infos = folder.fs.get_file_info(pafs.FileSelector(folder.path, allow_not_found=True))
+    sizes = {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+    return [name for name in manifest.shards if name not in sizes
+            or (name in manifest.sizes and sizes[name] != manifest.sizes[name])]
 
 
 def read_manifest(run: RunDir, model: str) -> Manifest | None:

@@ -177,6 +177,29 @@ def test_an_embed_where_every_image_fails_is_an_error_not_an_empty_model(
         assert read_manifest(RunDir.at(run), "pixels") is None
 
 
+def test_a_shard_deleted_or_truncated_after_the_embed_is_embedded_again(run30, capsys) -> None:
+    """An embed said "up to date" over a missing or truncated shard (and `index` then said to
+    repair it); the manifest now records each shard's size, checked with one listing."""
+    rd = RunDir.at(run30)
+    original = read_embeddings(rd, "pixels")
+    folder = run30 / "embeddings" / "model=pixels"
+    kept = (folder / "part-00000.parquet").stat().st_mtime_ns
+    (folder / "part-00001.parquet").unlink()
+    with open(folder / "part-00002.parquet", "r+b") as f:
+        f.truncate(500)
+    assert main(["embed", "--run", str(run30), *EMBED]) == 0
+    err = capsys.readouterr().err
+    assert "pixels: part-00001.parquet, part-00002.parquet gone or changed on disk" in err
+    assert (folder / "part-00000.parquet").stat().st_mtime_ns == kept  # only those two redone
+    again = read_embeddings(rd, "pixels")
+    assert again.ids == original.ids
+    np.testing.assert_array_equal(again.vectors, original.vectors)
+    manifest = read_manifest(rd, "pixels")
+    assert manifest.sizes == {p.name: p.stat().st_size for p in folder.glob("part-*.parquet")}
+    assert main(["embed", "--run", str(run30), *EMBED]) == 0  # and now it is up to date
+    assert "up to date" in capsys.readouterr().out
+
+
 def test_an_empty_images_table_is_one_line(tmp_path, capsys) -> None:
     run = tmp_path / "run"
     write_images_table(bundled_table().slice(0, 0), RunDir.at(run))

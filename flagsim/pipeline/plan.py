@@ -16,6 +16,7 @@ from flagsim.shards import (
     Manifest,
     discard_model,
     done_shards,
+    missing_or_resized,
     read_manifest,
     shard_files,
     shard_problem,
@@ -98,7 +99,12 @@ def reusable_manifest(
     if repair_shards and manifest is not None and _refused(run, model, manifest):
         manifest = None
     if manifest is not None and manifest.images_hash == images_hash and _marker_matches(run, model, key):
-        return manifest
+        changed = missing_or_resized(run, manifest)
+        if not changed:
+            return manifest
+        log.warning("%s: %s gone or changed on disk since it was written; embedding %s again",
+                    model, ", ".join(changed[:3]) + (" …" if len(changed) > 3 else ""),
+                    "it" if len(changed) == 1 else "them")
     return None
 
 
