@@ -262,6 +262,7 @@ class RayHead:
     dashboard: str  # http://127.0.0.1:PORT, the job API
     env: dict[str, str]  # environment of an authorised client
     root: Path
+    gcs: str = ""  # 127.0.0.1:PORT, what a driver connects to
 
     def submit(self, *entrypoint: str, runtime_env: Path | None = None,
                timeout: float = 400) -> subprocess.CompletedProcess:
@@ -299,7 +300,7 @@ def ray_head() -> Iterator[RayHead]:
     log = (root / "head.log").open("w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    head = RayHead(f"http://127.0.0.1:{dash}", env, root)
+    head = RayHead(f"http://127.0.0.1:{dash}", env, root, f"127.0.0.1:{port}")
     try:
         # as `make submit-*` does: until the job API can take a submission (the head's job agent
         # registers seconds after the API answers; submitting before is "No available agent")
@@ -348,6 +349,25 @@ def test_job_api_requires_the_token(ray_head: RayHead) -> None:
                             capture_output=True, text=True, timeout=60)
     assert denied.returncode != 0
     assert "Authentication required" in denied.stdout + denied.stderr
+
+
+@pytest.mark.ray
+def test_a_command_without_the_clusters_token_is_one_line_naming_it(ray_head: RayHead,
+                                                                     tmp_path: Path) -> None:
+    """Ray's C++ client logged `InvalidAuthToken` on every retry (20 lines over ~20 s), then
+    flagsim said "cannot reach Ray" although the port answered."""
+    env = {k: v for k, v in ray_head.env.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(ray_head.root / "nobody")
+    env["RAY_ADDRESS"] = ray_head.gcs
+    proc = subprocess.run([sys.executable, "-m", "flagsim", "-q", "embed", "--run",
+                           str(tmp_path / "run"), "--models", "pixels"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        f"flagsim: error: Ray at {ray_head.gcs} refused the connection: authentication token "
+        "missing or incorrect (set RAY_AUTH_MODE=token and the cluster's token, as for `ray job "
+        "submit`)"], lines[-5:]
 
 
 @pytest.mark.ray

@@ -177,6 +177,16 @@ def test_unreachable_ray_address_is_one_line_after_the_timeout(tmp_path: Path, a
     assert "waited 2 s" in line
 
 
+def test_the_job_api_address_given_as_the_ray_address_is_one_line(tmp_path: Path) -> None:
+    # what docs/cluster.md exports for `ray job submit`; ray.init raised a 30-line traceback
+    proc = _embed(tmp_path, "--set", "ray.address=http://127.0.0.1:8265", verbosity=("-q",))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "flagsim: error: Ray address 'http://127.0.0.1:8265' is the job API's (for `ray job "
+        "submit`), not the cluster's: use host:6379 (the head's GCS port), `auto` on a node, or "
+        "ray://host:10001"]
+
+
 def test_invalid_ray_address_is_one_line(tmp_path: Path) -> None:
     proc = _embed(tmp_path, "--set", "ray.address=ray://head:notaport", verbosity=("-q",))
     assert proc.returncode == 2

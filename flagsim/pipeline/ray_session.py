@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 #: action: an actor whose constructor arguments are in the object store (every Ray Data actor pool)
 #: and may restart (ray-project/ray#53727). They still reach the core worker's log file.
 _NATIVE_NOISE = re.compile(rb"core_worker\.cc:\d+: Actor with class name: .*max_restarts > 0")
+# what Ray's C++ client logs, line after line for ~20 s, when the cluster wants a token it lacks
+_AUTH_REFUSED = re.compile(rb"InvalidAuthToken|[Aa]uthentication token is missing or incorrect")
+_auth_refused = threading.Event()  # set by the stderr pump when it drops such a line
 
 
 class RayConnectError(FlagsimError):
@@ -81,7 +84,10 @@ def _pump(read_fd: int, out_fd: int) -> None:
             return
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        kept = b"".join(line + b"\n" for line in lines if not _NATIVE_NOISE.search(line))
+        if any(_AUTH_REFUSED.search(line) for line in lines):
+            _auth_refused.set()  # said once, in the connection error, instead of every retry
+        kept = b"".join(line + b"\n" for line in lines
+                        if not _NATIVE_NOISE.search(line) and not _AUTH_REFUSED.search(line))
         if kept:
             os.write(out_fd, kept)
 
@@ -141,6 +147,10 @@ def _host_port(address: str) -> tuple[str, int] | None:
     """(host, port) of `host:port` or `ray://host:port`; None when there is none to probe (auto)."""
     if address == "auto":
         return None
+    if address.lower().startswith(("http://", "https://")):
+        raise RayConnectError(
+            f"Ray address {address!r} is the job API's (for `ray job submit`), not the cluster's: "
+            "use host:6379 (the head's GCS port), `auto` on a node, or ray://host:10001")
     parts = urlsplit(address if "://" in address else f"gcs://{address}")
     try:
         port = parts.port
@@ -172,6 +182,20 @@ def probe(address: str, timeout_s: float) -> None:
                     "check ray.address / RAY_ADDRESS, or ray.connect_timeout_s)"
                 ) from None
             time.sleep(0.5)
+
+
+def _connect_failure(address: str | None, exc: BaseException) -> str:
+    """The one line for a `ray.init` that failed: a token the cluster wants named as such."""
+    reason = (str(exc).splitlines() or [""])[0].strip() or type(exc).__name__
+    token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    if _auth_refused.is_set() or "auth" in str(exc).lower():
+        fix = ("check RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH" if token
+               else "set RAY_AUTH_MODE=token and the cluster's token, as for `ray job submit`")
+        return f"Ray at {address} refused the connection: authentication token missing or " \
+               f"incorrect ({fix})"
+    hint = "" if token or address is None else (
+        "; if the cluster uses token authentication, set RAY_AUTH_MODE=token")
+    return f"cannot reach Ray at {address}: {reason}{hint}"
 
 
 def ensure_ray(cfg: Config) -> dict[str, float]:
@@ -214,9 +238,8 @@ def ensure_ray(cfg: Config) -> dict[str, float]:
             warnings.simplefilter("always")
             try:
                 ray.init(**kwargs)
-            except (ConnectionError, TimeoutError) as exc:
-                reason = " ".join(str(exc).split()) or type(exc).__name__
-                raise RayConnectError(f"cannot reach Ray at {address}: {reason}") from None
+            except (ConnectionError, TimeoutError, ValueError) as exc:
+                raise RayConnectError(_connect_failure(address, exc)) from None
         for w in said:
             if not issubclass(w.category, DeprecationWarning):
                 log.warning("ray: %s", str(w.message).splitlines()[0] if str(w.message) else w.category)
