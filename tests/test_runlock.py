@@ -94,6 +94,26 @@ def test_second_process_fails_at_once_naming_the_holder(tmp_path) -> None:
         assert _lock(tmp_path)["pid"] == os.getpid()
 
 
+def test_a_second_neighbours_on_one_run_fails_at_once(tmp_path) -> None:
+    """Two `flagsim neighbours` on one run each held a search actor: on a 2-CPU cluster neither
+    job's reads could run and both hung forever. The second now fails at once."""
+    from runs import make_run
+
+    vectors = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    make_run(tmp_path, "m", vectors)
+    from flagsim.cli import main
+    assert main(["index", "--run", str(tmp_path)]) == 0  # fresh, as a first neighbours leaves it
+    with holder(tmp_path, "flagsim neighbours") as first:
+        second = subprocess.run([sys.executable, "-m", "flagsim", "neighbours", "--run",
+                                 str(tmp_path), "-k", "3"],
+                                capture_output=True, text=True, env=_env(), timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        err = second.stderr.strip().splitlines()[-1]
+        assert f"is in use by 'flagsim neighbours' (pid {first.pid} " in err, err
+        assert not (tmp_path / "neighbours").exists()
+        assert "starting an embedded local Ray" not in second.stderr  # refused before Ray
+
+
 def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path, caplog) -> None:
     with holder(tmp_path) as dead:
         dead.send_signal(signal.SIGKILL)  # no chance to release

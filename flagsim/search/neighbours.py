@@ -277,22 +277,27 @@ def write_neighbours(
                 f"so at most {emb.rows - 1} neighbours each"
             )
     indexes = table_indexes(run, tables, cfg)
-    plans = [plan_table(run, m, members, k, indexes[m]) for m, members in tables]
-    resources: dict[str, float] | None = None
-    out = []
-    for plan in plans:
-        start = time.perf_counter()
-        writer = PartWriter(run, plan, k)
-        if plan.todo:
-            if resources is None:
-                from flagsim.pipeline.ray_session import ensure_ray
+    from flagsim.runlock import run_lock
 
-                resources = ensure_ray(cfg)
-            run.neighbours_manifest(plan.model).delete()  # until the new one: incomplete
-            _search(run, plan, k, cfg, resources, writer)
-        _remove_old_parts(run, plan)
-        seconds = time.perf_counter() - start
-        out.append(_commit(run, plan, k, seconds, len(writer.written)))
+    # one writer per run: a second neighbours (or an embed) fails at once naming the holder;
+    # two jobs on one small cluster would each hold a search actor and starve the other's reads
+    with run_lock(run.root, "flagsim neighbours"):
+        plans = [plan_table(run, m, members, k, indexes[m]) for m, members in tables]
+        resources: dict[str, float] | None = None
+        out = []
+        for plan in plans:
+            start = time.perf_counter()
+            writer = PartWriter(run, plan, k)
+            if plan.todo:
+                if resources is None:
+                    from flagsim.pipeline.ray_session import ensure_ray
+
+                    resources = ensure_ray(cfg)
+                run.neighbours_manifest(plan.model).delete()  # until the new one: incomplete
+                _search(run, plan, k, cfg, resources, writer)
+            _remove_old_parts(run, plan)
+            seconds = time.perf_counter() - start
+            out.append(_commit(run, plan, k, seconds, len(writer.written)))
     return out
 
 
