@@ -276,6 +276,15 @@ def test_an_ensemble_of_models_sharded_differently_warns_that_it_lines_up_partly
              ids=[f"other{i}" for i in range(20)])
     with pytest.raises(DataError, match="no image of .* is in every one of the models a, b"):
         build_index(other, ENSEMBLE)
+    # by default (no --models) index/neighbours/search leave `all` out with a warning: they
+    # failed for every model; named, `all` is still the one-line error above
+    from flagsim.search.catalog import search_tables
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert search_tables(other, None) == [("a", ()), ("b", ())]
+    assert "no image is in every one of the models a, b: no ensemble all" in caplog.text
+    assert search_tables(other, ["a", "b", "all"])[-1] == ("all", ("a", "b"))
+    assert search_tables(run, None)[-1] == ("all", ("a", "b", "c"))
 
 
 def test_the_ensemble_goes_stale_when_a_model_is_added(tmp_path) -> None:

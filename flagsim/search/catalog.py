@@ -101,10 +101,30 @@ def search_tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, 
     out: list[tuple[str, tuple[str, ...]]] = [(m, ()) for m in names]
     if (not explicit) or ENSEMBLE in (models or []):
         if len(names) >= 2:
-            out.append((ENSEMBLE, tuple(model_order(names))))
+            if not explicit and _no_common_image(run, names):
+                log.warning("no image is in every one of the models %s: no ensemble %s (name "
+                            "the models that share images with --models)", ", ".join(names),
+                            ENSEMBLE)
+            else:
+                out.append((ENSEMBLE, tuple(model_order(names))))
         elif explicit:
             raise DataError(f"the ensemble {ENSEMBLE} needs at least two models, got {', '.join(names)}")
     return out
+
+
+def _no_common_image(run: RunDir, names: Sequence[str]) -> bool:
+    """Whether the models share no image (e.g. one imported from another collection). Models
+    that `flagsim embed` made from one images table share them: only other runs' ids are read."""
+    from flagsim.search.source import EnsembleSource
+    from flagsim.shards import read_manifest
+
+    made = set()
+    for m in names:
+        man = read_manifest(run, m)
+        made.add((man.images_hash, man.source) if man is not None else None)
+    if len(made) == 1 and None not in made and next(iter(made))[1] == "flagsim embed":
+        return False
+    return EnsembleSource(run, names).rows == 0
 
 
 # --- names -----------------------------------------------------------------------------------
