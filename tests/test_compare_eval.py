@@ -134,7 +134,7 @@ def test_cli_compare_defaults_to_the_original_checks(reference_run, capsys) -> N
 # --- eval ------------------------------------------------------------------------------------
 
 
-def test_eval_hit_at_1_and_5_on_a_hand_made_case(tmp_path) -> None:
+def test_eval_hit_at_1_and_5_on_a_hand_made_case(tmp_path, caplog) -> None:
     # 8 unit vectors at these angles (degrees): neighbours are ranked by angular distance
     ids = [f"p{n}" for n in range(8)]
     angles = np.deg2rad([0, 10, 30, 60, 100, 150, 210, 280])
@@ -150,7 +150,12 @@ def test_eval_hit_at_1_and_5_on_a_hand_made_case(tmp_path) -> None:
         "p6,P5;nobody\n"   # names are case-insensitive, unknown ones left out; p5 (60) first
         "nobody,p1\n"      # unknown query: left out
     )
-    df = evaluate(str(tmp_path), str(pairs))
+    with caplog.at_level("WARNING", logger="flagsim.search.evaluate"):
+        df = evaluate(str(tmp_path), str(pairs))
+    # one line for every unknown name (a non-flag run printed 241 lines of them)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"2 name(s) of the labelled pairs are not in the run and were left out "
+                      f"(first: {pairs}: line 6: unknown name 'nobody')"], warned
     assert list(df.columns) == ["model", "pairs", "hit@1", "hit@5"]
     assert list(df["model"]) == ["m", "all"]
     row = df.set_index("model").loc["m"]

@@ -113,6 +113,17 @@ def test_the_search_job_takes_out_as_flagsim_search_does_and_searches(tmp_path: 
     assert not (tmp_path / "run" / "results").exists()  # --out is the results, not the run
 
 
+def test_job_help_says_what_models_default_to() -> None:
+    # the jobs on an existing run said "the config's embed.models" but take the run's models
+    from flagsim.app import jobs
+
+    for make in (jobs.index_parser, jobs.neighbours_parser, jobs.search_parser):
+        text = " ".join(make("job").format_help().split())
+        assert "default: every model the run holds" in text and "config's embed.models" not in text
+    for make in (jobs.embed_parser, jobs.pipeline_parser):
+        assert "default: the config's embed.models" in " ".join(make("job").format_help().split())
+
+
 def test_unwritable_output_fails_before_ray(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

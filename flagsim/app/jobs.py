@@ -22,8 +22,14 @@ log = logging.getLogger("flagsim.jobs")
 Body = Callable[[argparse.Namespace], int]
 
 
-def parser(prog: str, description: str, *, models: bool = True, run_dir: bool = True
-           ) -> argparse.ArgumentParser:
+#: what `--models` defaults to in a job that embeds, and in one that reads an existing run
+EMBED_MODELS = "comma-separated models (default: the config's embed.models)"
+RUN_MODELS = ("comma-separated models of the run, `all` for their ensemble (default: every "
+              "model the run holds, and all when there are two or more)")
+
+
+def parser(prog: str, description: str, *, models: bool = True, run_dir: bool = True,
+           models_help: str = EMBED_MODELS) -> argparse.ArgumentParser:
     """`--config YAML`, repeatable `--set key=value`, `--run RUN_DIR` (old spelling `--out`),
     `--models A,B`, and `-v`."""
     p = argparse.ArgumentParser(prog=prog, description=description)
@@ -31,7 +37,7 @@ def parser(prog: str, description: str, *, models: bool = True, run_dir: bool = 
     if run_dir:
         add_run_arg(p, deprecated_out=True)
     if models:
-        add_models_arg(p, "comma-separated models (default: the config's embed.models)")
+        add_models_arg(p, models_help)
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     return p
 
@@ -60,7 +66,7 @@ def embed(args: argparse.Namespace) -> int:
 
 def index_parser(prog: str) -> argparse.ArgumentParser:
     p = parser(prog, "Build the FAISS index of every embedded model and of their ensemble `all` "
-               "(one Ray task each).")
+               "(one Ray task each).", models_help=RUN_MODELS)
     p.add_argument("--force", action="store_true", help="rebuild even when an index is fresh")
     return p
 
@@ -74,7 +80,8 @@ def index(args: argparse.Namespace) -> int:
 
 def neighbours_parser(prog: str) -> argparse.ArgumentParser:
     return parser(prog, "Write neighbours/model=<name>/ for every model and the ensemble `all` "
-                  "(a Ray Data job: search actors over the query shards, resumable by part).")
+                  "(a Ray Data job: search actors over the query shards, resumable by part).",
+                  models_help=RUN_MODELS)
 
 
 def neighbours(args: argparse.Namespace) -> int:
@@ -87,7 +94,7 @@ def neighbours(args: argparse.Namespace) -> int:
 def search_parser(prog: str) -> argparse.ArgumentParser:
     p = parser(prog, "Search a table of images (or embeddings) in the run's indexes: OUT gets the "
                "queries' embeddings and results/model=<name>/ (the neighbours job, resumable).",
-               run_dir=False)
+               run_dir=False, models_help=RUN_MODELS)
     add_run_arg(p)  # --out is the results here, as in `flagsim search` (not the old --run)
     p.add_argument("--queries", required=True, metavar="TABLE", help="images or embeddings table")
     p.add_argument("--out", "--search-out", dest="search_out", required=True, metavar="OUT",

@@ -61,11 +61,11 @@ def read_pairs(path: str | None = None) -> list[LabelledQuery]:
     return out
 
 
-def _resolve(cat: Catalogue, name: str, where: str) -> str | None:
+def _resolve(cat: Catalogue, name: str, where: str, unknown: list[str]) -> str | None:
     try:
         return cat.resolve(name, suggest=False)
     except UnknownNameError as exc:
-        log.warning("%s: %s; left out", where, exc)
+        unknown.append(f"{where}: {exc}")
         return None
 
 
@@ -86,13 +86,19 @@ def evaluate(
     names = session.models
     cat = session.catalogue
     resolved: list[tuple[str, set[str]]] = []
+    unknown: list[str] = []  # one summary line, not a line per name (241 on a non-flag run)
     for lq in labelled:
         at = f"{where}: line {lq.line}"
-        qid = _resolve(cat, lq.query, at)
-        sims = {s for s in (_resolve(cat, n, at) for n in lq.similar) if s is not None}
+        qid = _resolve(cat, lq.query, at, unknown)
+        sims = {s for s in (_resolve(cat, n, at, unknown) for n in lq.similar) if s is not None}
         sims.discard(qid)
         if qid is not None and sims:
             resolved.append((qid, sims))
+    if unknown:
+        log.warning("%d name(s) of the labelled pairs are not in the run and were left out "
+                    "(first: %s)", len(unknown), unknown[0])
+        for line in unknown:
+            log.debug("%s; left out", line)
     if not resolved:
         raise DataError(f"none of the labelled queries in {where} name images in {run.root}")
     kmax = max(HIT_KS)
