@@ -119,6 +119,15 @@ def test_k_larger_than_collection(small_run, capsys):
         (small_run / "neighbours" / "model=pixels").glob("*.parquet"))
 
 
+@pytest.mark.parametrize("command", [["neighbours"], ["report"],
+                                     ["search", "--queries", "q.parquet", "--out", "o"]])
+def test_a_bad_option_value_is_named_by_its_option(small_run, capsys, command):
+    # it said `arguments: neighbours.k: Input should be greater than 0` (a key nobody typed)
+    rc = main([*command, "--run", str(small_run), "-k", "0"])
+    assert rc == 2
+    assert _one_line_error(capsys).endswith("error: -k 0: Input should be greater than 0")
+
+
 def test_unknown_query_name(small_run, capsys):
     rc = main(["query", "Albnia", "--run", str(small_run)])
     assert rc != 0

@@ -454,6 +454,21 @@ def test_cli_report_never_writes_into_the_runs_data(run_dir, tmp_path, capsys):
     assert shard.read_bytes() == before and not (tmp_path / "same").exists()
 
 
+def test_cli_report_to_a_directory_is_refused_before_the_work(run_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    """`--out DIR` failed with `DIR: Is a directory` only when writing, after all the work."""
+    import flagsim.report as report_pkg
+    from flagsim.cli import main
+
+    monkeypatch.setattr(report_pkg, "build_report", lambda *a, **k: pytest.fail("work started"))
+    (tmp_path / "pages").mkdir()
+    for opt, name in (("--out", "report.html"), ("--png", "report.png")):
+        assert main(["report", "--run", str(run_dir), opt, str(tmp_path / "pages")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"flagsim: error: {opt} {tmp_path / 'pages'} is a directory; name the "
+                       f"file, e.g. {tmp_path / 'pages' / name}")
+
+
 def test_report_is_written_when_evaluation_is_impossible(run_dir, tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("query,similar\nAtlantis,Lemuria\n")

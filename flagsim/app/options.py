@@ -75,14 +75,21 @@ def add_embed_args(p: argparse.ArgumentParser, force_help: str) -> None:
 
 
 def config_from_args(args: argparse.Namespace, extra: dict | None = None) -> Config:
-    """The config named by --config with --set overrides, then `extra` (dotted keys) applied."""
+    """The config named by --config with --set overrides, then `extra` (dotted keys, from the
+    command's own options) applied."""
     overrides: list[str] = list(getattr(args, "overrides", []) or [])
     cfg = load_config(getattr(args, "config", None), overrides)
-    return with_values(cfg, extra) if extra else cfg
+    return with_values(cfg, extra, source="options") if extra else cfg
 
 
-def with_values(cfg: Config, extra: dict) -> Config:
-    """`cfg` with the dotted keys of `extra` set (None values left alone), validated again."""
+#: the command-line option behind each dotted key an option sets (for its error line)
+OPTION_OF = {"neighbours.k": "-k", "report.k": "-k", "index.kind": "--kind",
+             "embed.shard_size": "--shard-size"}
+
+
+def with_values(cfg: Config, extra: dict, source: str = "arguments") -> Config:
+    """`cfg` with the dotted keys of `extra` set (None values left alone), validated again; a
+    bad value from an option is named by that option (`-k: ...`), not by its config key."""
     data = cfg.model_dump(by_alias=True)
     for dotted, value in extra.items():
         if value is None:
@@ -99,6 +106,11 @@ def with_values(cfg: Config, extra: dict) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
+        err = exc.errors()[0]
+        dotted = ".".join(str(p) for p in err.get("loc", ()))
+        if source == "options" and dotted in OPTION_OF and extra.get(dotted) is not None:
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            raise ConfigError(f"{OPTION_OF[dotted]} {extra[dotted]}: {msg}") from None
         raise ConfigError(_format_error(exc, "arguments")) from None
 
 

@@ -41,6 +41,10 @@ def check_outputs(run_dir: str, out: str | None, png: str | None) -> None:
 
     if png and out and os.path.realpath(png) == os.path.realpath(out):
         raise ConfigError("--out and --png name the same file; give the contact sheet its own")
+    for opt, path, name in (("--out", out, "report.html"), ("--png", png, "report.png")):
+        if path and os.path.isdir(path):  # found only when writing, after all the work
+            raise ConfigError(f"{opt} {path} is a directory; name the file, e.g. "
+                              f"{os.path.join(path, name)}")
     if is_uri(run_dir):
         return
     root = os.path.realpath(run_dir)
@@ -82,5 +86,7 @@ def run(args: argparse.Namespace) -> int:
     print(plain(f"report -> {paths.html}"))
     print(plain(f"contact sheet -> {paths.png}"))
     if paths.skipped:
-        print(plain(f"skipped (not in the run): {', '.join(paths.skipped)}"))
+        # not in the run, or a name of several images: the page's notes say which
+        print(plain(f"skipped queries (see the notes at the top of the page): "
+                    f"{', '.join(paths.skipped)}"))
     return 0
