@@ -70,4 +70,9 @@ def run(args: argparse.Namespace) -> int:
                       safe(man.device),
                       f"{man.build_seconds:.2f}" if man.build_seconds is not None else "-")
     stdout_console().print(table)
+    from flagsim.commands.neighbours import warn_low_recall
+
+    for b in built:
+        if not b.manifest.exact:
+            warn_low_recall(b.model, b.manifest.kind, b.manifest.recall, b.manifest.recall_k)
     return 0

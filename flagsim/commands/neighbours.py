@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from flagsim.app import options
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -44,7 +47,23 @@ def run(args: argparse.Namespace) -> int:
                       safe(r.index_kind), recall_text(r.recall, r.recall_k), f"{r.seconds:.2f}",
                       safe(r.path))
     stdout_console().print(table)
+    for r in results:
+        warn_low_recall(r.model, r.index_kind, r.recall, r.recall_k)
     return 0
+
+
+#: below this measured recall an approximate index is worth a warning (docs/query.md's target)
+RECALL_TARGET = 0.95
+
+
+def warn_low_recall(model: str, kind: str, recall: float | None, k: int | None) -> None:
+    """One warning when an approximate index finds less than RECALL_TARGET of the exact top-k
+    on its recall sample, saying what to change."""
+    if kind == "flat" or recall is None or k is None or recall >= RECALL_TARGET:
+        return
+    log.warning("%s: the %s index finds %.0f%% of the exact top-%d (its recall sample); raise "
+                "index.nprobe (IVF) or index.hnsw_m (HNSW), or --set index.kind=flat for exact "
+                "results", model, kind, 100 * recall, k)
 
 
 def recall_text(recall: float | None, k: int | None) -> str:

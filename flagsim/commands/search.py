@@ -47,4 +47,8 @@ def run(args: argparse.Namespace) -> int:
         table.add_row(safe(r.model), str(r.queries), str(r.rows), str(r.written), safe(r.index_kind),
                       recall, safe(r.path))
     stdout_console().print(table)
+    from flagsim.commands.neighbours import warn_low_recall
+
+    for r in results:
+        warn_low_recall(r.model, r.index_kind, r.recall, r.recall_k)
     return 0
