@@ -590,10 +590,12 @@ class Fetcher:
                     stream=True,
                     timeout=(wait_s, wait_s),
                 )
-            except requests.Timeout as exc:
-                raise FetchError("timeout", _short(exc), retryable=True) from None
+            except requests.Timeout:
+                raise FetchError("timeout", f"no answer within {wait_s:.3g} s",
+                                 retryable=True) from None
             except requests.ConnectionError as exc:
-                raise FetchError("connection error", _short(exc), retryable=True) from None
+                raise FetchError("connection error", _network_detail(exc),
+                                 retryable=True) from None
             except requests.RequestException as exc:
                 raise FetchError("request error", _short(exc)) from None
             with resp:
@@ -663,8 +665,12 @@ class Fetcher:
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             text = _short(exc)
             timed_out = isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError))
-            reason = "timeout" if timed_out or "timed out" in text.lower() else "connection error"
-            raise FetchError(reason, text, status=status, retryable=True) from None
+            if timed_out or "timed out" in text.lower():
+                raise FetchError("timeout", f"no data for {self.opts.timeout:g} s after "
+                                 f"{len(buf)} bytes of the body", status=status,
+                                 retryable=True) from None
+            raise FetchError("connection error", _network_detail(exc), status=status,
+                             retryable=True) from None
         return bytes(buf)
 
     def _deadline_error(self, status: int | None, received: int) -> FetchError:
@@ -686,6 +692,21 @@ def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text[:300]
 
+
+def _network_detail(exc: BaseException) -> str:
+    """A connection failure in words, not the reprs requests and urllib3 nest (`('Connection
+    broken: IncompleteRead(50 bytes read, 250 more expected)', IncompleteRead(...))`,
+    `HTTPConnectionPool(host=..., port=1): Max retries exceeded ... NewConnectionError(...)`)."""
+    text = _short(exc)
+    if m := re.search(r"IncompleteRead\((\d+) bytes read, (\d+) more expected\)", text):
+        return f"connection closed mid-body ({m[1]} bytes read, {m[2]} more expected)"
+    if m := re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text):
+        return m[1].strip().rstrip(".")
+    if "RemoteDisconnected" in text or "closed connection without response" in text:
+        return "the server closed the connection without a response"
+    if "Connection reset by peer" in text:
+        return "connection reset by the server"
+    return text
 
 _PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
 

@@ -31,6 +31,7 @@ from flagsim.scrape import (
     DE_FACTO,
     ERRORS_CSV_COLUMNS,
     SOVEREIGN,
+    Fetcher,
     FetchError,
     HostPolicy,
     MalformedTable,
@@ -264,6 +265,31 @@ def test_check_image_accepts_complete_images_only():
     with pytest.raises(FetchError) as info:
         check_image(png[: len(png) // 2])
     assert info.value.reason == "bad image"
+
+
+def test_network_failures_are_said_in_words_not_reprs():
+    """errors.csv carried `('Connection broken: IncompleteRead(50 bytes read, 250 more
+    expected)', IncompleteRead(...))`, `HTTPConnectionPool(host=..., port=1): Max retries
+    exceeded ... NewConnectionError(...)` and `read timeout=2.999967869996908`."""
+    opts = ScrapeOptions(allow_hosts=("127.0.0.1",), retries=0, timeout=1)
+    fetcher = Fetcher(opts)
+    with flag_server() as server:
+        server.script("/files/Chad.png", Reply(body=b"x" * 50, content_length=False,
+                                                 headers={"Content-Length": "300"}))
+        server.script("/files/Peru.png", Reply(delay=3.0))
+        got = {}
+        for key, url in (("cut", f"{server.base}/files/Chad.png"),
+                         ("slow", f"{server.base}/files/Peru.png"),
+                         ("refused", "http://127.0.0.1:1/x.png")):
+            with pytest.raises(FetchError) as info:
+                fetcher.get(url, 1_000_000)
+            got[key] = (info.value.reason, info.value.detail)
+    fetcher.close()
+    assert got["cut"][0] == "connection error"
+    assert re.fullmatch(r"connection closed mid-body \(50 bytes read, \d+ more expected\)",
+                        got["cut"][1]), got["cut"]
+    assert got["slow"] == ("timeout", "no answer within 1 s")
+    assert got["refused"] == ("connection error", "Connection refused")
 
 
 def test_options_are_validated():
