@@ -320,6 +320,8 @@ def check_writable(location: str) -> None:
     if is_uri(location):
         return
     p = Path(location).expanduser().resolve()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"output directory {location} is a file, not a directory")
     probe = p
     while not probe.exists():
         probe = probe.parent

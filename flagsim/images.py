@@ -327,15 +327,35 @@ def write_images_table(table: pa.Table, run: RunDir, errors: list[dict] | None =
     return run.images_table
 
 
+def images_table_location(location: str | os.PathLike | Location) -> Location:
+    """Where the images table named by `location` is: the file or parts folder itself when its
+    name ends in `.parquet` (or the file is Parquet under another name), else the run
+    directory's `images.parquet`. DataError when there is none, saying how to make one (a CSV
+    or URL list given here is named as such)."""
+    loc = location if isinstance(location, Location) else Location.parse(location)
+    if not loc.name.endswith(".parquet"):
+        if loc.is_file():
+            with loc.fs.open_input_file(loc.path) as f:
+                head = f.read(4)
+            if head == b"PAR1":
+                return loc
+            lower = loc.name.lower()
+            if lower.endswith((".csv", ".tsv", ".txt", ".csv.gz")):
+                raise DataError(
+                    f"{loc} is a CSV file, not an images table: make one with `flagsim images "
+                    f"--from-csv {loc} --image-dir DIR --out RUN` (or --from-urls for URLs)")
+            raise DataError(f"{loc} is not an images table (a Parquet file or a run directory)")
+        loc = RunDir(loc).images_table
+    if not loc.exists():
+        raise DataError(f"images table not found: {loc} (run `flagsim images` or `flagsim scrape` first)")
+    return loc
+
+
 def read_images_table(location: str | os.PathLike | Location) -> pa.Table:
     """Read and validate an images table (a run directory, a .parquet file, or a folder of
     `part-NNNNN.parquet` parts, read in part order). Tables written before the reference columns
     existed read as plain files."""
-    loc = location if isinstance(location, Location) else Location.parse(location)
-    if not loc.name.endswith(".parquet"):
-        loc = RunDir(loc).images_table
-    if not loc.exists():
-        raise DataError(f"images table not found: {loc} (run `flagsim images` or `flagsim scrape` first)")
+    loc = images_table_location(location)
     if loc.is_file():
         table = loc.read_parquet()
     else:

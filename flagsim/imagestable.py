@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flagsim.errors import DataError
-from flagsim.rundir import RunDir, shard_index, shard_name
+from flagsim.rundir import shard_index, shard_name
 from flagsim.schema import IMAGE_REF_COLUMNS, IMAGES_SCHEMA, check_columns, conform, with_optional
 from flagsim.storage import Location
 
@@ -43,13 +43,9 @@ class ImagesTable:
     names and the hashes, and read tasks read their own rows (`read_rows`)."""
 
     def __init__(self, location: str | Location) -> None:
-        loc = location if isinstance(location, Location) else Location.parse(location)
-        if not loc.name.endswith(".parquet"):
-            loc = RunDir(loc).images_table
-        if not loc.exists():
-            raise DataError(
-                f"images table not found: {loc} (run `flagsim images` or `flagsim scrape` first)"
-            )
+        from flagsim.images import images_table_location
+
+        loc = images_table_location(location)
         self.location = loc
         if loc.is_file():
             files = [loc]

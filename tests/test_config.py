@@ -144,6 +144,9 @@ def test_unwritable_run_dir(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match="not writable"):
         check_writable(str(blocker / "run"))
+    # the run directory itself a file: said so (it said "not writable")
+    with pytest.raises(ConfigError, match="output directory .*a_file is a file, not a directory"):
+        check_writable(str(blocker))
     check_writable(str(tmp_path / "new" / "run"))  # creatable: fine
 
 

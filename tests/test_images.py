@@ -63,6 +63,24 @@ def test_a_run_of_the_bundled_flags_holds_its_own_copies(tmp_path, capsys):
     assert chad.stat().st_mtime_ns == before
 
 
+def test_an_images_table_is_found_by_its_contents_and_a_csv_is_named_as_one(tmp_path):
+    """`embed --images flags.csv` said `images table not found: flags.csv/images.parquet`; a
+    Parquet table under another suffix (.pq) was not read at all."""
+    from flagsim.images import images_table_location
+    from flagsim.imagestable import ImagesTable
+
+    pq.write_table(bundled_table().slice(0, 3), tmp_path / "t.pq")
+    assert ImagesTable(str(tmp_path / "t.pq")).num_rows == 3
+    assert read_images_table(tmp_path / "t.pq").num_rows == 3
+    (tmp_path / "flags.csv").write_text("Country,Flag Image\nChad,Chad.png\n")
+    with pytest.raises(DataError, match=r"flags.csv is a CSV file, not an images table: make one "
+                                        r"with `flagsim images --from-csv"):
+        images_table_location(str(tmp_path / "flags.csv"))
+    (tmp_path / "notes.md").write_text("hello")
+    with pytest.raises(DataError, match="notes.md is not an images table"):
+        ImagesTable(str(tmp_path / "notes.md"))
+
+
 @pytest.mark.parametrize(
     ("name", "stem"),
     [
