@@ -118,11 +118,16 @@ class ImageInfo:
 def probe_image(data: bytes) -> ImageInfo:
     """Hash and read the header of an image (no full decode); width/format None if unreadable."""
     import io
+    import warnings
 
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return ImageInfo(digest, im.width, im.height, im.format)
+        # a header only: the pixel limit is the decoder's to enforce (`embed.max_image_pixels`),
+        # and Pillow's warning here would print a raw `warnings.warn(` line on the console
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return ImageInfo(digest, im.width, im.height, im.format)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return ImageInfo(digest, None, None, None)
 

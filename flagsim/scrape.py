@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import unicodedata
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
@@ -724,9 +725,12 @@ def check_image(body: bytes, content_type: str = "", max_pixels: int = 50_000_00
         ctype = content_type.split(";")[0].strip() or "no Content-Type"
         raise FetchError("not an image", f"{ctype}, {len(body)} bytes starting {body[:16]!r}")
     try:
-        with Image.open(io.BytesIO(body)) as im:
-            im.verify()
-        with Image.open(io.BytesIO(body)) as im:
+        with warnings.catch_warnings():  # the limit is checked below, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(body)) as im:
+                im.verify()
+            im = Image.open(io.BytesIO(body))
+        with im:
             if im.width * im.height > max_pixels:
                 raise FetchError("bad image", f"{im.width}x{im.height} exceeds {max_pixels} pixels")
             im.load()

@@ -81,6 +81,24 @@ def test_an_images_table_is_found_by_its_contents_and_a_csv_is_named_as_one(tmp_
         ImagesTable(str(tmp_path / "notes.md"))
 
 
+def test_a_huge_image_in_a_folder_prints_no_raw_pillow_warning(tmp_path):
+    """Pillow's DecompressionBombWarning printed `.../PIL/Image.py:NNNN: DecompressionBombWarning
+    ... warnings.warn(` when the folder was listed; the limit is the decoder's to enforce."""
+    import subprocess
+    import sys
+
+    from imagegen import bomb_png
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "huge.png").write_bytes(bomb_png(10000, 10000))  # 100M px: a warning
+    proc = subprocess.run([sys.executable, "-m", "flagsim", "images", "--from-folder",
+                           str(tmp_path / "imgs"), "--out", str(tmp_path / "d")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "DecompressionBombWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
+    assert read_images_table(tmp_path / "d").column("width").to_pylist() == [10000]
+
+
 @pytest.mark.parametrize(
     ("name", "stem"),
     [
