@@ -200,6 +200,27 @@ def test_a_shard_deleted_or_truncated_after_the_embed_is_embedded_again(run30, c
     assert "up to date" in capsys.readouterr().out
 
 
+def test_shards_redone_after_the_images_changed_are_one_log_line(run30, tmp_path,
+                                                                 capsys) -> None:
+    """A line per reason, not per shard and model (60 lines for 30 shards)."""
+    import pyarrow as pa
+
+    from flagsim.images import read_images_table
+    from flagsim.schema import IMAGES_SCHEMA
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    rows = read_images_table(run30).to_pylist()
+    for row in rows:  # the same images in another folder: every shard's rows changed
+        row["path"] = str(shutil.copy(row["path"], moved))
+    write_images_table(pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA), RunDir.at(run30))
+    assert main(["embed", "--run", str(run30), *EMBED]) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "redoing" in ln]
+    assert len(lines) == 1 and lines[0].endswith(
+        "pixels: redoing 3 shard(s) out of date with the images table: part-00000.parquet, "
+        "part-00001.parquet, part-00002.parquet"), lines
+
+
 def test_an_empty_images_table_is_one_line(tmp_path, capsys) -> None:
     run = tmp_path / "run"
     write_images_table(bundled_table().slice(0, 0), RunDir.at(run))

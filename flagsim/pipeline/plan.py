@@ -153,10 +153,15 @@ def prepare_model_dir(
         stale = [loc for idx, loc in shard_files(run, model).items()
                  if idx not in done or shards.get(loc.name) is None
                  or before.get(loc.name) != shards[loc.name]]
+        whys: dict[str, list[str]] = {}
         for loc in stale:
             why = "not complete" if shard_index(loc.name) not in done else "out of date with the images table"
-            log.info("%s: %s is %s; redoing it", model, loc.name, why)
+            whys.setdefault(why, []).append(loc.name)
+            log.debug("%s: %s is %s; redoing it", model, loc.name, why)
             loc.delete()
+        for why, names in whys.items():  # a line per reason, not per shard (60 lines for 30)
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            log.info("%s: redoing %d shard(s) %s: %s", model, len(names), why, shown)
         if stale and run.manifest(model).exists():
             run.manifest(model).delete()
     _remove_shard_dirs(run, model)
