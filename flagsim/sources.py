@@ -313,6 +313,20 @@ def from_webdataset(pattern: str, run: RunDir, part_rows: int = PART_ROWS) -> Ta
 
 # --- Parquet ---------------------------------------------------------------------------------
 
+def _is_parquet(loc: Location) -> bool:
+    """A Parquet file by its contents (`PAR1`), whatever its suffix, or a folder of them."""
+    problem = file_problem(loc)
+    if problem == "is a directory":
+        return any(f.name.endswith(".parquet") for f in walk_files(loc))
+    if loc.name.lower().endswith((".parquet", ".pq")) or problem is not None:
+        return loc.name.lower().endswith((".parquet", ".pq"))  # never open a FIFO to look
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
 def parquet_files(path: str) -> list[Location]:
     loc = Location.parse(path)
     problem = file_problem(loc)
@@ -420,9 +434,9 @@ def read_url_table(path: str, url_column: str = "url", id_column: str | None = N
             name_column = "name"
         return [c for c in (url_column, id_column, name_column) if c]
 
-    if loc.name.endswith(".parquet"):
-        check_input_file(loc, "URL table")
-        table = loc.read_parquet()
+    if _is_parquet(loc):
+        files = parquet_files(path)  # a file, or a folder of parts (read in name order)
+        table = pa.concat_tables([f.read_parquet() for f in files], promote_options="default")
         cols = table.column_names
         records: list[dict] = []
         missing = [c for c in wanted(cols) if c not in cols]

@@ -530,6 +530,21 @@ def test_url_table_cells_are_read_as_text_whatever_their_type(tmp_path):
         read_url_table(str(tmp_path / "l.parquet"), id_column="id")
 
 
+def test_a_parquet_url_list_is_read_whatever_its_suffix_or_as_a_folder(tmp_path):
+    """`URLS.PARQUET` and `urls.pq` were read as CSV ("line 1 is not UTF-8 text"), a folder of
+    parts was "a directory"."""
+    from flagsim.sources import read_url_table
+
+    table = pa.table({"url": ["http://x/a.png", "http://x/b.png"], "name": ["A", "B"]})
+    for name in ("URLS.PARQUET", "urls.pq", "urls.bin"):
+        pq.write_table(table, tmp_path / name)
+        assert [r["name"] for r in read_url_table(str(tmp_path / name))] == ["A", "B"], name
+    (tmp_path / "parts").mkdir()
+    pq.write_table(table.slice(0, 1), tmp_path / "parts" / "part-00000.parquet")
+    pq.write_table(table.slice(1, 1), tmp_path / "parts" / "part-00001.parquet")
+    assert [r["name"] for r in read_url_table(str(tmp_path / "parts"))] == ["A", "B"]
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_url_table_names_come_from_its_name_column_by_default(tmp_path, fmt):
     """As import-embeddings reads `name`; --name-column still picks another one."""
