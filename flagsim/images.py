@@ -261,7 +261,10 @@ def from_csv_with_missing(
 ) -> tuple[pa.Table, list[dict]]:
     src = Location.parse(csv_path)
     folder = Location.parse(image_dir)
+    if file_problem(folder) != "is a directory":
+        raise DataError(f"image directory {folder} not found (--image-dir / images.image_dir)")
     rows, missing = [], []
+    listed = 0
     with open_csv(src, "CSV") as reader:
         fields = reader.fieldnames
         if "Country" not in fields:
@@ -272,6 +275,7 @@ def from_csv_with_missing(
             name = (rec.get("Country") or "").strip()
             if not name:
                 continue
+            listed += 1
             stem = safe_stem(name)  # the seed's file naming keeps footnote letters: Denmark[i] -> Denmarki
             name = strip_footnotes(name)
             f = folder / f"{stem}.png"
@@ -285,6 +289,8 @@ def from_csv_with_missing(
             rows.append(_row(stem, name, f, rec.get("Flag Image") or None))
     if missing:
         log.warning("%d CSV row(s) have no readable image file in %s", len(missing), folder)
+    if not listed:
+        raise DataError(f"{src} names no image (no row with a Country under its header)")
     if not rows:
         raise DataError(f"none of the images named in {src} were found in {folder}")
     return table_from_rows(rows), missing

@@ -104,6 +104,8 @@ class CsvStream:
             text = str(exc)
             if "field larger than field limit" in text:
                 text = f"a field is larger than the limit of {FIELD_LIMIT // 2**20} MiB"
+            elif "new-line character seen in unquoted field" in text:
+                text = "its lines end in a bare CR (old Mac style); save it with LF line endings"
             raise DataError(f"{self.src}: line {self.line}: not valid CSV ({text})") from None
 
     def __iter__(self) -> Iterator[dict[str, str]]:

@@ -81,6 +81,23 @@ def test_an_images_table_is_found_by_its_contents_and_a_csv_is_named_as_one(tmp_
         ImagesTable(str(tmp_path / "notes.md"))
 
 
+@pytest.mark.parametrize(("csv_text", "image_dir", "expected"), [
+    # each said "none of the images named in X were found in DIR" (or Python's csv advice)
+    ("Country,Flag Image\n", "images", r"names no image \(no row with a Country under its"),
+    ("Country,Flag Image\nChad,Chad.png\n", "nowhere", "image directory .*nowhere not found"),
+    ("Country,Flag Image\rChad,Chad.png\rPeru,Peru.png\r", "images",
+     "its lines end in a bare CR"),
+])
+def test_csv_problems_are_named_for_what_they_are(tmp_path, bundled_dir, capsys, csv_text,
+                                                  image_dir, expected):
+    (tmp_path / "list.csv").write_bytes(csv_text.encode())
+    folder = bundled_dir / "images" if image_dir == "images" else tmp_path / image_dir
+    assert main(["images", "--from-csv", str(tmp_path / "list.csv"), "--image-dir", str(folder),
+                 "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(expected, err[0]), err
+
+
 def test_a_huge_image_in_a_folder_prints_no_raw_pillow_warning(tmp_path):
     """Pillow's DecompressionBombWarning printed `.../PIL/Image.py:NNNN: DecompressionBombWarning
     ... warnings.warn(` when the folder was listed; the limit is the decoder's to enforce."""
