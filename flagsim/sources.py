@@ -125,8 +125,19 @@ class TableWriter:
             check = np.concatenate([_key_hash(self._final_ids(loc.read_parquet(), h, clash).to_pylist())
                                     for loc, h in zip(self._parts, self._hashes, strict=True)])
             if np.unique(check).size != check.size:
+                values, counts = np.unique(check, return_counts=True)
+                dup = set(values[counts > 1].tolist())
+                named: list[str] = []  # the first few, by name (their hashes found them)
+                for loc, h in zip(self._parts, self._hashes, strict=True):
+                    ids = self._final_ids(loc.read_parquet(), h, clash).to_pylist()
+                    for i, k in zip(ids, _key_hash(ids).tolist(), strict=True):
+                        if k in dup and i not in named:
+                            named.append(i)
+                    if len(named) >= 3:
+                        break
                 self._cleanup()
-                raise DataError(f"duplicate image_id(s) in {what} even as <stem>/<key>")
+                raise DataError(f"duplicate image_id(s) in {what} even as <stem>/<key>: "
+                                f"{', '.join(named[:3])}" + (" …" if len(dup) > 3 else ""))
         target = self.run.images_table
         target.delete()
         single = len(self._parts) == 1

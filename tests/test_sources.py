@@ -266,6 +266,15 @@ def test_parquet_id_and_name_cells_are_text_whatever_their_type(tmp_path, bundle
                      id_column="ids")
 
 
+def test_duplicate_ids_are_named(tmp_path, bundled_dir):
+    # it said "duplicate image_id(s) in Parquet ... even as <stem>/<key>", naming none
+    chad = _encoded(bundled_dir, "Chad", "png")
+    pq.write_table(pa.table({"image": [chad] * 3, "n": [10, 11, 10]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"even as <stem>/<key>: d/10$"):
+        from_parquet(str(tmp_path / "d.parquet"), "image", RunDir.at(tmp_path / "r"),
+                     id_column="n")
+
+
 def test_parquet_default_ids_and_a_corrupt_cell(tmp_path, bundled_dir, ray_local):
     table = pa.table({"image": pa.array([_encoded(bundled_dir, "Chad", "png"), b"garbage"])})
     pq.write_table(table, tmp_path / "two.parquet")
