@@ -82,10 +82,14 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = command_in(argv)
-    parser = build_parser([command] if command in COMMANDS else [])
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose, args.quiet)
+    try:  # Ctrl-C while the command's modules load and its arguments are parsed: no traceback
+        command = command_in(argv)
+        parser = build_parser([command] if command in COMMANDS else [])
+        args = parser.parse_args(argv)
+        setup_logging(args.verbose, args.quiet)
+    except KeyboardInterrupt:
+        print("flagsim: interrupted", file=sys.stderr)
+        return 130
     return run_guarded("flagsim", args._run, args, "rerun the same command to resume")
 
 if __name__ == "__main__":

@@ -354,3 +354,15 @@ def test_output_cut_short_by_its_reader_exits_quietly_as_sigpipe() -> None:
                           timeout=120)
     assert proc.returncode == 141, proc.stderr  # 128 + SIGPIPE, as `git log | head` ends
     assert proc.stderr == ""  # no "flagsim: error: Broken pipe", no flush error at exit
+
+
+def test_ctrl_c_while_a_command_loads_is_one_line(monkeypatch, capsys):
+    # Ctrl-C in the first seconds (modules loading, arguments parsed) printed a traceback
+    from flagsim import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["models"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["flagsim: interrupted"]
