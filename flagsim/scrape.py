@@ -332,9 +332,16 @@ def parse_flag_tables(html: str, base_url: str) -> list[FlagEntry]:
     Rowspans are expanded; a state's flags are numbered in order (1 = its main flag).
     """
     soup = BeautifulSoup(html, "html.parser")
+    base = soup.find("base", href=True)
+    if isinstance(base, Tag):  # <base href>: what relative srcs resolve against
+        try:
+            base_url = urljoin(base_url, str(base["href"]))
+        except ValueError:
+            pass
     entries: list[FlagEntry] = []
     numbers: dict[str, int] = {}
     names: dict[int, str] = {}
+    nameless = 0
     for number, table in enumerate(soup.find_all("table"), start=1):
         if "wikitable" not in (table.get("class") or []):
             continue
@@ -361,13 +368,27 @@ def parse_flag_tables(html: str, base_url: str) -> list[FlagEntry]:
                 names[id(state_cell)] = clean_name(state_cell)
             state = names[id(state_cell)]
             if not state:
+                nameless += bool(flag_cell.find("img"))
                 continue
             for img in flag_cell.find_all("img"):
-                src = img.get("src") or img.get("data-src") or ""
-                url = clean_image_url(str(src), base_url) if src else None
+                src, url = _image_src(img, base_url)
                 numbers[state] = numbers.get(state, 0) + 1
-                entries.append(FlagEntry(state, url or str(src), kind, numbers[state]))
+                entries.append(FlagEntry(state, url or src, kind, numbers[state]))
+    if nameless:
+        log.warning("%d flag(s) in the page's tables have no state name beside them; skipped",
+                    nameless)
     return entries
+
+
+def _image_src(img: Tag, base_url: str) -> tuple[str, str | None]:
+    """(the src as written, its cleaned absolute URL or None): `src`, else a lazy-loading
+    image's `data-src` when `src` is a placeholder (a `data:` URI) or missing."""
+    candidates = [str(img.get(a) or "").strip() for a in ("src", "data-src")]
+    for src in candidates:
+        url = clean_image_url(src, base_url) if src else None
+        if url:
+            return src, url
+    return next((c for c in candidates if c), ""), None
 
 
 def select_entries(

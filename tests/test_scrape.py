@@ -182,6 +182,24 @@ def test_image_urls_are_absolute_without_tracking_parameters():
     assert clean_image_url("javascript:alert(1)", PAGE) is None
 
 
+def test_lazy_images_base_href_and_nameless_rows(caplog):
+    """A lazy-loading image (`src` a data: placeholder, the URL in `data-src`) was a "bad url";
+    `<base href>` was ignored; a flag with no state name beside it vanished without a word."""
+    html = """<html><head><base href="https://cdn.example/root/"></head><body>
+    <table class="wikitable"><tr><th>Flag</th><th>State</th></tr>
+    <tr><td><img src="data:image/gif;base64,R0lGOD" data-src="//up.example/lazy.png"></td>
+        <td><a>Lazyland</a></td></tr>
+    <tr><td><img src="rel/flag.png"></td><td><a>Relative</a></td></tr>
+    <tr><td><img src="//up.example/x.png"></td><td> </td></tr>
+    </table></body></html>"""
+    with caplog.at_level("WARNING", logger="flagsim.scrape"):
+        entries = parse_flag_tables(html, "https://en.example/wiki/List")
+    assert [(e.name, e.image_url) for e in entries] == [
+        ("Lazyland", "https://up.example/lazy.png"),
+        ("Relative", "https://cdn.example/root/rel/flag.png")]
+    assert "1 flag(s) in the page's tables have no state name beside them" in caplog.text
+
+
 def test_an_unparseable_image_url_is_an_error_row_not_the_end_of_the_scrape(tmp_path, capsys):
     # urljoin / urlsplit raise ValueError ("Invalid IPv6 URL"): a traceback, nothing downloaded
     assert clean_image_url("http://[::1:80/x.png", PAGE) is None
