@@ -222,16 +222,24 @@ def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     cur[keys[-1]] = value
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping names one key twice."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that a key given twice in one mapping is an error."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
+        # the mapping's own plain keys only: `<<:` merges may be overridden, and a key that is a
+        # list or mapping is left to PyYAML's own error
+        seen: set[tuple[str, str]] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice", key_node.start_mark
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise DuplicateKeyError(
+                    None, None, f"key {key_node.value!r} given twice", key_node.start_mark
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -283,7 +291,7 @@ def load_config(
             ) from None
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
-        except yaml.constructor.ConstructorError as exc:  # a key given twice
+        except DuplicateKeyError as exc:
             line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
             raise ConfigError(f"{source}: line {line}: {exc.problem}") from None
         except yaml.YAMLError as exc:

@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import unicodedata
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ from flagsim.schema import (
 from flagsim.storage import Location
 
 log = logging.getLogger(__name__)
+
+# Pillow warns (a raw `warnings.warn(` line on the console) when it opens an image over its pixel
+# limit; a header read (listing a folder, checking a download) only needs the size, and the
+# limit is enforced, in one line, where an image is decoded (`decode_image` turns the warning
+# into its error inside its own context). Process-wide: `catch_warnings` is not thread-safe.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 #: Pillow formats that it lists but cannot decode to pixels here (stubs, header-only, or a
 #: helper program/OS needed).
@@ -118,16 +125,10 @@ class ImageInfo:
 def probe_image(data: bytes) -> ImageInfo:
     """Hash and read the header of an image (no full decode); width/format None if unreadable."""
     import io
-    import warnings
-
     digest = hashlib.sha256(data).hexdigest()
     try:
-        # a header only: the pixel limit is the decoder's to enforce (`embed.max_image_pixels`),
-        # and Pillow's warning here would print a raw `warnings.warn(` line on the console
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                return ImageInfo(digest, im.width, im.height, im.format)
+        with Image.open(io.BytesIO(data)) as im:  # (Pillow's bomb warning: ignored, see above)
+            return ImageInfo(digest, im.width, im.height, im.format)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return ImageInfo(digest, None, None, None)
 

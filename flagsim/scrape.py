@@ -16,7 +16,6 @@ import socket
 import threading
 import time
 import unicodedata
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
@@ -746,12 +745,9 @@ def check_image(body: bytes, content_type: str = "", max_pixels: int = 50_000_00
         ctype = content_type.split(";")[0].strip() or "no Content-Type"
         raise FetchError("not an image", f"{ctype}, {len(body)} bytes starting {body[:16]!r}")
     try:
-        with warnings.catch_warnings():  # the limit is checked below, in one line
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(body)) as im:
-                im.verify()
-            im = Image.open(io.BytesIO(body))
-        with im:
+        with Image.open(io.BytesIO(body)) as im:  # (Pillow's bomb warning: see flagsim.images)
+            im.verify()
+        with Image.open(io.BytesIO(body)) as im:
             if im.width * im.height > max_pixels:
                 raise FetchError("bad image", f"{im.width}x{im.height} exceeds {max_pixels} pixels")
             im.load()
@@ -759,7 +755,10 @@ def check_image(body: bytes, content_type: str = "", max_pixels: int = 50_000_00
                 return body
             # the PNG keeps what decoding the original would give: EXIF orientation applied
             # (a PNG copy has no EXIF), modes PNG cannot hold (CMYK, YCbCr, ...) as RGB(A)
-            fixed = ImageOps.exif_transpose(im)
+            try:
+                fixed = ImageOps.exif_transpose(im)
+            except Exception:  # noqa: BLE001 - damaged EXIF: keep the pixels as stored
+                fixed = im
             if fixed.mode not in _PNG_MODES:
                 fixed = fixed.convert("RGBA" if "A" in fixed.getbands() else "RGB")
             out = io.BytesIO()
@@ -1020,7 +1019,10 @@ def _download_all(
         with lock:
             finished = len(rows) + len(errors)
         if finished > checkpoints and (now := table_rows()):
-            write_images_table(table_from_rows(now), run)
+            try:
+                write_images_table(table_from_rows(now), run)
+            except (OSError, DataError) as exc:  # e.g. a full disk: the final write will say
+                log.warning("could not checkpoint the images table: %s", exc)
             checkpoints = finished
 
     interrupted: BaseException | None = None
@@ -1102,13 +1104,15 @@ def _interrupts_deferred() -> Iterator[None]:
         yield
         return
     got: list[int] = []
-    olds = {sig: signal.signal(sig, lambda signum, frame: got.append(signum))
-            for sig in (signal.SIGINT, signal.SIGTERM)}
+    olds = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # ignored (nohup) stays ignored
+            olds[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
     try:
         yield
     finally:
         for sig, old in olds.items():
-            signal.signal(sig, old)
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
         if got:
             raise Terminated() if got[0] == signal.SIGTERM else KeyboardInterrupt()
 

@@ -95,6 +95,16 @@ def test_key_given_twice_in_yaml_is_an_error(tmp_path):
     cfg = load_config(_write(tmp_path, "embed:\n  settings:\n    pixels: {batch_size: 2}\n"
                                        "    clip: {batch_size: 2}\n"))
     assert cfg.embed.for_model("pixels").batch_size == 2
+    # YAML merge keys (`<<:`) still load, and may be overridden by the mapping's own keys
+    cfg = load_config(_write(tmp_path, "embed:\n  defaults: &d {batch_size: 4, num_actors: 2}\n"
+                                       "  settings:\n    pixels: {<<: *d, batch_size: 8}\n"))
+    assert (cfg.embed.for_model("pixels").batch_size, cfg.embed.for_model("pixels").num_actors) \
+        == (8, 2)
+    # a list as a key is PyYAML's own one-line error, not a traceback
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "? [a, b]\n: 1\n"))
+    with pytest.raises(ConfigError, match="not a valid YAML value"):
+        load_config(None, ["embed={[1]: 2}"])
 
 
 @pytest.mark.parametrize(("override", "expected"), [

@@ -269,6 +269,21 @@ def test_a_downloaded_image_decodes_as_the_original_would(case, bundled_dir):
     np.testing.assert_array_equal(decode_image(stored), decode_image(original))
 
 
+def test_a_jpeg_whose_exif_cannot_be_applied_is_kept_as_stored(bundled_dir, monkeypatch):
+    # damaged EXIF makes Pillow's exif_transpose raise (struct.error); the image was then lost
+    import struct
+
+    from PIL import ImageOps
+
+    def damaged(im, **kwargs):
+        raise struct.error("required argument is not an integer")
+
+    original = bad_corpus(bundled_dir / "images" / "Chad.png")["exif_rotated.jpg"]
+    monkeypatch.setattr(ImageOps, "exif_transpose", damaged)
+    stored = check_image(original)
+    assert Image.open(io.BytesIO(stored)).size == Image.open(io.BytesIO(original)).size
+
+
 def test_check_image_accepts_complete_images_only():
     png = bundled_png("Chad").read_bytes()
     assert check_image(png) == png

@@ -115,6 +115,8 @@ def test_bad_search_requests_are_one_line(flag_run) -> None:
         run_search(str(run), str(root / "pixels.parquet"), str(root / "o3"))
     with pytest.raises(DataError, match="queries not found"):
         run_search(str(run), str(root / "nope.parquet"), str(root / "o4"))
+    # refused queries (a typo) leave no mark tying OUT to them: the corrected rerun is not refused
+    assert not (root / "o4").exists()
     # k beyond the collection is refused before the queries are embedded (nothing in OUT)
     with pytest.raises(DataError, match="k=500 is larger than the collection: model pixels"):
         run_search(str(run), str(root / "queries" / "images.parquet"), str(root / "o5"), k=500)

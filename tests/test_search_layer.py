@@ -284,6 +284,7 @@ def test_an_ensemble_of_models_sharded_differently_warns_that_it_lines_up_partly
         assert search_tables(other, None) == [("a", ()), ("b", ())]
     assert "no image is in every one of the models a, b: no ensemble all" in caplog.text
     assert search_tables(other, ["a", "b", "all"])[-1] == ("all", ("a", "b"))
+    assert search_tables(other, ["all"])[-1] == ("all", ("a", "b"))  # named alone: kept too
     assert search_tables(run, None)[-1] == ("all", ("a", "b", "c"))
 
 

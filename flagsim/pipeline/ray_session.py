@@ -238,7 +238,11 @@ def ensure_ray(cfg: Config) -> dict[str, float]:
             warnings.simplefilter("always")
             try:
                 ray.init(**kwargs)
-            except (ConnectionError, TimeoutError, ValueError) as exc:
+            except (ConnectionError, TimeoutError) as exc:
+                raise RayConnectError(_connect_failure(address, exc)) from None
+            except ValueError as exc:  # connecting: an address Ray cannot use
+                if address is None:
+                    raise
                 raise RayConnectError(_connect_failure(address, exc)) from None
         for w in said:
             if not issubclass(w.category, DeprecationWarning):

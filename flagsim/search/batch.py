@@ -8,6 +8,7 @@ shard, written by the neighbours job (`neighbours_job.run_job`) with the query i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -74,9 +75,10 @@ def check_out(run: RunDir, out: RunDir) -> None:
                         "a flagsim search; give a new or empty directory")
 
 
-def _claim_out(run: RunDir, out: RunDir, queries: str) -> None:
-    """Mark OUT as the output of searching `queries` in `run`; an OUT marked for another run or
-    other queries is refused (its results would sit beside the new ones, read as one table)."""
+def _claim_out(run: RunDir, out: RunDir, queries: str) -> bool:
+    """Mark OUT as the output of searching `queries` in `run` (True when this made the mark);
+    an OUT marked for another run or other queries is refused (its results would sit beside
+    the new ones, read as one table)."""
     marker = out.meta / SEARCH_MARKER
     here = {"run": _where(run.root), "queries": _where(Location.parse(queries))}
     if marker.exists():
@@ -94,8 +96,24 @@ def _claim_out(run: RunDir, out: RunDir, queries: str) -> None:
                 f"{was.get('run')}; give a new directory for {queries} in {run.root} (or the same "
                 "--run and --queries to resume or add models)")
         if was == here:
-            return
+            return False
+        marker.write_json(here)
+        return False
     marker.write_json(here)
+    return True
+
+
+def _unclaim_out(out: RunDir) -> None:
+    """Take back a mark `_claim_out` just made when nothing else was written to OUT (the
+    queries were refused: a typo must not tie OUT to them)."""
+    marker = out.meta / SEARCH_MARKER
+    if [loc.name for loc in out.meta.list()] == [SEARCH_MARKER] and not out.meta.dirs() \
+            and [d.name for d in out.root.dirs()] == [out.meta.name] and not out.root.list():
+        marker.delete()
+        for loc in (out.meta, out.root):
+            if loc.is_local:
+                with contextlib.suppress(OSError):
+                    os.rmdir(loc.path)
 
 
 def queries_kind(queries: str) -> str:
@@ -223,8 +241,13 @@ def run_search(
         if man is not None and k > man.rows:
             raise DataError(f"k={k} is larger than the collection: model {m} of {run.root} has "
                             f"{man.rows} images")
-    _claim_out(run, out, queries)
-    qrun = _query_run(run, out, queries, names, cfg, show_progress)
+    claimed = _claim_out(run, out, queries)
+    try:
+        qrun = _query_run(run, out, queries, names, cfg, show_progress)
+    except BaseException:
+        if claimed:
+            _unclaim_out(out)
+        raise
     missing = [m for m in names if m not in complete_models(qrun)]
     if missing:
         raise DataError(f"no query embeddings of model {missing[0]} in {qrun.root}")

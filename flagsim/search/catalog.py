@@ -101,7 +101,7 @@ def search_tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, 
     out: list[tuple[str, tuple[str, ...]]] = [(m, ()) for m in names]
     if (not explicit) or ENSEMBLE in (models or []):
         if len(names) >= 2:
-            if not explicit and _no_common_image(run, names):
+            if ENSEMBLE not in (models or []) and _no_common_image(run, names):
                 log.warning("no image is in every one of the models %s: no ensemble %s (name "
                             "the models that share images with --models)", ", ".join(names),
                             ENSEMBLE)
