@@ -113,18 +113,27 @@ def search_tables(run: RunDir, models: Sequence[str] | None) -> list[tuple[str, 
 
 
 def _no_common_image(run: RunDir, names: Sequence[str]) -> bool:
-    """Whether the models share no image (e.g. one imported from another collection). Models
-    that `flagsim embed` made from one images table share them: only other runs' ids are read."""
-    from flagsim.search.source import EnsembleSource
+    """Whether the models share no image (e.g. one imported from another collection), lined up
+    as the ensemble lines them up: in shard files of the same name. Models that `flagsim embed`
+    made from one images table share them: only other runs' ids are read, and only until a
+    shared one is found."""
     from flagsim.shards import read_manifest
 
-    made = set()
-    for m in names:
-        man = read_manifest(run, m)
-        made.add((man.images_hash, man.source) if man is not None else None)
-    if len(made) == 1 and None not in made and next(iter(made))[1] == "flagsim embed":
+    mans = [read_manifest(run, m) for m in names]
+    if any(man is None for man in mans):
+        return False  # incomplete models are not searched anyway
+    made = {(man.images_hash, man.source) for man in mans}
+    if len(made) == 1 and next(iter(made))[1] == "flagsim embed":
         return False
-    return EnsembleSource(run, names).rows == 0
+    common = set.intersection(*(set(man.shards) for man in mans))
+    for shard in sorted(common):
+        ids = (run.model_dir(names[0]) / shard).read_parquet(columns=["image_id"]).column("image_id")
+        for m in names[1:]:
+            other = (run.model_dir(m) / shard).read_parquet(columns=["image_id"]).column("image_id")
+            ids = ids.filter(pc.is_in(ids, value_set=other.combine_chunks()))
+        if len(ids):
+            return False
+    return True
 
 
 # --- names -----------------------------------------------------------------------------------
