@@ -19,7 +19,7 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from flagsim.errors import DataError
-from flagsim.inputfiles import file_problem, open_csv
+from flagsim.inputfiles import file_problem, is_parquet_file, open_csv
 from flagsim.rundir import RunDir, shard_index
 from flagsim.schema import (
     ERRORS_SCHEMA,
@@ -125,6 +125,7 @@ class ImageInfo:
 def probe_image(data: bytes) -> ImageInfo:
     """Hash and read the header of an image (no full decode); width/format None if unreadable."""
     import io
+
     digest = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as im:  # (Pillow's bomb warning: ignored, see above)
@@ -347,9 +348,7 @@ def images_table_location(location: str | os.PathLike | Location) -> Location:
     loc = location if isinstance(location, Location) else Location.parse(location)
     if not loc.name.endswith(".parquet"):
         if loc.is_file():
-            with loc.fs.open_input_file(loc.path) as f:
-                head = f.read(4)
-            if head == b"PAR1":
+            if is_parquet_file(loc):
                 return loc
             lower = loc.name.lower()
             if lower.endswith((".csv", ".tsv", ".txt", ".csv.gz")):

@@ -47,6 +47,18 @@ def read_regular(loc: Location) -> bytes | None:
         return None
 
 
+def is_parquet_file(loc: Location) -> bool:
+    """Whether `loc` is a regular file starting with Parquet's magic `PAR1`, whatever its name
+    (a FIFO or device is never opened to look)."""
+    if file_problem(loc) is not None:
+        return False
+    try:
+        with loc.fs.open_input_file(loc.path) as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
 def check_input_file(loc: Location, what: str) -> None:
     """DataError (one line) unless `loc` is a regular file: `what not found: loc`, ..."""
     problem = file_problem(loc)

@@ -729,6 +729,7 @@ def _network_detail(exc: BaseException) -> str:
         return "connection reset by the server"
     return text
 
+
 _PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
 
 

@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -244,6 +244,19 @@ def write_manifest(run: RunDir, manifest: Manifest) -> Location:
     loc = run.manifest(manifest.model)
     loc.write_json(manifest.to_json())
     return loc
+
+
+def shared_rows(run: RunDir, models: Sequence[str], shard: str,
+                columns: Sequence[str] = ("image_id",)) -> pa.Table:
+    """The first model's `columns` of `shard` (`image_id` among them) for the rows whose id
+    every model has in its shard file of that name, in the first model's order (how the
+    ensemble lines models up); of the others only `image_id` is read."""
+    table = (run.model_dir(models[0]) / shard).read_parquet(columns=list(columns))
+    for m in models[1:]:
+        other = (run.model_dir(m) / shard).read_parquet(columns=["image_id"])
+        table = table.filter(pc.is_in(table.column("image_id"),
+                                      value_set=other.column("image_id").combine_chunks()))
+    return table
 
 
 def missing_or_resized(run: RunDir, manifest: Manifest) -> list[str]:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from flagsim.errors import DataError
 from flagsim.images import probe_image
-from flagsim.inputfiles import check_input_file, file_problem
+from flagsim.inputfiles import check_input_file, file_problem, is_parquet_file
 from flagsim.refs import cell_bytes
 from flagsim.rundir import RunDir, shard_name
 from flagsim.schema import CONTAINER_PARQUET, CONTAINER_TAR, ERRORS_SCHEMA, IMAGES_SCHEMA
@@ -326,16 +326,9 @@ def from_webdataset(pattern: str, run: RunDir, part_rows: int = PART_ROWS) -> Ta
 
 def _is_parquet(loc: Location) -> bool:
     """A Parquet file by its contents (`PAR1`), whatever its suffix, or a folder of them."""
-    problem = file_problem(loc)
-    if problem == "is a directory":
+    if file_problem(loc) == "is a directory":
         return any(f.name.endswith(".parquet") for f in walk_files(loc))
-    if loc.name.lower().endswith((".parquet", ".pq")) or problem is not None:
-        return loc.name.lower().endswith((".parquet", ".pq"))  # never open a FIFO to look
-    try:
-        with loc.fs.open_input_file(loc.path) as f:
-            return f.read(4) == b"PAR1"
-    except OSError:
-        return False
+    return loc.name.lower().endswith((".parquet", ".pq")) or is_parquet_file(loc)
 
 
 def parquet_files(path: str) -> list[Location]:

@@ -117,7 +117,7 @@ def _no_common_image(run: RunDir, names: Sequence[str]) -> bool:
     as the ensemble lines them up: in shard files of the same name. Models that `flagsim embed`
     made from one images table share them: only other runs' ids are read, and only until a
     shared one is found."""
-    from flagsim.shards import read_manifest
+    from flagsim.shards import read_manifest, shared_rows
 
     mans = [read_manifest(run, m) for m in names]
     if any(man is None for man in mans):
@@ -126,14 +126,7 @@ def _no_common_image(run: RunDir, names: Sequence[str]) -> bool:
     if len(made) == 1 and next(iter(made))[1] == "flagsim embed":
         return False
     common = set.intersection(*(set(man.shards) for man in mans))
-    for shard in sorted(common):
-        ids = (run.model_dir(names[0]) / shard).read_parquet(columns=["image_id"]).column("image_id")
-        for m in names[1:]:
-            other = (run.model_dir(m) / shard).read_parquet(columns=["image_id"]).column("image_id")
-            ids = ids.filter(pc.is_in(ids, value_set=other.combine_chunks()))
-        if len(ids):
-            return False
-    return True
+    return not any(shared_rows(run, names, shard).num_rows for shard in sorted(common))
 
 
 # --- names -----------------------------------------------------------------------------------

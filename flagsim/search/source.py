@@ -9,7 +9,6 @@ from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from flagsim.errors import DataError
 from flagsim.rundir import RunDir
@@ -22,6 +21,7 @@ from flagsim.shards import (
     repair_hint,
     shard_files,
     shard_problem,
+    shared_rows,
     vectors_of,
 )
 
@@ -162,12 +162,7 @@ class EnsembleSource:
     def _kept(self, shard: str, columns: Sequence[str]) -> pa.Table:
         """The first model's `columns` of `shard` (`image_id` among them) for the rows whose id
         every model has in that shard, in the first model's order; only those columns are read."""
-        table = (self.run.model_dir(self.parts[0].model) / shard).read_parquet(columns=list(columns))
-        for p in self.parts[1:]:
-            other = (self.run.model_dir(p.model) / shard).read_parquet(columns=["image_id"])
-            table = table.filter(pc.is_in(table.column("image_id"),
-                                          value_set=other.column("image_id").combine_chunks()))
-        return table
+        return shared_rows(self.run, self.models, shard, columns)
 
     @cached_property
     def _kept_rows(self) -> dict[str, int]:
