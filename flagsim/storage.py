@@ -212,6 +212,19 @@ class Location:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(self.path)
 
+    def move_to(self, dest: Location) -> None:
+        """Move this file or directory tree to `dest` on the same filesystem (a file there is
+        replaced): one rename on local disk; file by file on object stores (moves per object)."""
+        dest.parent.mkdirs()
+        if self.is_local or self.is_file():
+            self.fs.move(self.path, dest.path)
+            return
+        for f in walk_files(self):
+            target = dest / f.path[len(self.path):].lstrip("/")
+            target.parent.mkdirs()
+            self.fs.move(f.path, target.path)
+        self.delete()
+
     def remove_temp_files(self) -> int:
         """Delete temporary files that an interrupted atomic write left in this directory."""
         if not self.is_local or not os.path.isdir(self.path):

@@ -177,6 +177,104 @@ def test_an_embed_where_every_image_fails_is_an_error_not_an_empty_model(
         assert read_manifest(RunDir.at(run), "pixels") is None
 
 
+def _run_of_copied_flags(tmp_path: Path, n: int = 12) -> tuple[Path, Path]:
+    """A run of `n` bundled flags copied to `tmp_path/imgs` (so a test can take them away)."""
+    import pyarrow as pa
+
+    run, imgs = tmp_path / "run", tmp_path / "imgs"
+    imgs.mkdir()
+    table = bundled_table().slice(0, n)
+    paths = []
+    for p in table.column("path").to_pylist():
+        paths.append(str(shutil.copy(p, imgs / Path(p).name)))
+    table = table.set_column(table.schema.get_field_index("path"), "path", pa.array(paths))
+    write_images_table(table, RunDir.at(run))
+    return run, imgs
+
+
+def test_embed_force_where_every_image_fails_puts_the_previous_embeddings_back(
+    tmp_path, capsys, ray_local
+) -> None:
+    """`embed --force` discarded a model's shards before embedding: when every image then
+    failed (moved away), the good vectors were gone. They are now set aside and put back."""
+    run, imgs = _run_of_copied_flags(tmp_path)
+    rd = RunDir.at(run)
+    assert main(["embed", "--run", str(run), *EMBED]) == 0
+    original = read_embeddings(rd, "pixels")
+    shutil.rmtree(imgs)
+    capsys.readouterr()
+    rc = main(["embed", "--run", str(run), "--force", *EMBED])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("flagsim: error")]
+    assert rc == 2 and len(errors) == 1 and "none of the 12 images could be read" in errors[0]
+    assert f"pixels: its previous embeddings are back in {rd.model_dir('pixels')}" in err
+    back = read_embeddings(rd, "pixels")
+    assert back.ids == original.ids
+    np.testing.assert_array_equal(back.vectors, original.vectors)
+    assert not (run / "_tmp" / "replaced-pixels").exists()
+    assert main(["embed", "--run", str(run), *EMBED]) == 0  # complete again: nothing redone
+    assert "up to date" in capsys.readouterr().out
+    assert main(["index", "--run", str(run), "--models", "pixels"]) == 0
+
+
+def test_shards_redone_for_a_changed_images_table_come_back_when_every_image_fails(
+    tmp_path, capsys, ray_local
+) -> None:
+    """The images table rewritten with paths that no longer resolve: the shards whose rows
+    changed (here all) were deleted one by one before embedding, so the old vectors were lost
+    when every image failed. They are set aside like `--force`'s and put back."""
+    import pyarrow as pa
+
+    from flagsim.images import read_images_table
+
+    run, imgs = _run_of_copied_flags(tmp_path, n=25)
+    rd = RunDir.at(run)
+    assert main(["embed", "--run", str(run), *EMBED]) == 0
+    original = read_embeddings(rd, "pixels")
+    table = read_images_table(rd.images_table)
+    moved = [p.replace(str(imgs), str(tmp_path / "moved")) for p in table.column("path").to_pylist()]
+    write_images_table(table.set_column(table.schema.get_field_index("path"), "path",
+                                        pa.array(moved)), rd)
+    capsys.readouterr()
+    for _ in range(2):  # and again: the shards are set aside and put back each time
+        rc = main(["embed", "--run", str(run), *EMBED])
+        err = capsys.readouterr().err
+        assert rc == 2 and "none of the 25 images could be read" in err, err
+        assert "its previous embeddings are back" in err
+        back = read_embeddings(rd, "pixels")
+        assert back.ids == original.ids
+        np.testing.assert_array_equal(back.vectors, original.vectors)
+        assert not (run / "_tmp" / "replaced-pixels").exists()
+    shutil.move(imgs, tmp_path / "moved")  # the images where the table says: shards redone
+    assert main(["embed", "--run", str(run), *EMBED]) == 0
+    again = read_embeddings(rd, "pixels")
+    np.testing.assert_array_equal(again.vectors, original.vectors)
+
+
+def test_an_interrupted_embed_force_resumes_and_then_drops_the_copy_it_kept(run30, capsys) -> None:
+    """A replace stopped after its shards were set aside (here: only the shards had moved, the
+    sidecars not yet) keeps the last complete copy; the next embed resumes the new embeddings and
+    drops the copy once they are complete."""
+    from flagsim.pipeline.plan import set_aside, set_aside_dir
+
+    rd = RunDir.at(run30)
+    original = read_embeddings(rd, "pixels")
+    keep = set_aside_dir(rd, "pixels")
+    rd.model_dir("pixels").move_to(keep.model_dir("pixels"))  # the crash: sidecars not moved
+    set_aside(rd, "pixels")  # the next --force finishes the move
+    assert read_manifest(rd, "pixels") is None and not rd.model_dir("pixels").exists()
+    assert read_manifest(keep, "pixels") is not None
+    assert len(list(keep.model_dir("pixels").list(".parquet"))) == 3
+    set_aside(rd, "pixels")  # a third try (the run's folder empty): the copy is kept
+    assert read_manifest(keep, "pixels") is not None
+    assert main(["embed", "--run", str(run30), *EMBED]) == 0
+    assert "embedded" in capsys.readouterr().out
+    assert not keep.root.exists()
+    again = read_embeddings(rd, "pixels")
+    assert again.ids == original.ids
+    np.testing.assert_array_equal(again.vectors, original.vectors)
+
+
 def test_a_shard_deleted_or_truncated_after_the_embed_is_embedded_again(run30, capsys) -> None:
     """An embed said "up to date" over a missing or truncated shard (and `index` then said to
     repair it); the manifest now records each shard's size, checked with one listing."""

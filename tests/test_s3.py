@@ -104,6 +104,22 @@ def test_delete_file_and_directory(s3_server: LocalS3, s3_bucket: str) -> None:
     assert s3_server.keys(s3_bucket) == []
 
 
+def test_move_a_directory_tree_and_a_file(s3_server: LocalS3, s3_bucket: str) -> None:
+    """`move_to` (what `embed --force` sets a model aside with): S3 moves objects one by one."""
+    root = Location.parse(f"s3://{s3_bucket}/run")
+    (root / "d" / "one.txt").write_text("1")
+    (root / "d" / "sub" / "two.txt").write_text("2")
+    (root / "f.txt").write_text("f")
+    (root / "d").move_to(root / "_tmp" / "kept" / "d")
+    (root / "f.txt").move_to(root / "_tmp" / "f.txt")
+    assert not (root / "d").exists() and not (root / "f.txt").exists()
+    assert (root / "_tmp" / "kept" / "d" / "sub" / "two.txt").read_text() == "2"
+    assert (root / "_tmp" / "kept" / "d" / "one.txt").read_text() == "1"
+    assert (root / "_tmp" / "f.txt").read_text() == "f"
+    assert s3_server.keys(s3_bucket) == ["run/_tmp/f.txt", "run/_tmp/kept/d/one.txt",
+                                         "run/_tmp/kept/d/sub/two.txt"]
+
+
 def test_missing_object_is_a_data_error(s3_bucket: str) -> None:
     with pytest.raises(DataError, match="not a readable Parquet file"):
         Location.parse(f"s3://{s3_bucket}/nope.parquet").read_parquet()

@@ -22,9 +22,10 @@ from flagsim.pipeline.plan import (
     repair,
     reusable_manifest,
     run_key,
+    settle_set_aside,
     torch_threads,
 )
-from flagsim.pipeline.runner import run_models
+from flagsim.pipeline.runner import NothingEmbedded, run_models
 from flagsim.pipeline.summary import (
     STREAM_NOTE,
     EmbedSummary,
@@ -241,6 +242,7 @@ def _run_embed(
         manifest = reusable_manifest(run, name, key, images_hash, force=force,
                                      repair_shards=repair_shards, planned=set(hashes))
         if manifest is not None:
+            settle_set_aside(run, name)  # a replace that finished before its copy was dropped
             summary.results.append(
                 ModelResult(name, "up to date", images=manifest.rows, dim=manifest.dim,
                             device=manifest.device, dtype=manifest.dtype, errors=manifest.errors)
@@ -250,9 +252,17 @@ def _run_embed(
         mcfgs[name] = mcfg
 
     if todo:
-        results, summary.decode_errors = run_models(
-            cfg, run, table, plans, todo, mcfgs, images_hash, show_progress
-        )
+        try:
+            results, summary.decode_errors = run_models(
+                cfg, run, table, plans, todo, mcfgs, images_hash, show_progress
+            )
+        except NothingEmbedded:
+            for name in todo:  # what --force set aside comes back: nothing replaced it
+                if restored := settle_set_aside(run, name):
+                    log.warning(restored)
+            raise
+        for name in todo:
+            settle_set_aside(run, name)
         summary.results.extend(results)
     _record(run, summary)
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ from flagsim.shards import (
     shard_files,
     shard_problem,
 )
+from flagsim.storage import Location, walk_files
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +147,8 @@ def prepare_model_dir(
     wipe = force or (old is not None and old.get("key") != key)
     wipe = wipe or (old is None and bool(shard_files(run, model)))  # shards of unknown origin
     if wipe:
-        log.info("%s: discarding previous shards (%s)", model, "--force" if force else "settings changed")
-        discard_model(run, model)
+        log.info("%s: replacing previous shards (%s)", model, "--force" if force else "settings changed")
+        set_aside(run, model)
     elif old is not None:
         before = old.get("shards", {})
         done = done_shards(run, model, verify=not run.manifest(model).exists())
@@ -158,7 +160,8 @@ def prepare_model_dir(
             why = "not complete" if shard_index(loc.name) not in done else "out of date with the images table"
             whys.setdefault(why, []).append(loc.name)
             log.debug("%s: %s is %s; redoing it", model, loc.name, why)
-            loc.delete()
+        if stale:
+            set_aside(run, model, [loc.name for loc in stale])
         for why, names in whys.items():  # a line per reason, not per shard (60 lines for 30)
             shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
             log.info("%s: redoing %d shard(s) %s: %s", model, len(names), why, shown)
@@ -167,6 +170,73 @@ def prepare_model_dir(
     _remove_shard_dirs(run, model)
     mdir.mkdirs()
     run.run_marker(model).write_json({"key": key, "shards": shards})
+
+
+#: `RUN/_tmp/replaced-<model>/` (a run folder's layout): a model's last complete shards that an
+#: embed replaces (all of them with `--force` or new settings; the shards whose images changed
+#: otherwise), with the sidecars that describe them. Dropped once the model is complete again,
+#: put back when nothing could be embedded (`settle_set_aside`); kept across an interrupt, so a
+#: rerun resumes the new shards and drops it when they are complete.
+SET_ASIDE_PREFIX = "replaced-"
+
+
+def set_aside_dir(run: RunDir, model: str) -> RunDir:
+    return RunDir(run.staging / f"{SET_ASIDE_PREFIX}{model}")
+
+
+def _relative(run: RunDir, loc: Location) -> str:
+    return loc.path[len(run.root.path):].lstrip("/")
+
+
+def set_aside(run: RunDir, model: str, shards: Sequence[str] | None = None) -> None:
+    """Clear the model's shard files `shards` (every shard and sidecar when None) for new
+    embeddings: moved to `set_aside_dir` with their markers, the run marker and the manifest
+    when the model is complete, else deleted. The manifest moves last, so a crash part-way is
+    finished by the next call (an older complete copy there is superseded and dropped first)."""
+    keep = set_aside_dir(run, model)
+    complete = run.manifest(model).exists()
+    if shards is None:
+        files = [*walk_files(run.model_dir(model)),
+                 *(f for f in walk_files(run.meta_dir(model)) if f != run.manifest(model))]
+    else:
+        indices = [shard_index(name) for name in shards]
+        files = [*(run.model_dir(model) / name for name in shards),
+                 *(run.shard_marker(model, i) for i in indices if i is not None),
+                 run.run_marker(model)]
+    if complete:
+        if keep.manifest(model).exists():
+            keep.root.delete()
+        for loc in [*files, run.manifest(model)]:
+            if loc.exists():
+                loc.move_to(keep.root / _relative(run, loc))
+    if shards is None:
+        discard_model(run, model)
+    else:
+        for loc in files[:len(shards)]:
+            loc.delete()
+
+
+def settle_set_aside(run: RunDir, model: str) -> str | None:
+    """After an embed: drop what `set_aside` kept when the model is complete again, else put it
+    back (the manifest last) and delete shards the manifest does not list; a line saying what
+    was put back, or None."""
+    keep = set_aside_dir(run, model)
+    if not keep.root.exists():
+        return None
+    if run.manifest(model).exists() or not keep.manifest(model).exists():
+        keep.root.delete()
+        return None
+    files = sorted(walk_files(keep.root), key=lambda f: f == keep.manifest(model))
+    for loc in files:
+        loc.move_to(run.root / _relative(keep, loc))
+    manifest = read_manifest(run, model)
+    assert manifest is not None
+    for idx, loc in shard_files(run, model).items():
+        if loc.name not in manifest.shards:  # a shard the restored embeddings never had
+            loc.delete()
+            run.shard_marker(model, idx).delete()
+    keep.root.delete()
+    return f"{model}: its previous embeddings are back in {run.model_dir(model)}"
 
 
 def _remove_shard_dirs(run: RunDir, model: str) -> list[str]:

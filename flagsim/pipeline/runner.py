@@ -22,6 +22,11 @@ from flagsim.storage import Location
 log = logging.getLogger(__name__)
 
 
+class NothingEmbedded(DataError):
+    """A model got no row at all: every image failed (its previous embeddings, if `--force`
+    set them aside, are put back)."""
+
+
 def run_models(
     cfg: Config,
     run: RunDir,
@@ -161,7 +166,7 @@ def write_manifests(
             raise DataError(f"{name}: shard(s) {', '.join(missing[:3])} missing after the run; rerun")
         rows = sum(shards.values())
         if rows == 0:  # no manifest: an empty model must not read as "up to date" from now on
-            raise DataError(
+            raise NothingEmbedded(
                 f"{name}: none of the {sum(p.rows for p in plans)} images could be read "
                 f"({errors} errors, reasons in {run.errors_dir('embed')}); nothing was embedded"
             )
