@@ -32,6 +32,10 @@ class UnknownNameError(FlagsimError):
     """A query names an image that is not in the run."""
 
 
+class AmbiguousNameError(UnknownNameError):
+    """A query names several images (a shared display name): the message lists their ids."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, `kill` or `ray job stop` stopping the command), raised where the
     program is, so that it stops the way Ctrl-C does: what finished is kept, exit 143."""

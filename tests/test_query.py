@@ -177,6 +177,29 @@ def test_an_id_with_a_slash_is_the_runs_image_not_a_path(subfolder_run, capsys) 
     assert query(subfolder_run, "B/X", k=1).query_id == "b/x"
 
 
+def test_every_image_is_reachable_by_its_exact_id_and_names_fold_alike_on_both_sides() -> None:
+    """The shared-name check ran before the exact id (`red` and `sub/red`, both named `red`:
+    typing the id `red` was "ambiguous"), ids folded to the first hit (`CASE`/`case`: neither
+    reachable), and the query was folded by Python while the names were folded by Arrow
+    (` Padded `, `ΣΑΣ`, `İstanbul` each "unknown; did you mean" itself), without NFC."""
+    from flagsim.errors import AmbiguousNameError
+    from flagsim.search.catalog import Catalogue
+
+    cat = Catalogue({"red": "red", "sub/red": "red", "CASE": "CASE", "case": "case",
+                     "i5": " Padded ", "i6": "ΣΑΣ", "i7": "İstanbul", "i8": "e\u0301clair"})
+    assert cat.resolve("red") == "red" and cat.resolve("sub/red") == "sub/red"
+    assert cat.resolve("CASE") == "CASE" and cat.resolve("case") == "case"
+    with pytest.raises(AmbiguousNameError, match="'Case' names 2 images; use one of the ids CASE, case"):
+        cat.resolve("Case")
+    assert cat.resolve(" Padded ") == "i5" and cat.resolve("padded") == "i5"
+    assert cat.resolve("ΣΑΣ") == "i6" and cat.resolve("σας") == "i6" and cat.resolve("σασ") == "i6"
+    assert cat.resolve("İstanbul") == "i7" and cat.resolve("istanbul") == "i7"
+    assert cat.resolve("\u00e9clair") == "i8" and cat.resolve("ÉCLAIR") == "i8"  # NFC both sides
+    assert cat.knows("ΣΑΣ") and cat.count_named("Case") == 2 and not cat.knows("blue")
+    with pytest.raises(UnknownNameError, match="unknown name 'blue'"):
+        cat.resolve("blue")
+
+
 def test_a_file_at_an_ids_path_needs_dot_slash_or_image(flag_run, subfolder_run, tmp_path,
                                                        monkeypatch) -> None:
     """The documented rule: an id of the run wins; `./a/x` (or --image) is the file."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from flagsim.errors import FlagsimError, UnknownNameError
+from flagsim.errors import AmbiguousNameError, FlagsimError, UnknownNameError
 from flagsim.rundir import RunDir
 from flagsim.search.catalog import ENSEMBLE
 
@@ -100,7 +100,7 @@ def resolve_queries(
         except UnknownNameError as exc:
             first_error = first_error or exc
             skipped.append(q)
-            if catalogue.count_named(q) > 1:
+            if isinstance(exc, AmbiguousNameError):
                 notes.append(f"Skipped query: {exc}.")  # ambiguous: several images have this name
             else:
                 unknown.append(q)

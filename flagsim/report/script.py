@@ -26,10 +26,15 @@ SCRIPT = r"""
   }
   function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
   function find(text) {
-    var q = text.trim().toLowerCase();
-    if (!q) { return -1; }
-    var i = lower.indexOf(q);
-    return i >= 0 ? i : lowerIds.indexOf(q);
+    // as `flagsim query` matches: the exact id (what deep links hold), the exact name, folded
+    var t = text.trim(), q = t.toLowerCase();
+    if (!t) { return -1; }
+    var tries = [[D.ids, text], [D.names, text], [D.ids, t], [D.names, t], [lower, q], [lowerIds, q]];
+    for (var j = 0; j < tries.length; j++) {
+      var i = tries[j][0].indexOf(tries[j][1]);
+      if (i >= 0) { return i; }
+    }
+    return -1;
   }
   function thumb(i) {
     var t = D.thumb[i];

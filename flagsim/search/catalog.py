@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flagsim.errors import DataError, UnknownNameError
+from flagsim.errors import AmbiguousNameError, DataError, UnknownNameError
 from flagsim.images import safe_stem
 from flagsim.rundir import RunDir
 from flagsim.search.columns import as_string_array
@@ -132,12 +132,19 @@ def _no_common_image(run: RunDir, names: Sequence[str]) -> bool:
 # --- names -----------------------------------------------------------------------------------
 
 
+def _fold_array(strings: pa.Array) -> pa.Array:
+    """Names folded for matching: whitespace trimmed, Unicode NFC, lower case (a final sigma
+    as a sigma, as `str.casefold` does: Arrow lowers `ΣΑΣ` to `σασ`, a person types `σας`)."""
+    lower = pc.utf8_lower(pc.utf8_normalize(pc.utf8_trim_whitespace(strings), "NFC"))
+    return pc.replace_substring(lower, "ς", "σ")
+
+
 class Catalogue:
     """Image ids and display names known to a run (over the models searched).
 
     Kept as two Arrow columns; every lookup is one vectorised scan or hash, so resolving a name
     costs about a millisecond at 300k images and nothing per image is built in Python.
-    Matching is case-insensitive (Unicode lower case).
+    Matching: the exact id, then the exact name, then both folded (`_candidates`).
     """
 
     def __init__(self, names: Mapping[str, str] | None = None, *, ids: Any = None,
@@ -173,62 +180,69 @@ class Catalogue:
 
     @cached_property
     def _folded_names(self) -> pa.Array:
-        return pc.utf8_lower(self.display)
+        return _fold_array(self.display)
 
     @cached_property
     def _folded_ids(self) -> pa.Array:
-        return pc.utf8_lower(self.ids)
+        return _fold_array(self.ids)
 
-    def _named(self, key: str) -> list[str]:
-        """Ids whose display name folds to `key`."""
-        mask = pc.equal(self._folded_names, pa.scalar(key, pa.string()))
-        return self.ids.filter(mask).to_pylist()
-
-    def _by_id(self, key: str) -> str | None:
-        pos = pc.index(self._folded_ids, pa.scalar(key, pa.string())).as_py()
-        return None if pos is None or pos < 0 else self.ids[pos].as_py()
+    @staticmethod
+    def _matches(keys: pa.Array, values: pa.Array, key: str) -> list[str]:
+        """`values` where `keys` equals `key` (one vectorised scan)."""
+        return values.filter(pc.equal(keys, pa.scalar(key, pa.string()))).to_pylist()
 
     @staticmethod
     def _fold(text: str) -> str:
-        return text.strip().lower()  # what pc.utf8_lower does to the columns
+        """`text` as the folded columns hold names: trimmed, NFC, lower case (Arrow's, so a
+        name and its query fold alike: final sigma, dotted capital I)."""
+        return _fold_array(pa.array([text], pa.string()))[0].as_py()
+
+    def _candidates(self, text: str) -> list[str]:
+        """The ids `text` names, by the first rule that matches: the exact image id, the exact
+        display name, then both folded (trimmed, Unicode NFC, case-insensitive), then the
+        folded id of a file name's stem (`Chad.png`). Several ids: a shared name."""
+        for keys, key in ((self.ids, text), (self.display, text), (self.display, text.strip())):
+            if found := self._matches(keys, self.ids, key):
+                return found
+        folded = self._fold(text)
+        if not folded:
+            return []
+        for keys, key in ((self._folded_names, folded), (self._folded_ids, folded),
+                          (self._folded_ids, self._fold(safe_stem(text.strip())))):
+            if found := self._matches(keys, self.ids, key):
+                return found
+        return []
 
     def count_named(self, text: str) -> int:
-        """How many images have the display name `text` (case-insensitive)."""
-        return len(self._named(self._fold(text)))
+        """How many images `text` names (as `resolve` matches; more than one: ambiguous)."""
+        return len(self._candidates(text))
 
     def first(self, n: int) -> list[str]:
         return self.ids.slice(0, n).to_pylist()
 
     def knows(self, text: str) -> bool:
-        """True when `text` is one of the run's display names or image ids (case-insensitive,
-        as `resolve` matches them; a name shared by several images counts)."""
-        key = self._fold(text)
-        if not key:
-            return False
-        stem = self._fold(safe_stem(text.strip()))
-        return bool(self._named(key)) or self._by_id(key) is not None or self._by_id(stem) is not None
+        """True when `text` names one of the run's images as `resolve` matches them (a name
+        shared by several images counts)."""
+        return bool(self._candidates(text))
 
     def resolve(self, text: str, suggest: bool = True) -> str:
-        """The image id named by `text` (a display name or image id, case-insensitive).
+        """The image id named by `text`: the exact image id, else the exact display name, else
+        either folded (trimmed, NFC, case-insensitive); see `_candidates`.
 
         Unknown names raise UnknownNameError, with up to five close matches when `suggest`
         (finding them compares against every name: callers resolving many names that may be
-        absent, like `eval`, pass False).
+        absent, like `eval`, pass False); a name of several images raises AmbiguousNameError
+        listing their ids (each of which resolves exactly).
         """
-        key = self._fold(text)
-        if not key:
+        if not text.strip():
             raise UnknownNameError("empty query name")
-        ids = self._named(key)
+        ids = self._candidates(text)
+        if len(ids) > 1:
+            raise AmbiguousNameError(
+                f"{text!r} names {len(ids)} images; use one of the ids {', '.join(sorted(ids)[:5])}"
+            )
         if ids:
-            if len(ids) > 1:
-                raise UnknownNameError(
-                    f"{text!r} names {len(ids)} images; use one of the ids {', '.join(sorted(ids)[:5])}"
-                )
             return ids[0]
-        for candidate in (key, self._fold(safe_stem(text.strip()))):
-            found = self._by_id(candidate)
-            if found is not None:
-                return found
         if not suggest:
             raise UnknownNameError(f"unknown name {text!r}")
         raise UnknownNameError(self.unknown_message(text))
