@@ -131,6 +131,22 @@ def test_cli_compare_defaults_to_the_original_checks(reference_run, capsys) -> N
     assert data["queries"] == ["Japan"] and len(data["results"]["Japan"]["all"]) == 3
 
 
+def test_cli_compare_without_queries_on_a_run_lacking_the_defaults(tmp_path, capsys) -> None:
+    """`flagsim compare` with no QUERY failed (`unknown name 'Australia'`) on any run without
+    both default flags, though the report skips missing defaults."""
+    ids = ["Chad", "i1", "i2", "i3"]
+    vectors = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    _write_model(tmp_path / "flags", "a", ids, vectors)
+    assert main(["compare", "--run", str(tmp_path / "flags"), "-k", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["queries"] == ["Chad"]
+    assert "default queries not in this run: Australia; comparing Chad" in captured.err
+    _write_model(tmp_path / "other", "a", ["p", "q", "r"], vectors[:3])
+    assert main(["compare", "--run", str(tmp_path / "other"), "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["queries"] == ["p", "q"]
+    assert main(["compare", "Australia", "--run", str(tmp_path / "other")]) == 2  # named: an error
+
+
 # --- eval ------------------------------------------------------------------------------------
 
 

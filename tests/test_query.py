@@ -200,6 +200,20 @@ def test_every_image_is_reachable_by_its_exact_id_and_names_fold_alike_on_both_s
         cat.resolve("blue")
 
 
+def test_an_image_query_that_cannot_be_read_is_one_line_naming_the_file(flag_run, tmp_path, capsys):
+    """`not a recognised image format` and `empty file (0 bytes)` did not say which file; a
+    directory was "image file not found"."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "folder.png").mkdir()
+    for name, why in (("empty.png", "empty file (0 bytes)"), ("text.png", "not a recognised image"),
+                      ("folder.png", "is a directory")):
+        path = str(tmp_path / name)
+        assert main(["query", path, "--run", flag_run["root"]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and path in err[0] and why in err[0], err
+
+
 def test_a_file_at_an_ids_path_needs_dot_slash_or_image(flag_run, subfolder_run, tmp_path,
                                                        monkeypatch) -> None:
     """The documented rule: an id of the run wins; `./a/x` (or --image) is the file."""

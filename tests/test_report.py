@@ -435,6 +435,11 @@ def test_cli_report_unknown_queries_is_one_line_error(run_dir, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "Atlantis" in err
     assert not (tmp_path / "r.html").exists()
+    for empty in ("", ","):  # said "none of the queries is in the run: None"
+        rc = main(["report", "--run", str(run_dir), "--out", str(tmp_path / "r.html"),
+                   "--queries", empty])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.endswith("no query names given (an empty list)"), err
 
 
 def test_cli_report_never_writes_into_the_runs_data(run_dir, tmp_path, capsys):

@@ -17,7 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "models), how many models agree on the top match, and the agreement matrix: the mean "
         "overlap of top-k neighbour sets between each pair of models over all images.",
     )
-    p.add_argument("queries", nargs="*", metavar="QUERY", help="image names (default: Chad Australia)")
+    p.add_argument("queries", nargs="*", metavar="QUERY", help="image names (default: Chad Australia, those the run has; else its first two images)")
     options.add_run_options(p, models="models (default: every model with embeddings)")
     p.add_argument("-k", type=int, default=5, metavar="K", help="neighbours per model (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = options.config_from_args(args)
     run_dir = options.run_dir_from(args, cfg)
     queries = args.queries or list(ORIGINAL_CHECKS)
-    c = compare(run_dir, queries, k=args.k, models=args.models, cfg=cfg)
+    c = compare(run_dir, queries, k=args.k, models=args.models, cfg=cfg, defaults=not args.queries)
     if args.json:
         print(json.dumps(c.to_json(), indent=2, ensure_ascii=False))
         return 0

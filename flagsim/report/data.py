@@ -109,6 +109,8 @@ def resolve_queries(
     if unknown:
         notes.insert(0, f"Skipped queries not in this run: {', '.join(unknown)}.")
     if not present:
+        if explicit and first_error is None:
+            raise UnknownNameError("no query names given (an empty list)")
         if explicit or not len(catalogue):
             raise UnknownNameError(f"none of the queries is in the run: {first_error}")
         present = catalogue.first(3)

@@ -57,7 +57,7 @@ class Comparison:
 
 def compare(
     run_dir: str, queries: Sequence[str], k: int = 5, models: Sequence[str] | None = None,
-    session: RunSearch | None = None, cfg: Config | None = None,
+    session: RunSearch | None = None, cfg: Config | None = None, defaults: bool = False,
 ) -> Comparison:
     """Each query's top-k for every model and the ensemble, and the models' agreement matrix.
 
@@ -67,7 +67,9 @@ def compare(
     A `k` larger than the collection allows is clamped to the most neighbours every model has,
     with a warning (compare and the report show what they can). `session`: search through an
     open RunSearch (the report shares one between compare and eval); else one with `cfg`
-    (index settings, and the Ray cluster a missing index is built on).
+    (index settings, and the Ray cluster a missing index is built on). `defaults`: the queries
+    are the default ones, not the user's: those the run lacks are skipped with one warning, and
+    with none present the run's first two images are compared instead.
     """
     if not queries:
         raise DataError("compare needs at least one query name")
@@ -75,6 +77,14 @@ def compare(
     names = session.models
     indexes = {m: session.index(m) for m in names}
     cat = session.catalogue
+    if defaults:
+        present = [q for q in queries if cat.knows(q)]
+        if len(present) < len(queries):
+            absent = [q for q in queries if q not in present]
+            present = present or cat.first(2)
+            log.warning("default queries not in this run: %s; comparing %s (name queries to "
+                        "choose)", ", ".join(absent), ", ".join(cat.name(i) for i in present))
+        queries = present
     resolved: list[str] = []
     query_ids: dict[str, str] = {}
     for text in queries:

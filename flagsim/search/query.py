@@ -128,11 +128,16 @@ def _image_query(session: RunSearch, path: str, k: int, cfg: Config, ensemble: b
     from flagsim.decode import decode_image
 
     run = session.run
+    from flagsim.decode import DecodeError
+    from flagsim.inputfiles import check_input_file
+
     loc = Location.parse(path)
-    if not loc.is_file():
-        raise DataError(f"image file not found: {path}")
+    check_input_file(loc, "image file")  # a directory or device said as one, a FIFO never opened
     data = loc.read_bytes()
-    pixels = decode_image(data, max_pixels=cfg.embed.max_image_pixels)
+    try:
+        pixels = decode_image(data, max_pixels=cfg.embed.max_image_pixels)
+    except DecodeError as exc:
+        raise DataError(f"image file {path}: {exc}") from None
     self_id = _same_image(run, data)
     cat = session.catalogue
     result = QueryResult(path, "image", self_id, cat.name(self_id) if self_id else None, k,
