@@ -17,6 +17,7 @@ from flagsim.storage import Location
 #: Largest CSV field (and physical line) read, in bytes; the csv module's default is 128 KiB.
 FIELD_LIMIT = 16 * 1024 * 1024
 GZIP_MAGIC = b"\x1f\x8b"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 def file_problem(loc: Location) -> str | None:
@@ -71,10 +72,13 @@ def check_input_file(loc: Location, what: str) -> None:
 class CsvStream:
     """The records of one CSV as dicts, read line by line; errors name the file and line."""
 
-    def __init__(self, src: Location, binary: io.BufferedIOBase, gzipped: bool) -> None:
+    def __init__(self, src: Location, binary: io.BufferedIOBase, gzipped: bool,
+                 comments: str | None = None) -> None:
         self.src = src
         self._gzipped = gzipped
         self._binary = binary
+        self._comments = comments
+        self._number = 0
         csv.field_size_limit(FIELD_LIMIT)
         self._reader = csv.reader(self._lines())
         self.fieldnames: list[str] = self._next() or []
@@ -82,7 +86,7 @@ class CsvStream:
     @property
     def line(self) -> int:
         """Physical lines read so far (the current record's last line)."""
-        return self._reader.line_num
+        return self._number
 
     def _lines(self) -> Iterator[str]:
         number = 0
@@ -95,17 +99,27 @@ class CsvStream:
             if not raw:
                 return
             number += 1
+            self._number = number
+            if number == 1 and raw.startswith(UTF16_BOMS):
+                raise DataError(f"{self.src} is UTF-16 text; save it as UTF-8")
             if len(raw) > FIELD_LIMIT:
                 raise DataError(
                     f"{self.src}: line {number} is longer than {FIELD_LIMIT // 2**20} MiB"
                 )
             try:
-                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise DataError(
                     f"{self.src}: line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
                     f"column {exc.start + 1}); save the file as UTF-8"
                 ) from None
+            if "\0" in text:  # UTF-16 without a BOM decodes as UTF-8 with a NUL every other byte
+                raise DataError(f"{self.src}: line {number} holds NUL bytes: not UTF-8 text "
+                                f"(UTF-16?); save the file as UTF-8")
+            if self._comments is not None and (
+                    not text.strip() or text.lstrip().startswith(self._comments)):
+                continue
+            yield text
 
     def _next(self) -> list[str] | None:
         try:
@@ -120,16 +134,24 @@ class CsvStream:
                 text = "its lines end in a bare CR (old Mac style); save it with LF line endings"
             raise DataError(f"{self.src}: line {self.line}: not valid CSV ({text})") from None
 
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        """Each non-blank record as {column: value} (short rows lack the missing columns)."""
+    def rows(self) -> Iterator[list[str]]:
+        """Each non-blank record after the header as its list of fields (`line`: its last line)."""
         while (row := self._next()) is not None:
             if row:
-                yield dict(zip(self.fieldnames, row, strict=False))
+                yield row
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        """Each non-blank record as {column: value} (short rows lack the missing columns)."""
+        for row in self.rows():
+            yield dict(zip(self.fieldnames, row, strict=False))
 
 
 @contextmanager
-def open_csv(src: Location, what: str = "CSV") -> Iterator[CsvStream]:
-    """Stream `src` (plain or gzipped, UTF-8 with or without BOM) as a CsvStream."""
+def open_csv(src: Location, what: str = "CSV", comments: str | None = None) -> Iterator[CsvStream]:
+    """Stream `src` (plain or gzipped, UTF-8 with or without BOM) as a CsvStream.
+
+    `comments` (e.g. "#"): lines starting with it, and blank lines, are skipped before parsing.
+    """
     check_input_file(src, what)
     try:
         raw = io.BufferedReader(src.fs.open_input_stream(src.path, compression=None))
@@ -139,4 +161,4 @@ def open_csv(src: Location, what: str = "CSV") -> Iterator[CsvStream]:
         gzipped = src.name.endswith(".gz") or raw.peek(2)[:2] == GZIP_MAGIC
         binary: io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else raw
         with binary:
-            yield CsvStream(src, binary, gzipped)
+            yield CsvStream(src, binary, gzipped, comments)

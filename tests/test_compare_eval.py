@@ -237,3 +237,105 @@ def test_k_larger_than_a_small_collection_is_clamped_with_a_warning(tmp_path, ca
     assert "k=10 clamped to 4 (the collection has 5 images)" in captured.err
     with pytest.raises(DataError, match="k must be at least 1"):
         compare(str(tmp_path), ["Chad"], k=0)
+
+
+# --- the labelled pairs file -----------------------------------------------------------------
+
+
+def _circle_run(root) -> str:
+    """Model `m` of p0..p7 at these angles (degrees): p0's nearest is p1, p2's is p1 (20 deg)."""
+    ids = [f"p{n}" for n in range(8)]
+    angles = np.deg2rad([0, 10, 30, 60, 100, 150, 210, 280])
+    _write_model(root, "m", ids, np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32))
+    return str(root)
+
+
+def test_eval_counts_a_repeated_pair_once(tmp_path, caplog, capsys) -> None:
+    from flagsim.report.explore import eval_detail
+    from flagsim.search.session import RunSearch
+
+    run = _circle_run(tmp_path)
+    pairs = tmp_path / "pairs.csv"
+    # p0 -> p1 is a hit, p2 -> p0 a miss at 1: three copies of the hit read 0.750 over 4 "pairs"
+    pairs.write_text("query,similar\np0,p1\np0,p1\nP0,p1\np2,p0\n")
+    with caplog.at_level("WARNING", logger="flagsim.search.evaluate"):
+        df = evaluate(run, str(pairs))
+    row = df.set_index("model").loc["m"]
+    assert row["pairs"] == 2
+    assert row["hit@1"] == 0.5
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"2 repeated labelled pair(s) dropped, each pair counted once "
+                      f"(first: {pairs}: line 3 repeats line 2)"], warned
+    # the report's per-query detail lists the same queries
+    assert len([r for r in eval_detail(RunSearch(run), str(pairs)) if r.model == "m"]) == 2
+    assert main(["eval", "--run", run, "--pairs", str(pairs), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["pairs"] for r in json.loads(out)] == [2, 2]
+    assert "2 repeated labelled pair(s) dropped" in err
+
+
+def test_pairs_file_saved_by_excel_with_a_bom_and_crlf_is_read(tmp_path) -> None:
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes(b"\xef\xbb\xbfquery,similar\r\n# a comment\r\nA,B; C\r\n")
+    assert [(r.query, r.similar, r.line) for r in read_pairs(str(pairs))] == [("A", ("B", "C"), 3)]
+
+
+@pytest.mark.parametrize(("encoding", "name"), [
+    ("utf-16", "São Tomé"), ("utf-16-le", "São Tomé"), ("utf-16-le", "Chad"), ("latin-1", "São Tomé")])
+def test_a_pairs_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, capsys, monkeypatch,
+                                                              encoding, name) -> None:
+    import flagsim.report as report_pkg
+
+    run = _circle_run(tmp_path)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes(f"query,similar\n{name},p1\n".encode(encoding))
+    with pytest.raises(DataError, match=rf"^{pairs}\b.*UTF-8") as info:
+        read_pairs(str(pairs))
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(report_pkg, "build_report", lambda *a, **k: pytest.fail("work started"))
+    for command in ("eval", "report"):
+        assert main([command, "--run", run, "--pairs", str(pairs)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"flagsim: error: {info.value}\n", err
+
+
+def test_utf16_with_a_bom_is_named_as_utf16(tmp_path) -> None:
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_bytes("query,similar\np0,p1\n".encode("utf-16"))
+    with pytest.raises(DataError) as info:
+        read_pairs(str(pairs))
+    assert str(info.value) == f"{pairs} is UTF-16 text; save it as UTF-8"
+
+
+def test_report_with_a_missing_or_unreadable_pairs_file_fails_before_the_work(
+        tmp_path, capsys, monkeypatch) -> None:
+    import flagsim.report as report_pkg
+
+    run = _circle_run(tmp_path / "run")
+    monkeypatch.setattr(report_pkg, "build_report", lambda *a, **k: pytest.fail("work started"))
+    nope = tmp_path / "nope.csv"
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("# labels\nquery,similar\n\n")
+    for pairs, said in ((nope, f"labelled pairs file not found: {nope}"),
+                        (tmp_path, f"labelled pairs file {tmp_path}: is a directory"),
+                        (header_only, f"{header_only} holds no labelled pairs")):
+        for command in ("report", "eval"):
+            assert main([command, "--run", run, "--pairs", str(pairs)]) == 2
+            assert capsys.readouterr().err == f"flagsim: error: {said}\n"
+
+
+def test_a_pair_naming_the_same_image_twice_is_left_out_with_one_warning(tmp_path, caplog) -> None:
+    run = _circle_run(tmp_path)
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("query,similar\np0,p0\np3,P3\np0,p1\n")
+    with caplog.at_level("WARNING", logger="flagsim.search.evaluate"):
+        df = evaluate(run, str(pairs))
+    assert df.set_index("model").loc["m", "pairs"] == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"2 labelled pair(s) name the same image as query and as similar and were "
+                      f"left out (first: {pairs}: line 2)"], warned
+    pairs.write_text("query,similar\np0,p0\n")
+    with pytest.raises(DataError) as info:
+        evaluate(run, str(pairs))
+    assert str(info.value) == (f"every labelled pair in {pairs} names the same image as query and "
+                               f"as similar (first: line 2); a pair needs two different images")

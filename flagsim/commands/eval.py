@@ -12,9 +12,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="score each model (and the ensemble) on a labelled file of visually similar images",
-        description="For each labelled query (CSV `query,similar`, similar names separated by ';', "
-        "'#' lines are comments) count a hit@k when one of its similar images is among its top-k "
-        "neighbours. Default labels: the bundled similar_flags.csv, made by hand from the flag "
+        description="For each labelled query (UTF-8 CSV `query,similar`, similar names separated by "
+        "';', '#' lines are comments; a repeated pair counts once) count a hit@k when one of its "
+        "similar images is among its top-k neighbours. Default labels: the bundled similar_flags.csv, made by hand from the flag "
         "designs.",
     )
     options.add_run_options(p, models="models (default: every model with embeddings)")

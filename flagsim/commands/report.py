@@ -28,7 +28,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=None, metavar="K",
                    help="neighbours per model (default: the config's report.k)")
     p.add_argument("--pairs", metavar="FILE",
-                   help="labelled pairs for the evaluation table (default: the config's or bundled)")
+                   help="labelled pairs for the evaluation table (default: the config's or bundled; "
+                   "one that cannot be read is an error, a default one a note on the page)")
     options.add_models_arg(p, "models to show (default: every embedded model)")
     return p
 
@@ -61,6 +62,7 @@ def check_outputs(run_dir: str, out: str | None, png: str | None) -> None:
 def run(args: argparse.Namespace) -> int:
     from flagsim.console import plain
     from flagsim.report import build_report
+    from flagsim.search.evaluate import read_pairs
 
     cfg = options.config_from_args(args, {"report.k": args.k})
     run_dir = options.run_dir_from(args, cfg)
@@ -69,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     check_writable(html_dir)
     if args.png:
         check_writable(os.path.dirname(args.png) or ".")
+    if args.pairs:  # asked for: a file that cannot be read is an error, not a note on the page
+        read_pairs(args.pairs)
     paths = build_report(
         run_dir,
         queries=args.queries,

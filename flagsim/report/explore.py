@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from flagsim.errors import FlagsimError, UnknownNameError
+from flagsim.errors import FlagsimError
 from flagsim.search.catalog import ENSEMBLE
 from flagsim.search.source import Block
 from flagsim.search.streamed import StreamedIndex
@@ -285,25 +285,11 @@ def map_data(session: RunSearch, table: SearchTable, map_max: int = MAP_MAX,
 def eval_detail(session: RunSearch, pairs: str | None = None) -> list[EvalRow]:
     """Per labelled query and model (and `all`): expected names, the top-5 returned, hit@1/@5
     (the same searches as `flagsim eval`)."""
-    from flagsim.search.evaluate import read_pairs
+    from flagsim.search.evaluate import default_pairs_path, read_pairs, resolve_pairs
 
     cat = session.catalogue
-    resolved: list[tuple[str, list[str]]] = []
-    for lq in read_pairs(pairs):
-        try:
-            qid = cat.resolve(lq.query, suggest=False)
-        except UnknownNameError:
-            continue
-        sims = []
-        for s in lq.similar:
-            try:
-                sid = cat.resolve(s, suggest=False)
-            except UnknownNameError:
-                continue
-            if sid != qid and sid not in sims:
-                sims.append(sid)
-        if sims:
-            resolved.append((qid, sims))
+    # the same rows as evaluate(), which has said what it left out
+    resolved = resolve_pairs(cat, read_pairs(pairs), pairs or default_pairs_path()).pairs
     rows: list[EvalRow] = []
     for m in [*session.models, ENSEMBLE]:
         index = session.index(m)
