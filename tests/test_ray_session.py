@@ -241,6 +241,7 @@ def test_a_failed_connection_is_one_line_without_rays_client_warning(monkeypatch
         raise ConnectionError("ray client connection timeout")
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # set by a local Ray an earlier test started
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", client_times_out)
     with socket.create_server(("127.0.0.1", 0)) as server, warnings.catch_warnings():
@@ -248,7 +249,8 @@ def test_a_failed_connection_is_one_line_without_rays_client_warning(monkeypatch
         address = f"ray://127.0.0.1:{server.getsockname()[1]}"
         with pytest.raises(RayConnectError) as info:
             ensure_ray(load_config(None, [f"ray.address={address}"]))
-    assert str(info.value) == f"cannot reach Ray at {address}: ray client connection timeout"
+    assert str(info.value) == (f"cannot reach Ray at {address}: ray client connection timeout; "
+                               "if the cluster uses token authentication, set RAY_AUTH_MODE=token")
 
 
 # a command body that starts its embedded Ray, says so, and waits to be stopped
@@ -265,6 +267,37 @@ def body(args):
 
 sys.exit(run_guarded("flagsim", body, argparse.Namespace(), "rerun the same command to resume"))
 """
+
+
+TERM_IN_RAY_INIT = """
+import argparse, os, signal, sys
+import ray
+from flagsim.app.entry import run_guarded
+from flagsim.config import load_config
+from flagsim.pipeline.ray_session import ensure_ray
+
+real_init = ray.init
+def init_then_sigterm(**kwargs):  # Ray's handler is installed: the signal lands inside ray.init
+    real_init(**kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a bytecode boundary for the handler to run
+    print("not stopped", flush=True)
+ray.init = init_then_sigterm
+
+sys.exit(run_guarded("flagsim", lambda a: ensure_ray(load_config(None, ["ray.num_cpus=1"])),
+                     argparse.Namespace(), "rerun the same command to resume"))
+"""
+
+
+@pytest.mark.ray
+def test_sigterm_while_ray_starts_is_one_line_and_exit_143(tmp_path: Path) -> None:
+    """A SIGTERM while `ray.init` ran met Ray's own handler (`sys.exit(15)`): the command exited
+    15 with no message, and Ray's agents outlived it for minutes."""
+    proc = subprocess.run([sys.executable, "-c", TERM_IN_RAY_INIT], env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 143, proc.stderr
+    assert "not stopped" not in proc.stdout
+    assert proc.stderr.strip().splitlines() == ["flagsim: terminated; rerun the same command to resume"]
 
 
 @pytest.mark.ray

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import socket
+import signal
 import sys
 import threading
 import time
@@ -14,7 +15,7 @@ import warnings
 from urllib.parse import urlsplit
 
 from flagsim.config import Config
-from flagsim.errors import FlagsimError, terminate_like_an_interrupt
+from flagsim.errors import FlagsimError, Terminated, terminate_like_an_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +233,19 @@ def ensure_ray(cfg: Config) -> dict[str, float]:
             probe(address, cfg.ray.connect_timeout_s)
             kwargs["address"] = address
         filter_native_stderr()
+        _no_native_signal_dumps()
         # Ray's client warns (a Python warning, several lines) before it raises: the failure is
         # said in one line below, and what it warns about on success is logged
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
             try:
                 ray.init(**kwargs)
+            except SystemExit as exc:  # SIGTERM while Ray starts: its handler exits 15, silently
+                if exc.code != signal.SIGTERM:
+                    raise
+                terminate_like_an_interrupt()
+                _shutdown_at_exit()
+                raise Terminated() from None
             except (ConnectionError, TimeoutError) as exc:
                 raise RayConnectError(_connect_failure(address, exc)) from None
             except ValueError as exc:  # connecting: an address Ray cannot use
@@ -251,6 +259,17 @@ def ensure_ray(cfg: Config) -> dict[str, float]:
         terminate_like_an_interrupt()  # Ray's own handler prints stack dumps and exits
     res = ray.cluster_resources()
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
+
+
+def _no_native_signal_dumps() -> None:
+    """Keep Ray's native failure-signal handler out of this driver (workers keep theirs): it
+    printed six lines of stack dump for a SIGTERM that arrived while `ray.init` ran, before
+    flagsim's handler is put back. Ray reads the flag when the driver's core worker starts."""
+    try:
+        import ray._private.ray_constants as ray_constants
+    except ImportError:  # another Ray layout: its dumps stay
+        return
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
 
 
 def _shutdown_at_exit() -> None:
