@@ -14,9 +14,11 @@ if TYPE_CHECKING:
 #: rich never wraps a line or cuts a table cell, while tables stay as narrow as their content.
 PIPE_WIDTH = 10_000
 
-#: C0 controls (newline and tab included), DEL, C1 controls, and the Unicode bidirectional
-#: overrides and isolates that can make a name display as something else.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+#: C0 controls (newline and tab included), DEL, C1 controls (NEL, U+0085, among them), the
+#: Unicode line and paragraph separators (U+2028, U+2029: a line break in a terminal, a log, and
+#: a crash in Pillow's text layout), and the bidirectional marks, overrides and isolates that
+#: can make a name display as something else.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def plain(text: Any) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,6 +39,7 @@ from flagsim.report import (
 )
 from flagsim.rundir import RunDir
 from flagsim.shards import Manifest, embeddings_table, write_manifest, write_shard
+from flagsim.storage import Location
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 SCRIPT_NAME = "<script>alert(1)</script>"
@@ -474,6 +477,92 @@ def test_cli_report_to_a_directory_is_refused_before_the_work(run_dir, tmp_path,
                        f"file, e.g. {tmp_path / 'pages' / name}")
 
 
+def _no_work(monkeypatch):
+    import flagsim.report as report_pkg
+
+    monkeypatch.setattr(report_pkg, "build_report", lambda *a, **k: pytest.fail("work started"))
+
+
+def test_cli_report_refuses_an_out_or_png_that_is_not_a_regular_file(run_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    """The page and sheet are renamed over their targets: a FIFO or a symlink given as --out
+    became a regular file (and /dev/null too, as root). Refused first, saying what it is."""
+    import stat
+
+    from flagsim.cli import main
+
+    _no_work(monkeypatch)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    target = tmp_path / "real.html"
+    target.write_text("keep")
+    link = tmp_path / "link.html"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling.png"
+    dangling.symlink_to(tmp_path / "nowhere.png")
+    sheet_fifo = tmp_path / "page.png"  # the default sheet of --out page.html
+    os.mkfifo(sheet_fifo)
+    cases = [(["--out", str(fifo)], f"--out {fifo} is a FIFO"),
+             (["--out", str(tmp_path / "a.html"), "--png", str(fifo)], f"--png {fifo} is a FIFO"),
+             (["--out", str(link)], f"--out {link} is a symbolic link"),
+             (["--out", str(tmp_path / "b.html"), "--png", str(dangling)],
+              f"--png {dangling} is a symbolic link"),
+             (["--out", str(tmp_path / "page.html")], f"contact sheet {sheet_fifo} is a FIFO")]
+    for args, message in cases:
+        assert main(["report", "--run", str(run_dir), *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"flagsim: error: {message}"), err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stat.S_ISFIFO(os.lstat(sheet_fifo).st_mode)
+    assert link.is_symlink() and target.read_text() == "keep" and dangling.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling.png", "link.html", "page.png",
+                                                          "pipe", "real.html"]
+
+
+def test_cli_report_refuses_a_page_its_default_sheet_would_overwrite(run_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    """`--out X.png` alone: the sheet's default name is the page's, so the sheet replaced the
+    page (both printed, exit 0, only the PNG left)."""
+    from flagsim.cli import main
+
+    _no_work(monkeypatch)
+    page = tmp_path / "sheet.png"
+    assert main(["report", "--run", str(run_dir), "--out", str(page)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "--png" in err and "same file" in err
+    assert not page.exists()
+
+
+def test_cli_report_never_writes_onto_parquet_or_into_another_runs_data(run_dir, tmp_path, capsys):
+    """`report --run A --out B/embeddings/model=m/part-00000.parquet` replaced B's shard with
+    HTML: any Parquet file, and anything in another run's folders, is refused first; that
+    run's own report.html / report.png are not its data."""
+    from flagsim.cli import main
+
+    other = _tiny_run(tmp_path / "other")
+    shard = sorted((other / "embeddings").glob("model=*/part-*.parquet"))[0]
+    loose = tmp_path / "vectors.bin"  # Parquet whatever its name
+    shutil.copyfile(shard, loose)
+    before = {p: p.read_bytes() for p in (shard, loose, other / "images.parquet")}
+    for args, message in (
+            (["--out", str(shard)], "inside another run's data"),
+            (["--out", str(other / "_meta" / "page.html")], "inside another run's data"),
+            (["--out", str(tmp_path / "p.html"), "--png", str(other / "neighbours" / "x.png")],
+             "inside another run's data"),
+            (["--out", str(other / "notes.html")], "inside another run's data"),
+            (["--out", str(other / "images.parquet")], "inside another run's data"),
+            (["--out", str(loose)], "is a Parquet file"),
+            (["--out", str(tmp_path / "q.html"), "--png", str(loose)], "is a Parquet file")):
+        capsys.readouterr()
+        assert main(["report", "--run", str(run_dir), "--queries", "Chad", *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (args, err)
+    assert {p: p.read_bytes() for p in before} == before
+    assert not (other / "_meta" / "page.html").exists() and not (other / "notes.html").exists()
+    assert main(["report", "--run", str(run_dir), "--queries", "Chad", "-k", "2",
+                 "--out", str(other / "report.html")]) == 0
+    assert (other / "report.html").read_text().startswith("<!") and (other / "report.png").exists()
+
+
 def test_report_is_written_when_evaluation_is_impossible(run_dir, tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("query,similar\nAtlantis,Lemuria\n")
@@ -522,6 +611,66 @@ def test_report_html_has_no_control_characters_and_no_live_script(tmp_path):
     data = json.loads(soup.find("script", id="flagsim-data").string)
     assert shown in data["names"]
 
+
+#: Names that broke the contact sheet (raqm_layout() failed on U+2029 and U+0085) or its layout.
+BREAKING_NAMES = ["para\u2029graph", "next\x85line", "line\u2028sep", "nul\x00byte",
+                  "\u202eoverride", "unit\x1fsep", "long" + "x" * 5000]
+
+
+def test_plain_makes_line_and_paragraph_separators_visible():
+    from flagsim.console import plain
+
+    assert plain("a\u2028b\u2029c\x85d\x1ce") == "a\\u2028b\\u2029c\\x85d\\x1ce"
+
+
+def test_contact_sheet_draws_any_name(bundled_dir):
+    import time
+
+    comp = fake_comparison(queries=("Chad",), k=len(BREAKING_NAMES))
+    for hits in comp.results["Chad"].values():
+        hits[:] = [FakeHit(r + 1, h.image_id, BREAKING_NAMES[r], h.score) for r, h in enumerate(hits)]
+    comp.queries[:] = ["q\u2029\x85" + "y" * 5000]
+    comp.results = {comp.queries[0]: comp.results["Chad"]}
+    comp.query_ids = {comp.queries[0]: "Chad"}
+    t0 = time.perf_counter()
+    sheet = render_contact_sheet(comp, {}, title="run\x85\u2029\u2028")
+    assert time.perf_counter() - t0 < 20
+    assert _header_bands(sheet) == 1
+
+
+def test_a_failing_sheet_leaves_the_page_and_sheet_in_step(tmp_path, monkeypatch):
+    """The page was written before the sheet was drawn: a sheet that failed left a new
+    report.html beside the old report.png. Both are made first; a failure writes neither."""
+    import flagsim.report.build as build_mod
+
+    run = _tiny_run(tmp_path / "run")
+    paths = build_report(str(run), queries=["Albania"], k=2)
+    old = {p: Path(p).read_bytes() for p in (paths.html, paths.png)}
+
+    def broken(*a, **k):
+        raise RuntimeError("raqm_layout() failed.")
+
+    with monkeypatch.context() as m:
+        m.setattr(build_mod, "render_contact_sheet", broken)
+        with pytest.raises(RuntimeError, match="raqm"):
+            build_report(str(run), queries=["Andorra"], k=3)
+    assert {p: Path(p).read_bytes() for p in old} == old
+
+    real = Location.write_bytes
+
+    def full_disk_for_png(self, data, **kwargs):
+        if self.name.endswith(".png"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+        real(self, data, **kwargs)
+
+    monkeypatch.setattr(Location, "write_bytes", full_disk_for_png)
+    for out in (None, str(tmp_path / "new.html")):  # the page put back; a new one removed
+        with pytest.raises(OSError, match="No space"):
+            build_report(str(run), queries=["Andorra"], k=3, out=out)
+    assert {p: Path(p).read_bytes() for p in old} == old
+    assert sorted(p.name for p in run.iterdir() if p.is_file()) == ["images.parquet", "report.html",
+                                                                    "report.png"]
+    assert not (tmp_path / "new.html").exists()
 
 # --- the interactive page: search box, deep links, maps (headless Chromium over DevTools) --------
 

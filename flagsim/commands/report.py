@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 
 from flagsim.app import options
 from flagsim.config import check_writable
@@ -34,29 +35,80 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def check_outputs(run_dir: str, out: str | None, png: str | None) -> None:
-    """The page and the sheet go outside the run's data: not into its table folders or onto
-    images.parquet (they replaced a shard), and not onto each other."""
-    from flagsim.errors import ConfigError
-    from flagsim.storage import is_uri
+#: What `os.lstat` found at an output path that is not a regular file, by `stat` test.
+_KINDS = (("S_ISLNK", "symbolic link"), ("S_ISFIFO", "FIFO"), ("S_ISCHR", "character device"),
+          ("S_ISBLK", "block device"), ("S_ISSOCK", "socket"))
 
-    if png and out and os.path.realpath(png) == os.path.realpath(out):
-        raise ConfigError("--out and --png name the same file; give the contact sheet its own")
-    for opt, path, name in (("--out", out, "report.html"), ("--png", png, "report.png")):
-        if path and os.path.isdir(path):  # found only when writing, after all the work
-            raise ConfigError(f"{opt} {path} is a directory; name the file, e.g. "
-                              f"{os.path.join(path, name)}")
-    if is_uri(run_dir):
-        return
-    root = os.path.realpath(run_dir)
-    for opt, path in (("--out", out), ("--png", png)):
-        if not path:
+
+def _run_holding(path: str) -> str | None:
+    """The nearest folder above `path` (resolved) that is a flagsim run (has `_meta/run.json`)."""
+    d = os.path.dirname(path)
+    while True:
+        if os.path.isfile(os.path.join(d, "_meta", "run.json")):
+            return d
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
+def check_outputs(run_dir: str, out: str | None, png: str | None) -> None:
+    """The page and the sheet are written to a temporary file renamed over their targets, so
+    each must be a new or a regular file outside every run's data: not a directory, FIFO,
+    device, socket or symlink (they became regular files), not in a run's table or sidecar
+    folders nor onto a Parquet file (they replaced a shard), and not onto each other, whether
+    --png is given or next to the page by default (`--out X.png`: the sheet replaced the page)."""
+    from flagsim.errors import ConfigError
+    from flagsim.inputfiles import is_parquet_file
+    from flagsim.report.build import default_png
+    from flagsim.rundir import RunDir
+    from flagsim.storage import Location, is_uri
+
+    page = out or str(RunDir.at(run_dir).report)
+    sheet = png or str(default_png(page))
+
+    def same(a: str, b: str) -> bool:
+        return a == b if is_uri(a) or is_uri(b) else os.path.realpath(a) == os.path.realpath(b)
+
+    if same(page, sheet):
+        if png:
+            raise ConfigError("--out and --png name the same file; give the contact sheet its own")
+        raise ConfigError(f"--out {out} and its contact sheet (by default {sheet}) are the same "
+                          f"file; name the page .html or give the sheet its own with --png")
+    root = None if is_uri(run_dir) else os.path.realpath(run_dir)
+    for label, path, name in ((("--out" if out else "page"), page, "report.html"),
+                              (("--png" if png else "contact sheet"), sheet, "report.png")):
+        if is_uri(path):
+            if is_parquet_file(Location.parse(path)):
+                raise ConfigError(f"{label} {path} is a Parquet file; the report would replace "
+                                  f"it, name another file")
             continue
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:  # new (or unreadable: the write names the problem)
+            mode = None
+        if mode is not None:
+            kind = next((what for test, what in _KINDS if getattr(stat, test)(mode)), None)
+            if kind is not None:  # renamed over, it would become a regular file
+                raise ConfigError(f"{label} {path} is a {kind}, not a regular file; the report "
+                                  f"would replace it, name another file")
+            if stat.S_ISDIR(mode):  # found only when writing, after all the work
+                raise ConfigError(f"{label} {path} is a directory; name the file, e.g. "
+                                  f"{os.path.join(path, name)}")
         target = os.path.realpath(path)
-        inside = os.path.dirname(target) != root and target.startswith(root + os.sep)
-        if inside or target == os.path.join(root, "images.parquet") or target == root:
-            raise ConfigError(f"{opt} {path} is inside the run's data; write the report next to "
-                              f"it (the default) or outside {run_dir}")
+        if root is not None:
+            inside = os.path.dirname(target) != root and target.startswith(root + os.sep)
+            if inside or target == os.path.join(root, "images.parquet") or target == root:
+                raise ConfigError(f"{label} {path} is inside the run's data; write the report "
+                                  f"next to it (the default) or outside {run_dir}")
+        other = _run_holding(target)
+        if other is not None and other != root and target not in (
+                os.path.join(other, "report.html"), os.path.join(other, "report.png")):
+            raise ConfigError(f"{label} {path} is inside another run's data ({other}); write "
+                              f"the report outside it")
+        if mode is not None and is_parquet_file(Location.parse(path)):
+            raise ConfigError(f"{label} {path} is a Parquet file; the report would replace it, "
+                              f"name another file")
 
 
 def run(args: argparse.Namespace) -> int:

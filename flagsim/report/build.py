@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from flagsim.config import Config
 from flagsim.errors import FlagsimError
+from flagsim.inputfiles import read_regular
 from flagsim.report.data import image_ids, report_data
 from flagsim.report.explore import (
     MAP_MAX,
@@ -77,6 +78,25 @@ def _explore(data, pairs: str | None, thumbs: Thumbnails, shown: Sequence[str], 
                    dedup=dedup_groups(session))
 
 
+def _write_pair(html_loc: Location, page: bytes, png_loc: Location, sheet: bytes) -> None:
+    """Write the page, then the sheet (each atomically); should the sheet fail, the page is put
+    back as it was (or removed if it was new), so that the two never come from two reports."""
+    existed = html_loc.exists()
+    previous = read_regular(html_loc) if existed else None
+    html_loc.write_bytes(page)
+    try:
+        png_loc.write_bytes(sheet)
+    except BaseException:
+        try:
+            if not existed:
+                html_loc.delete()
+            elif previous is not None:
+                html_loc.write_bytes(previous)
+        except OSError as exc:
+            log.warning("report: could not put %s back after the sheet failed: %s", html_loc, exc)
+        raise
+
+
 def build_report(
     run_dir: str,
     queries: Sequence[str] | None = None,
@@ -118,12 +138,13 @@ def build_report(
     page = render_html(comparison, data.eval_df, uris, title, notes=data.notes, eval_note=data.eval_note,
                        explore=explore)
 
-    html_loc = Location.parse(out) if out else run.report
-    png_loc = Location.parse(png) if png else default_png(html_loc)
-    html_loc.write_text(page)
+    # Both are made before either is written: a sheet that failed to draw once left a new page
+    # beside the sheet of an earlier report.
     sheet = render_contact_sheet(comparison, images, title=title)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)
-    png_loc.write_bytes(buf.getvalue())
+    html_loc = Location.parse(out) if out else run.report
+    png_loc = Location.parse(png) if png else default_png(html_loc)
+    _write_pair(html_loc, page.encode("utf-8"), png_loc, buf.getvalue())
     log.info("wrote %s and %s (%d queries, %d images)", html_loc, png_loc, len(comparison.queries), len(ids))
     return ReportPaths(str(html_loc), str(png_loc), list(comparison.queries), data.skipped)

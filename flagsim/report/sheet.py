@@ -172,11 +172,21 @@ def _font(size: int, bold: bool = False) -> Any:
     return _FONT_CACHE[key]
 
 
+def _length(draw: ImageDraw.ImageDraw, text: str, font: Any) -> float | None:
+    """The width of `text` in pixels, or None where the text layout refuses it (raqm failed on
+    a paragraph separator, FreeType on a newline)."""
+    try:
+        return draw.textlength(text, font=font)
+    except (RuntimeError, ValueError, OSError):
+        return None
+
+
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
-    words, lines, cur = text.split(), [], ""
+    words, lines, cur = plain(text).split(), [], ""
     for w in words:
         trial = f"{cur} {w}".strip()
-        if draw.textlength(trial, font=font) <= width or not cur:
+        n = _length(draw, trial, font)
+        if (n is not None and n <= width) or not cur:
             cur = trial
         else:
             lines.append(cur)
@@ -186,13 +196,28 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[s
     return [_fit(draw, line, font, width) for line in lines] or [""]
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    """`text`, cut with an ellipsis to fit `width` pixels."""
-    if draw.textlength(text, font=font) <= width:
+def _fit(draw: ImageDraw.ImageDraw, text: Any, font: Any, width: int) -> str:
+    """`text` made safe to draw and cut with an ellipsis to fit `width` pixels.
+
+    Controls and line/paragraph separators are shown as escapes (`plain`); should the layout
+    still refuse the text, every non-ASCII character is escaped too. The cut is found by
+    bisection: a 5,000-character name costs a dozen measurements, not thousands."""
+    text = plain(text)
+    n = _length(draw, text, font)
+    if n is None:
+        text = text.encode("ascii", "backslashreplace").decode("ascii")
+        n = _length(draw, text, font)
+    if n is not None and n <= width:
         return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
+    lo, hi = 0, len(text) - 1  # the longest prefix that fits with the ellipsis, between them
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        n = _length(draw, text[:mid] + "…", font)
+        if n is not None and n <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + "…"
 
 
 @dataclass(frozen=True)
@@ -266,7 +291,7 @@ def render_contact_sheet(
         per_model = comparison.results.get(q, {})
         counts = support(comparison, q)
         draw.rectangle((lay.margin, y, width - lay.margin, y + lay.header_h), fill=SHEET_HEADER)
-        draw.text((lay.margin + 10, y + 7), _fit(draw, plain(f"query: {q}"), f_head, width - 60),
+        draw.text((lay.margin + 10, y + 7), _fit(draw, f"query: {q}", f_head, width - 60),
                   fill=(255, 255, 255), font=f_head)
         y += lay.header_h + 8
         qtile = thumbs_images.get(comparison.query_ids.get(q, ""), placeholder)
@@ -275,7 +300,7 @@ def render_contact_sheet(
             draw.text((lay.margin + 4, y + lay.tile_h // 2 - 8), _fit(draw, label, f_label, lay.label_w - 12),
                       fill=(124, 45, 18) if model == ENSEMBLE else (31, 41, 55), font=f_label)
             _paste_tile(sheet, qtile, x0, y, lay)
-            draw.text((x0, y + lay.tile_h + 3), _fit(draw, plain(q), f_text, lay.tile_w), fill=(55, 65, 81),
+            draw.text((x0, y + lay.tile_h + 3), _fit(draw, q, f_text, lay.tile_w), fill=(55, 65, 81),
                       font=f_text)
             draw.text((x0, y + lay.tile_h + 18), "query", fill=(107, 114, 128), font=f_small)
             sep_x = x0 + lay.cell_w - 6
@@ -287,7 +312,7 @@ def render_contact_sheet(
                     draw.rectangle((x - 4, y - 3, x + lay.tile_w + 3, y + lay.tile_h + lay.text_h - 2),
                                    outline=SHEET_AGREE, width=2)
                 _paste_tile(sheet, thumbs_images.get(h.image_id, placeholder), x, y, lay)
-                draw.text((x, y + lay.tile_h + 3), _fit(draw, plain(f"{h.rank}. {h.name}"), f_text, lay.tile_w),
+                draw.text((x, y + lay.tile_h + 3), _fit(draw, f"{h.rank}. {h.name}", f_text, lay.tile_w),
                           fill=(17, 24, 39), font=f_text)
                 score = f"{float(h.score):.3f}" + (f"  {c}/{n_models}" if n_models > 1 and c > 1 else "")
                 draw.text((x, y + lay.tile_h + 18), score, fill=(107, 114, 128), font=f_small)
