@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +332,7 @@ def test_an_import_killed_midway_leaves_nothing_the_next_import_keeps(tmp_path, 
     # a child that stages two shards, then waits forever in its third (until killed)
     script = f"""
 import time
+import json
 from pathlib import Path
 from flagsim import cli, importemb
 importemb.BATCH_ROWS = 3
@@ -363,3 +365,40 @@ cli.main(["import-embeddings", {str(src)!r}, "--model", "ext", "--run", {str(run
     capsys.readouterr()
     assert sorted(p.name for p in (run_dir / "_tmp").iterdir()) == ["import-notes"]
     assert read_embeddings(RunDir.at(str(run_dir)), "ext").ids == ids
+
+
+def test_extreme_but_finite_float32_magnitudes_score_their_exact_cosines_both_ways(
+        tmp_path, capsys, cli_main):
+    """3e38 (valid float32, but its float32 norm overflowed: the row became a zero vector scoring
+    0 to everything) and 1e-45 (denormal: one->sub scored 0.942809 but sub->one 1.0) are unit
+    vectors like any other: query and neighbours scores are the float64 cosines, symmetric."""
+    rows = {"big": [3e38] * DIM, "one": [1.0] * DIM, "neg": [-1.0] * DIM, "sub": [1e-45] * DIM}
+    ids = list(rows)
+    pq.write_table(pa.table({"image_id": ids, "name": ids,
+                             "embedding": pa.array(list(rows.values()), pa.list_(pa.float32()))}),
+                   tmp_path / "t.parquet")
+    run_dir = str(tmp_path / "run")
+    assert cli_main(["import-embeddings", str(tmp_path / "t.parquet"), "--model", "m",
+                     "--run", run_dir]) == 0
+    vec = np.array(list(rows.values()), np.float32).astype(np.float64)
+    unit = vec / np.linalg.norm(vec, axis=1, keepdims=True)
+    want = {(a, b): float(unit[i] @ unit[j]) for i, a in enumerate(ids) for j, b in enumerate(ids)}
+    capsys.readouterr()
+    got = {}
+    for q in ids:
+        assert cli_main(["-q", "query", q, "--run", run_dir, "-k", "3", "--json"]) == 0
+        out = capsys.readouterr()
+        assert "zero vector" not in out.err
+        for hit in json.loads(out.out)["results"]["m"]:
+            got[(q, hit["image_id"])] = hit["score"]
+    assert set(got) == {p for p in want if p[0] != p[1]}
+    for (a, b), score in got.items():
+        assert score == pytest.approx(want[(a, b)], abs=1e-5), (a, b)
+        assert score == pytest.approx(got[(b, a)], abs=1e-6), (a, b)
+    write_neighbours(run_dir, k=3, models=["m"])
+    table = read_neighbours(run_dir, "m").to_pydict()
+    pairs = {(q, n): s for q, n, s in zip(table["query_id"], table["neighbour_id"], table["score"],
+                                          strict=True)}
+    assert set(pairs) == set(got)
+    for pair, score in pairs.items():
+        assert score == pytest.approx(want[pair], abs=1e-5), pair
