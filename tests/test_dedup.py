@@ -173,3 +173,41 @@ def test_dedup_of_a_collection_smaller_than_k_takes_as_many_neighbours_as_it_has
     assert sorted(read_dedup(str(run.root), "m").column("image_id").to_pylist()) == [
         "img00000", "img00005"]
     assert run.neighbours_manifest("m").read_json()["k"] == 5
+
+
+def _identical_sets(dim: int = 6375) -> np.ndarray:
+    """4 copies of a vector whose float32 inner product with itself comes out below 1 (about
+    0.999995, like byte-identical images under colour-layout's 6,375 dims), 3 copies of one
+    whose comes out above 1 (about 1.00001), and 3 unrelated vectors."""
+    below = np.r_[np.full(100, 30.0), np.ones(dim - 100)]
+    above = np.ones(dim)
+    rng = np.random.default_rng(0)
+    return np.concatenate([np.repeat(below[None], 4, 0), np.repeat(above[None], 3, 0),
+                           rng.random((3, dim))]).astype(np.float32)
+
+
+def test_identical_vectors_group_at_threshold_1(tmp_path, capsys) -> None:
+    """Threshold 1 found 0 groups for byte-identical images (FAISS's float32 sums scored them
+    0.999993) and kept 8 of 20 directed pairs of imported identical vectors: scores within
+    dedup.TOLERANCE of the threshold count."""
+    from flagsim.search.dedup import TOLERANCE
+
+    assert 0 < TOLERANCE <= 1e-5
+    run = make_run(tmp_path, "m", _identical_sets())
+    assert main(["dedup", "--run", str(run.root), "--threshold", "1"]) == 0
+    table = read_dedup(str(run.root), "m").to_pandas()
+    groups = {frozenset(g.image_id) for _, g in table.groupby("group")}
+    ids = [f"img{i:05d}" for i in range(10)]
+    assert groups == {frozenset(ids[:4]), frozenset(ids[4:7])}
+    assert table.score.max() <= 1.0 and table.score.min() >= 1.0 - TOLERANCE
+    manifest = run.dedup_manifest("m").read_json()
+    assert manifest["groups"] == 2 and manifest["pairs"] == 4 * 3 + 3 * 2  # directed pairs
+
+
+def test_the_summary_prints_the_threshold_given_with_its_digits(tmp_path, capsys) -> None:
+    """--threshold 0.9999999 was printed as `1`."""
+    run = make_run(tmp_path, "m", np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
+    assert main(["dedup", "--run", str(run.root), "--threshold", "0.9999999"]) == 0
+    out = capsys.readouterr().out
+    assert "0.9999999" in out
+    assert run.dedup_manifest("m").read_json()["threshold"] == 0.9999999

@@ -319,3 +319,23 @@ def test_an_image_query_skips_a_model_whose_weights_are_unavailable_without_load
     msg = str(info.value)
     assert "vit: weights google/vit-large-patch16-224-in21k are not in the local Hugging Face cache" in msg
     assert "vit: vit:" not in msg and "\n" not in msg
+
+
+def test_scores_of_identical_vectors_are_clipped_to_1(tmp_path, capsys) -> None:
+    """FAISS's float32 sums over 6,375 dims scored identical unit vectors 1.00001 (and printed
+    it in --json); cosine scores are clipped to [-1, 1] where hits are made."""
+    from flagsim.search.neighbours import read_neighbours, write_neighbours
+
+    dim = 6375
+    x = np.concatenate([np.ones((3, dim)), -np.ones((1, dim)),
+                        np.random.default_rng(0).random((3, dim))]).astype(np.float32)
+    run = RunDir.at(str(tmp_path))
+    ids = [f"img{i}" for i in range(len(x))]
+    _write_model(run, "m", ids, ids, x)
+    assert main(["-q", "query", "img0", "--run", str(tmp_path), "-k", "6", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]["m"]
+    scores = {h["image_id"]: h["score"] for h in hits}
+    assert scores["img1"] == scores["img2"] == 1.0 and scores["img3"] == -1.0
+    write_neighbours(str(tmp_path), k=6, models=["m"])
+    table = read_neighbours(str(tmp_path), "m").to_pydict()
+    assert max(table["score"]) == 1.0 and min(table["score"]) == -1.0

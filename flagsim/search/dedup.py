@@ -22,6 +22,10 @@ from flagsim.shards import read_manifest
 log = logging.getLogger(__name__)
 
 DEDUP_FILE = "part-00000.parquet"
+# A pair counts when its score >= threshold - TOLERANCE: FAISS sums inner products in float32,
+# so identical vectors score 0.99999..1.00001 over thousands of dims (byte-identical images
+# under colour-layout: 0.999993) and threshold 1 would miss them.
+TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class DedupResult:
     threshold: float
     groups: int
     images: int  # images in a group (of two or more)
-    pairs: int  # neighbour pairs at or above the threshold
+    pairs: int  # directed neighbour pairs at or above the threshold (6 for a group of 3)
     seconds: float
     path: str
 
@@ -85,13 +89,14 @@ def _threshold(model: str, threshold: float | None, run_models: Sequence[str]) -
 
 
 def _edges(run: RunDir, model: str, threshold: float) -> tuple[list[str], list[str], int]:
-    """(a ids, b ids, pairs) of the neighbour table's pairs with score >= threshold, read part by
-    part (three columns, filtered as read): memory is the pairs kept, not the table."""
+    """(a ids, b ids, pairs) of the neighbour table's pairs with score >= threshold - TOLERANCE,
+    read part by part (three columns, filtered as read): memory is the pairs kept, not the table.
+    Directed: a pair found both ways is two (a group of 3 all in each other's top-k: 6)."""
     a: list[str] = []
     b: list[str] = []
     for loc in run.neighbours_dir(model).list(".parquet"):
         t = loc.read_parquet(columns=["query_id", "neighbour_id", "score"])
-        t = t.filter(pc.greater_equal(t.column("score"), pa.scalar(threshold, pa.float32())))
+        t = t.filter(pc.greater_equal(t.column("score"), pa.scalar(threshold - TOLERANCE, pa.float32())))
         a += t.column("query_id").to_pylist()
         b += t.column("neighbour_id").to_pylist()
     return a, b, len(a)
@@ -202,7 +207,7 @@ def write_dedup(
             "pairs": pairs, "neighbours_k": _k_of(run, m), "seconds": round(seconds, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
-        log.info("%s: %d near-duplicate groups of %d images (cosine >= %g) -> %s", m, groups,
+        log.info("%s: %d near-duplicate groups of %d images (cosine >= %.7g) -> %s", m, groups,
                  table.num_rows, thresholds[m], target)
         out.append(DedupResult(m, thresholds[m], groups, table.num_rows, pairs, seconds, str(target)))
     return out

@@ -30,7 +30,8 @@ def finish_hits(scores: np.ndarray, pos: np.ndarray, excl: np.ndarray | None, k:
     """Top-`k` (scores, positions) from a search that asked for k (+1 when `excl` is given).
 
     `excl[i]` (a position, or -2 for none) is dropped from row i; where it was not returned the
-    extra last hit is dropped instead. Missing hits are padded with NaN / -1.
+    extra last hit is dropped instead. Missing hits are padded with NaN / -1. Scores are
+    clipped to [-1, 1] (FAISS's float32 sums put identical vectors up to ~1e-5 outside).
     """
     if excl is not None:
         hit = pos == excl[:, None]
@@ -44,7 +45,7 @@ def finish_hits(scores: np.ndarray, pos: np.ndarray, excl: np.ndarray | None, k:
         pad = k - scores.shape[1]
         scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=np.nan)
         pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
-    scores = scores[:, :k].astype(np.float32)
+    scores = np.clip(scores[:, :k].astype(np.float32), -1.0, 1.0)  # float32 sums: 1.00001
     pos = pos[:, :k]
     scores[pos < 0] = np.nan
     return scores, pos
