@@ -6,8 +6,8 @@ import atexit
 import logging
 import os
 import re
-import socket
 import signal
+import socket
 import sys
 import threading
 import time
