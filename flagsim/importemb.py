@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -21,7 +23,15 @@ from flagsim.images import images_table_hash, read_images_table
 from flagsim.importcsv import ImportResult, _images_table, check_model_name
 from flagsim.rundir import RunDir, shard_index, shard_name
 from flagsim.schema import SCHEMA_VERSION
-from flagsim.shards import Manifest, discard_model, embeddings_table, write_manifest, write_shard
+from flagsim.shards import (
+    Manifest,
+    discard_model,
+    embeddings_table,
+    missing_or_resized,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
 from flagsim.storage import Location, walk_files
 
 log = logging.getLogger(__name__)
@@ -393,6 +403,27 @@ class _Sink:
         self._buffered -= n
 
 
+def source_stamp(files: list[Location], options: dict) -> str:
+    """What identifies an import's input without reading it again: each file's path, size and
+    modification time, and the import's options (a sha256 of them, kept in the manifest)."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for loc in files:
+        info = loc.fs.get_file_info(loc.path)
+        digest.update(json.dumps([loc.path, info.size, info.mtime_ns]).encode())
+    return digest.hexdigest()
+
+
+def _imported_from(run: RunDir, model: str, stamp: str) -> Manifest | None:
+    """The model's manifest when it is complete and was imported from the input of `stamp`."""
+    try:
+        manifest = read_manifest(run, model)
+    except DataError:
+        return None
+    if manifest is None or manifest.processor.get("source_stamp") != stamp:
+        return None
+    return None if missing_or_resized(run, manifest) else manifest
+
+
 def _has_embeddings(run: RunDir, model: str) -> bool:
     return bool(run.model_dir(model).list()) or run.meta_dir(model).exists()
 
@@ -473,11 +504,22 @@ def import_embeddings(
             raise ConfigError("--vector-column is for Parquet input; clip-retrieval's vectors are its npy files")
         clip_parts = _plan_clip(src, id_column, name_column)
         chunks, nfiles = _read_clip(clip_parts), len(clip_parts)
+        files = [f for p in clip_parts for f in (p.npy, p.meta)]
     else:
         pq_parts = _plan_parquet(src, id_column, name_column, vector_column)
         chunks, nfiles = _read_parquet(pq_parts), len(pq_parts)
+        files = [p.loc for p in pq_parts]
+    stamp = source_stamp(files, {"format": kind, "id_column": id_column, "name_column": name_column,
+                                 "vector_column": vector_column, "shard_size": shard_size})
     run = RunDir.at(run_dir)
     if _has_embeddings(run, model) and not force:
+        done = _imported_from(run, model, stamp)
+        if done is not None:  # a rerun of the same import (e.g. after a kill that came too late)
+            log.info("%s is up to date: already imported from the same %d file(s) of %s",
+                     run.model_dir(model), nfiles, src)
+            return EmbeddingsImport(model, done.rows, done.dim, len(done.shards),
+                                    "kept" if run.images_table.exists() else "none", 0,
+                                    up_to_date=True, format=kind, files=nfiles)
         raise DataError(
             f"{run.model_dir(model)} already holds embeddings of {model}; pass --force to replace them"
         )
@@ -491,7 +533,7 @@ def import_embeddings(
     try:
         with run_lock(run.root, SOURCE_PREFIX):
             return _import_locked(run, src, model, kind, chunks, nfiles, shard_size, force,
-                                  images, expected)
+                                  images, expected, stamp)
     finally:
         if new_tmp:
             _remove_if_empty(run.staging)
@@ -501,7 +543,7 @@ def import_embeddings(
 
 def _import_locked(run: RunDir, src: Location, model: str, kind: str, chunks: Iterator[_Chunk],
                    nfiles: int, shard_size: int, force: bool, images: bool,
-                   expected: int | None) -> EmbeddingsImport:
+                   expected: int | None, stamp: str) -> EmbeddingsImport:
     _remove_dead_stages(run)
     rid = _run_id_of(run) or uuid.uuid4().hex
     stage = RunDir(run.staging / f"{STAGE_PREFIX}{uuid.uuid4().hex}")
@@ -526,7 +568,7 @@ def _import_locked(run: RunDir, src: Location, model: str, kind: str, chunks: It
     write_manifest(run, Manifest(
         model=model, dim=sink.dim, rows=sink.rows,
         images_hash=images_table_hash(table) if table is not None else "none",
-        shards=sink.shards, dtype="float32", device="unknown", processor={},
+        shards=sink.shards, dtype="float32", device="unknown", processor={"source_stamp": stamp},
         shard_size=shard_size, source=f"{SOURCE_PREFIX} {src.name}",
     ))
     log.info("imported %d %d-d embeddings of %s from %s into %s", sink.rows, sink.dim, model, src,

@@ -288,6 +288,32 @@ def test_reimport_refuses_without_force_and_replaces_with_it(tmp_path, capsys, c
         run_dir / "_meta" / "run.json").read_bytes()  # the run keeps its id
 
 
+def test_rerunning_the_same_import_is_up_to_date_and_a_changed_input_is_refused(
+    tmp_path, capsys, cli_main
+) -> None:
+    """A retry of a finished import (a kill that came after the commit, a rerun loop) failed
+    with "already holds embeddings; pass --force". The same files (path, size, modification
+    time) and options are now up to date, nothing written; other files or options still need --force."""
+    import os
+
+    run_dir = tmp_path / "run"
+    src = _clip_folder(tmp_path / "clip", [(_keys("a", 7), _vectors(7, seed=1))])
+    argv = ["--model", "m", "--run", str(run_dir), "--shard-size", "4"]
+    assert cli_main(["import-embeddings", str(src), *argv]) == 0
+    before = _snapshot(run_dir)
+    capsys.readouterr()
+    assert cli_main(["import-embeddings", str(src), *argv]) == 0
+    assert "up to date (the same 1 file(s) already imported)" in capsys.readouterr().out
+    assert _snapshot(run_dir) == before
+    assert cli_main(["import-embeddings", str(src), *argv[:-1], "5"]) == 2  # another shard size
+    assert "pass --force" in _one_line_error(capsys)
+    npy = src / "embeddings" / "img_emb" / "img_emb_0.npy"
+    os.utime(npy, ns=(npy.stat().st_atime_ns, npy.stat().st_mtime_ns + 10**9))  # rewritten
+    assert cli_main(["import-embeddings", str(src), *argv]) == 2
+    assert "pass --force" in _one_line_error(capsys)
+    assert _snapshot(run_dir) == before
+
+
 def test_import_waits_for_no_one_when_the_run_is_locked(tmp_path):
     pq.write_table(_list_table(["a", "b"], _vectors(2).tolist()), tmp_path / "t.parquet")
     run = RunDir.at(str(tmp_path / "run"))

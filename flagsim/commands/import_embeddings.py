@@ -37,7 +37,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--vector-column", metavar="C", help="Parquet column of the vectors (default: embedding)")
     p.add_argument("--shard-size", type=int, default=None, metavar="N",
                    help="rows per shard (default: the config's embed.shard_size)")
-    p.add_argument("--force", action="store_true", help="replace the model's existing embeddings")
+    p.add_argument("--force", action="store_true", help="replace the model's existing embeddings (without it, a rerun of the same import "
+                   "is up to date and any other is refused)")
     return p
 
 
@@ -52,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         name_column=args.name_column, vector_column=args.vector_column,
         shard_size=cfg.embed.shard_size, force=args.force,
     )
+    if res.up_to_date:
+        print(f"{res.rows} x {res.dim} embeddings of {res.model}: {run_dir}/embeddings/model="
+              f"{res.model} up to date (the same {res.files} file(s) already imported)")
+        return 0
     print(f"{res.rows} x {res.dim} embeddings of {res.model} from {res.files} {res.format} file(s) -> "
           f"{run_dir}/embeddings/model={res.model} ({res.shards} shard(s)){images_note(res)}")
     return 0
