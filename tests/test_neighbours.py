@@ -78,6 +78,44 @@ def test_new_k_rewrites_every_part_and_fewer_shards_leave_no_stale_parts(tmp_pat
     assert read_neighbours(str(tmp_path), "a").num_rows == 30 * 2
 
 
+def test_an_interrupted_rewrite_leaves_the_old_table_whole_and_the_rerun_publishes_the_new(
+    tmp_path, ray_local, monkeypatch
+) -> None:
+    """`neighbours -k 7` over a k=5 table wrote its parts into the table folder one by one: killed
+    halfway, `pd.read_parquet(RUN/neighbours)` read 9 parts of k=5 and 6 of k=7 as one table. New
+    parts are now staged in `_tmp/neighbours/` and moved in when all are written."""
+    import flagsim.search.neighbours as nb
+
+    x = np.random.default_rng(2).normal(size=(30, 4)).astype(np.float32)
+    make_run(tmp_path, "a", x, shard_size=7)
+    run = RunDir.at(str(tmp_path))
+    write_neighbours(str(tmp_path), k=3, models=["a"])
+    old = pd.read_parquet(run.neighbours.path)
+
+    real_write, calls = nb.PartWriter._write, []
+
+    def killed_after_two_parts(self, shard, table, queries):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill: the job stops between two parts
+        calls.append(shard)
+        real_write(self, shard, table, queries)
+
+    monkeypatch.setattr(nb.PartWriter, "_write", killed_after_two_parts)
+    with pytest.raises(KeyboardInterrupt):
+        write_neighbours(str(tmp_path), k=4, models=["a"])
+    monkeypatch.undo()
+    during = pd.read_parquet(run.neighbours.path)  # what another tool reads meanwhile
+    assert during.groupby("query_id")["rank"].max().eq(3).all()  # the old table, whole
+    pd.testing.assert_frame_equal(during, old)
+    assert len(nb.staged_parts(run, "a").list(".parquet")) == 2
+
+    (again,) = write_neighbours(str(tmp_path), k=4, models=["a"])  # resumes: 3 parts searched
+    assert (again.parts, again.written, again.rows) == (5, 5, 30 * 4)
+    after = pd.read_parquet(run.neighbours.path)
+    assert after.groupby("query_id")["rank"].max().eq(4).all() and len(after) == 30 * 4
+    assert not nb.staged_parts(run, "a").exists()
+
+
 def test_k_larger_than_the_collection_is_a_one_line_error(tmp_path, capsys) -> None:
     make_run(tmp_path, "a", np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32))
     assert main(["-q", "neighbours", "--run", str(tmp_path), "-k", "8"]) == 2

@@ -262,10 +262,15 @@ def _cli(run: Path, *extra: str) -> list[str]:
 
 
 def _state(run: RunDir, shards: list[str]) -> dict[str, tuple[int, str]]:
-    """part file -> (its mtime in ns, its marker's text), for the parts present."""
+    """part file -> (its mtime in ns, its marker's text), for the parts present: staged (written
+    before the table's last part) or in the table folder (moved there, mtime kept)."""
+    from flagsim.search.neighbours import staged_parts
+
     out = {}
     for s in shards:
-        part = Path(run.neighbours_dir("a").path) / s
+        part = Path(staged_parts(run, "a").path) / s
+        if not part.exists():
+            part = Path(run.neighbours_dir("a").path) / s
         marker = Path(part_marker(run, "a", s).path)
         if part.exists() and marker.exists():
             out[s] = (part.stat().st_mtime_ns, marker.read_text())
@@ -306,6 +311,7 @@ def test_sigkilled_job_resumes_by_part_and_a_second_rerun_is_a_no_op(tmp_path):
     before = _state(run, shards)
     assert 2 <= len(before) < 6 and shards[-1] not in before
     assert not run.neighbours_manifest("a").exists()
+    assert not run.neighbours_dir("a").exists()  # staged: no partial table to read meanwhile
 
     os.replace(real, last)  # the same bytes at the same path: the rerun can finish
     done = subprocess.run(_cli(tmp_path / "run"), env=env, capture_output=True, text=True,

@@ -14,7 +14,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "report",
         help="write an HTML report (query flags, top-k per model, agreement, evaluation) and a PNG",
-        description="Write one self-contained HTML page (images inlined, no scripts, no network) "
+        description="Write one self-contained HTML page (images inlined, no network; its one "
+        "inline script, for the search box and maps, is pinned by a hash in the page's CSP) "
         "showing each query image with its top-k neighbours per model and for the ensemble, the "
         "model-agreement matrix and the evaluation table, plus a PNG contact sheet of the same "
         "grid. Queries default to the config's report.queries; those not in the run are skipped "

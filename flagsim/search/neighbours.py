@@ -50,6 +50,13 @@ def part_marker(run: RunDir, model: str, shard: str) -> Location:
     return run.neighbours_manifest(model).parent / "parts" / shard.replace(".parquet", ".json")
 
 
+def staged_parts(run: RunDir, model: str) -> Location:
+    """Where `flagsim neighbours` writes a table's new parts until all are done:
+    `_tmp/neighbours/model=<m>/`. The table folder holds only complete tables, never a mix of
+    an old table's parts (another k, index or embeddings) and new ones."""
+    return run.staging / "neighbours" / f"model={model}"
+
+
 def shard_checksum(checksums: dict[str, str], shard: str, members: Sequence[str]) -> str:
     """The sha256 of query shard `shard` as its embedding manifest records it (the ensemble:
     one hash over its models' records of that shard)."""
@@ -94,8 +101,11 @@ def table_indexes(run: RunDir, tables: Sequence[Table], cfg: Config) -> dict[str
 
 def _marker_ok(run: RunDir, model: str, shard: str, k: int, index: str, source: str
                ) -> dict[str, Any] | None:
-    return marker_matches(part_marker(run, model, shard), run.neighbours_dir(model) / shard, k,
-                          index, source)
+    """The part's marker when it vouches for the part, staged (written, not yet published: it
+    is the newer) or in the table folder."""
+    marker = part_marker(run, model, shard)
+    return (marker_matches(marker, staged_parts(run, model) / shard, k, index, source)
+            or marker_matches(marker, run.neighbours_dir(model) / shard, k, index, source))
 
 
 def marker_matches(marker_loc: Location, part: Location, k: int, index: str, source: str
@@ -287,7 +297,7 @@ def write_neighbours(
         out = []
         for plan in plans:
             start = time.perf_counter()
-            writer = PartWriter(run, plan, k)
+            writer = PartWriter(run, plan, k, table_dir=staged_parts(run, plan.model))
             if plan.todo:
                 if resources is None:
                     from flagsim.pipeline.ray_session import ensure_ray
@@ -295,9 +305,10 @@ def write_neighbours(
                     resources = ensure_ray(cfg)
                 run.neighbours_manifest(plan.model).delete()  # until the new one: incomplete
                 _search(run, plan, k, cfg, resources, writer)
+            published = _publish(run, plan)
             _remove_old_parts(run, plan)
             seconds = time.perf_counter() - start
-            out.append(_commit(run, plan, k, seconds, len(writer.written)))
+            out.append(_commit(run, plan, k, seconds, max(len(writer.written), published)))
     return out
 
 
@@ -319,6 +330,23 @@ def _search(run: RunDir, plan: TablePlan, k: int, cfg: Config, resources: dict[s
              len(plan.shards), len(plan.done))
     run_job(job, resources, gpu, cfg.ray.read_cpus, writer.add)
     writer.finish()
+
+
+def _publish(run: RunDir, plan: TablePlan) -> int:
+    """Move the table's staged parts into its folder, each replacing the old part of its query
+    shard (a rename each on local disk: the folder is mixed only for those instants, and a crash
+    among them is finished by the next run, whose markers vouch for either place); staged files
+    no plan part needs are deleted. Returns the number of parts moved."""
+    stage = staged_parts(run, plan.model)
+    moved = 0
+    for loc in stage.list(".parquet"):
+        if loc.name in plan.done:
+            loc.move_to(run.neighbours_dir(plan.model) / loc.name)
+            moved += 1
+        else:
+            loc.delete()
+    stage.delete()
+    return moved
 
 
 def _remove_old_parts(run: RunDir, plan: TablePlan) -> None:
