@@ -252,15 +252,17 @@ def test_shards_redone_for_a_changed_images_table_come_back_when_every_image_fai
 
 
 def test_an_interrupted_embed_force_resumes_and_then_drops_the_copy_it_kept(run30, capsys) -> None:
-    """A replace stopped after its shards were set aside (here: only the shards had moved, the
-    sidecars not yet) keeps the last complete copy; the next embed resumes the new embeddings and
+    """A set-aside cut short after the sidecars were copied and the manifest deleted, before the
+    shards moved: the next one finishes the copy; the next embed resumes the new embeddings and
     drops the copy once they are complete."""
     from flagsim.pipeline.plan import set_aside, set_aside_dir
 
     rd = RunDir.at(run30)
     original = read_embeddings(rd, "pixels")
     keep = set_aside_dir(rd, "pixels")
-    rd.model_dir("pixels").move_to(keep.model_dir("pixels"))  # the crash: sidecars not moved
+    for loc in (rd.run_marker("pixels"), rd.manifest("pixels")):  # the crash: shards not moved
+        (keep.root / loc.path[len(rd.root.path):].lstrip("/")).write_bytes(loc.read_bytes())
+    rd.manifest("pixels").delete()
     set_aside(rd, "pixels")  # the next --force finishes the move
     assert read_manifest(rd, "pixels") is None and not rd.model_dir("pixels").exists()
     assert read_manifest(keep, "pixels") is not None
@@ -273,6 +275,31 @@ def test_an_interrupted_embed_force_resumes_and_then_drops_the_copy_it_kept(run3
     again = read_embeddings(rd, "pixels")
     assert again.ids == original.ids
     np.testing.assert_array_equal(again.vectors, original.vectors)
+
+
+def test_a_partial_copy_is_completed_by_the_next_set_aside_and_restored_only_whole(run30) -> None:
+    """Review: shards set aside for changed images (a partial copy with the full manifest), then
+    `--force` with the images unreachable deleted the shards the copy relied on, and the restore
+    put back a manifest vouching for the failed run's 0-row shards. The force now moves those
+    shards into the copy, and a restore writes the manifest only when every shard is as recorded."""
+    from flagsim.pipeline.plan import set_aside, set_aside_dir, settle_set_aside
+
+    rd = RunDir.at(run30)
+    original = read_embeddings(rd, "pixels")
+    keep = set_aside_dir(rd, "pixels")
+    set_aside(rd, "pixels", ["part-00001.parquet"])  # stale shard set aside; the embed was cut short
+    assert [f.name for f in keep.model_dir("pixels").list(".parquet")] == ["part-00001.parquet"]
+    set_aside(rd, "pixels")  # --force: the shards the copy lists move into it
+    assert len(keep.model_dir("pixels").list(".parquet")) == 3
+    assert "are back" in settle_set_aside(rd, "pixels")  # nothing embedded: all put back
+    back = read_embeddings(rd, "pixels")
+    np.testing.assert_array_equal(back.vectors, original.vectors)
+
+    set_aside(rd, "pixels")
+    (keep.model_dir("pixels") / "part-00000.parquet").delete()  # a copy that is not whole
+    line = settle_set_aside(rd, "pixels")
+    assert "could not be put back whole (part-00000.parquet is missing)" in line
+    assert read_manifest(rd, "pixels") is None and not keep.root.exists()
 
 
 def test_a_shard_deleted_or_truncated_after_the_embed_is_embedded_again(run30, capsys) -> None:

@@ -116,6 +116,24 @@ def test_an_interrupted_rewrite_leaves_the_old_table_whole_and_the_rerun_publish
     assert not nb.staged_parts(run, "a").exists()
 
 
+def test_a_staged_part_without_its_marker_is_never_published(tmp_path, ray_local) -> None:
+    """Review: a rewrite stopped between a staged part and its marker, then a rerun with the old
+    k (every part done by its old marker) moved the staged part of the other k into the table."""
+    import flagsim.search.neighbours as nb
+
+    x = np.random.default_rng(3).normal(size=(30, 4)).astype(np.float32)
+    make_run(tmp_path, "a", x, shard_size=7)
+    run = RunDir.at(str(tmp_path))
+    write_neighbours(str(tmp_path), k=3, models=["a"])
+    before = pd.read_parquet(run.neighbours.path)
+    stray = nb.staged_parts(run, "a") / "part-00000.parquet"
+    stray.write_bytes(b"a part of another k, its marker never written")
+    (again,) = write_neighbours(str(tmp_path), k=3, models=["a"])
+    assert again.written == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(run.neighbours.path), before)
+    assert not nb.staged_parts(run, "a").exists()
+
+
 def test_k_larger_than_the_collection_is_a_one_line_error(tmp_path, capsys) -> None:
     make_run(tmp_path, "a", np.random.default_rng(2).normal(size=(8, 4)).astype(np.float32))
     assert main(["-q", "neighbours", "--run", str(tmp_path), "-k", "8"]) == 2

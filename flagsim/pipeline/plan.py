@@ -19,8 +19,10 @@ from flagsim.shards import (
     done_shards,
     missing_or_resized,
     read_manifest,
+    read_marker,
     shard_files,
     shard_problem,
+    write_manifest,
 )
 from flagsim.storage import Location, walk_files
 
@@ -188,54 +190,85 @@ def _relative(run: RunDir, loc: Location) -> str:
     return loc.path[len(run.root.path):].lstrip("/")
 
 
+def _copy(src: Location, dst: Location) -> None:
+    if src.exists():
+        dst.write_bytes(src.read_bytes())
+
+
 def set_aside(run: RunDir, model: str, shards: Sequence[str] | None = None) -> None:
     """Clear the model's shard files `shards` (every shard and sidecar when None) for new
-    embeddings: moved to `set_aside_dir` with their markers, the run marker and the manifest
-    when the model is complete, else deleted. The manifest moves last, so a crash part-way is
-    finished by the next call (an older complete copy there is superseded and dropped first)."""
+    embeddings, keeping the last complete ones in `set_aside_dir`.
+
+    A complete model (a manifest): an older copy there is dropped, the sidecars (manifest, run
+    marker, embedder) are copied there first, the run's manifest is deleted (the model is then
+    incomplete), and last the shards and their markers move there. A model left incomplete by a
+    set-aside a crash cut short: shards its copy's manifest lists and lacks move there, the rest
+    are deleted. So a crash at any step leaves the copy completable, and a restore checks it.
+    """
     keep = set_aside_dir(run, model)
-    complete = run.manifest(model).exists()
-    if shards is None:
-        files = [*walk_files(run.model_dir(model)),
-                 *(f for f in walk_files(run.meta_dir(model)) if f != run.manifest(model))]
-    else:
-        indices = [shard_index(name) for name in shards]
-        files = [*(run.model_dir(model) / name for name in shards),
-                 *(run.shard_marker(model, i) for i in indices if i is not None),
-                 run.run_marker(model)]
-    if complete:
-        if keep.manifest(model).exists():
-            keep.root.delete()
-        for loc in [*files, run.manifest(model)]:
-            if loc.exists():
+    names = [loc.name for loc in shard_files(run, model).values()] if shards is None else list(shards)
+    if run.manifest(model).exists():
+        keep.root.delete()
+        for loc in (run.run_marker(model), run.embedder_info(model), run.manifest(model)):
+            _copy(loc, keep.root / _relative(run, loc))
+        run.manifest(model).delete()
+    kept = read_manifest(keep, model) if keep.manifest(model).exists() else None
+    for name in names:
+        shard, index = run.model_dir(model) / name, shard_index(name)
+        marker = run.shard_marker(model, index) if index is not None else None
+        wanted = kept is not None and name in kept.shards and not (keep.model_dir(model) / name).exists()
+        for loc in (shard, marker):
+            if loc is None or not loc.exists():
+                continue
+            if wanted:
                 loc.move_to(keep.root / _relative(run, loc))
+            else:
+                loc.delete()
     if shards is None:
         discard_model(run, model)
-    else:
-        for loc in files[:len(shards)]:
-            loc.delete()
+
+
+def _restorable(run: RunDir, model: str, manifest: Manifest) -> str | None:
+    """Why the run's shards are not the ones `manifest` lists (size, marker's sha256), or None."""
+    for name in manifest.shards:
+        index = shard_index(name)
+        loc = run.model_dir(model) / name
+        if index is None or not loc.is_file():
+            return f"{name} is missing"
+        marker = read_marker(run, model, index)
+        if marker is None or loc.size() != marker.get("bytes") \
+                or manifest.sizes.get(name, loc.size()) != loc.size() \
+                or manifest.checksums.get(name, marker.get("sha256")) != marker.get("sha256"):
+            return f"{name} is not the shard it recorded"
+    return None
 
 
 def settle_set_aside(run: RunDir, model: str) -> str | None:
     """After an embed: drop what `set_aside` kept when the model is complete again, else put it
-    back (the manifest last) and delete shards the manifest does not list; a line saying what
-    was put back, or None."""
+    back: shards, markers and sidecars, then the manifest, only when every shard it lists is
+    there as recorded (else the copy is dropped and the line says so). Shards the manifest does
+    not list are deleted. Returns a line saying what happened, or None."""
     keep = set_aside_dir(run, model)
     if not keep.root.exists():
         return None
-    if run.manifest(model).exists() or not keep.manifest(model).exists():
+    manifest = read_manifest(keep, model) if keep.manifest(model).exists() else None
+    if run.manifest(model).exists() or manifest is None:
         keep.root.delete()
         return None
-    files = sorted(walk_files(keep.root), key=lambda f: f == keep.manifest(model))
-    for loc in files:
-        loc.move_to(run.root / _relative(keep, loc))
-    manifest = read_manifest(run, model)
-    assert manifest is not None
+    for loc in walk_files(keep.root):
+        if loc != keep.manifest(model):
+            loc.move_to(run.root / _relative(keep, loc))
     for idx, loc in shard_files(run, model).items():
         if loc.name not in manifest.shards:  # a shard the restored embeddings never had
             loc.delete()
             run.shard_marker(model, idx).delete()
+    why = _restorable(run, model, manifest)
+    if why is None:
+        write_manifest(run, manifest)
     keep.root.delete()
+    if why is not None:
+        return (f"{model}: its previous embeddings could not be put back whole ({why}); "
+                "embed it again once its images can be read")
     return f"{model}: its previous embeddings are back in {run.model_dir(model)}"
 
 

@@ -158,6 +158,7 @@ def write_manifests(
     errors = _count_errors(run)
     device = res.device
     results = []
+    empty: list[str] = []
     for name in todo:
         shards = {loc.name: loc.parquet_num_rows() for loc in done_shards(run, name).values()}
         expected = {shard_name(p.index) for p in plans}
@@ -166,10 +167,8 @@ def write_manifests(
             raise DataError(f"{name}: shard(s) {', '.join(missing[:3])} missing after the run; rerun")
         rows = sum(shards.values())
         if rows == 0:  # no manifest: an empty model must not read as "up to date" from now on
-            raise NothingEmbedded(
-                f"{name}: none of the {sum(p.rows for p in plans)} images could be read "
-                f"({errors} errors, reasons in {run.errors_dir('embed')}); nothing was embedded"
-            )
+            empty.append(name)
+            continue
         dim = _dim(run, name)
         processed = sum(p.rows for p in plans if p.index in todo[name])
         described = _described(run, name)
@@ -189,6 +188,11 @@ def write_manifests(
             ModelResult(name, "embedded", images=rows, dim=dim, device=device,
                         dtype=manifest.dtype, seconds=manifest.seconds,
                         images_per_s=manifest.images_per_s, errors=errors)
+        )
+    if empty:  # after the other models' manifests: only the empty ones get their old shards back
+        raise NothingEmbedded(
+            f"{', '.join(empty)}: none of the {sum(p.rows for p in plans)} images could be read "
+            f"({errors} errors, reasons in {run.errors_dir('embed')}); nothing was embedded"
         )
     return results, errors
 

@@ -12,8 +12,10 @@ SCRIPT = r"""
   "use strict";
   var D = JSON.parse(document.getElementById("flagsim-data").textContent);
   var n = D.names.length, k = D.k;
-  var lower = D.names.map(function (s) { return s.toLowerCase(); });
-  var lowerIds = D.ids.map(function (s) { return s.toLowerCase(); });
+  // folded as `flagsim query` folds (catalog._fold_array): trimmed, NFC, lower case, final sigma
+  function fold(s) { return s.trim().normalize("NFC").toLowerCase().replace(/\u03c2/g, "\u03c3"); }
+  var lower = D.names.map(fold);
+  var lowerIds = D.ids.map(fold);
   var input = document.getElementById("search");
   var list = document.getElementById("suggest");
   var out = document.getElementById("result");
@@ -27,9 +29,9 @@ SCRIPT = r"""
   function clear(node) { while (node.firstChild) { node.removeChild(node.firstChild); } }
   function find(text) {
     // as `flagsim query` matches: the exact id (what deep links hold), the exact name, folded
-    var t = text.trim(), q = t.toLowerCase();
+    var t = text.trim(), q = fold(text);
     if (!t) { return -1; }
-    var tries = [[D.ids, text], [D.names, text], [D.ids, t], [D.names, t], [lower, q], [lowerIds, q]];
+    var tries = [[D.ids, text], [D.names, text], [D.names, t], [lower, q], [lowerIds, q]];
     for (var j = 0; j < tries.length; j++) {
       var i = tries[j][0].indexOf(tries[j][1]);
       if (i >= 0) { return i; }
@@ -86,7 +88,7 @@ SCRIPT = r"""
   }
   function suggest(text) {
     clear(list);
-    var q = text.trim().toLowerCase();
+    var q = fold(text);
     if (!q) { return; }
     var shown = 0;
     for (var i = 0; i < n && shown < 20; i++) {

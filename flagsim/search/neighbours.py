@@ -305,7 +305,7 @@ def write_neighbours(
                     resources = ensure_ray(cfg)
                 run.neighbours_manifest(plan.model).delete()  # until the new one: incomplete
                 _search(run, plan, k, cfg, resources, writer)
-            published = _publish(run, plan)
+            published = _publish(run, plan, k)
             _remove_old_parts(run, plan)
             seconds = time.perf_counter() - start
             out.append(_commit(run, plan, k, seconds, max(len(writer.written), published)))
@@ -332,15 +332,17 @@ def _search(run: RunDir, plan: TablePlan, k: int, cfg: Config, resources: dict[s
     writer.finish()
 
 
-def _publish(run: RunDir, plan: TablePlan) -> int:
+def _publish(run: RunDir, plan: TablePlan, k: int) -> int:
     """Move the table's staged parts into its folder, each replacing the old part of its query
     shard (a rename each on local disk: the folder is mixed only for those instants, and a crash
-    among them is finished by the next run, whose markers vouch for either place); staged files
-    no plan part needs are deleted. Returns the number of parts moved."""
+    among them is finished by the next run, whose markers vouch for either place). A staged file
+    its marker does not vouch for (stopped before its marker; another k) is deleted. Returns the
+    number of parts moved."""
     stage = staged_parts(run, plan.model)
-    moved = 0
+    ident, moved = index_identity(plan.index), 0
     for loc in stage.list(".parquet"):
-        if loc.name in plan.done:
+        if loc.name in plan.done and marker_matches(part_marker(run, plan.model, loc.name), loc, k,
+                                                    ident, plan.sources[loc.name]):
             loc.move_to(run.neighbours_dir(plan.model) / loc.name)
             moved += 1
         else:
