@@ -230,14 +230,14 @@ def set_aside(run: RunDir, model: str, shards: Sequence[str] | None = None) -> N
 
 def _restorable(run: RunDir, model: str, manifest: Manifest) -> str | None:
     """Why the run's shards are not the ones `manifest` lists (size, marker's sha256), or None."""
+    changed = missing_or_resized(run, manifest)
+    if changed:
+        loc = run.model_dir(model) / changed[0]
+        return f"{changed[0]} is {'not the shard it recorded' if loc.exists() else 'missing'}"
     for name in manifest.shards:
         index = shard_index(name)
-        loc = run.model_dir(model) / name
-        if index is None or not loc.is_file():
-            return f"{name} is missing"
-        marker = read_marker(run, model, index)
-        if marker is None or loc.size() != marker.get("bytes") \
-                or manifest.sizes.get(name, loc.size()) != loc.size() \
+        marker = read_marker(run, model, index) if index is not None else None
+        if marker is None or (run.model_dir(model) / name).size() != marker.get("bytes") \
                 or manifest.checksums.get(name, marker.get("sha256")) != marker.get("sha256"):
             return f"{name} is not the shard it recorded"
     return None

@@ -201,7 +201,10 @@ class Catalogue:
         """The ids `text` names, by the first rule that matches: the exact image id, the exact
         display name, then both folded (trimmed, Unicode NFC, case-insensitive), then the
         folded id of a file name's stem (`Chad.png`). Several ids: a shared name."""
-        for keys, key in ((self.ids, text), (self.display, text), (self.display, text.strip())):
+        exact = [(self.ids, text), (self.display, text)]
+        if text.strip() != text:
+            exact.append((self.display, text.strip()))
+        for keys, key in exact:
             if found := self._matches(keys, self.ids, key):
                 return found
         folded = self._fold(text)

@@ -125,12 +125,10 @@ def query(
 
 
 def _image_query(session: RunSearch, path: str, k: int, cfg: Config, ensemble: bool) -> QueryResult:
-    from flagsim.decode import decode_image
-
-    run = session.run
-    from flagsim.decode import DecodeError
+    from flagsim.decode import DecodeError, decode_image
     from flagsim.inputfiles import check_input_file
 
+    run = session.run
     loc = Location.parse(path)
     check_input_file(loc, "image file")  # a directory or device said as one, a FIFO never opened
     data = loc.read_bytes()
