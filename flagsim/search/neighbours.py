@@ -348,6 +348,8 @@ def _publish(run: RunDir, plan: TablePlan, k: int) -> int:
         else:
             loc.delete()
     stage.delete()
+    if not stage.parent.list() and not stage.parent.dirs():  # no table staged any more
+        stage.parent.delete()
     return moved
 
 
