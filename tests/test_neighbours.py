@@ -144,6 +144,18 @@ def test_k_larger_than_the_collection_is_a_one_line_error(tmp_path, capsys) -> N
     assert not RunDir.at(str(tmp_path)).index_path("a").exists()
 
 
+@pytest.mark.parametrize("command", [["neighbours"], ["dedup", "--threshold", "0.99"], ["report"]])
+def test_a_one_image_run_says_it_has_no_neighbours_not_a_k_the_user_never_chose(
+        tmp_path, capsys, command) -> None:
+    """Before: `dedup` and `report` of a one-image run said 'k=10 is larger than the collection'
+    (the config's neighbours.k); the run has no neighbours at any k."""
+    make_run(tmp_path, "a", np.ones((1, 4), dtype=np.float32))
+    assert main(["-q", *command, "--run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("flagsim: error: model a has 1 image: no neighbours to find "
+                   "(at least 2 needed)")
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> Path:
     """The original experiment's six embedding files imported into one run."""

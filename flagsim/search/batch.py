@@ -23,6 +23,7 @@ from flagsim.errors import DataError
 from flagsim.rundir import RunDir
 from flagsim.search.catalog import complete_models, search_tables
 from flagsim.search.manifest import IndexManifest
+from flagsim.search.model_index import check_k
 from flagsim.search.neighbours import (
     NeighboursResult,
     PartWriter,
@@ -193,9 +194,7 @@ def _query_run(run: RunDir, out: RunDir, queries: str, names: list[str], cfg: Co
 
 def _plan(run: RunDir, qrun: RunDir, out: RunDir, model: str, members: tuple[str, ...], k: int,
           index: IndexManifest) -> TablePlan:
-    if k > index.count:
-        raise DataError(f"k={k} is larger than the collection: model {model} of {run.root} has "
-                        f"{index.count} images")
+    check_k(k, model, index.count, exclude_self=False, where=f" of {run.root}")
     qman = read_manifest(qrun, members[0] if members else model)
     if qman is None:
         raise DataError(f"no query embeddings of model {model} in {qrun.root}")
@@ -238,9 +237,8 @@ def run_search(
     names = [m for m, members in tables if not members]
     for m in names:  # before the queries are embedded (the index's own count is checked below)
         man = read_manifest(run, m)
-        if man is not None and k > man.rows:
-            raise DataError(f"k={k} is larger than the collection: model {m} of {run.root} has "
-                            f"{man.rows} images")
+        if man is not None:
+            check_k(k, m, man.rows, exclude_self=False, where=f" of {run.root}")
     claimed = _claim_out(run, out, queries)
     try:
         qrun = _query_run(run, out, queries, names, cfg, show_progress)

@@ -15,6 +15,26 @@ from flagsim.search.vectors import normalise
 from flagsim.storage import Location
 
 
+def check_k(k: int, model: str, count: int, *, exclude_self: bool = True, where: str = "") -> None:
+    """One-line DataError when `k` neighbours cannot exist among `count` images of `model`.
+
+    `where` names the run in the message (" of RUN") when the caller searches another run.
+    A collection with no neighbours at all (one image, itself excluded) says so instead of
+    naming a k the user may not have chosen (the config's default).
+    """
+    most = count - 1 if exclude_self else count
+    if k < 1:
+        raise DataError(f"k must be at least 1, got {k}")
+    if most < 1:
+        raise DataError(f"model {model}{where} has {count} image{'' if count == 1 else 's'}: "
+                        f"no neighbours to find (at least {2 if exclude_self else 1} needed)")
+    if k > most:
+        raise DataError(
+            f"k={k} is larger than the collection: model {model}{where} has {count} images, "
+            f"so at most {most} neighbours each"
+        )
+
+
 @dataclass(frozen=True)
 class Hit:
     """One neighbour of a query: 1-based rank, image id, display name and cosine similarity."""
@@ -87,14 +107,7 @@ class ModelIndex:
 
     def check_k(self, k: int, exclude_self: bool = True) -> None:
         """One-line DataError when `k` neighbours cannot exist in this collection."""
-        most = self.count - 1 if exclude_self else self.count
-        if k < 1:
-            raise DataError(f"k must be at least 1, got {k}")
-        if k > most:
-            raise DataError(
-                f"k={k} is larger than the collection: model {self.model} has {self.count} images, "
-                f"so at most {most} neighbours each"
-            )
+        check_k(k, self.model, self.count, exclude_self=exclude_self)
 
     def search(
         self,

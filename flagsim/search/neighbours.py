@@ -20,6 +20,7 @@ from flagsim.schema import NEIGHBOURS_FILE_SCHEMA, NEIGHBOURS_SCHEMA, PARTITION_
 from flagsim.search.build_tasks import Table, ensure_indexes
 from flagsim.search.catalog import search_tables
 from flagsim.search.manifest import IndexManifest
+from flagsim.search.model_index import check_k
 from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
 from flagsim.search.saved import index_files, source_checksums
 from flagsim.shards import read_manifest
@@ -136,9 +137,7 @@ def query_shards(checksums: dict[str, str], members: Sequence[str]) -> list[str]
 
 def plan_table(run: RunDir, model: str, members: tuple[str, ...], k: int, index: IndexManifest
                ) -> TablePlan:
-    if k > index.count - 1:
-        raise DataError(f"k={k} is larger than the collection: model {model} has {index.count} "
-                        f"images, so at most {index.count - 1} neighbours each")
+    check_k(k, model, index.count)
     checksums = source_checksums(run, model, list(members) or None)
     shards = query_shards(checksums, members)
     sources = {s: shard_checksum(checksums, s, members) for s in shards}
@@ -281,11 +280,8 @@ def write_neighbours(
     tables = search_tables(run, models)
     for m, members in tables:  # check k everywhere before building or writing anything
         emb = read_manifest(run, m) if not members else None
-        if emb is not None and k > emb.rows - 1:
-            raise DataError(
-                f"k={k} is larger than the collection: model {m} has {emb.rows} images, "
-                f"so at most {emb.rows - 1} neighbours each"
-            )
+        if emb is not None:
+            check_k(k, m, emb.rows)
     indexes = table_indexes(run, tables, cfg)
     from flagsim.runlock import run_lock
 
