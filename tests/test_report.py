@@ -462,6 +462,29 @@ def test_cli_report_never_writes_into_the_runs_data(run_dir, tmp_path, capsys):
     assert shard.read_bytes() == before and not (tmp_path / "same").exists()
 
 
+def test_cli_report_writes_the_contact_sheet_in_the_format_its_name_says(run_dir, tmp_path,
+                                                                        capsys, monkeypatch):
+    """`--png sheet.jpg` wrote PNG bytes under a .jpg name; now JPEG and WebP are written as
+    such, and a suffix PIL is not asked to write is refused before the work."""
+    from PIL import Image
+
+    from flagsim.cli import main
+
+    for name, fmt in (("sheet.jpg", "JPEG"), ("sheet.webp", "WEBP"), ("sheet.PNG", "PNG")):
+        assert main(["report", "--run", str(run_dir), "--queries", "Chad",
+                     "--out", str(tmp_path / "r.html"), "--png", str(tmp_path / name)]) == 0
+        with Image.open(tmp_path / name) as im:
+            assert im.format == fmt and im.width > 100
+    _no_work(monkeypatch)
+    capsys.readouterr()
+    assert main(["report", "--run", str(run_dir), "--out", str(tmp_path / "s.html"),
+                 "--png", str(tmp_path / "sheet.gif")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"flagsim: error: contact sheet {tmp_path / 'sheet.gif'}: .gif is not a format "
+                   f"it can be written in; name it .jpeg, .jpg, .png, .webp")
+    assert not (tmp_path / "s.html").exists() and not (tmp_path / "sheet.gif").exists()
+
+
 def test_cli_report_to_a_directory_is_refused_before_the_work(run_dir, tmp_path, capsys,
                                                              monkeypatch):
     """`--out DIR` failed with `DIR: Is a directory` only when writing, after all the work."""

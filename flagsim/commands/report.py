@@ -24,7 +24,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     options.add_run_options(p)
     p.add_argument("--out", metavar="HTML", help="output page (default: RUN_DIR/report.html)")
     p.add_argument("--png", metavar="PNG",
-                   help="contact sheet (default: next to the page, e.g. RUN_DIR/report.png)")
+                   help="contact sheet, .png, .jpg or .webp (default: next to the page, e.g. "
+                   "RUN_DIR/report.png)")
     p.add_argument("--queries", type=options.split_csv, default=None, metavar="A,B",
                    help="query names or image ids (default: the config's report.queries)")
     p.add_argument("-k", type=int, default=None, metavar="K",
@@ -61,7 +62,7 @@ def check_outputs(run_dir: str, out: str | None, png: str | None) -> None:
     --png is given or next to the page by default (`--out X.png`: the sheet replaced the page)."""
     from flagsim.errors import ConfigError
     from flagsim.inputfiles import is_parquet_file
-    from flagsim.report.build import default_png
+    from flagsim.report.build import default_png, sheet_format
     from flagsim.rundir import RunDir
     from flagsim.storage import Location, is_uri
 
@@ -110,6 +111,7 @@ def check_outputs(run_dir: str, out: str | None, png: str | None) -> None:
         if mode is not None and is_parquet_file(Location.parse(path)):
             raise ConfigError(f"{label} {path} is a Parquet file; the report would replace it, "
                               f"name another file")
+    sheet_format(sheet)  # after the checks above: a .bin that is Parquet is named as such
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,6 +38,25 @@ class ReportPaths:
     skipped: list[str]
 
 
+#: The contact sheet's image format by the suffix of its file (no suffix: PNG).
+SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def sheet_format(path: str | Location) -> str:
+    """PIL's format name for a contact sheet written to `path`; ConfigError for another suffix
+    (`--png x.jpg` used to write PNG bytes under a .jpg name)."""
+    from flagsim.errors import ConfigError
+
+    name = path.name if isinstance(path, Location) else Location.parse(path).name
+    suffix = "." + name.rsplit(".", 1)[1].lower() if "." in name.lstrip(".") else ""
+    if not suffix:
+        return "PNG"
+    if suffix not in SHEET_FORMATS:
+        raise ConfigError(f"contact sheet {path}: {suffix} is not a format it can be written in; "
+                          f"name it {', '.join(sorted(SHEET_FORMATS))}")
+    return SHEET_FORMATS[suffix]
+
+
 def default_png(out: str | Location) -> Location:
     """`<dir>/report.html` -> `<dir>/report.png`: the contact sheet lies next to the page."""
     loc = out if isinstance(out, Location) else Location.parse(out)
@@ -141,10 +160,11 @@ def build_report(
     # Both are made before either is written: a sheet that failed to draw once left a new page
     # beside the sheet of an earlier report.
     sheet = render_contact_sheet(comparison, images, title=title)
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG", optimize=True)
     html_loc = Location.parse(out) if out else run.report
     png_loc = Location.parse(png) if png else default_png(html_loc)
+    fmt = sheet_format(png_loc)
+    buf = io.BytesIO()
+    sheet.save(buf, format=fmt, **({"optimize": True} if fmt != "WEBP" else {"quality": 90}))
     _write_pair(html_loc, page.encode("utf-8"), png_loc, buf.getvalue())
     log.info("wrote %s and %s (%d queries, %d images)", html_loc, png_loc, len(comparison.queries), len(ids))
     return ReportPaths(str(html_loc), str(png_loc), list(comparison.queries), data.skipped)
