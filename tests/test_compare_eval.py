@@ -339,3 +339,21 @@ def test_a_pair_naming_the_same_image_twice_is_left_out_with_one_warning(tmp_pat
         evaluate(run, str(pairs))
     assert str(info.value) == (f"every labelled pair in {pairs} names the same image as query and "
                                f"as similar (first: line 2); a pair needs two different images")
+
+
+def test_a_zero_vector_is_warned_about_once_per_shard_naming_it(tmp_path, capsys) -> None:
+    """One `compare` normalised the same shard's rows four times and printed the same
+    anonymous 'zero vector(s)' warning each time; now once, naming the shard."""
+    import runs
+
+    x = np.random.default_rng(5).normal(size=(12, 6)).astype(np.float32)
+    x[4] = 0.0
+    for model in ("a", "b"):
+        runs.make_run(tmp_path, model, x)
+    assert main(["compare", "--run", str(tmp_path), "Image img00001", "-k", "3"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "zero vector" in line]
+    for model in ("a", "b"):
+        shard = RunDir.at(str(tmp_path)).model_dir(model) / "part-00000.parquet"
+        named = [w for w in warnings if f"1 zero vector(s) in {shard}:" in w]
+        assert len(named) == 1, warnings
+    assert len(warnings) == len(set(w.split(" WARNING ")[-1] for w in warnings)), warnings

@@ -44,7 +44,7 @@ def _shard_vectors(loc, table: pa.Table, dim: int) -> np.ndarray:
         raise DataError(f"{loc}: embedding dim {vec.shape[1]} disagrees with the manifest's {dim}")
     if not np.isfinite(vec).all():
         raise DataError(f"{loc} holds NaN/Inf embeddings")
-    return normalise(vec)
+    return normalise(vec, source=str(loc))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def normalise(vectors: np.ndarray) -> np.ndarray:
+#: Zero-vector warnings already given by this process: one command normalises the same rows
+#: several times (index build, the session's reads, the ensemble), and said so each time.
+_warned: set[str] = set()
+
+
+def normalise(vectors: np.ndarray, source: str | None = None) -> np.ndarray:
     """Rows scaled to unit L2 norm (float32, C-contiguous); all-zero rows stay zero.
 
     The one normalisation of cosine search (index build, stored and query vectors). Norms are
@@ -19,6 +24,8 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     copy of the batch): any finite float32 row, from ~1e-45 (denormal) to ~3e38, becomes an
     exact unit vector, where float32 norms overflowed to inf (a huge row became all zeros) or
     lost the digits of denormals (their rows came out ~6% short of unit length).
+    All-zero rows are warned about once per process and `source` (what the rows are, e.g. a
+    shard), however often the same rows are normalised.
     """
     x = np.array(vectors, dtype=np.float32, copy=True, order="C")
     if x.ndim == 1:
@@ -28,7 +35,11 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     zero = norms == 0
     if zero.any():
-        log.warning("%d zero vector(s): their cosine similarity is 0 to everything", int(zero.sum()))
+        text = (f"{int(zero.sum())} zero vector(s){f' in {source}' if source else ''}: their cosine "
+                f"similarity is 0 to everything")
+        if text not in _warned:
+            _warned.add(text)
+            log.warning("%s", text)
     norms[zero] = 1.0
     np.divide(x, norms[:, None], out=x, casting="unsafe")
     return x
