@@ -911,3 +911,22 @@ def test_pca_2d_keeps_the_main_axes():
     d_in = np.linalg.norm(t[:50, None] - t[None, :50], axis=-1)
     d_out = np.linalg.norm(xy[:50, None] - xy[None, :50], axis=-1)
     assert np.allclose(d_in, d_out, atol=0.1)
+
+
+def test_cli_report_queries_take_a_quoted_name_holding_a_comma(tmp_path, capsys):
+    """`--queries` was split on every comma, so 'Korea, South' could not be asked for."""
+    import runs
+
+    from flagsim.cli import main
+
+    ids = ["Korea, South", "Chad", "Romania", "Peru"]
+    runs.make_run(tmp_path / "run", "a", np.random.default_rng(4).normal(size=(4, 5)).astype(
+        np.float32), ids=ids)
+    out = tmp_path / "r.html"
+    assert main(["report", "--run", str(tmp_path / "run"), "--out", str(out), "-k", "2",
+                 "--queries", '"Image Korea, South", Image Chad']) == 0
+    assert "wrote" in capsys.readouterr().err
+    page = out.read_text()
+    assert "not in this run" not in page and "not in the run" not in page
+    assert 'data-query="Image Korea, South"' in page and 'data-query="Image Chad"' in page
+    assert page.count('<section class="card query"') == 2

@@ -18,6 +18,18 @@ def split_csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def split_names(text: str) -> list[str]:
+    """Comma-separated names, where a name holding a comma is double-quoted as in a CSV row:
+    `'"Korea, South",Chad'` is two names (a plain split made three, none of them real)."""
+    import csv
+
+    try:
+        (row,) = list(csv.reader([text], skipinitialspace=True)) or [[]]
+    except (csv.Error, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r} into names: {exc}") from None
+    return [t.strip() for t in row if t.strip()]
+
+
 class _DeprecatedRunOut(argparse.Action):
     """`--out RUN_DIR` where `--run RUN_DIR` is meant: stored as run_dir, noted for a warning."""
 

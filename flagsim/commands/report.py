@@ -26,8 +26,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--png", metavar="PNG",
                    help="contact sheet, .png, .jpg or .webp (default: next to the page, e.g. "
                    "RUN_DIR/report.png)")
-    p.add_argument("--queries", type=options.split_csv, default=None, metavar="A,B",
-                   help="query names or image ids (default: the config's report.queries)")
+    p.add_argument("--queries", type=options.split_names, default=None, metavar="A,B",
+                   help="query names or image ids, comma-separated; double-quote one that holds "
+                   "a comma: '\"Korea, South\",Chad' (default: the config's report.queries)")
     p.add_argument("-k", type=int, default=None, metavar="K",
                    help="neighbours per model (default: the config's report.k)")
     p.add_argument("--pairs", metavar="FILE",
