@@ -79,6 +79,9 @@ class CsvStream:
         self._binary = binary
         self._comments = comments
         self._number = 0
+        self._record: list[str] = []  # the physical lines of the record being read
+        self._first = 0  # the line its first line is
+        self._eof = False
         csv.field_size_limit(FIELD_LIMIT)
         self._reader = csv.reader(self._lines())
         self.fieldnames: list[str] = self._next() or []
@@ -97,6 +100,7 @@ class CsvStream:
                 what = "is not a readable gzip file" if self._gzipped else "cannot be read"
                 raise DataError(f"{self.src} {what}: {' '.join(str(exc).split())}") from None
             if not raw:
+                self._eof = True
                 return
             number += 1
             self._number = number
@@ -119,11 +123,15 @@ class CsvStream:
             if self._comments is not None and (
                     not text.strip() or text.lstrip().startswith(self._comments)):
                 continue
+            if not self._record:
+                self._first = number
+            self._record.append(text)
             yield text
 
     def _next(self) -> list[str] | None:
+        self._record = []
         try:
-            return next(self._reader)
+            row = next(self._reader)
         except StopIteration:
             return None
         except csv.Error as exc:
@@ -133,6 +141,13 @@ class CsvStream:
             elif "new-line character seen in unquoted field" in text:
                 text = "its lines end in a bare CR (old Mac style); save it with LF line endings"
             raise DataError(f"{self.src}: line {self.line}: not valid CSV ({text})") from None
+        if self._eof and len(self._record) > 1 and _unclosed_quote(self._record):
+            # the lenient reader takes an unclosed quote's field to the end of the file: every
+            # record after it vanished into one field, with at most a vague warning
+            raise DataError(f"{self.src}: line {self._first}: not valid CSV (a quoted field opened on "
+                            f"this line is never closed; the {len(self._record) - 1} line(s) "
+                            f"after it would be read as part of it)")
+        return row
 
     def rows(self) -> Iterator[list[str]]:
         """Each non-blank record after the header as its list of fields (`line`: its last line)."""
@@ -144,6 +159,19 @@ class CsvStream:
         """Each non-blank record as {column: value} (short rows lack the missing columns)."""
         for row in self.rows():
             yield dict(zip(self.fieldnames, row, strict=False))
+
+
+def _unclosed_quote(lines: list[str]) -> bool:
+    """Whether a record's lines end inside a quoted field (what the strict reader calls
+    'unexpected end of data'; the lenient one, which flagsim uses for stray quotes inside
+    fields, ends the field at the end of the file instead)."""
+    try:
+        next(csv.reader(lines, strict=True))
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    except StopIteration:
+        return False
+    return False
 
 
 @contextmanager
