@@ -392,3 +392,26 @@ def test_a_streamed_index_whose_source_changed_since_its_ids_were_read_is_one_li
         StreamedIndex(Shards(), 7).search(np.eye(1, 2, dtype=np.float32), 2)
     assert str(err.value) == ("the shards of all hold 6 rows, not the 7 read before; "
                               "run the command again")
+
+
+@pytest.mark.parametrize("command", [
+    ["index", "--models", "b"],
+    ["query", "img00001", "--model", "b"],
+    ["compare", "img00001", "--models", "a,b"],
+    ["eval", "--models", "b"],
+])
+def test_a_named_model_whose_embeddings_are_incomplete_is_one_line_saying_so(tmp_path, capsys,
+                                                                             command) -> None:
+    """Shards without a manifest (an embed cut short, or an embed --force under way) named with
+    --models, on a run whose indexes were built before: the line says they are incomplete and how
+    to finish them, not that the run has no embeddings of the model."""
+    from flagsim.cli import main
+
+    run, _, _ = _two_models(tmp_path)
+    assert main(["index", "--run", str(run.root)]) == 0
+    run.manifest("b").delete()
+    capsys.readouterr()
+    assert main([*command, "--run", str(run.root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "embeddings of model b in" in err and "are incomplete (no manifest)" in err, err
+    assert "rerun `flagsim embed` to finish them" in err, err

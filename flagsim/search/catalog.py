@@ -89,6 +89,12 @@ def resolve_models(run: RunDir, models: Sequence[str] | None) -> list[str]:
         if not run.model_dir(m).exists():
             have = ", ".join(available) or "none"
             raise DataError(f"no embeddings for model {m} in {run.root} (models present: {have})")
+        if m not in available:  # shards without a manifest: an embed still running or cut short
+            holder = _in_use(run)
+            raise DataError(
+                f"embeddings of model {m} in {run.model_dir(m)} are incomplete (no manifest); "
+                + (f"{holder}: wait for it" if holder else "rerun `flagsim embed` to finish them")
+            )
     return out
 
 
