@@ -229,6 +229,14 @@ def test_every_command_is_listed_and_its_own_help_has_its_options(capsys):
         assert option in capsys.readouterr().out
 
 
+def test_pipeline_help_names_every_stage_it_runs(capsys):
+    """pipeline also writes the dedup tables of the calibrated models (the report shows them)."""
+    with pytest.raises(SystemExit):
+        main(["pipeline", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "embed, index, neighbours, dedup" in out and "and report" in out
+
+
 def test_command_table_help_matches_each_modules_parser():
     """cli.COMMANDS repeats each module's help line (so --help needs no import): keep them equal."""
     import argparse

@@ -113,7 +113,8 @@ def search(args: argparse.Namespace) -> int:
 def pipeline_parser(prog: str) -> argparse.ArgumentParser:
     p = parser(prog, "Embed, index, neighbours and report for one run directory.")
     add_embed_args(p, "redo every stage")
-    p.add_argument("--no-report", action="store_true", help="stop after the neighbour tables")
+    p.add_argument("--no-report", action="store_true",
+                   help="stop before the report (after the neighbour and dedup tables)")
     return p
 
 

@@ -130,9 +130,10 @@ def pipeline(
     report: bool = True,
     show_progress: bool = True,
 ) -> PipelineResult:
-    """Embed, index, neighbour tables and report; each stage skips what is already up to date,
-    so a rerun is cheap. The images table is settled first (it becomes the run's own), so that
-    k is checked against the collection before any work."""
+    """Embed, index, neighbour tables, dedup tables (of the calibrated models) and report; each
+    stage skips what is already up to date, so a rerun is cheap. The images table is settled
+    first (it becomes the run's own), so that k is checked against the collection before any
+    work."""
     from flagsim.pipeline.embed import resolve_images, run_embed
     from flagsim.rundir import RunDir
     from flagsim.search.build_tasks import ensure_indexes

@@ -1,4 +1,4 @@
-"""`flagsim pipeline`: the whole job (embed, index, neighbours, report) in one command."""
+"""`flagsim pipeline`: the whole job (embed, index, neighbours, dedup, report) in one command."""
 
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "pipeline",
         help="embed, index, neighbour tables and report in one go (what `make embed-all` runs)",
-        description="Run flagsim embed, index, neighbours and report on one run directory. "
+        description="Run flagsim embed, index, neighbours, dedup (the models with a calibrated "
+        "threshold) and report on one run directory. "
         "Every stage skips what is already up to date, so rerunning resumes. A neighbours.k or "
         "report.k larger than the collection allows (images - 1) is lowered to it, with a warning.",
     )
     options.add_run_options(p, models="models (default: the config's)", deprecated_out=True)
     options.add_embed_args(p, "redo every stage")
-    p.add_argument("--no-report", action="store_true", help="stop after the neighbour tables")
+    p.add_argument("--no-report", action="store_true",
+                   help="stop before the report (after the neighbour and dedup tables)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
