@@ -501,6 +501,22 @@ def test_cli_index_builds_reports_and_checks(tmp_path, capsys) -> None:
     assert json.loads((run.index_path("m") / MANIFEST_FILE).read_text())["kind"] == "hnsw"
 
 
+def test_check_reports_an_index_built_with_other_settings_as_index_would_rebuild_it(tmp_path,
+                                                                                  capsys) -> None:
+    """`--check` exits 2 where `flagsim index` says "built with other index settings; rebuilding"
+    (docs/reliability.md: a stale index, other settings included, is reported by --check)."""
+    vectors = np.random.default_rng(11).normal(size=(60, 8)).astype(np.float32)
+    make_run(tmp_path, "m", vectors, shard_size=30)
+    assert main(["index", "--run", str(tmp_path), "--kind", "hnsw"]) == 0
+    assert main(["index", "--run", str(tmp_path), "--kind", "hnsw", "--check"]) == 0
+    capsys.readouterr()
+    assert main(["index", "--run", str(tmp_path), "--check"]) == 2  # index.kind auto: flat
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "built with other index settings" in err, err
+    assert main(["index", "--run", str(tmp_path)]) == 0 and "rebuilt" in capsys.readouterr().out
+    assert main(["index", "--run", str(tmp_path), "--check"]) == 0
+
+
 def test_index_force_rebuilds_without_hashing_the_index_it_replaces(tmp_path, capsys,
                                                                      monkeypatch) -> None:
     from flagsim.search import build_tasks

@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
     run = RunDir.at(options.run_dir_from(args, cfg, writable=not args.check))
     # the models' indexes and the ensemble `all`'s (as `flagsim neighbours` searches them)
     tables = search_tables(run, args.models)
-    if args.check:
+    if args.check:  # stale exactly when `flagsim index` would rebuild it: settings included
         for m, members in tables:
-            state, reason = index_state(run, m, verify=True, models=list(members) or None)
+            state, reason = index_state(run, m, cfg.index, verify=True, models=list(members) or None)
             if state != "fresh":
                 raise DataError(f"{reason}; run `flagsim index --models {m}`")
             print(plain(f"{m}: {reason}"))
