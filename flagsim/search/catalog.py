@@ -206,7 +206,8 @@ class Catalogue:
     def _candidates(self, text: str) -> list[str]:
         """The ids `text` names, by the first rule that matches: the exact image id, the exact
         display name, then both folded (trimmed, Unicode NFC, case-insensitive), then the
-        folded id of a file name's stem (`Chad.png`). Several ids: a shared name."""
+        folded id `safe_stem` makes of it (`Denmark[i]` -> Denmarki; an extension is kept, so
+        `Chad.png` is not Chad). Several ids: a shared name."""
         exact = [(self.ids, text), (self.display, text)]
         if text.strip() != text:
             exact.append((self.display, text.strip()))
