@@ -410,3 +410,35 @@ def test_a_rerun_with_other_settings_keeps_the_finished_embeddings_until_forced(
     assert {p.name: p.read_bytes() for p in (run30 / "embeddings" / "model=pixels").iterdir()} == before
     assert main(["embed", "--run", str(run30), *EMBED[:-1], "embed.shard_size=20", "--force"]) == 0
     assert sorted(read_manifest(rd, "pixels").shards.values()) == [10, 20]
+
+
+def test_embedding_one_model_from_a_new_images_table_names_the_models_left_behind(
+        tmp_path, ray_local, capsys) -> None:
+    """`embed --images NEW --models a` replaced the table that model b was embedded from, with
+    no word; searches then mixed two collections and the ensemble blamed the shard sizes."""
+    from flagsim.search.source import EnsembleSource
+
+    run = tmp_path / "run"
+    old, new = bundled_table().slice(0, 12), bundled_table().slice(6, 12)
+    write_images_table(old, RunDir.at(run))
+    run_embed(load_config(None, ["embed.models=[pixels, colour-layout]", "ray.read_cpus=1"]),
+              run_dir=str(run), show_progress=False)
+    capsys.readouterr()
+    pq_new = tmp_path / "new.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(new, pq_new)
+    assert main(["embed", "--run", str(run), "--images", str(pq_new), "--models", "pixels",
+                 "--no-progress", "--set", "ray.read_cpus=1"]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "earlier images table" in ln]
+    assert len(warned) == 1 and warned[0].endswith(
+        "colour-layout of this run was embedded from an earlier images table than this one (12 "
+        "images): run `flagsim embed --models colour-layout` to bring it up to date; until then "
+        "its neighbours, and the ensemble, cover only the images it had"), warned
+    ens = EnsembleSource(RunDir.at(run), ["pixels", "colour-layout"])
+    assert "embedded from different images tables" in ens.shortfall(ens.rows)
+    assert main(["embed", "--run", str(run), "--images", str(pq_new), "--models",
+                 "pixels,colour-layout", "--no-progress", "--set", "ray.read_cpus=1"]) == 0
+    assert "earlier images table" not in capsys.readouterr().err
+    ens = EnsembleSource(RunDir.at(run), ["pixels", "colour-layout"])
+    assert ens.rows == 12 and ens.shortfall(ens.rows) is None

@@ -264,8 +264,31 @@ def _run_embed(
         for name in todo:
             settle_set_aside(run, name)
         summary.results.extend(results)
+    if behind := models_behind(run, images_hash):
+        one = len(behind) == 1
+        log.warning("%s of this run %s embedded from an earlier images table than this one (%d "
+                    "images): run `flagsim embed --models %s` to bring %s up to date; until "
+                    "then %s neighbours, and the ensemble, cover only the images %s had",
+                    ", ".join(behind), "was" if one else "were", table.num_rows,
+                    ",".join(behind), "it" if one else "them", "its" if one else "their",
+                    "it" if one else "they")
     _record(run, summary)
     return summary
+
+
+def models_behind(run: RunDir, images_hash: str) -> list[str]:
+    """Complete models `flagsim embed` made from another images table than the run's (hash
+    `images_hash`): `embed --images NEW --models a` replaces the table other models were
+    embedded from, and searches then mix two collections. Imported models are not compared."""
+    from flagsim.search.catalog import complete_models
+    from flagsim.shards import read_manifest
+
+    behind = []
+    for m in complete_models(run):
+        man = read_manifest(run, m)
+        if man is not None and man.source == "flagsim embed" and man.images_hash != images_hash:
+            behind.append(m)
+    return behind
 
 
 def _record(run: RunDir, summary: EmbedSummary) -> None:

@@ -182,6 +182,12 @@ class EnsembleSource:
         fewest = min(self.parts, key=lambda p: p.rows)
         if count >= fewest.rows:
             return None
+        embedded = [p for p in self.parts if p.manifest.source == "flagsim embed"]
+        if len({p.manifest.images_hash for p in embedded}) > 1:
+            return (f"the ensemble {ENSEMBLE} of {', '.join(self.models)} holds {count} images, "
+                    f"fewer than {fewest.model}'s {fewest.rows}: its models were embedded from "
+                    "different images tables of this run (`flagsim embed --images` with some "
+                    "of the models); embed them all from the current one")
         return (f"the ensemble {ENSEMBLE} of {', '.join(self.models)} holds {count} images, "
                 f"fewer than {fewest.model}'s {fewest.rows}: an image takes part when every "
                 "model has it in the shard file of the same name, so models sharded differently "
