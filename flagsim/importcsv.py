@@ -45,14 +45,22 @@ ORIGINAL_LABELS = {
     "vgg16": "vgg16",
 }
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9._+-]{0,63}$")
+
+#: Names that readers of the `model=<name>` folders turn into another value: polars reads
+#: `true`/`false` as booleans and `nan`/`inf` as floats, DuckDB `inf`, `infinity` and `epoch` as
+#: dates (a name starting with a digit, such as `2024`, `001` or `1e3`, reads as a number).
+_VALUE_WORDS = frozenset({"true", "false", "nan", "inf", "infinity", "epoch"})
 
 
 def check_model_name(model: str) -> None:
-    """An imported model's name: letters, digits and . _ + -, and not `all` (the ensemble's)."""
-    if not _MODEL_NAME.match(model):
+    """An imported model's name: a letter, then letters, digits and . _ + -; not `all` (the
+    ensemble's) and not a word that readers of the `model=<name>` folders take for a value."""
+    if not _MODEL_NAME.match(model) or model.lower() in _VALUE_WORDS:
         raise DataError(
-            f"invalid model name {model!r}: use letters, digits and . _ + - (at most 64 characters)"
+            f"invalid model name {model!r}: use a letter, then letters, digits and . _ + - (at "
+            "most 64 characters), and not true, false, nan, inf, infinity or epoch (readers of "
+            "the model=<name> folders take those, and names starting with a digit, for values)"
         )
     if model.lower() == "all":
         raise DataError(f"the model name {model!r} is reserved for the ensemble of a run's models; "

@@ -10,6 +10,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import polars as pl
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -115,3 +116,47 @@ def test_errors_table_reads_whole(two_model_run: Path) -> None:
                duckdb.sql(f"SELECT * FROM read_parquet('{where}/**/*.parquet')").df()):
         assert list(df["image_id"]) == ["Broken"]
         assert df["stage"].iloc[0] == "decode"
+
+
+#: Model names users give `import-csv` / `import-embeddings`: each is either refused, or every
+#: reader gives the folder `model=<name>` back as that very string (alone in its table folder,
+#: as after importing one model and writing its neighbours or dedup table).
+NAME_CANDIDATES = ("pixels", "my-model", "vgg16", "efficientnet-lite0-ms", "clip+text", "v1.5",
+                   "e5", "nan1", "null", "none", "Jan-1", "2024", "001", "1e3", "0x1", "1.5",
+                   "2024-1-1", "12.5.1", "true", "False", "NaN", "inf", "Infinity", "epoch")
+
+
+def _model_values(table: Path) -> dict[str, object]:
+    where = str(table)
+    return {
+        "pandas": pd.read_parquet(where)["model"].iloc[0],
+        "pyarrow": pq.read_table(where).column("model").to_pylist()[0],
+        "pyarrow dataset": pads.dataset(where, partitioning="hive").to_table()
+        .column("model").to_pylist()[0],
+        "polars read": pl.read_parquet(f"{where}/**/*.parquet", hive_partitioning=True)["model"][0],
+        "polars scan": pl.scan_parquet(where).collect()["model"][0],
+        "duckdb": duckdb.sql(f"SELECT model FROM read_parquet('{where}/**/*.parquet', "
+                             "hive_partitioning = true)").fetchall()[0][0],
+    }
+
+
+def test_an_accepted_model_name_reads_back_as_itself_with_every_reader(tmp_path) -> None:
+    from flagsim.errors import DataError
+    from flagsim.importcsv import check_model_name
+
+    accepted = []
+    for name in NAME_CANDIDATES:
+        try:
+            check_model_name(name)
+        except DataError:
+            continue
+        accepted.append(name)
+        table = tmp_path / name / "neighbours"
+        (table / f"model={name}").mkdir(parents=True)
+        pq.write_table(pa.table({"query_id": ["a"]}), table / f"model={name}" / "part-00000.parquet")
+        for reader, value in _model_values(table).items():
+            assert value == name and isinstance(value, str), (name, reader, value)
+    assert {"pixels", "my-model", "clip+text", "v1.5", "e5"} <= set(accepted)
+    for refused in ("2024", "1e3", "inf", "true", "epoch", "NaN"):
+        with pytest.raises(DataError, match="invalid model name"):
+            check_model_name(refused)
