@@ -107,6 +107,41 @@ def test_an_embeddings_table_gives_the_neighbour_table_with_the_query_kept(flag_
     assert [r.written for r in again] == [0]
 
 
+def test_a_search_stopped_with_another_k_leaves_the_old_results_whole(flag_run, monkeypatch
+                                                                      ) -> None:
+    """A search again with another k writes its parts beside the results folder until all are
+    written: stopped after one part, `pd.read_parquet(OUT/results)` reads the old table, not a
+    mix of k (as an interrupted `flagsim neighbours`); the rerun resumes from the staged part."""
+    import pandas as pd
+
+    from flagsim.importemb import import_embeddings
+    from flagsim.search.neighbours import PartWriter
+
+    root, run = flag_run
+    queries, out = root / "queries-4-shards", root / "out-k"
+    import_embeddings(str(root / "pixels.parquet"), "pixels", str(queries), shard_size=10,
+                      images=False)
+    run_search(str(run), str(queries), str(out), models=["pixels"], k=3)
+    write = PartWriter._write
+
+    def stop_after_one(self, shard, table, n):
+        if self.written:
+            raise RuntimeError("stopped")
+        write(self, shard, table, n)
+
+    monkeypatch.setattr(PartWriter, "_write", stop_after_one)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_search(str(run), str(queries), str(out), models=["pixels"], k=5)
+    df = pd.read_parquet(out / "results")
+    assert len(df) == 40 * 3 and set(df.groupby("query_id")["rank"].max()) == {3}
+    monkeypatch.setattr(PartWriter, "_write", write)
+    results = run_search(str(run), str(queries), str(out), models=["pixels"], k=5)
+    assert results[0].written == 3  # of 4 parts: the one staged before the stop is kept
+    df = pd.read_parquet(out / "results")
+    assert len(df) == 40 * 5 and set(df.groupby("query_id")["rank"].max()) == {5}
+    assert not (out / "_tmp" / "results").exists()
+
+
 def test_bad_search_requests_are_one_line(flag_run) -> None:
     root, run = flag_run
     with pytest.raises(DataError, match="must be a directory of its own"):

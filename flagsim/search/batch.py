@@ -30,6 +30,7 @@ from flagsim.search.neighbours import (
     TablePlan,
     largest_shard,
     marker_matches,
+    publish_staged,
     query_shards,
     read_parts,
     shard_checksum,
@@ -51,6 +52,13 @@ def results_dir(out: RunDir, model: str) -> Location:
 
 def _meta_dir(out: RunDir, model: str) -> Location:
     return out.meta / RESULTS / f"model={model}"
+
+
+def _staged_results(out: RunDir, model: str) -> Location:
+    """Where a search writes a results table's new parts until all are written
+    (`OUT/_tmp/results/model=<m>/`): the results folder holds one whole table, never a mix of
+    an earlier search's parts (another k, index or queries) and new ones."""
+    return out.staging / RESULTS / f"model={model}"
 
 
 #: written into OUT when a search starts: what tells a search's own output (resumed, or searched
@@ -209,9 +217,10 @@ def _plan(run: RunDir, qrun: RunDir, out: RunDir, model: str, members: tuple[str
                .hexdigest() for s in shards}
     plan = TablePlan(model, members, index, shards, sources)
     ident = index_identity(index)
-    for s in shards:
-        marker = marker_matches(_meta_dir(out, model) / "parts" / s.replace(".parquet", ".json"),
-                                results_dir(out, model) / s, k, ident, sources[s])
+    for s in shards:  # a staged part (written, not yet published) is the newer
+        loc = _meta_dir(out, model) / "parts" / s.replace(".parquet", ".json")
+        marker = (marker_matches(loc, _staged_results(out, model) / s, k, ident, sources[s])
+                  or marker_matches(loc, results_dir(out, model) / s, k, ident, sources[s]))
         if marker is not None:
             plan.done[s] = marker
     return plan
@@ -255,7 +264,7 @@ def run_search(
     results = []
     for plan in plans:
         start = time.perf_counter()
-        writer = PartWriter(out, plan, k, table_dir=results_dir(out, plan.model),
+        writer = PartWriter(out, plan, k, table_dir=_staged_results(out, plan.model),
                             marker_dir=_meta_dir(out, plan.model) / "parts")
         if plan.todo:
             if resources is None:
@@ -275,6 +284,8 @@ def run_search(
             gpu = cfg.index.use_gpu != "no" and resources.get("GPU", 0.0) >= 1
             run_job(job, resources, gpu, cfg.ray.read_cpus, writer.add)
             writer.finish()
+        publish_staged(_staged_results(out, plan.model), results_dir(out, plan.model),
+                       _meta_dir(out, plan.model) / "parts", plan, k)
         for loc in results_dir(out, plan.model).list(".parquet"):
             if loc.name not in plan.shards:
                 loc.delete()

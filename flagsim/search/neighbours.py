@@ -329,17 +329,23 @@ def _search(run: RunDir, plan: TablePlan, k: int, cfg: Config, resources: dict[s
 
 
 def _publish(run: RunDir, plan: TablePlan, k: int) -> int:
-    """Move the table's staged parts into its folder, each replacing the old part of its query
-    shard (a rename each on local disk: the folder is mixed only for those instants, and a crash
-    among them is finished by the next run, whose markers vouch for either place). A staged file
-    its marker does not vouch for (stopped before its marker; another k) is deleted. Returns the
-    number of parts moved."""
-    stage = staged_parts(run, plan.model)
+    """Move the table's staged parts into its folder (see `publish_staged`)."""
+    return publish_staged(staged_parts(run, plan.model), run.neighbours_dir(plan.model),
+                          part_marker(run, plan.model, "x").parent, plan, k)
+
+
+def publish_staged(stage: Location, table_dir: Location, marker_dir: Location, plan: TablePlan,
+                   k: int) -> int:
+    """Move a table's staged parts from `stage` into `table_dir`, each replacing the old part
+    of its query shard (a rename each on local disk: the folder is mixed only for those
+    instants, and a crash among them is finished by the next run, whose markers in
+    `marker_dir` vouch for either place). A staged file its marker does not vouch for (stopped
+    before its marker; another k) is deleted. Returns the number of parts moved."""
     ident, moved = index_identity(plan.index), 0
     for loc in stage.list(".parquet"):
-        if loc.name in plan.done and marker_matches(part_marker(run, plan.model, loc.name), loc, k,
-                                                    ident, plan.sources[loc.name]):
-            loc.move_to(run.neighbours_dir(plan.model) / loc.name)
+        marker = marker_dir / loc.name.replace(".parquet", ".json")
+        if loc.name in plan.done and marker_matches(marker, loc, k, ident, plan.sources[loc.name]):
+            loc.move_to(table_dir / loc.name)
             moved += 1
         else:
             loc.delete()
