@@ -187,6 +187,27 @@ def test_the_job_api_address_given_as_the_ray_address_is_one_line(tmp_path: Path
         "ray://host:10001"]
 
 
+def test_a_port_that_is_not_ray_is_one_line_at_once(tmp_path: Path) -> None:
+    """A web server's port (as the dashboard's 8265 would be) given as the Ray address passed the
+    TCP check and `ray.init` then retried for minutes, printing Ray's C++ warnings."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        proc = _embed(tmp_path, "--set", f"ray.address={address}", "--set",
+                      "ray.connect_timeout_s=60", verbosity=("-q",))
+    finally:
+        server.shutdown()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"flagsim: error: {address} accepts connections but is not Ray (no gRPC answer; the "
+        "dashboard's 8265 or another service?): use the head's GCS port (6379 by default), "
+        "`auto` on a node, or ray://host:10001"]
+
+
 def test_invalid_ray_address_is_one_line(tmp_path: Path) -> None:
     proc = _embed(tmp_path, "--set", "ray.address=ray://head:notaport", verbosity=("-q",))
     assert proc.returncode == 2
@@ -233,6 +254,7 @@ def test_a_failed_connection_is_one_line_without_rays_client_warning(monkeypatch
     import ray
 
     from flagsim.config import load_config
+    from flagsim.pipeline import ray_session
     from flagsim.pipeline.ray_session import RayConnectError, ensure_ray
 
     def client_times_out(**kwargs):
@@ -244,6 +266,8 @@ def test_a_failed_connection_is_one_line_without_rays_client_warning(monkeypatch
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # set by a local Ray an earlier test started
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", client_times_out)
+    # past flagsim's own check that the port speaks gRPC (a Ray client server that then fails)
+    monkeypatch.setattr(ray_session, "_speaks_grpc", lambda *args: None)
     with socket.create_server(("127.0.0.1", 0)) as server, warnings.catch_warnings():
         warnings.simplefilter("error")  # a warning that got out would fail the test
         address = f"ray://127.0.0.1:{server.getsockname()[1]}"

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+from typing import Any
 from urllib.parse import urlsplit
 
 from flagsim.config import Config
@@ -174,7 +175,9 @@ def probe(address: str, timeout_s: float) -> None:
         left = deadline - time.monotonic()
         try:
             with socket.create_connection(target, timeout=max(0.1, min(left, 5.0))):
-                return
+                pass
+            _speaks_grpc(address, target, max(1.0, deadline - time.monotonic()))
+            return
         except OSError as exc:
             reason = exc.strerror or str(exc) or type(exc).__name__
             if time.monotonic() + 0.5 >= deadline:
@@ -183,6 +186,42 @@ def probe(address: str, timeout_s: float) -> None:
                     "check ray.address / RAY_ADDRESS, or ray.connect_timeout_s)"
                 ) from None
             time.sleep(0.5)
+
+
+def _speaks_grpc(address: str, target: tuple[str, int], timeout_s: float) -> None:
+    """RayConnectError unless the port that accepted a TCP connection also completes a gRPC
+    (HTTP/2) handshake, as a Ray GCS or Ray client server does: given another service's port
+    (the dashboard's 8265, a web server), `ray.init` retried for minutes, printing Ray's C++
+    warnings. Skipped with TLS (`RAY_USE_TLS`), whose handshake a plain channel cannot make."""
+    if os.environ.get("RAY_USE_TLS", "").lower() in ("1", "true", "yes"):
+        return
+    try:
+        import grpc  # with ray[default], as flagsim installs it
+    except ImportError:
+        return
+
+    host, port = target
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    seen: list[Any] = []
+    settled = threading.Event()
+
+    def watch(state: Any) -> None:  # READY, or a failed handshake (not a gRPC server)
+        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            seen.append(state)
+            settled.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    try:
+        settled.wait(min(timeout_s, 10.0))
+        if not seen or seen[0] is not grpc.ChannelConnectivity.READY:
+            raise RayConnectError(
+                f"{address} accepts connections but is not Ray (no gRPC answer; the dashboard's "
+                "8265 or another service?): use the head's GCS port (6379 by default), `auto` "
+                "on a node, or ray://host:10001"
+            )
+    finally:
+        channel.unsubscribe(watch)
+        channel.close()
 
 
 def _connect_failure(address: str | None, exc: BaseException) -> str:
