@@ -280,11 +280,10 @@ def models_behind(run: RunDir, images_hash: str) -> list[str]:
     """Complete models `flagsim embed` made from another images table than the run's (hash
     `images_hash`): `embed --images NEW --models a` replaces the table other models were
     embedded from, and searches then mix two collections. Imported models are not compared."""
-    from flagsim.search.catalog import complete_models
     from flagsim.shards import read_manifest
 
     behind = []
-    for m in complete_models(run):
+    for m in run.embedded_models():  # those without a manifest (incomplete) are not compared
         man = read_manifest(run, m)
         if man is not None and man.source == "flagsim embed" and man.images_hash != images_hash:
             behind.append(m)
