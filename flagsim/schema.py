@@ -110,18 +110,18 @@ DEDUP_FILE_SCHEMA = pa.schema(
     ]
 )
 
-#: Errors table (`errors/<stage>/part-NNNNN.parquet`): one row per failed item.
-# `index/model=<m>/ids.parquet`: the image at each index position, in position order.
+#: `index/model=<m>/ids.parquet`: the image at each index position, in position order.
 INDEX_IDS_SCHEMA = pa.schema(
     [pa.field("image_id", pa.string(), nullable=False), pa.field("name", pa.string(), nullable=False)]
 )
 
+#: Errors table (`errors/<stage>/part-NNNNN.parquet`): one row per failed item.
 ERRORS_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string()),
         pa.field("name", pa.string()),
         pa.field("path", pa.string()),
-        pa.field("stage", pa.string(), nullable=False),  # decode | embed | scrape
+        pa.field("stage", pa.string(), nullable=False),  # images | download | decode
         pa.field("model", pa.string()),
         pa.field("reason", pa.string(), nullable=False),
     ]
