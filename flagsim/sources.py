@@ -465,7 +465,8 @@ def read_url_table(path: str, url_column: str = "url", id_column: str | None = N
             problem = f"{url!r} is not a URL ({exc})"
         if problem is not None:
             if rejected is not None:
-                rejected.append({"row": number, "name": name or ident or None, "reason": problem})
+                rejected.append({"row": number, "image_id": ident or None,
+                                 "name": name or ident or None, "reason": problem})
             continue
         rows.append({"url": url, "image_id": ident, "name": name or ident or base.replace("_", " ")})
     if not rows:
@@ -514,7 +515,7 @@ def from_urls(path: str, run: RunDir, opts: Any, url_column: str = "url",
 
     rejected: list[dict] = []
     rows = read_url_table(path, url_column, id_column, name_column, rejected)
-    no_url = [{"image_id": None, "name": r["name"], "path": None, "stage": "download",
+    no_url = [{"image_id": r["image_id"], "name": r["name"], "path": None, "stage": "download",
                "model": None, "reason": f"row {r['row']} of {path}: {r['reason']}"}
               for r in rejected]
     if no_url:

@@ -492,24 +492,29 @@ def test_url_table_without_its_column_is_one_line(tmp_path):
     assert rows == [{"url": "http://x/a.png", "image_id": "a", "name": "a"}]
 
 
+@pytest.mark.parametrize("with_ids", [False, True])
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_url_rows_without_a_url_are_error_rows(tmp_path, fmt, capsys):
-    """A blank (CSV) or null (Parquet) URL is reported, not dropped silently."""
+def test_url_rows_without_a_url_are_error_rows(tmp_path, fmt, with_ids, capsys):
+    """A blank (CSV) or null (Parquet) URL is reported, not dropped silently; with
+    --id-column the error row carries the row's id (it was null)."""
     from flagserver import flag_server
 
     from flagsim.cli import main
 
     with flag_server() as server:
         table = pd.DataFrame({"url": [f"{server.base}/files/Chad.png", None],
-                              "name": ["Chad", "Peru"]})
+                              "name": ["Chad", "Peru"], "key": ["k-1", "k-2"]})
         path = tmp_path / f"u.{fmt}"
         table.to_csv(path, index=False) if fmt == "csv" else table.to_parquet(path)
         run = tmp_path / "data"
-        assert main(["images", "--from-urls", str(path), "--allow-host", "127.0.0.1",
+        ids = ["--id-column", "key"] if with_ids else []
+        assert main(["images", "--from-urls", str(path), "--allow-host", "127.0.0.1", *ids,
                      "--out", str(run)]) == 0
     assert read_images_table(run).column("name").to_pylist() == ["Chad"]
     errors = _errors(run, "images")
     assert errors[["name", "stage"]].values.tolist() == [["Peru", "download"]]
+    ids_said = [None if pd.isna(v) else v for v in errors["image_id"]]
+    assert ids_said == (["k-2"] if with_ids else [None])
     assert errors["reason"][0] == f"row 2 of {path}: no URL in column 'url'"
     out = capsys.readouterr()
     assert "1 row(s) of" in out.err and "(first: row 2, no URL" in out.err
