@@ -337,6 +337,23 @@ def _dim_of(table: pa.Table) -> int | None:
     return typ.list_size if pa.types.is_fixed_size_list(typ) else None
 
 
+def no_manifest_error(run: RunDir, model: str, holder: str = "") -> DataError:
+    """Why `model` has no manifest, as one line: a layout-1 run (re-embed with --force), no
+    embeddings at all, or embeddings still being written (`holder`: the run lock's holder,
+    when another process is writing them) or cut short."""
+    if run.legacy_manifest(model).exists():
+        return DataError(
+            f"{run.model_dir(model)} was written by an older flagsim (layout 1, sidecars inside "
+            f"the table folder); re-embed it with `flagsim embed --force --models {model}`"
+        )
+    if not run.model_dir(model).exists():
+        return DataError(f"no embeddings for model {model} in {run.root} (run `flagsim embed` first)")
+    return DataError(
+        f"embeddings of model {model} in {run.model_dir(model)} are incomplete (no manifest); "
+        + (f"{holder}: wait for it" if holder else "rerun `flagsim embed` to finish them")
+    )
+
+
 def iter_shards(run: RunDir, model: str, validate: bool = True) -> Iterator[tuple[Location, pa.Table]]:
     """Yield (location, table) of each shard of `model`, verified against its manifest.
 
@@ -346,17 +363,7 @@ def iter_shards(run: RunDir, model: str, validate: bool = True) -> Iterator[tupl
     manifest = read_manifest(run, model)
     hint = repair_hint(model)
     if manifest is None:
-        if run.legacy_manifest(model).exists():
-            raise DataError(
-                f"{run.model_dir(model)} was written by an older flagsim (layout 1, sidecars inside "
-                f"the table folder); re-embed it with `flagsim embed --force --models {model}`"
-            )
-        if not run.model_dir(model).exists():
-            raise DataError(f"no embeddings for model {model} in {run.root} (run `flagsim embed` first)")
-        raise DataError(
-            f"embeddings of model {model} in {run.model_dir(model)} are incomplete (no manifest); "
-            "rerun `flagsim embed` to finish them"
-        )
+        raise no_manifest_error(run, model)
     shards = shard_files(run, model)
     if validate:
         found = {loc.name for loc in shards.values()}

@@ -415,3 +415,22 @@ def test_a_named_model_whose_embeddings_are_incomplete_is_one_line_saying_so(tmp
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "embeddings of model b in" in err and "are incomplete (no manifest)" in err, err
     assert "rerun `flagsim embed` to finish them" in err, err
+
+
+@pytest.mark.parametrize("command", [["index", "--models", "b"], ["query", "img00001", "--model", "b"]])
+def test_a_named_model_of_layout_1_is_told_to_re_embed_with_force(tmp_path, capsys,
+                                                                   command) -> None:
+    """A model whose manifest lies where layout 1 kept it, named with --models: the line says to
+    re-embed with --force (docs/layout.md), not to rerun `flagsim embed`, which refuses it."""
+    from flagsim.cli import main
+
+    run, _, _ = _two_models(tmp_path)
+    assert main(["index", "--run", str(run.root)]) == 0
+    run.manifest("b").move_to(run.legacy_manifest("b"))
+    capsys.readouterr()
+    assert main([*command, "--run", str(run.root)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    said = "was written by an older flagsim (layout 1, sidecars inside the table folder); " \
+           "re-embed it with `flagsim embed --force --models b`"
+    assert lines[-1].startswith("flagsim: error: ") and lines[-1].endswith(said), lines
+    assert all(said in line for line in lines), lines  # a warning before it says the same

@@ -54,10 +54,11 @@ def complete_models(run: RunDir) -> list[str]:
     found = [m for m in run.embedded_models() if run.manifest(m).exists()]
     incomplete = sorted(set(run.embedded_models()) - set(found))
     if incomplete:
+        from flagsim.shards import no_manifest_error
+
         holder = _in_use(run)
-        for m in incomplete:
-            log.warning("skipping %s: its embeddings are incomplete (no %s)%s", m, run.manifest(m),
-                        f"; {holder}" if holder else "")
+        for m in incomplete:  # layout 1, or an embed still running or cut short
+            log.warning("skipping %s: %s", m, no_manifest_error(run, m, holder))
     return model_order(found)
 
 
@@ -89,12 +90,10 @@ def resolve_models(run: RunDir, models: Sequence[str] | None) -> list[str]:
         if not run.model_dir(m).exists():
             have = ", ".join(available) or "none"
             raise DataError(f"no embeddings for model {m} in {run.root} (models present: {have})")
-        if m not in available:  # shards without a manifest: an embed still running or cut short
-            holder = _in_use(run)
-            raise DataError(
-                f"embeddings of model {m} in {run.model_dir(m)} are incomplete (no manifest); "
-                + (f"{holder}: wait for it" if holder else "rerun `flagsim embed` to finish them")
-            )
+        if m not in available:  # no manifest: layout 1, or an embed still running or cut short
+            from flagsim.shards import no_manifest_error
+
+            raise no_manifest_error(run, m, _in_use(run))
     return out
 
 
