@@ -115,6 +115,17 @@ def test_ray_address_connects_to_the_cluster(foreign_head: Head) -> None:
     assert "ray.num_cpus only size an embedded local Ray; ignored" in err
 
 
+@pytest.mark.ray
+def test_ray_address_connects_behind_a_proxy_variable(foreign_head: Head) -> None:
+    """flagsim's check that the port speaks HTTP/2 ignores proxy variables, as Ray's own
+    connection does (a gRPC channel with default options went through http_proxy and refused
+    a real head as 'not Ray')."""
+    dead = "http://127.0.0.1:9"
+    out, _ = _ensure(foreign_head.env(RAY_ADDRESS=foreign_head.address, http_proxy=dead,
+                                      https_proxy=dead))
+    assert out["ensure"][1].endswith(f":{foreign_head.port}")
+
+
 EXIT = """
 import ray
 import ray._private.worker as worker
@@ -203,9 +214,41 @@ def test_a_port_that_is_not_ray_is_one_line_at_once(tmp_path: Path) -> None:
         server.shutdown()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [
-        f"flagsim: error: {address} accepts connections but is not Ray (no gRPC answer; the "
+        f"flagsim: error: {address} accepts connections but is not Ray (it does not speak gRPC; the "
         "dashboard's 8265 or another service?): use the head's GCS port (6379 by default), "
         "`auto` on a node, or ray://host:10001"]
+
+
+def test_a_port_that_closes_without_a_word_is_retried_until_the_timeout() -> None:
+    """An SSH tunnel or port-forward accepts at once and closes while the head behind it starts:
+    retried until ray.connect_timeout_s, then 'cannot reach' (not 'not Ray' at the first try)."""
+    import socket
+    import threading
+
+    from flagsim.pipeline.ray_session import RayConnectError, probe
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def close_each() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=close_each, daemon=True).start()
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+    try:
+        with pytest.raises(RayConnectError) as info:
+            probe(address, 2.0)
+    finally:
+        server.close()
+    said = str(info.value)  # "closed the connection without a word" or "Connection reset by peer"
+    assert said.startswith(f"cannot reach Ray at {address}: ") and "(waited 2 s" in said, said
+    assert len(accepted) >= 2  # tried again
 
 
 def test_invalid_ray_address_is_one_line(tmp_path: Path) -> None:
@@ -266,8 +309,8 @@ def test_a_failed_connection_is_one_line_without_rays_client_warning(monkeypatch
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # set by a local Ray an earlier test started
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", client_times_out)
-    # past flagsim's own check that the port speaks gRPC (a Ray client server that then fails)
-    monkeypatch.setattr(ray_session, "_speaks_grpc", lambda *args: None)
+    # past flagsim's own check that the port speaks HTTP/2 (a Ray client server that then fails)
+    monkeypatch.setattr(ray_session, "_speaks_http2", lambda *args: None)
     with socket.create_server(("127.0.0.1", 0)) as server, warnings.catch_warnings():
         warnings.simplefilter("error")  # a warning that got out would fail the test
         address = f"ray://127.0.0.1:{server.getsockname()[1]}"

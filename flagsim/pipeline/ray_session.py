@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any
 from urllib.parse import urlsplit
 
 from flagsim.config import Config
@@ -174,9 +173,8 @@ def probe(address: str, timeout_s: float) -> None:
     while True:
         left = deadline - time.monotonic()
         try:
-            with socket.create_connection(target, timeout=max(0.1, min(left, 5.0))):
-                pass
-            _speaks_grpc(address, target, max(1.0, deadline - time.monotonic()))
+            with socket.create_connection(target, timeout=max(0.1, min(left, 5.0))) as sock:
+                _speaks_http2(address, sock, max(0.5, min(deadline - time.monotonic(), 5.0)))
             return
         except OSError as exc:
             reason = exc.strerror or str(exc) or type(exc).__name__
@@ -188,40 +186,40 @@ def probe(address: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
-def _speaks_grpc(address: str, target: tuple[str, int], timeout_s: float) -> None:
-    """RayConnectError unless the port that accepted a TCP connection also completes a gRPC
-    (HTTP/2) handshake, as a Ray GCS or Ray client server does: given another service's port
+#: What an HTTP/2 client sends first (RFC 9113 §3.4): the preface and an empty SETTINGS frame.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _speaks_http2(address: str, sock: socket.socket, timeout_s: float) -> None:
+    """RayConnectError when the port that accepted `sock` answers in something other than
+    HTTP/2, as a Ray GCS or Ray client server (gRPC) always does: given another service's port
     (the dashboard's 8265, a web server), `ray.init` retried for minutes, printing Ray's C++
-    warnings. Skipped with TLS (`RAY_USE_TLS`), whose handshake a plain channel cannot make."""
+    warnings. A connection closed or silent before any byte is an OSError, retried until
+    `ray.connect_timeout_s` (an SSH tunnel or port-forward whose far end is still starting).
+    A raw socket, not a gRPC channel: no proxy variable is followed (Ray follows none either).
+    Skipped with TLS (`RAY_USE_TLS`), whose handshake this plain one cannot make."""
     if os.environ.get("RAY_USE_TLS", "").lower() in ("1", "true", "yes"):
         return
+    sock.settimeout(timeout_s)
+    sock.sendall(HTTP2_PREFACE)
+    head = b""
     try:
-        import grpc  # with ray[default], as flagsim installs it
-    except ImportError:
-        return
-
-    host, port = target
-    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    seen: list[Any] = []
-    settled = threading.Event()
-
-    def watch(state: Any) -> None:  # READY, or a failed handshake (not a gRPC server)
-        if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
-            seen.append(state)
-            settled.set()
-
-    channel.subscribe(watch, try_to_connect=True)
-    try:
-        settled.wait(min(timeout_s, 10.0))
-        if not seen or seen[0] is not grpc.ChannelConnectivity.READY:
-            raise RayConnectError(
-                f"{address} accepts connections but is not Ray (no gRPC answer; the dashboard's "
-                "8265 or another service?): use the head's GCS port (6379 by default), `auto` "
-                "on a node, or ray://host:10001"
-            )
-    finally:
-        channel.unsubscribe(watch)
-        channel.close()
+        while len(head) < 9:  # a server's first frame must be SETTINGS (type 4) on stream 0
+            chunk = sock.recv(9 - len(head))
+            if not chunk:
+                break
+            head += chunk
+    except TimeoutError:
+        if not head:
+            raise TimeoutError("no answer") from None
+    if not head:
+        raise ConnectionResetError("closed the connection without a word")
+    if len(head) < 9 or head[3] != 4:
+        raise RayConnectError(
+            f"{address} accepts connections but is not Ray (it does not speak gRPC; the "
+            "dashboard's 8265 or another service?): use the head's GCS port (6379 by default), "
+            "`auto` on a node, or ray://host:10001"
+        )
 
 
 def _connect_failure(address: str | None, exc: BaseException) -> str:
