@@ -485,6 +485,25 @@ def test_cli_report_writes_the_contact_sheet_in_the_format_its_name_says(run_dir
     assert not (tmp_path / "s.html").exists() and not (tmp_path / "sheet.gif").exists()
 
 
+def test_a_sheet_too_large_for_its_format_is_one_line_and_nothing_written(run_dir, tmp_path,
+                                                                        capsys, monkeypatch):
+    """A WebP sheet of ~17 queries x 7 models passed WebP's 16,383 px and the save raised a
+    traceback (`encoding error 5`) after all the work; now one line, nothing written. The limit
+    is lowered here so that a small sheet exceeds it."""
+    import flagsim.report.build as build
+    from flagsim.cli import main
+
+    monkeypatch.setitem(build.SHEET_MAX_SIDE, "WEBP", 300)
+    out, sheet = tmp_path / "r.html", tmp_path / "sheet.webp"
+    assert main(["report", "--run", str(run_dir), "--queries", "Chad", "--out", str(out),
+                 "--png", str(sheet)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"flagsim: error: contact sheet {sheet}: ") and err.endswith(
+        "px is larger than WEBP can hold (300 px a side); name it .png, or ask for fewer "
+        "queries"), err
+    assert not out.exists() and not sheet.exists()
+
+
 def test_cli_report_to_a_directory_is_refused_before_the_work(run_dir, tmp_path, capsys,
                                                              monkeypatch):
     """`--out DIR` failed with `DIR: Is a directory` only when writing, after all the work."""

@@ -40,6 +40,9 @@ class ReportPaths:
 
 #: The contact sheet's image format by the suffix of its file (no suffix: PNG).
 SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+#: The longest side each format can encode (PNG: no practical limit); a sheet grows ~460-1000
+#: px per query, so a long --queries list outgrows WebP (and, far later, JPEG).
+SHEET_MAX_SIDE = {"JPEG": 65_500, "WEBP": 16_383}
 
 
 def sheet_format(path: str | Location) -> str:
@@ -163,6 +166,12 @@ def build_report(
     html_loc = Location.parse(out) if out else run.report
     png_loc = Location.parse(png) if png else default_png(html_loc)
     fmt = sheet_format(png_loc)
+    if max(sheet.size) > SHEET_MAX_SIDE.get(fmt, max(sheet.size)):
+        from flagsim.errors import ConfigError
+
+        raise ConfigError(f"contact sheet {png_loc}: {sheet.width}x{sheet.height} px is larger than "
+                          f"{fmt} can hold ({SHEET_MAX_SIDE[fmt]} px a side); name it .png, or "
+                          f"ask for fewer queries")
     buf = io.BytesIO()
     sheet.save(buf, format=fmt, **({"optimize": True} if fmt != "WEBP" else {"quality": 90}))
     _write_pair(html_loc, page.encode("utf-8"), png_loc, buf.getvalue())
