@@ -423,11 +423,11 @@ def read_url_table(path: str, url_column: str = "url", id_column: str | None = N
     """Rows `{url, image_id, name}` of a CSV (plain or gzipped) or Parquet list of image URLs;
     ids default to the safe stem of the name or URL's file. Names come from `name_column`, else
     from a column called `name` when there is one. Rows without a URL, or with one that cannot
-    be parsed, are left out; with `rejected`, each is appended to it as `{row, name, reason}`
-    (row: 1-based, after the header)."""
+    be parsed, are left out; with `rejected`, each is appended to it as `{row, image_id, name,
+    reason}` (row: 1-based, after the header; image_id: the safe stem of its id, or None)."""
     from urllib.parse import unquote, urlsplit
 
-    from flagsim.images import unique_stems
+    from flagsim.images import safe_stem, unique_stems
     from flagsim.inputfiles import open_csv
 
     loc = Location.parse(path)
@@ -465,7 +465,7 @@ def read_url_table(path: str, url_column: str = "url", id_column: str | None = N
             problem = f"{url!r} is not a URL ({exc})"
         if problem is not None:
             if rejected is not None:
-                rejected.append({"row": number, "image_id": ident or None,
+                rejected.append({"row": number, "image_id": safe_stem(ident) if ident else None,
                                  "name": name or ident or None, "reason": problem})
             continue
         rows.append({"url": url, "image_id": ident, "name": name or ident or base.replace("_", " ")})
