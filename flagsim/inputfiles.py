@@ -141,12 +141,18 @@ class CsvStream:
             elif "new-line character seen in unquoted field" in text:
                 text = "its lines end in a bare CR (old Mac style); save it with LF line endings"
             raise DataError(f"{self.src}: line {self.line}: not valid CSV ({text})") from None
-        if self._eof and len(self._record) > 1 and _unclosed_quote(self._record):
+        lines = len(self._record)
+        if lines > 1 and self._eof and _unclosed_quote(self._record):
             # the lenient reader takes an unclosed quote's field to the end of the file: every
             # record after it vanished into one field, with at most a vague warning
             raise DataError(f"{self.src}: line {self._first}: not valid CSV (a quoted field opened on "
-                            f"this line is never closed; the {len(self._record) - 1} line(s) "
+                            f"this line is never closed; the {lines - 1} line(s) "
                             f"after it would be read as part of it)")
+        if lines > 1 and self.fieldnames and len(row) != len(self.fieldnames):
+            # a stray quote closed by a later quoted field: the lines between became one field
+            raise DataError(f"{self.src}: line {self._first}: not valid CSV (a quoted field opened on "
+                            f"this line runs over {lines} lines into a row of {len(row)} fields, "
+                            f"where the header has {len(self.fieldnames)}: a stray quote?)")
         return row
 
     def rows(self) -> Iterator[list[str]]:

@@ -288,8 +288,13 @@ def test_csv_with_a_byte_order_mark_is_read(tmp_path, bundled_dir):
         (b'Country,Flag Image\nChad,Chad.png\n"Peru,Peru.png\nCyprus,Cyprus.png\n',
          r"bad\.csv: line 3: not valid CSV \(a quoted field opened on this line is never closed; "
          r"the 1 line\(s\) after it would be read as part of it\)"),
+        # ... and one closed by a later quoted field: four rows became one field, exit 0
+        (b'Country,Flag Image\nChad,Chad.png\n"Peru,Peru.png\nCyprus,Cyprus.png\n'
+         b'Denmark,Denmark.png\n"Korea, South",Korea.png\nJapan,Japan.png\n',
+         r"bad\.csv: line 3: not valid CSV \(a quoted field opened on this line runs over 4 "
+         r"lines into a row of 3 fields, where the header has 2: a stray quote\?\)"),
     ],
-    ids=["latin-1", "long-line", "big-field", "unclosed-quote"],
+    ids=["latin-1", "long-line", "big-field", "unclosed-quote", "stray-quote"],
 )
 def test_unreadable_csv_is_one_line_naming_file_and_line(tmp_path, bundled_dir, capsys,
                                                          content, message):
