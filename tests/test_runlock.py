@@ -244,6 +244,7 @@ def test_commands_on_a_run_whose_first_embed_is_running_name_the_embed(tmp_path,
         err = errors[0]
         assert "is in use by 'flagsim embed --models pixels' (pid" in err and "wait for it" in err
         warned = [ln for ln in lines if "skipping pixels" in ln]
-        assert warned and str(tmp_path / "_meta" / "embeddings" / "model=pixels") in warned[0]
+        assert warned and f"embeddings of model pixels in {shard_dir} are incomplete (no " \
+            "manifest)" in warned[0] and "wait for it" in warned[0], warned
     assert main(["index", "--run", str(tmp_path)]) == 2  # released: the usual advice
     assert "run `flagsim embed` or `flagsim import-csv` first" in capsys.readouterr().err
