@@ -29,12 +29,12 @@ from flagsim.search.neighbours import (
     PartWriter,
     TablePlan,
     largest_shard,
-    marker_matches,
     publish_staged,
     query_shards,
     read_parts,
     shard_checksum,
     table_indexes,
+    vouched_part,
 )
 from flagsim.search.neighbours_job import JobPlan, index_identity, run_job
 from flagsim.search.saved import index_files, source_checksums
@@ -218,9 +218,9 @@ def _plan(run: RunDir, qrun: RunDir, out: RunDir, model: str, members: tuple[str
     plan = TablePlan(model, members, index, shards, sources)
     ident = index_identity(index)
     for s in shards:  # a staged part (written, not yet published) is the newer
-        loc = _meta_dir(out, model) / "parts" / s.replace(".parquet", ".json")
-        marker = (marker_matches(loc, _staged_results(out, model) / s, k, ident, sources[s])
-                  or marker_matches(loc, results_dir(out, model) / s, k, ident, sources[s]))
+        marker = vouched_part(_meta_dir(out, model) / "parts" / s.replace(".parquet", ".json"),
+                              _staged_results(out, model), results_dir(out, model), s, k, ident,
+                              sources[s])
         if marker is not None:
             plan.done[s] = marker
     return plan

@@ -104,9 +104,16 @@ def _marker_ok(run: RunDir, model: str, shard: str, k: int, index: str, source: 
                ) -> dict[str, Any] | None:
     """The part's marker when it vouches for the part, staged (written, not yet published: it
     is the newer) or in the table folder."""
-    marker = part_marker(run, model, shard)
-    return (marker_matches(marker, staged_parts(run, model) / shard, k, index, source)
-            or marker_matches(marker, run.neighbours_dir(model) / shard, k, index, source))
+    return vouched_part(part_marker(run, model, shard), staged_parts(run, model),
+                        run.neighbours_dir(model), shard, k, index, source)
+
+
+def vouched_part(marker_loc: Location, stage: Location, table_dir: Location, shard: str, k: int,
+                 index: str, source: str) -> dict[str, Any] | None:
+    """The part's marker when it vouches for the part staged in `stage` (written, not yet
+    published: the newer) or in `table_dir`."""
+    return (marker_matches(marker_loc, stage / shard, k, index, source)
+            or marker_matches(marker_loc, table_dir / shard, k, index, source))
 
 
 def marker_matches(marker_loc: Location, part: Location, k: int, index: str, source: str
